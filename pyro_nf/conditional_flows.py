@@ -144,6 +144,17 @@ class ConditionalFlowPosterior(TorchDistribution):
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         super().__init__(self.loc.shape[:-1], self.loc.shape[-1:], validate_args=validate_args)
 
+    def expand(self, batch_shape, _instance=None):
+        # pyro.plate calls expand(); the default wrapper reshapes samples, which would break
+        # the identity check in log_prob. The transforms' per-datapoint parameters cannot be
+        # broadcast generally, so only the trivial expansion is supported.
+        if torch.Size(batch_shape) != self.batch_shape:
+            raise ValueError(
+                f"ConditionalFlowPosterior has batch shape {tuple(self.batch_shape)} and cannot "
+                f"be expanded to {tuple(batch_shape)}; make the pyro.plate size match the batch"
+            )
+        return self
+
     def rsample_and_log_prob(
         self, sample_shape: tuple[int, ...] = ()
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,127 @@
+"""``pyro-nf vae train`` and ``pyro-nf vae eval``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..conditional_flows import CONDITIONAL_FLOWS
+from .train import TrainConfig, evaluate_run, train
+
+__all__ = ["add_parser"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="an .npz with train/valid/test arrays "
+        "(uint8 0/1, shape (N, 784)); default: the shipped binarized MNIST",
+    )
+    parser.add_argument("--out", default="runs/vae", help="run directory (default: runs/vae)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--eval-subset",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="evaluate on the first N test images (default: all)",
+    )
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=5000,
+        metavar="K",
+        help="importance samples per image for -log p(x) (default: 5000)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    config = TrainConfig(
+        flow=args.flow,
+        num_layers=args.layers,
+        latent_dim=args.latent,
+        hidden_dims=args.hidden,
+        flow_hidden_dims=args.flow_hidden,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        data=args.data,
+        out=args.out,
+        seed=args.seed,
+        resume=args.resume,
+        train_subset=args.train_subset,
+        eval_subset=args.eval_subset,
+        eval_samples=args.eval_samples,
+        progress=not args.no_progress,
+    )
+    metrics = train(config).metrics
+    return {"history": metrics["history"][-1:], "test": metrics.get("test")}
+
+
+def _eval(args: argparse.Namespace) -> dict[str, Any]:
+    metrics = evaluate_run(
+        args.out,
+        data=args.data,
+        split=args.split,
+        eval_subset=args.eval_subset,
+        eval_samples=args.eval_samples,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    metrics.pop("config")
+    return metrics
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``vae`` command group (``train``, ``eval``) on ``pyro-nf``'s parser."""
+    vae = subparsers.add_parser("vae", help="flow-posterior VAE on binarized MNIST")
+    commands = vae.add_subparsers(dest="vae_command", required=True)
+
+    p = commands.add_parser("train", help="train a flow VAE, then evaluate -log p(x) on test")
+    p.add_argument("--flow", choices=list(CONDITIONAL_FLOWS), default="none")
+    p.add_argument("--layers", type=_positive, default=10, help="flow layers (default: 10)")
+    p.add_argument("--latent", type=_positive, default=40, help="latent size (default: 40)")
+    p.add_argument(
+        "--hidden",
+        type=_positive,
+        nargs="+",
+        default=[300, 300],
+        help="encoder/decoder hidden widths (default: 300 300)",
+    )
+    p.add_argument(
+        "--flow-hidden",
+        type=_positive,
+        nargs="+",
+        default=[200, 200],
+        help="hidden widths of each flow layer's network (default: 200 200)",
+    )
+    p.add_argument("--epochs", type=_positive, default=10)
+    p.add_argument("--batch-size", type=_positive, default=100, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--train-subset",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="train on the first N training images (default: all)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _common(p)
+    p.set_defaults(func=_train)
+
+    p = commands.add_parser("eval", help="evaluate the checkpoint in --out")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    _common(p)
+    p.set_defaults(func=_eval)

@@ -1,0 +1,48 @@
+"""PNG grids of images (matplotlib is an optional dependency)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["save_image_grid"]
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, title: str, ncols: int = 10) -> bool:
+    """Save 28×28 images (rows of 784 values in [0, 1]) as a PNG grid.
+
+    Returns ``False`` with a warning, and writes nothing, when matplotlib is not installed
+    (install the ``plot`` extra: ``pip install pyro-nf[plot]``).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> save_image_grid(torch.rand(20, 784), pathlib.Path(tempfile.mkdtemp()) / "g.png", "x")
+    True
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn(
+            f"matplotlib is not installed, so {path} was not written; "
+            "install it with `pip install pyro-nf[plot]`",
+            stacklevel=2,
+        )
+        return False
+    images = images.detach().to("cpu", torch.float32)
+    nrows = math.ceil(len(images) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols, nrows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image in zip(axes.flat, images, strict=False):
+        ax.imshow(image.reshape(28, 28), cmap="gray_r", vmin=0.0, vmax=1.0)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
