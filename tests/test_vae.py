@@ -1,0 +1,315 @@
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pyro_nf.cli import main
+from pyro_nf.vae import (
+    FlowVAE,
+    NonFiniteLossError,
+    TrainConfig,
+    load_binarized_mnist,
+    log_likelihood,
+    train,
+)
+from pyro_nf.vae import checkpoint as checkpoint_module
+from pyro_nf.vae import data as data_module
+from pyro_nf.vae.checkpoint import load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"latent_dim": 8, "hidden_dims": [64], "flow_hidden_dims": [16]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and fair to a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_binarized_mnist()
+
+
+@pytest.fixture
+def tiny_npz(tmp_path, mnist):
+    """A valid small data file (user-supplied files skip the checksum)."""
+    path = tmp_path / "tiny.npz"
+    np.savez(path, train=mnist["train"][:300], valid=mnist["valid"][:20], test=mnist["test"][:20])
+    return str(path)
+
+
+def _config(out, data, **kwargs):
+    base = dict(
+        flow="iaf",
+        num_layers=2,
+        epochs=2,
+        batch_size=50,
+        lr=3e-3,
+        data=data,
+        out=str(out),
+        eval_samples=0,
+        progress=False,
+        **SMALL,
+    )
+    return TrainConfig(**{**base, **kwargs})
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+def test_shipped_data(mnist):
+    assert {k: v.shape for k, v in mnist.items()} == {
+        "train": (50000, 784),
+        "valid": (10000, 784),
+        "test": (10000, 784),
+    }
+    assert mnist["test"].dtype == np.uint8
+    assert abs(mnist["train"].mean() - 0.130562) < 1e-6
+
+
+GOOD = np.zeros((3, 784), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"train": GOOD[:, :700], "valid": GOOD, "test": GOOD}, r"'train' has shape \(3, 700\)"),
+        ({"train": GOOD, "valid": GOOD.astype(np.float32), "test": GOOD}, "'valid' has dtype"),
+        ({"train": GOOD, "valid": GOOD, "test": GOOD + 2}, r"'test' holds values \[2\]"),
+        ({"train": GOOD, "valid": GOOD}, "missing array\\(s\\) 'test'"),
+    ],
+)
+def test_loader_rejects_bad_arrays(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=message) as info:
+        load_binarized_mnist(path)
+    assert "uint8 array of shape (N, 784) with values 0/1" in str(info.value)
+
+
+def test_loader_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.npz.*does not exist"):
+        load_binarized_mnist(tmp_path / "nope.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz: not a readable .npz"):
+        load_binarized_mnist(tmp_path / "junk.npz")
+    np.savez(tmp_path / "obj.npz", train=np.array([{}], dtype=object), valid=GOOD, test=GOOD)
+    with pytest.raises(ValueError, match="obj.npz: not a readable .npz"):
+        load_binarized_mnist(tmp_path / "obj.npz")
+
+
+def test_loader_checks_shipped_checksum(tmp_path, monkeypatch):
+    tampered = tmp_path / "binarized_mnist.npz"
+    np.savez(tampered, train=GOOD, valid=GOOD, test=GOOD)
+    monkeypatch.setattr(data_module, "SHIPPED_MNIST", tampered)
+    with pytest.raises(ValueError, match="checksum mismatch for array 'train'"):
+        load_binarized_mnist()
+    assert load_binarized_mnist(tampered)["test"].shape == (3, 784)  # valid as user data
+
+
+# --- model and inference --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flow", ["none", "planar", "spline"])
+def test_svi_trace_elbo_loss_falls(mnist, flow):
+    torch.manual_seed(0)
+    pyro.clear_param_store()
+    vae = FlowVAE(flow=flow, num_layers=2, **SMALL)
+    x = torch.from_numpy(mnist["train"][:100]).float()
+    svi = pyro.infer.SVI(
+        vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), pyro.infer.Trace_ELBO()
+    )
+    losses = [svi.step(x) / len(x) for _ in range(30)]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 50
+
+
+def _exact_log_px(vae: FlowVAE, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) for a 1-d latent by quadrature on a fine grid."""
+    z = torch.linspace(-12, 12, 48001, dtype=torch.float64).unsqueeze(-1)
+    log_joint = vae.prior(z).log_prob(z).unsqueeze(-1) + torch.stack(
+        [vae.likelihood(z).log_prob(xi) for xi in x], dim=-1
+    )
+    return torch.logsumexp(log_joint, dim=0) + math.log(24 / 48000)
+
+
+def test_importance_sampling_matches_exact_likelihood():
+    torch.manual_seed(0)
+    vae = FlowVAE(
+        data_dim=4, latent_dim=1, hidden_dims=[8], flow="planar", num_layers=2, flow_hidden_dims=[8]
+    ).double()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    patterns = torch.tensor([[int(b) for b in f"{i:04b}"] for i in range(16)], dtype=torch.float64)
+    exact = _exact_log_px(vae, patterns)
+    assert torch.logsumexp(exact, 0).abs() < 1e-6  # the 16 probabilities sum to one
+    log_px, elbo = log_likelihood(vae, patterns, num_samples=20000, chunk_size=3000)
+    assert (log_px >= elbo).all()
+    assert (elbo < exact - 1e-3).all()  # an untrained posterior: a strictly loose ELBO
+    assert torch.allclose(log_px, exact, atol=0.02)
+
+
+# --- checkpoints, training loop -------------------------------------------------------
+
+
+def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_npz):
+    full = train(_config(tmp_path / "full", tiny_npz))
+    train(_config(tmp_path / "split", tiny_npz, epochs=1))
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["epoch"] == 1
+    resumed = train(_config(tmp_path / "split", tiny_npz, resume=True))
+    assert [h["epoch"] for h in resumed.metrics["history"]] == [1, 2]
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["epoch"] == 2
+    for a, b in zip(full.vae.state_dict().values(), resumed.vae.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="trained with {'flow': 'iaf'}"):
+        train(_config(tmp_path / "split", tiny_npz, resume=True, flow="planar"))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(_config(tmp_path / "split", tiny_npz))
+
+
+def test_nan_loss_stops_with_last_good_parameters(tmp_path, tiny_npz, monkeypatch):
+    calls, seen = [], {}
+    original = FlowVAE.forward
+
+    def forward(self, x):
+        calls.append(1)
+        if len(calls) == 9:  # epoch 2 (6 steps per epoch), step 3
+            seen["vae"] = self
+            seen["params"] = [p.detach().clone() for p in self.parameters()]
+            return original(self, x) * float("nan")
+        return original(self, x)
+
+    monkeypatch.setattr(FlowVAE, "forward", forward)
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 3"):
+        train(_config(tmp_path, tiny_npz, epochs=3))
+    for before, after in zip(seen["params"], seen["vae"].parameters(), strict=True):
+        assert torch.equal(before, after)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def test_cli_train_then_eval(tmp_path, tiny_npz, capsys):
+    out = str(tmp_path / "run")
+    args = ["--data", tiny_npz, "--out", out, "--eval-samples", "20", "--no-progress"]
+    assert (
+        main(
+            [
+                "vae",
+                "train",
+                "--flow",
+                "planar",
+                "--layers",
+                "2",
+                "--latent",
+                "8",
+                "--hidden",
+                "64",
+                "--flow-hidden",
+                "16",
+                "--epochs",
+                "2",
+                "--train-subset",
+                "200",
+                "--eval-subset",
+                "10",
+                *args,
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["test"]["num_images"] == 10
+    assert metrics["history"][1]["images_per_s"] > 0
+    for name in ["checkpoint.pt", "samples.png", "reconstructions.png"]:
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    capsys.readouterr()
+    assert main(["vae", "eval", *args]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_images"] == 20 and result["epoch"] == 2
+    assert result["nll"] <= result["neg_elbo"]
+    assert json.loads((tmp_path / "run" / "eval_test.json").read_text())["nll"] == result["nll"]
+
+
+def test_cli_reports_user_errors(tmp_path, capsys):
+    assert main(["vae", "eval", "--out", str(tmp_path)]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert main(["vae", "train", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path)]) == 1
+    assert "x.npz' does not exist" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["vae", "train", "--device", "cuda", "--out", str(tmp_path)]) == 1
+        assert "no CUDA device is available" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["vae", "train", "--flow", "maf"])
+
+
+# --- multi-process ---------------------------------------------------------------------
+
+WORKER = """
+import os, sys, torch
+torch.set_num_threads(1)
+from pyro_nf.vae import TrainConfig, train
+cfg = TrainConfig(flow="planar", num_layers=2, epochs=3, batch_size=10, lr=1e-2,
+                  data=sys.argv[1], out=sys.argv[2], eval_samples=0, progress=False,
+                  latent_dim=8, hidden_dims=[64], flow_hidden_dims=[16])
+result = train(cfg)
+torch.save({"state": result.vae.state_dict(), "history": result.metrics["history"]},
+           os.path.join(sys.argv[3], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+def test_two_process_data_parallel_training(tmp_path, tiny_npz):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        tiny_npz,
+        str(tmp_path / "run"),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for a, b in zip(ranks[0]["state"].values(), ranks[1]["state"].values(), strict=True):
+        assert torch.equal(a, b)
+    elbos = [h["train_elbo"] for h in ranks[0]["history"]]
+    assert elbos[-1] > elbos[0] + 5
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["checkpoint.pt", "metrics.json", "reconstructions.png", "samples.png"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
