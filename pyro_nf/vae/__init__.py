@@ -8,7 +8,7 @@ line is ``pyro-nf vae train`` / ``pyro-nf vae eval``.
 from .data import load_binarized_mnist
 from .evaluate import evaluate, log_likelihood
 from .model import FlowVAE
-from .train import NonFiniteLossError, TrainConfig, TrainResult, evaluate_run, train
+from .training import NonFiniteLossError, TrainConfig, TrainResult, evaluate_run, train
 
 __all__ = [
     "FlowVAE",

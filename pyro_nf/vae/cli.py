@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..conditional_flows import CONDITIONAL_FLOWS
-from .train import TrainConfig, evaluate_run, train
+from .training import TrainConfig, evaluate_run, train
 
 __all__ = ["add_parser"]
 
