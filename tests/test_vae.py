@@ -183,7 +183,9 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
 def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_npz):
     full = train(_config(tmp_path / "full", tiny_npz))
     train(_config(tmp_path / "split", tiny_npz, epochs=1))
-    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["epoch"] == 1
+    state = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([3e-3, 3e-4])
     resumed = train(_config(tmp_path / "split", tiny_npz, resume=True))
     assert [h["epoch"] for h in resumed.metrics["history"]] == [1, 2]
     assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["epoch"] == 2

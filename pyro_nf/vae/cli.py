@@ -55,6 +55,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        flow_lr_scale=args.flow_lr_scale,
         device=args.device,
         data=args.data,
         out=args.out,
@@ -110,6 +111,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive, default=10)
     p.add_argument("--batch-size", type=_positive, default=100, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--flow-lr-scale",
+        type=float,
+        default=0.1,
+        help="the flow layers' networks train at lr * this (default: 0.1)",
+    )
     p.add_argument(
         "--train-subset",
         type=_positive,

@@ -37,6 +37,12 @@ class NonFiniteLossError(FloatingPointError):
 class TrainConfig:
     """Settings of a training run (the ``pyro-nf vae train`` options).
 
+    The flow layers' networks train at ``lr * flow_lr_scale``: with Adam's normalised
+    steps at the full rate, their identity-initialised output layers move quickly on noisy
+    gradients and slow the encoder/decoder down (measured on binarized MNIST, 4 IAF layers,
+    2 epochs: train ELBO −151.6 at scale 1, −140.2 at 0.1, −137.6 at 0.01; the Gaussian
+    baseline reaches −134.5 to −141.8 over three seeds).
+
     ``batch_size`` is per process; under ``torchrun`` with N processes each step sees
     ``N * batch_size`` images. ``train_subset``/``eval_subset`` keep the first N images of
     the train/test split; ``eval_samples=0`` skips the final evaluation.
@@ -50,6 +56,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 100
     lr: float = 1e-3
+    flow_lr_scale: float = 0.1
     device: str = "cpu"
     data: str | None = None
     out: str = "runs/vae"
@@ -77,6 +84,17 @@ def _build(config: dict[str, Any]) -> FlowVAE:
         num_layers=config["num_layers"],
         flow_hidden_dims=config["flow_hidden_dims"],
     )
+
+
+def _optimizer(vae: FlowVAE, config: TrainConfig) -> torch.optim.Adam:
+    flow_params = list(vae.encoder.flow.parameters())
+    flow_ids = {id(p) for p in flow_params}
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in vae.parameters() if id(p) not in flow_ids]}
+    ]
+    if flow_params:
+        groups.append({"params": flow_params, "lr": config.lr * config.flow_lr_scale})
+    return torch.optim.Adam(groups, lr=config.lr)
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -150,7 +168,7 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
 
     torch.manual_seed(config.seed)
     vae = _build(asdict(config)).to(ctx.device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+    optimizer = _optimizer(vae, config)
     history: list[dict[str, float]] = []
     if state is None:
         vae.decoder.init_output_bias(train_x.double().mean(0))
