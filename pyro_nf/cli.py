@@ -2,8 +2,8 @@
 
 Each command group lives in its own module exposing ``add_parser(subparsers)``, which
 adds its parser and sets ``func`` (a callable taking the parsed arguments and returning a
-JSON-serialisable summary) as a default. To add a group, append its ``add_parser`` to
-:data:`COMMAND_GROUPS`.
+JSON-serialisable summary to print, or ``None``) as a default. To add a group, append its
+``add_parser`` to :data:`COMMAND_GROUPS`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"pyro-nf: error: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

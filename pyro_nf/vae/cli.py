@@ -45,7 +45,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _train(args: argparse.Namespace) -> dict[str, Any]:
+def _train(args: argparse.Namespace) -> dict[str, Any] | None:
     config = TrainConfig(
         flow=args.flow,
         num_layers=args.layers,
@@ -66,8 +66,10 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         eval_samples=args.eval_samples,
         progress=not args.no_progress,
     )
-    metrics = train(config).metrics
-    return {"history": metrics["history"][-1:], "test": metrics.get("test")}
+    result = train(config)
+    if result.rank != 0:  # under torchrun, only rank 0 reports
+        return None
+    return {"history": result.metrics["history"][-1:], "test": result.metrics.get("test")}
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:

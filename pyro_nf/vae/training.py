@@ -70,10 +70,12 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """The trained model (on every process) and the metrics written to ``metrics.json``."""
+    """The trained model (on every process), the metrics written to ``metrics.json`` (the
+    test metrics on rank 0 only) and this process's rank."""
 
     vae: FlowVAE
     metrics: dict[str, Any]
+    rank: int = 0
 
 
 def _build(config: dict[str, Any]) -> FlowVAE:
@@ -249,7 +251,7 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
             )
         _write_pictures(vae, test_x, out)
         write_json(metrics, out / METRICS)
-    return TrainResult(vae, metrics)
+    return TrainResult(vae, metrics, ctx.rank)
 
 
 def _write_pictures(vae: FlowVAE, test_x: torch.Tensor, out: Path) -> None:
