@@ -315,3 +315,12 @@ def test_two_process_data_parallel_training(tmp_path, tiny_npz):
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["checkpoint.pt", "metrics.json", "reconstructions.png", "samples.png"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_pictures_skipped_with_warning_without_matplotlib(tmp_path, monkeypatch):
+    from pyro_nf.vae.plots import save_image_grid
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.warns(UserWarning, match="matplotlib is not installed.*pyro-nf\\[plot\\]"):
+        assert save_image_grid(torch.rand(4, 784), tmp_path / "g.png", "t") is False
+    assert not (tmp_path / "g.png").exists()
