@@ -27,6 +27,9 @@ def _standard_normal_log_prob(eps: Tensor) -> Tensor:
 class FlowDistribution(TorchDistribution):
     r"""Law of :math:`z = \mu + \sigma \odot f(\varepsilon)` with :math:`\varepsilon \sim N(0, I)`.
 
+    With a ``scale_tril`` :math:`L`, the law of :math:`z = \mu + L(\sigma \odot
+    f(\varepsilon))`: the flow then acts in the coordinates that :math:`L` whitens.
+
     Parameters
     ----------
     loc : Tensor
@@ -37,6 +40,8 @@ class FlowDistribution(TorchDistribution):
         ``flow(x, inverse=False) -> (y, log_det)``, e.g. a :class:`~pyro_nf.flows.FlowStack`.
     batch_shape : sequence of int
         Batch shape (independent copies), as used by vectorised ELBO particles.
+    scale_tril : Tensor, optional
+        Lower-triangular :math:`L` with a positive diagonal, shape ``(dim, dim)``.
 
     Examples
     --------
@@ -61,10 +66,12 @@ class FlowDistribution(TorchDistribution):
         flow: FlowFn,
         batch_shape: Sequence[int] = (),
         validate_args=None,
+        scale_tril: Tensor | None = None,
     ):
         self.loc = loc
         self.scale = scale
         self.flow = flow
+        self.scale_tril = scale_tril
         self._last_sample: tuple[Tensor, Tensor] | None = None
         super().__init__(
             batch_shape=torch.Size(batch_shape),
@@ -77,9 +84,18 @@ class FlowDistribution(TorchDistribution):
         shape = self._extended_shape(torch.Size(sample_shape))
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         x, log_det = self.flow(eps)
-        z = self.loc + self.scale * x
-        log_q = _standard_normal_log_prob(eps) - log_det - self.scale.log().sum(-1)
+        z = self.loc + self._apply_tril(self.scale * x)
+        log_q = _standard_normal_log_prob(eps) - log_det - self._log_abs_det_scale()
         return z, log_q
+
+    def _apply_tril(self, x: Tensor) -> Tensor:
+        return x if self.scale_tril is None else x @ self.scale_tril.T
+
+    def _log_abs_det_scale(self) -> Tensor:
+        log_det = self.scale.log().sum(-1)
+        if self.scale_tril is not None:
+            log_det = log_det + torch.diagonal(self.scale_tril).log().sum(-1)
+        return log_det
 
     def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         z, log_q = self.rsample_with_log_prob(sample_shape)
@@ -89,10 +105,15 @@ class FlowDistribution(TorchDistribution):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._last_sample is not None and value is self._last_sample[0]:
             return self._last_sample[1]
-        x = (value - self.loc) / self.scale
-        eps, log_det = self.flow(x, inverse=True)
-        return _standard_normal_log_prob(eps) - log_det - self.scale.log().sum(-1)
+        x = value - self.loc
+        if self.scale_tril is not None:
+            x = torch.linalg.solve_triangular(self.scale_tril, x.unsqueeze(-1), upper=False)
+            x = x.squeeze(-1)
+        eps, log_det = self.flow(x / self.scale, inverse=True)
+        return _standard_normal_log_prob(eps) - log_det - self._log_abs_det_scale()
 
     def expand(self, batch_shape: Sequence[int], _instance=None) -> FlowDistribution:
         # The flow acts on the last dimension only, so a batch is just a larger sample.
-        return FlowDistribution(self.loc, self.scale, self.flow, batch_shape, self._validate_args)
+        return FlowDistribution(
+            self.loc, self.scale, self.flow, batch_shape, self._validate_args, self.scale_tril
+        )
