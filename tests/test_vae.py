@@ -135,6 +135,17 @@ def test_svi_trace_elbo_loss_falls(mnist, flow):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 50
 
 
+def test_same_seed_same_networks_whatever_the_flow():
+    nets = []
+    for flow in ["none", "iaf"]:
+        torch.manual_seed(0)
+        vae = FlowVAE(flow=flow, num_layers=2, **SMALL)
+        nets.append([*vae.decoder.parameters(), *vae.encoder.hidden.parameters(),
+                     *vae.encoder.gaussian.parameters()])
+    for a, b in zip(*nets, strict=True):
+        assert torch.equal(a, b)
+
+
 def _exact_log_px(vae: FlowVAE, x: torch.Tensor) -> torch.Tensor:
     """log p(x) for a 1-d latent by quadrature on a fine grid."""
     z = torch.linspace(-12, 12, 48001, dtype=torch.float64).unsqueeze(-1)

@@ -83,10 +83,12 @@ class FlowVAE(nn.Module):
         }
         self.name = name
         self.latent_dim = latent_dim
+        # The decoder first and the flow last, so that under one seed every flow starts
+        # from the same encoder/decoder weights (a paired comparison with flow="none").
+        self.decoder = Decoder(data_dim, latent_dim, hidden_dims)
         self.encoder = Encoder(
             data_dim, latent_dim, hidden_dims, flow, num_layers, flow_hidden_dims
         )
-        self.decoder = Decoder(data_dim, latent_dim, hidden_dims)
         self._elbo = Trace_ELBO()
 
     def prior(self, like: torch.Tensor) -> dist.Distribution:
