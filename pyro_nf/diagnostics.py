@@ -1,0 +1,493 @@
+"""Can the fitted guide be trusted? ArviZ export, PSIS k-hat, evidence bounds, MCMC comparison.
+
+All functions take a model and a fitted guide (any Pyro guide) and draw from the guide
+vectorised over an extra outermost plate when the model allows it, else one draw at a
+time.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import arviz as az
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.enum import get_importance_trace
+from pyro.infer.importance import vectorized_importance_weights
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+
+__all__ = [
+    "LogEvidence",
+    "compare_to_mcmc",
+    "log_evidence",
+    "log_importance_weights",
+    "psis_khat",
+    "to_inference_data",
+]
+
+_SAMPLE_PLATE = "_pyro_nf_samples"
+
+
+class LogEvidence(NamedTuple):
+    """An importance-weighted estimate of log p(x).
+
+    Attributes
+    ----------
+    log_evidence : float
+        ``log(mean_k w_k)`` with ``w_k = p(x, z_k) / q(z_k)``: a lower bound on
+        log p(x) in expectation, tightening as ``num_samples`` grows.
+    stderr : float
+        Its standard error (delta method: sd(w) / (sqrt(K) mean(w))).
+    elbo : float
+        ``mean_k log w_k`` on the same samples: the ELBO estimate, never above
+        ``log_evidence`` (Jensen's inequality).
+    num_samples : int
+        K, the number of importance samples.
+    """
+
+    log_evidence: float
+    stderr: float
+    elbo: float
+    num_samples: int
+
+
+def _prototype(model: Callable, guide: Callable, args, kwargs) -> tuple[Trace, int]:
+    """One model trace replayed against the guide, and the model's plate nesting."""
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    model_trace = prune_subsample_sites(model_trace)
+    dims = [
+        frame.dim
+        for trace in (model_trace, guide_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return model_trace, -min(dims) if dims else 0
+
+
+def _batches(num_samples: int, batch_size: int | None):
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    size = batch_size or num_samples
+    for start in range(0, num_samples, size):
+        yield min(size, num_samples - start)
+
+
+def _vectorisation_warning(function: str, error: Exception) -> None:
+    warnings.warn(
+        f"{function}: the model does not vectorise over samples ({type(error).__name__}: "
+        f"{error}); drawing one sample at a time",
+        stacklevel=3,
+    )
+
+
+@torch.no_grad()
+def log_importance_weights(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int = 1000,
+    batch_size: int | None = None,
+    **kwargs,
+) -> Tensor:
+    """``log p(x, z_k) - log q(z_k)`` for ``num_samples`` draws ``z_k`` of the guide.
+
+    Parameters
+    ----------
+    model, guide : callable
+        A Pyro model and a fitted guide.
+    *args, **kwargs
+        Their arguments.
+    num_samples : int
+        Number of draws.
+    batch_size : int, optional
+        Draws per vectorised pass (bounds memory); default all at once.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(num_samples,)``.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> log_importance_weights(model, AutoNormal(model), num_samples=5).shape
+    torch.Size([5])
+    """
+    _, nesting = _prototype(model, guide, args, kwargs)
+    chunks = []
+    vectorise = True
+    for size in _batches(num_samples, batch_size):
+        if vectorise:
+            try:
+                log_w, _, _ = vectorized_importance_weights(
+                    model, guide, *args, num_samples=size, max_plate_nesting=nesting, **kwargs
+                )
+                chunks.append(log_w.reshape(size))
+                continue
+            except Exception as error:  # noqa: BLE001 - fall back to one draw at a time
+                _vectorisation_warning("log_importance_weights", error)
+                vectorise = False
+        for _ in range(size):
+            model_trace, guide_trace = get_importance_trace(
+                "flat", math.inf, model, guide, args, kwargs
+            )
+            chunks.append((model_trace.log_prob_sum() - guide_trace.log_prob_sum()).reshape(1))
+    return torch.cat(chunks).detach()
+
+
+def psis_khat(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int = 2000,
+    batch_size: int | None = None,
+    **kwargs,
+) -> float:
+    """Pareto-smoothed importance-sampling k-hat of the guide (Yao et al., 2018).
+
+    Fits a generalised Pareto distribution to the upper tail of the importance ratios
+    ``log p(x, z) - log q(z)``, ``z ~ q`` (via :func:`arviz.psislw`). Conventional
+    reading: k-hat < 0.5, the guide is close to the posterior and importance sampling
+    corrects what remains; 0.5 to 0.7, usable with care; > 0.7, the guide misses
+    posterior mass and its expectations are unreliable. A low k-hat does not prove the
+    guide found every mode: a guide that keeps one of two well-separated modes can
+    score well.
+
+    Parameters
+    ----------
+    model, guide : callable
+        A Pyro model and a fitted guide.
+    *args, **kwargs
+        Their arguments.
+    num_samples : int
+        Number of draws; the estimate needs a few thousand.
+    batch_size : int, optional
+        Draws per vectorised pass.
+
+    Returns
+    -------
+    float
+        k-hat; ``-inf`` when all the ratios are equal (the guide is the posterior).
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> pyro.clear_param_store()
+    >>> guide = AutoNormal(model, init_scale=1.2)  # a little wider than the posterior
+    >>> psis_khat(model, guide, num_samples=1000) < 0.5
+    True
+    """
+    log_w = log_importance_weights(
+        model, guide, *args, num_samples=num_samples, batch_size=batch_size, **kwargs
+    )
+    if log_w.max() - log_w.min() < 1e-12:
+        return -math.inf
+    with warnings.catch_warnings():  # arviz warns about k-hat > 0.7: we return it instead
+        warnings.simplefilter("ignore")
+        _, khat = az.psislw(log_w.double().cpu().numpy())
+    return float(khat)
+
+
+def log_evidence(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int = 5000,
+    batch_size: int | None = 1000,
+    **kwargs,
+) -> LogEvidence:
+    r"""Importance-weighted estimate of the log evidence log p(x), with standard error.
+
+    :math:`\log \frac1K \sum_k p(x, z_k)/q(z_k)`, :math:`z_k \sim q`: the
+    importance-weighted bound (Burda et al., 2016), a lower bound on log p(x) in
+    expectation that tightens as K grows, and never below the ELBO estimate on the same
+    samples.
+
+    Parameters
+    ----------
+    model, guide : callable
+        A Pyro model and a fitted guide.
+    *args, **kwargs
+        Their arguments.
+    num_samples : int
+        K, the number of importance samples.
+    batch_size : int, optional
+        Draws per vectorised pass (bounds memory).
+
+    Returns
+    -------
+    LogEvidence
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> pyro.clear_param_store()
+    >>> estimate = log_evidence(model, AutoNormal(model, init_scale=1.2), num_samples=2000)
+    >>> estimate.log_evidence >= estimate.elbo and abs(estimate.log_evidence) < 0.1
+    True
+    """
+    log_w = log_importance_weights(
+        model, guide, *args, num_samples=num_samples, batch_size=batch_size, **kwargs
+    ).double()
+    k = log_w.numel()
+    log_mean = torch.logsumexp(log_w, 0) - math.log(k)
+    relative = torch.exp(log_w - log_w.max())
+    stderr = relative.std() / (relative.mean() * math.sqrt(k)) if k > 1 else torch.tensor(math.inf)
+    return LogEvidence(float(log_mean), float(stderr), float(log_w.mean()), k)
+
+
+def _site_dims(name: str, site: dict, num_dims: int) -> list[str]:
+    """Dimension names of a site's value: its plates, else ``{name}_dim_{i}``."""
+    dims = [f"{name}_dim_{i}" for i in range(num_dims)]
+    batch_dims = len(site["fn"].batch_shape)
+    for frame in site["cond_indep_stack"]:
+        if frame.vectorized and batch_dims + frame.dim >= 0:
+            dims[batch_dims + frame.dim] = frame.name
+    return dims
+
+
+def _draw_vectorised(model, guide, args, kwargs, num_samples, nesting, predictive):
+    plate = pyro.plate(_SAMPLE_PLATE, num_samples, dim=-nesting - 1)
+    guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
+    run = poutine.uncondition(model) if predictive else model
+    return poutine.trace(poutine.replay(plate(run), trace=guide_trace)).get_trace(*args, **kwargs)
+
+
+def _draw_one(model, guide, args, kwargs, predictive):
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    run = poutine.uncondition(model) if predictive else model
+    return poutine.trace(poutine.replay(run, trace=guide_trace)).get_trace(*args, **kwargs)
+
+
+@torch.no_grad()
+def _draw(model, guide, args, kwargs, names, shapes, num_samples, nesting, predictive):
+    """Draws of the named sites, each of shape ``(num_samples, *site_shape)``."""
+    try:
+        trace = _draw_vectorised(model, guide, args, kwargs, num_samples, nesting, predictive)
+        draws = {}
+        for name in names:
+            value = trace.nodes[name]["value"]
+            shape = (num_samples, *shapes[name])
+            draws[name] = value.expand(shape) if value.numel() < math.prod(shape) else value
+            draws[name] = draws[name].reshape(shape)
+        return draws
+    except Exception as error:  # noqa: BLE001 - fall back to one draw at a time
+        _vectorisation_warning("to_inference_data", error)
+    traces = [_draw_one(model, guide, args, kwargs, predictive) for _ in range(num_samples)]
+    return {name: torch.stack([t.nodes[name]["value"] for t in traces]) for name in names}
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if torch.is_tensor(value):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def to_inference_data(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int = 1000,
+    posterior_predictive: bool = False,
+    observed_data: bool = True,
+    **kwargs,
+) -> az.InferenceData:
+    """Draws from a fitted guide as an :class:`arviz.InferenceData`.
+
+    Parameters
+    ----------
+    model, guide : callable
+        A Pyro model and a fitted guide.
+    *args, **kwargs
+        Their arguments.
+    num_samples : int
+        Number of posterior draws (one chain).
+    posterior_predictive : bool
+        Add a ``posterior_predictive`` group: the observed sites redrawn from the model
+        at each posterior draw.
+    observed_data : bool
+        Add an ``observed_data`` group with the observed sites' values.
+
+    Returns
+    -------
+    arviz.InferenceData
+        A ``posterior`` group with one chain of ``num_samples`` draws and one variable
+        per latent site (and per ``pyro.deterministic`` site), in its constrained
+        space. Dimensions under a ``pyro.plate`` are named after the plate; other
+        dimensions ``{site}_dim_{i}``.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model(y):
+    ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    ...     with pyro.plate("data", len(y)):
+    ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+    >>> idata = to_inference_data(model, AutoNormal(model), torch.zeros(3), num_samples=10)
+    >>> idata.posterior["mu"].shape, idata.observed_data["y"].dims
+    ((1, 10), ('data',))
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    trace, nesting = _prototype(model, guide, args, kwargs)
+    sites = {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["infer"].get("is_auxiliary")  # pyro.factor
+    }
+    deterministic = {n for n, s in sites.items() if s["infer"].get("_deterministic")}
+    latent = [n for n, s in sites.items() if not s["is_observed"] or n in deterministic]
+    observed = [n for n, s in sites.items() if s["is_observed"] and n not in deterministic]
+    if not latent:
+        raise ValueError("to_inference_data: the model has no latent sample sites")
+    shapes = {name: tuple(site["value"].shape) for name, site in sites.items()}
+    dims = {name: _site_dims(name, site, len(shapes[name])) for name, site in sites.items()}
+
+    def group(names, predictive=False):
+        draws = _draw(model, guide, args, kwargs, names, shapes, num_samples, nesting, predictive)
+        return {name: _numpy(value)[None] for name, value in draws.items()}
+
+    groups = {"posterior": group(latent)}
+    if posterior_predictive and observed:
+        groups["posterior_predictive"] = group(observed, predictive=True)
+    if observed_data and observed:
+        groups["observed_data"] = {name: _numpy(sites[name]["value"]) for name in observed}
+    return az.from_dict(**groups, dims=dims)
+
+
+def _draws_from_idata(idata: az.InferenceData) -> dict[str, np.ndarray]:
+    posterior = idata.posterior
+    return {
+        name: np.asarray(posterior[name].values).reshape(-1, *posterior[name].shape[2:])
+        for name in posterior.data_vars
+    }
+
+
+def _reference_draws(reference) -> dict[str, np.ndarray]:
+    if isinstance(reference, az.InferenceData):
+        return _draws_from_idata(reference)
+    if hasattr(reference, "get_samples"):  # pyro.infer.MCMC
+        reference = reference.get_samples()
+    if not isinstance(reference, Mapping):
+        raise TypeError(
+            "mcmc_samples must be a dict of draws (site name to an array whose first axis "
+            "indexes draws), a pyro.infer.MCMC object or an arviz.InferenceData; got "
+            f"{type(reference).__name__}"
+        )
+    return {name: _numpy(value) for name, value in reference.items()}
+
+
+def _flat_names(name: str, shape: tuple[int, ...]) -> list[str]:
+    if not shape:
+        return [name]
+    return [f"{name}[{', '.join(map(str, index))}]" for index in np.ndindex(*shape)]
+
+
+def compare_to_mcmc(
+    approximation,
+    mcmc_samples,
+    *args,
+    model: Callable | None = None,
+    num_samples: int = 4000,
+    **kwargs,
+) -> pd.DataFrame:
+    """Error of a guide's posterior means and sds, in units of a reference posterior's sd.
+
+    Parameters
+    ----------
+    approximation : arviz.InferenceData or guide
+        Draws from the guide (see :func:`to_inference_data`), or a fitted guide, from
+        which ``num_samples`` draws are taken (with ``model``, ``*args``, ``**kwargs``).
+    mcmc_samples : dict, pyro.infer.MCMC or arviz.InferenceData
+        The reference draws, e.g. ``mcmc.get_samples()`` (first axis indexes draws).
+    *args, **kwargs
+        The model's arguments, when ``approximation`` is a guide.
+    model : callable, optional
+        The model, when ``approximation`` is a guide; default ``guide.model``.
+    num_samples : int
+        Draws from the guide, when ``approximation`` is a guide.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per scalar parameter (``theta[0]``, ... as in ``arviz.summary``) of the
+        variables both hold, with the reference's ``ref_mean`` and ``ref_sd``, the
+        guide's ``mean`` and ``sd``, ``mean_error = (mean - ref_mean) / ref_sd`` and
+        ``sd_error = (sd - ref_sd) / ref_sd``.
+
+    Examples
+    --------
+    >>> draws = {"x": np.random.default_rng(0).normal(1.0, 2.0, size=(4000,))}
+    >>> reference = {"x": np.random.default_rng(1).normal(1.0, 2.0, size=(4000,))}
+    >>> table = compare_to_mcmc(az.from_dict(posterior={"x": draws["x"][None]}), reference)
+    >>> bool(table.loc["x", "mean_error"] ** 2 < 0.01)
+    True
+    """
+    if isinstance(approximation, az.InferenceData):
+        approx = _draws_from_idata(approximation)
+    elif callable(approximation):
+        model = model if model is not None else getattr(approximation, "model", None)
+        if model is None:
+            raise ValueError("compare_to_mcmc: pass model= along with a guide")
+        idata = to_inference_data(
+            model, approximation, *args, num_samples=num_samples, observed_data=False, **kwargs
+        )
+        approx = _draws_from_idata(idata)
+    else:
+        raise TypeError(
+            "approximation must be an arviz.InferenceData or a fitted guide, got "
+            f"{type(approximation).__name__}"
+        )
+    reference = _reference_draws(mcmc_samples)
+    common = [name for name in reference if name in approx]
+    if not common:
+        raise ValueError(
+            f"compare_to_mcmc: no variable in common; the reference has {sorted(reference)}, "
+            f"the approximation {sorted(approx)}"
+        )
+    rows = {}
+    for name in common:
+        ref, draws = reference[name], approx[name]
+        if ref.shape[1:] != draws.shape[1:]:
+            raise ValueError(
+                f"compare_to_mcmc: variable {name!r} has shape {draws.shape[1:]} in the "
+                f"approximation but {ref.shape[1:]} in the reference"
+            )
+        stats = [
+            array.reshape(-1)
+            for array in (ref.mean(0), ref.std(0, ddof=1), draws.mean(0), draws.std(0, ddof=1))
+        ]
+        for i, label in enumerate(_flat_names(name, ref.shape[1:])):
+            rows[label] = [float(stat[i]) for stat in stats]
+    table = pd.DataFrame.from_dict(
+        rows, orient="index", columns=["ref_mean", "ref_sd", "mean", "sd"]
+    )
+    table["mean_error"] = (table["mean"] - table["ref_mean"]) / table["ref_sd"]
+    table["sd_error"] = (table["sd"] - table["ref_sd"]) / table["ref_sd"]
+    return table
