@@ -161,15 +161,20 @@ def test_importance_sampling_matches_exact_likelihood():
         data_dim=4, latent_dim=1, hidden_dims=[8], flow="planar", num_layers=2, flow_hidden_dims=[8]
     ).double()
     with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+        for p in vae.decoder.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        for p in vae.encoder.flow.parameters():  # planar layers away from the identity
+            p.add_(0.1 * torch.randn_like(p))
+        # A broad base Gaussian N(0, 1.5²) (then the planar layers) as proposal.
+        vae.encoder.gaussian.weight.zero_()
+        vae.encoder.gaussian.bias.copy_(torch.tensor([0.0, math.log(math.expm1(1.5))]))
     patterns = torch.tensor([[int(b) for b in f"{i:04b}"] for i in range(16)], dtype=torch.float64)
     exact = _exact_log_px(vae, patterns)
     assert torch.logsumexp(exact, 0).abs() < 1e-6  # the 16 probabilities sum to one
     log_px, elbo = log_likelihood(vae, patterns, num_samples=20000, chunk_size=3000)
     assert (log_px >= elbo).all()
     assert (elbo < exact - 1e-3).all()  # an untrained posterior: a strictly loose ELBO
-    assert torch.allclose(log_px, exact, atol=0.02)
+    assert torch.allclose(log_px, exact, atol=0.03)
 
 
 # --- checkpoints, training loop -------------------------------------------------------
