@@ -78,11 +78,7 @@ def check_bars(rows: Sequence[dict], ratios: Sequence[dict]) -> list[dict]:
 
 def format_table(results: dict) -> str:
     """The terminal table: one block per target, then the bars."""
-    ratio_of = (
-        {(r["target"], r["ours"], r["pyro"]): r["ratio"] for r in results["ratios"]}
-        if ("ratios" in results)
-        else {(r["target"], r["ours"], r["pyro"]): r["ratio"] for r in results["speed_ratios"]}
-    )
+    ratio_of = {(r["target"], r["ours"], r["pyro"]): r["ratio"] for r in results["speed_ratios"]}
     lines = []
     header = f"{'guide':<24}{'KL (nats)':>18}{'k-hat':>8}{'ms/step':>9}  ratio vs Pyro"
     for target in dict.fromkeys(row["target"] for row in results["rows"]):
