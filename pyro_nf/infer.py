@@ -208,7 +208,7 @@ def _optimizer_factory(optimizer) -> tuple[Callable, dict]:
 def _find_nonfinite_site(model, guide, args, kwargs) -> str | None:
     """Name a sample site with a non-finite value or log density in a fresh trace."""
     try:
-        with torch.no_grad(), poutine.block():
+        with torch.no_grad(), poutine.block(), pyro.validation_enabled(False):
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
                 *args, **kwargs
@@ -337,11 +337,26 @@ def fit(
                     optim.add_param_group({"params": [params[name]]})
         return loss
 
+    snapshot: list[Tensor] = []
+    losses: list[float] = []
+
+    def evaluate(step: int) -> Tensor:
+        try:
+            return loss_and_params()
+        except Exception as error:
+            finite = all(p.isfinite().all() for p in params.values())
+            if not finite:
+                _restore(params, snapshot)
+            if finite and not _is_invalid_value_error(error):
+                raise
+            what = "non-finite parameters" if not finite else f"invalid values ({str(error).splitlines()[0]})"
+            raise _nonfinite(step, what, [], model, guide, args, kwargs, losses) from error
+
     start = time.perf_counter()
     try:
-        loss = loss_and_params()
+        loss = evaluate(0)
     except Exception as error:  # noqa: BLE001 - retried without vectorisation, or re-raised
-        if not elbo.vectorize_particles:
+        if not elbo.vectorize_particles or isinstance(error, NonFiniteLossError):
             raise
         warnings.warn(
             f"fit: the model does not vectorise over particles ({type(error).__name__}: "
@@ -349,32 +364,21 @@ def fit(
             stacklevel=2,
         )
         elbo = _make_elbo(estimator, num_particles, vectorize=False)
-        loss = loss_and_params()
+        loss = evaluate(0)
     if not params or not loss.requires_grad:
         raise ValueError("fit: the model and guide have no parameters to optimise")
     optim = constructor(list(params.values()), lr=lr0, **optim_args)
 
-    losses: list[float] = []
-    window_means: list[float] = []
     best = math.inf
     stale = decays = 0
     ema = None
     converged = False
     lr_now = lr0
-    snapshot = [p.detach().clone() for p in params.values()]
     bar = tqdm(total=num_steps, disable=not progress, desc="fit", dynamic_ncols=True)
     try:
         for step in range(num_steps):
             if step > 0:
-                try:
-                    loss = loss_and_params()
-                except Exception as error:
-                    if all(p.isfinite().all() for p in params.values()):
-                        raise
-                    _restore(params, snapshot)
-                    raise _nonfinite(
-                        step, "non-finite parameters", [], model, guide, args, kwargs, losses
-                    ) from error
+                loss = evaluate(step)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             loss_value = loss.item()
@@ -403,7 +407,6 @@ def fit(
             if len(losses) % schedule.window == 0:
                 window = torch.tensor(losses[-schedule.window :], dtype=torch.float64)
                 mean, stderr = window.mean().item(), window.std().item() / schedule.window**0.5
-                window_means.append(mean)
                 if mean < best - schedule.threshold * stderr:
                     best, stale = mean, 0
                 else:
@@ -424,6 +427,11 @@ def fit(
         converged=converged,
         lr=lr_now,
     )
+
+
+def _is_invalid_value_error(error: Exception) -> bool:
+    """Whether ``error`` is torch's validation error for a NaN or infinite parameter."""
+    return isinstance(error, ValueError) and "found invalid values" in str(error)
 
 
 def _restore(params: dict[str, Tensor], snapshot: list[Tensor]) -> None:

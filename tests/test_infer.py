@@ -1,0 +1,255 @@
+"""fit(): accuracy on conjugate models, the schedule, particles, the NaN guard, STL gradients."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
+
+from pyro_nf import AutoFlow, AutoIAFFlow
+from pyro_nf.infer import FitResult, NonFiniteLossError, Schedule, _make_elbo, fit
+
+DATA = torch.tensor([0.8, 1.9, 1.2, 0.4, 1.6])
+
+
+def normal_model(data=DATA):
+    """x ~ N(0, 1), data_i ~ N(x, 1): posterior N(sum / (n + 1), 1 / (n + 1))."""
+    x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(x, 1.0), obs=data)
+
+
+POST_MEAN = DATA.sum().item() / (len(DATA) + 1)
+POST_SD = (1 / (len(DATA) + 1)) ** 0.5
+
+
+@pytest.fixture(autouse=True)
+def fresh_param_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def test_fit_recovers_conjugate_posterior_and_converges():
+    guide = AutoNormal(normal_model)
+    result = fit(normal_model, guide, num_steps=4000, progress=False, seed=0)
+    assert isinstance(result, FitResult)
+    assert result.converged and result.num_steps < 4000
+    assert len(result.losses) == result.num_steps and result.wall_time > 0
+    assert result.lr < 1e-2 * 0.3**2  # decayed from AutoNormal's default 1e-2
+    loc, scale = guide.locs.x.item(), guide.scales.x.item()
+    assert abs(loc - POST_MEAN) < 0.05 and abs(scale - POST_SD) < 0.05
+    # log p(data) = log N(data; 0, I + 11^T); the ELBO is below it and close for an exact family
+    cov = torch.eye(len(DATA)) + 1.0
+    log_z = dist.MultivariateNormal(torch.zeros(len(DATA)), cov).log_prob(DATA).item()
+    assert log_z - 0.05 < result.elbo < log_z + 0.05
+
+
+def test_default_learning_rates():
+    flow_guide = AutoFlow(normal_model, flow="spline")
+    assert fit(normal_model, flow_guide, num_steps=1, progress=False).lr == flow_guide.default_lr
+    pyro.clear_param_store()
+    assert fit(normal_model, AutoNormal(normal_model), num_steps=1, progress=False).lr == 1e-2
+    pyro.clear_param_store()
+    optim = pyro.optim.Adam({"lr": 0.02})
+    result = fit(
+        normal_model, AutoNormal(normal_model), num_steps=1, optimizer=optim, progress=False
+    )
+    assert result.lr == 0.02
+
+
+def test_schedule_anneals_the_last_steps():
+    schedule = Schedule(window=1000, anneal_fraction=0.5, anneal_to=0.1)
+    result = fit(normal_model, AutoNormal(normal_model), num_steps=100, lr=1e-2,
+                 schedule=schedule, progress=False)  # fmt: skip
+    assert not result.converged and result.num_steps == 100
+    assert math.isclose(result.lr, 1e-2 * 0.1 ** (49 / 50), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(estimator="score"), "estimator"),
+        (dict(num_steps=0), "num_steps"),
+        (dict(lr=-1.0), "lr"),
+        (dict(optimizer=torch.optim.Adam([torch.zeros(1)])), "optimizer"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        fit(normal_model, AutoNormal(normal_model), progress=False, **kwargs)
+
+
+def test_schedule_validates():
+    with pytest.raises(ValueError, match="decay"):
+        Schedule(decay=1.5)
+
+
+def test_vectorised_particles_and_fallback():
+    guide = AutoNormal(normal_model)
+    result = fit(normal_model, guide, num_steps=200, num_particles=8, progress=False, seed=0)
+    assert result.num_steps == 200
+
+    def scalar_model():  # python control flow on a value: cannot be vectorised
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        scale = 1.0 if x > -10 else 2.0
+        pyro.sample("obs", dist.Normal(x, scale), obs=torch.tensor(1.0))
+
+    pyro.clear_param_store()
+    guide = AutoNormal(scalar_model)
+    with pytest.warns(UserWarning, match="one at a time"):
+        fit(scalar_model, guide, num_steps=300, num_particles=2, lr=0.05, progress=False, seed=0)
+    assert abs(guide.locs.x.item() - 0.5) < 0.15
+
+
+def nan_after(num_finite_calls, record):
+    """A model whose log density turns NaN from its ``num_finite_calls``-th call on."""
+    calls = []
+
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(x, 1.0), obs=torch.tensor(1.0))
+        if len(calls) == num_finite_calls:  # the parameters this failing step starts from
+            record.update(
+                {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+            )
+        calls.append(None)
+        if len(calls) > num_finite_calls:
+            pyro.factor("boom", torch.tensor(float("nan")))
+
+    model.calls = calls
+    return model
+
+
+def test_nan_loss_stops_and_keeps_last_finite_parameters():
+    record = {}
+    model = nan_after(30, record)
+    guide = AutoNormal(model)
+    guide()  # sets up the guide (one model call)
+    model.calls.clear()
+    with pytest.raises(NonFiniteLossError, match="step 30.*'boom'") as info:
+        fit(model, guide, num_steps=100, progress=False, seed=0)
+    assert info.value.step == 30 and info.value.site == "boom"
+    assert len(info.value.losses) == 30 and all(math.isfinite(v) for v in info.value.losses)
+    store = dict(pyro.get_param_store().named_parameters())
+    assert record and all(torch.equal(store[k], v) for k, v in record.items())
+    assert all(torch.isfinite(v).all() for v in store.values())
+
+
+def test_nan_gradient_names_the_parameters():
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("kink", (x - x).sqrt())  # finite value, NaN gradient
+
+    with pytest.raises(NonFiniteLossError, match="gradient") as info:
+        fit(model, AutoNormal(model), num_steps=10, progress=False)
+    assert info.value.step == 0 and "AutoNormal.locs.x" in info.value.parameters
+
+
+class PoisonedSGD(torch.optim.SGD):
+    """SGD whose ``bad_step``-th update writes NaN into the parameters."""
+
+    bad_step = 20
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.count = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.count += 1
+        if self.count == self.bad_step:
+            self.before = [p.clone() for g in self.param_groups for p in g["params"]]
+        super().step(closure)
+        if self.count == self.bad_step:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+
+
+def test_non_finite_parameters_are_restored_from_the_snapshot():
+    optimizers = []
+
+    def make(params, lr):
+        optimizers.append(PoisonedSGD(params, lr))
+        return optimizers[-1]
+
+    guide = AutoNormal(normal_model)
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(normal_model, guide, num_steps=100, optimizer=make, progress=False, seed=0)
+    assert info.value.step == PoisonedSGD.bad_step
+    params = [p for g in optimizers[0].param_groups for p in g["params"]]
+    assert all(torch.isfinite(p).all() for p in params)
+    # restored to the parameters the poisoning update started from
+    assert len(info.value.losses) == PoisonedSGD.bad_step
+    assert all(torch.equal(p, b) for p, b in zip(params, optimizers[0].before, strict=True))
+
+
+def gaussian_target():
+    mean = torch.tensor([1.0, -2.0])
+
+    def model():
+        pyro.sample("z", dist.Normal(mean, 0.5).to_event(1))
+
+    return model, mean
+
+
+def grad_samples(model, guide, estimator, reps=100):
+    elbo = _make_elbo(estimator, num_particles=1, vectorize=False)
+    elbo.differentiable_loss(model, guide)  # set up the guide's parameters
+    params = [p for p in guide.parameters()]
+    rows = []
+    for _ in range(reps):
+        loss = elbo.differentiable_loss(model, guide)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads if g is not None]))
+    return torch.stack(rows)
+
+
+def test_stl_gradient_variance_vanishes_at_the_optimum():
+    model, mean = gaussian_target()
+    pyro.set_rng_seed(0)
+    guide = AutoIAFFlow(model, init_loc_fn=init_to_value(values={"z": mean}), init_scale=0.5)
+    standard = grad_samples(model, guide, "elbo").var(0).sum()
+    stl = grad_samples(model, guide, "stl").var(0).sum()
+    assert standard > 1e-2
+    assert stl < 1e-3 * standard
+
+
+@pytest.mark.parametrize("guide_cls", [AutoDiagonalNormal, AutoNormal])
+def test_stl_gradient_is_unbiased(guide_cls):
+    model, _ = gaussian_target()
+    pyro.set_rng_seed(1)
+    guide = guide_cls(model, init_scale=0.8)  # far from the optimum
+
+    def mean_grad(estimator):
+        elbo = _make_elbo(estimator, num_particles=20000, vectorize=True)
+        elbo.differentiable_loss(model, guide)
+        params = list(guide.parameters())
+        grads = torch.autograd.grad(elbo.differentiable_loss(model, guide), params)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    standard, stl = mean_grad("elbo"), mean_grad("stl")
+    assert standard.abs().max() > 1.0
+    assert torch.allclose(standard, stl, atol=0.1, rtol=0.05)
+
+
+def test_stl_fit_matches_the_posterior():
+    guide = AutoNormal(normal_model)
+    fit(normal_model, guide, num_steps=3000, estimator="stl", progress=False, seed=0)
+    assert abs(guide.locs.x.item() - POST_MEAN) < 0.05
+    assert abs(guide.scales.x.item() - POST_SD) < 0.05
+
+
+def test_stl_rejects_unsupported_guides():
+    def model():
+        pyro.sample("rate", dist.Gamma(2.0, 1.0))
+
+    def guide():
+        a = pyro.param("a", torch.tensor(2.0), constraint=dist.constraints.positive)
+        pyro.sample("rate", dist.Gamma(a, 1.0))
+
+    with pytest.raises(NotImplementedError, match="'rate'.*Gamma"):
+        fit(model, guide, num_steps=5, estimator="stl", progress=False)
