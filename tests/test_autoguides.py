@@ -1,0 +1,334 @@
+"""Flow autoguides: drop-in behaviour, accuracy on analytic posteriors, clear errors."""
+
+import io
+import math
+import pickle
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoGuideList, AutoNormal, init_to_value
+
+from pyro_nf import AutoFlow, AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow
+
+GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def _train(model, guide, num_steps, *args, lr=None, num_particles=8):
+    """Adam with the guide's default lr, decayed 50-fold over the run."""
+    optim = pyro.optim.ClippedAdam({"lr": lr or guide.default_lr, "lrd": 0.02 ** (1 / num_steps)})
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
+    svi = SVI(model, guide, optim, elbo)
+    return [svi.step(*args) for _ in range(num_steps)]
+
+
+def _kl_to(guide, target: dist.Distribution, num_samples=20000) -> float:
+    """KL(q || p) in nats for a normalised target over the unconstrained latent vector."""
+    with torch.no_grad():
+        z, log_q = guide.get_posterior().rsample_with_log_prob((num_samples,))
+        return (log_q - target.log_prob(z)).mean().item()
+
+
+# --- analytic posteriors ---------------------------------------------------------------
+
+DATA = torch.tensor([2.1, 3.4, 2.8, 3.9, 3.0, 2.2, 3.6, 2.9])
+PRIOR_LOC, PRIOR_SCALE, NOISE = 0.0, 10.0, 1.0
+
+
+def normal_normal_model(data):
+    mu = pyro.sample("mu", dist.Normal(PRIOR_LOC, PRIOR_SCALE))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(mu, NOISE), obs=data)
+
+
+def _normal_normal_posterior():
+    precision = 1 / PRIOR_SCALE**2 + len(DATA) / NOISE**2
+    mean = (PRIOR_LOC / PRIOR_SCALE**2 + DATA.sum().item() / NOISE**2) / precision
+    return mean, precision**-0.5
+
+
+@pytest.mark.parametrize("guide_class", [AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow])
+def test_normal_normal_posterior_within_five_percent(guide_class):
+    guide = guide_class(normal_normal_model)
+    _train(normal_normal_model, guide, 800, DATA)
+    samples = Predictive(normal_normal_model, guide=guide, num_samples=20000, parallel=True)(DATA)
+    mean, sd = _normal_normal_posterior()
+    assert samples["mu"].mean().item() == pytest.approx(mean, rel=0.05)
+    assert samples["mu"].std().item() == pytest.approx(sd, rel=0.05)
+
+
+def two_normal_means_model(data):
+    """Two independent copies of the conjugate problem; ``data`` has shape (2, n)."""
+    with pyro.plate("groups", 2):
+        mu = pyro.sample("mu", dist.Normal(PRIOR_LOC, PRIOR_SCALE))
+        pyro.sample("obs", dist.Normal(mu.unsqueeze(-1), NOISE).to_event(1), obs=data)
+
+
+def test_iaf_normal_normal_posterior_within_five_percent():
+    """IAF needs two dimensions: two independent copies of the conjugate problem."""
+    data = torch.stack([DATA, DATA])
+    guide = AutoIAFFlow(two_normal_means_model)
+    _train(two_normal_means_model, guide, 800, data)
+    predictive = Predictive(two_normal_means_model, guide=guide, num_samples=20000, parallel=True)
+    samples = predictive(data)["mu"]
+    mean, sd = _normal_normal_posterior()
+    assert samples.mean(0) == pytest.approx(torch.full((2,), mean), rel=0.05)
+    assert samples.std(0) == pytest.approx(torch.full((2,), sd), rel=0.05)
+
+
+CORR = 0.95
+FAR_MEAN = torch.tensor([10.0, -10.0])
+FAR_COV = torch.tensor([[1.0, CORR], [CORR, 1.0]])
+
+
+def correlated_far_model():
+    """A 0.95-correlated 2-D Gaussian centred at (10, -10), written as a chain of sites."""
+    z1 = pyro.sample("z1", dist.Normal(10.0, 1.0))
+    pyro.sample("z2", dist.Normal(-10.0 + CORR * (z1 - 10.0), math.sqrt(1 - CORR**2)))
+
+
+MEAN_FIELD_KL = -0.5 * math.log(1 - CORR**2)  # 1.164 nats, the best any diagonal Gaussian does
+
+
+@pytest.mark.parametrize(
+    ("guide_class", "bound"),
+    [(AutoIAFFlow, 0.05), (AutoSplineFlow, 0.05), (AutoPlanarFlow, 0.6), (AutoRadialFlow, None)],
+)
+def test_correlated_gaussian_far_from_origin(guide_class, bound):
+    guide = guide_class(correlated_far_model)
+    _train(correlated_far_model, guide, 1500)
+    kl = _kl_to(guide, dist.MultivariateNormal(FAR_MEAN, FAR_COV))
+    if bound is None:  # radial: at least as good as the best mean-field Gaussian (AutoNormal)
+        assert kl <= MEAN_FIELD_KL + 0.02
+    else:
+        assert kl < bound
+
+
+# --- drop-in behaviour -----------------------------------------------------------------
+
+
+def constrained_model():
+    pyro.sample("rate", dist.Gamma(2.0, 1.0))
+    pyro.sample("prob", dist.Beta(2.0, 3.0))
+    pyro.sample("weights", dist.Dirichlet(torch.ones(3)))
+    pyro.sample("corr", dist.LKJCholesky(3, 2.0))
+    pyro.sample("shift", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize("guide_class", GUIDES)
+def test_constrained_latents_sample_in_their_support(guide_class):
+    guide = guide_class(constrained_model)
+    _train(constrained_model, guide, 20, num_particles=1)
+    samples = Predictive(constrained_model, guide=guide, num_samples=200, parallel=True)()
+    trace = poutine.trace(constrained_model).get_trace()
+    for name, value in samples.items():
+        support = trace.nodes[name]["fn"].support
+        assert support.check(value).all(), name
+    assert samples["weights"].shape == (200, 3)
+    assert samples["corr"].shape == (200, 3, 3)
+
+
+@pytest.mark.parametrize("guide_class", GUIDES)
+def test_svi_loss_falls(guide_class):
+    guide = guide_class(constrained_model)
+    losses = _train(constrained_model, guide, 300, num_particles=4)
+    assert sum(losses[-50:]) / 50 < sum(losses[:50]) / 50
+
+
+def test_fresh_guide_equals_gaussian_at_init_loc():
+    """Without a warm start, step 0 is AutoNormal: loc from init_loc_fn, scale init_scale."""
+    init = {"rate": torch.tensor(3.0), "shift": torch.tensor([1.0, -2.0])}
+
+    def model():
+        pyro.sample("rate", dist.Gamma(2.0, 1.0))
+        pyro.sample("shift", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = AutoSplineFlow(
+        model, init_loc_fn=init_to_value(values=init), init_scale=0.2, warm_start=None
+    )
+    guide()
+    expected_loc = torch.tensor([math.log(3.0), 1.0, -2.0])
+    assert torch.allclose(guide.loc, expected_loc)
+    z, log_q = guide.get_posterior().rsample_with_log_prob((5000,))
+    gaussian = dist.Normal(expected_loc, 0.2).to_event(1)
+    assert torch.allclose(log_q, gaussian.log_prob(z), atol=1e-2)
+
+
+def test_quantiles_and_median_match_the_gaussian_at_init():
+    def model():
+        pyro.sample("rate", dist.LogNormal(0.0, 1.0))
+
+    guide = AutoPlanarFlow(
+        model,
+        init_loc_fn=init_to_value(values={"rate": torch.tensor(2.0)}),
+        init_scale=0.5,
+        num_summary_samples=40000,
+        warm_start=None,
+    )
+    quantiles = guide.quantiles([0.1, 0.5, 0.9])["rate"]
+    normal_quantiles = dist.Normal(math.log(2.0), 0.5).icdf(torch.tensor([0.1, 0.5, 0.9]))
+    assert torch.allclose(quantiles, normal_quantiles.exp(), rtol=0.03)
+    assert guide.median()["rate"].item() == pytest.approx(2.0, rel=0.03)
+
+
+def test_quantiles_reject_bad_probabilities():
+    guide = AutoPlanarFlow(normal_normal_model)
+    with pytest.raises(ValueError, match="quantiles must be"):
+        guide.quantiles([0.5, 1.5], DATA)
+
+
+@pytest.mark.parametrize("guide_class", GUIDES)
+def test_state_dict_round_trip_reproduces_samples(guide_class):
+    guide = guide_class(constrained_model)
+    _train(constrained_model, guide, 30, num_particles=1)
+    buffer = io.BytesIO()
+    torch.save(guide.state_dict(), buffer)
+
+    pyro.clear_param_store()
+    fresh = guide_class(constrained_model)
+    fresh()  # builds the parameters from the model
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+
+    pyro.set_rng_seed(7)
+    expected = guide()
+    pyro.set_rng_seed(7)
+    actual = fresh()
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name]), name
+
+
+def test_pickled_guide_reproduces_samples():
+    guide = AutoSplineFlow(normal_normal_model)
+    _train(normal_normal_model, guide, 20, DATA, num_particles=1)
+    clone = pickle.loads(pickle.dumps(guide))
+    pyro.set_rng_seed(3)
+    expected = guide(DATA)["mu"]
+    pyro.set_rng_seed(3)
+    assert torch.allclose(clone(DATA)["mu"], expected)
+
+
+@pytest.mark.parametrize("guide_class", GUIDES)
+def test_float64_model_gives_float64_guide(guide_class):
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
+
+    guide = guide_class(model)
+    _train(model, guide, 5, num_particles=2)
+    assert all(p.dtype == torch.float64 for p in guide.parameters())
+    z, log_q = guide.get_posterior().rsample_with_log_prob((4,))
+    assert z.dtype == log_q.dtype == torch.float64
+    assert guide.median()["x"].dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("guide_class", GUIDES)
+def test_cuda(guide_class):
+    data = DATA.cuda()
+    stacked = torch.stack([data, data])
+
+    guide = guide_class(two_normal_means_model)
+    _train(two_normal_means_model, guide, 20, stacked, num_particles=2)
+    assert all(p.device.type == "cuda" for p in guide.parameters())
+    assert guide.median(stacked)["mu"].device.type == "cuda"
+
+
+def test_guide_list_with_flow_on_globals_and_normal_on_locals():
+    def model(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(data), subsample_size=4):
+            local = pyro.sample("local", dist.Normal(loc, 1.0))
+            pyro.sample("obs", dist.Normal(local, 0.5), obs=data[:4])
+
+    guide = AutoGuideList(model)
+    guide.append(AutoSplineFlow(poutine.block(model, hide=["local"])))
+    guide.append(AutoNormal(poutine.block(model, expose=["local"])))
+    losses = [
+        SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()).step(DATA) for _ in range(5)
+    ]
+    assert all(math.isfinite(loss) for loss in losses)
+
+
+# --- clear errors ----------------------------------------------------------------------
+
+
+def test_discrete_latent_site_is_named_with_a_remedy():
+    def model():
+        pyro.sample("coin", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    guide = AutoSplineFlow(model)
+    with pytest.raises(ValueError, match="discrete sample site 'coin'.*poutine.block"):
+        guide()
+    assert guide.prototype_trace is None  # nothing half-built is left behind
+
+
+def test_model_without_latent_sites():
+    def model():
+        pyro.sample("obs", dist.Normal(0.0, 1.0), obs=torch.tensor(0.3))
+
+    with pytest.raises(RuntimeError, match="found no latent variables"):
+        AutoPlanarFlow(model)()
+
+
+def test_unknown_flow_name():
+    with pytest.raises(ValueError, match="unknown flow 'realnvp'; choose one of"):
+        AutoFlow(normal_normal_model, flow="realnvp")
+
+
+def test_named_guide_refuses_another_flow():
+    with pytest.raises(ValueError, match="AutoIAFFlow always uses flow='iaf'"):
+        AutoIAFFlow(normal_normal_model, flow="planar")
+
+
+def test_iaf_on_one_dimensional_latent_names_the_site_and_the_alternative():
+    guide = AutoIAFFlow(normal_normal_model)
+    with pytest.raises(ValueError, match=r"AutoIAFFlow on latent site\(s\) 'mu'.*flow='spline'"):
+        guide(DATA)
+    assert guide.prototype_trace is None
+
+
+def test_spline_on_one_dimensional_latent_uses_an_elementwise_spline():
+    guide = AutoSplineFlow(normal_normal_model)
+    losses = _train(normal_normal_model, guide, 50, DATA, num_particles=2)
+    assert math.isfinite(losses[-1])
+
+
+def test_local_latent_under_subsampled_plate_is_refused():
+    def model(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(data), subsample_size=3):
+            pyro.sample("local", dist.Normal(loc, 1.0))
+
+    guide = AutoSplineFlow(model)
+    with pytest.raises(ValueError, match="'local' is local to the subsampled plate 'data'"):
+        guide(DATA)
+
+
+def test_invalid_init_scale():
+    with pytest.raises(ValueError, match="init_scale must be > 0"):
+        AutoPlanarFlow(normal_normal_model, init_scale=0.0)
+
+
+def test_improper_site_with_supplied_init():
+    """An improper flat prior plus a factor: the energy-function pattern."""
+
+    def model():
+        z = pyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), (2,)))
+        pyro.factor("energy", dist.MultivariateNormal(FAR_MEAN, FAR_COV).log_prob(z))
+
+    guide = AutoIAFFlow(model, init_loc_fn=init_to_value(values={"z": FAR_MEAN}))
+    _train(model, guide, 400)
+    assert _kl_to(guide, dist.MultivariateNormal(FAR_MEAN, FAR_COV)) < 0.2
