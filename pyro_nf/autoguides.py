@@ -6,6 +6,15 @@ the posterior over that vector is ``z = loc + scale * f(eps)``, ``eps ~ N(0, I)`
 ``loc`` started at ``init_loc_fn``'s point, ``scale`` at ``init_scale`` and the flow ``f``
 at the identity. Step 0 is therefore the AutoNormal guide, and the flow only has to learn
 the posterior's shape, in standardised units, wherever the posterior sits.
+
+With the Laplace warm start (``warm_start="laplace"``, the default) the guide first finds
+the MAP in unconstrained space and the Hessian there (:mod:`pyro_nf.laplace`), and the
+same construction runs in the coordinates this whitens:
+``z = m + L (loc + scale * f(eps))`` with ``m`` the MAP and ``L L^T`` the inverse Hessian,
+``loc`` started at 0 and ``scale`` at 1. Step 0 is then the Laplace approximation, and
+every learnable parameter lives on the posterior's own scale, which is what lets Adam
+fit posteriors whose scales and correlations are far from unit (flat priors on unscaled
+predictors, say).
 """
 
 from __future__ import annotations
@@ -22,8 +31,11 @@ from torch import Tensor, nn
 
 from pyro_nf.distribution import FlowDistribution
 from pyro_nf.flows import FlowSpec, build_flow, get_flow_spec
+from pyro_nf.laplace import LaplaceApproximation, laplace_approximation, unconstrained_log_joint
 
 __all__ = ["AutoFlow", "AutoIAFFlow", "AutoPlanarFlow", "AutoRadialFlow", "AutoSplineFlow"]
+
+WARM_STARTS = ("laplace", None)
 
 
 def _check_no_subsampled_locals(trace, guide_name: str) -> None:
@@ -46,9 +58,15 @@ class AutoFlow(AutoContinuous):
     r"""Normalizing-flow guide over all continuous latent sites of a model.
 
     The posterior over the unconstrained joint latent vector is
-    :math:`z = \mu + \sigma \odot f(\varepsilon)`, :math:`\varepsilon \sim N(0, I)`, where
-    :math:`\mu` starts at ``init_loc_fn``'s point, :math:`\sigma` at ``init_scale`` and the
-    flow :math:`f` (planar, radial, IAF or neural-spline layers) at the identity.
+    :math:`z = m + L(\mu + \sigma \odot f(\varepsilon))`, :math:`\varepsilon \sim N(0, I)`,
+    with the flow :math:`f` (planar, radial, IAF or neural-spline layers) started at the
+    identity. With the Laplace warm start, :math:`m` is the MAP and :math:`L` the Cholesky
+    factor of the inverse Hessian there (fixed; see :func:`pyro_nf.laplace_approximation`),
+    and :math:`\mu = 0`, :math:`\sigma = 1` at the start, so the guide starts at the Laplace
+    approximation and learns in whitened coordinates. Without it, :math:`m = 0`,
+    :math:`L = I`, :math:`\mu` starts at ``init_loc_fn``'s point and :math:`\sigma` at
+    ``init_scale``. The warm start runs on the guide's first call (it needs the model's
+    arguments) and is kept in :attr:`laplace`.
 
     Parameters
     ----------
@@ -61,9 +79,17 @@ class AutoFlow(AutoContinuous):
     hidden_dims : sequence of int, optional
         Hidden widths of the autoregressive networks (iaf, spline).
     init_loc_fn : callable
-        Per-site initialisation, as in Pyro (default :func:`init_to_median`).
+        Per-site initialisation, as in Pyro (default :func:`init_to_median`); with the
+        warm start, where the MAP search begins.
     init_scale : float
-        Initial posterior scale in unconstrained space.
+        Initial posterior scale in unconstrained space without the warm start; with it,
+        the scale of coordinates without positive curvature if the Laplace approximation
+        falls back to a diagonal one.
+    warm_start : {"laplace", None}
+        ``"laplace"`` (default): start at the Laplace approximation and learn in the
+        coordinates it whitens; it warns (:class:`pyro_nf.laplace.LaplaceWarning`) and
+        uses a diagonal start if the Hessian is not positive definite or no mode is
+        found. ``None``: start at ``N(init_loc, init_scale**2)``.
     num_summary_samples : int
         Monte-Carlo draws used by :meth:`median` and :meth:`quantiles`, which have no
         closed form for a flow.
@@ -75,6 +101,8 @@ class AutoFlow(AutoContinuous):
     default_lr : float
         The Adam learning rate that suits this flow family; :func:`pyro_nf.fit` uses it
         when no ``lr`` is given.
+    laplace : LaplaceApproximation or None
+        The warm start's result (mode, scales, whether it converged), once set up.
 
     Examples
     --------
@@ -102,6 +130,7 @@ class AutoFlow(AutoContinuous):
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
         num_summary_samples: int = 4000,
+        warm_start: str | None = "laplace",
         **flow_options: object,
     ):
         if flow is not None and self.flow_name is not None and flow != self.flow_name:
@@ -114,6 +143,10 @@ class AutoFlow(AutoContinuous):
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
         if num_summary_samples < 1:
             raise ValueError(f"num_summary_samples must be >= 1, got {num_summary_samples}")
+        if warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start must be 'laplace' or None, got {warm_start!r}")
+        self.warm_start = warm_start
+        self.laplace: LaplaceApproximation | None = None
         self._init_scale = float(init_scale)
         self._flow_kwargs = dict(num_layers=num_layers, hidden_dims=hidden_dims, **flow_options)
         self.num_summary_samples = num_summary_samples
@@ -140,15 +173,36 @@ class AutoFlow(AutoContinuous):
             self.prototype_trace = None  # a failed setup leaves the guide as it was
             raise
         loc = self._init_loc()
-        self.loc = nn.Parameter(loc)
-        self.scale = PyroParam(
-            torch.full_like(loc, self._init_scale), constraints.softplus_positive
-        )
         self.flow = flow.to(dtype=loc.dtype, device=loc.device)
+        if self.warm_start is None:
+            self.loc = nn.Parameter(loc)
+            self.scale = PyroParam(
+                torch.full_like(loc, self._init_scale), constraints.softplus_positive
+            )
+            return
+        self.laplace = laplace_approximation(
+            unconstrained_log_joint(self, *args, **kwargs), loc, fallback_scale=self._init_scale
+        )
+        # Buffers, so that they follow the guide across devices and into its state_dict.
+        self.register_buffer("laplace_loc", self.laplace.loc)
+        self.register_buffer("laplace_scale", self.laplace.scale)
+        self.register_buffer("laplace_scale_tril", self.laplace.scale_tril)
+        self.loc = nn.Parameter(torch.zeros_like(loc))
+        self.scale = PyroParam(torch.ones_like(loc), constraints.softplus_positive)
 
     def get_posterior(self, *args, **kwargs) -> FlowDistribution:
         """The flow distribution over the unconstrained joint latent vector."""
-        return FlowDistribution(self.loc, self.scale, self.flow)
+        if self.laplace is None:
+            return FlowDistribution(self.loc, self.scale, self.flow)
+        center, scale_tril = self.laplace_loc, self.laplace_scale_tril
+        if scale_tril is None:  # a diagonal warm start
+            base_scale = self.laplace_scale
+            return FlowDistribution(
+                center + base_scale * self.loc, base_scale * self.scale, self.flow
+            )
+        return FlowDistribution(
+            center + scale_tril @ self.loc, self.scale, self.flow, scale_tril=scale_tril
+        )
 
     @torch.no_grad()
     def _sample_unconstrained(self, num_samples: int) -> Tensor:
@@ -254,7 +308,7 @@ class AutoSplineFlow(AutoFlow):
     """Neural-spline-flow guide (Durkan et al., 2019): ``AutoFlow(flow="spline")``.
 
     Takes the same arguments as :class:`AutoFlow`, except ``flow``; ``count_bins`` and
-    ``bound`` (the spline's tail bound in standardised units, default 5) are options.
+    ``bound`` (the spline's tail bound in standardised units, default 3) are options.
 
     Examples
     --------
