@@ -8,12 +8,12 @@ sample never inverts the flow; any other point is scored through the inverse.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor, nn
-from torch.func import functional_call
 
 __all__ = ["FlowDistribution"]
 
@@ -23,6 +23,27 @@ FlowFn = Callable[..., tuple[Tensor, Tensor]]
 
 def _standard_normal_log_prob(eps: Tensor) -> Tensor:
     return -0.5 * (eps.pow(2).sum(-1) + eps.size(-1) * math.log(2 * math.pi))
+
+
+@contextmanager
+def _detached_parameters(module: nn.Module) -> Iterator[None]:
+    """Within the block, every parameter of ``module`` reads as its detached value.
+
+    Each submodule is visited once, so parameters of a network held twice (as Pyro's
+    spline layers hold theirs) are swapped and restored exactly once;
+    ``torch.func.functional_call`` gets such modules wrong and leaves plain tensors behind.
+    """
+    saved = []
+    for submodule in module.modules():
+        for name, param in submodule._parameters.items():
+            if param is not None:
+                saved.append((submodule, name, param))
+                submodule._parameters[name] = param.detach()
+    try:
+        yield
+    finally:
+        for submodule, name, param in saved:
+            submodule._parameters[name] = param
 
 
 class FlowDistribution(TorchDistribution):
@@ -131,10 +152,10 @@ class FlowDistribution(TorchDistribution):
         """
         if isinstance(self.flow, nn.Module):
             module = self.flow
-            params = {name: p.detach() for name, p in module.named_parameters()}
 
             def flow(x: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
-                return functional_call(module, params, (x,), {"inverse": inverse})
+                with _detached_parameters(module):
+                    return module(x, inverse=inverse)
 
         else:  # a plain function: any parameters it closes over are not ours to detach
             flow = self.flow

@@ -349,7 +349,11 @@ def fit(
                 _restore(params, snapshot)
             if finite and not _is_invalid_value_error(error):
                 raise
-            what = "non-finite parameters" if not finite else f"invalid values ({str(error).splitlines()[0]})"
+            what = (
+                "non-finite parameters"
+                if not finite
+                else f"invalid values ({str(error).splitlines()[0]})"
+            )
             raise _nonfinite(step, what, [], model, guide, args, kwargs, losses) from error
 
     start = time.perf_counter()
