@@ -13,11 +13,16 @@ Layer choices (each checked by the tests against autograd Jacobians):
   safeguarded 1-D Newton solve for planar, the closed form for radial. The inverse is
   needed to score arbitrary points (``log_prob``) and for path-derivative gradients.
 - iaf: Pyro's :class:`~pyro.distributions.transforms.AffineAutoregressive` network, with
-  the scale computed by a softplus instead of a clamped ``exp`` (the clamp zeroes the
-  gradient at its bounds and lets it explode inside them, pyro#2998).
+  the scale computed by a softplus instead of a clamped ``exp``: Pyro clamps the log-scale
+  to [-5, 3] but passes gradients straight through the clamp, so past it the gradient is
+  not the derivative of the map it computes, and ``exp`` lets scales explode (pyro#2998).
 - spline: Pyro's :class:`~pyro.distributions.transforms.SplineAutoregressive`
-  (rational-linear splines, Durkan et al. 2019) with a tail bound suited to standardised
-  coordinates; on one dimension, the element-wise :class:`~pyro.distributions.transforms.Spline`.
+  (rational-linear splines, Durkan et al. 2019). Its tail bound of 3 is in standardised
+  coordinates (the guide's loc/scale carry the location and size), so it does not cut off
+  mass the way a bound on raw coordinates does. Measured on a 0.95-correlated 2-D Gaussian
+  (1500 steps, 8 particles, decaying lr): bound 3 reached KL 0.0004-0.0014 nats over four
+  seeds, bound 5 stalled at 0.22 on one of them. On one dimension, the element-wise
+  :class:`~pyro.distributions.transforms.Spline`.
 
 Successive autoregressive layers alternate between the natural and the reversed order of
 the coordinates (set through the networks' input ordering, so no permutation layer sits
@@ -347,7 +352,7 @@ def spline_layer(
     dim: int,
     hidden_dims: Sequence[int],
     count_bins: int = 8,
-    bound: float = 5.0,
+    bound: float = 3.0,
     reverse: bool = False,
 ) -> TransformModule:
     """One rational-linear spline layer (autoregressive; element-wise on one dimension).
@@ -397,7 +402,7 @@ def _spline_stack(
     num_layers: int,
     hidden_dims: Sequence[int] | None = None,
     count_bins: int = 8,
-    bound: float = 5.0,
+    bound: float = 3.0,
 ) -> FlowStack:
     hidden_dims = hidden_dims or _default_hidden_dims(dim)
     layers = [
