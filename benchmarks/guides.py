@@ -166,6 +166,9 @@ def _parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="SVI steps per guide (default 2000; quick 100)")
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--draws", type=int, help="draws for the KL (default 10000; quick 2000)")
+    parser.add_argument(
+        "--nuts-samples", type=int, help="NUTS draws for eight schools (default 8000; quick 400)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -186,6 +189,7 @@ def _run(args: argparse.Namespace) -> dict:
     else:
         targets = args.targets or list(TARGETS)
         steps, draws, nuts_samples = args.steps or 2000, args.draws or 10000, 8000
+    nuts_samples = args.nuts_samples or nuts_samples
     config = TrainConfig(num_steps=steps, num_particles=args.particles, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     results = run_benchmark(

@@ -145,7 +145,7 @@ def plot_samples(rows: Sequence[dict], path: Path) -> Path | None:
     for i, name in enumerate(targets):
         target = get_target(name)
         density, extent = _true_density(target)
-        axes[i, 0].imshow(density, origin="lower", extent=extent, cmap="viridis")
+        axes[i, 0].imshow(density.numpy(), origin="lower", extent=extent, cmap="viridis")
         axes[i, 0].set_ylabel(name)
         for j, guide in enumerate(guides, start=1):
             row = next(r for r in rows if r["target"] == name and r["guide"] == guide)

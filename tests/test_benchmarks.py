@@ -1,0 +1,115 @@
+"""Benchmark suite: target normalisers, the KL estimator, and a tiny end-to-end run.
+
+Runtime: about 1 minute on 2 cores.
+"""
+
+import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from benchmarks.evaluate import draw_from_guide, kl_estimate, moment_errors
+from benchmarks.guides import main
+from benchmarks.targets import (
+    TARGETS,
+    EnergyTarget,
+    get_target,
+    grid_log_z,
+    log_funnel,
+    make_gaussian,
+)
+
+
+@pytest.mark.parametrize("name", ["u1", "u2", "u3", "u4", "mixture"])
+def test_two_dimensional_log_z_matches_quadrature(name):
+    target = get_target(name)
+    lo, hi = (-7.0, 7.0) if name in ("u1", "mixture") else (-14.0, 14.0)
+    assert grid_log_z(target.log_density, lo, hi, 1401) == pytest.approx(target.log_z, abs=1e-6)
+
+
+def test_gaussian_log_z_is_the_normaliser():
+    spec = make_gaussian()
+    target = get_target("gauss50")
+    precision = spec.precision.double()
+    exact = torch.distributions.MultivariateNormal(spec.mean.double(), precision_matrix=precision)
+    z = exact.sample((20,))
+    ours = target.log_density(z) - target.log_z
+    assert torch.allclose(ours, exact.log_prob(z), atol=1e-3)
+    assert float(spec.eigenvalues.max() / spec.eigenvalues.min()) == pytest.approx(1000.0)
+    assert spec.mean.abs().min() > 0.5  # centred away from the origin
+
+
+def test_funnel_is_normalised_product_of_its_conditionals():
+    torch.manual_seed(0)
+    v = 3.0 * torch.randn(50)
+    x = torch.exp(v / 2).unsqueeze(-1) * torch.randn(50, 9)
+    z = torch.cat([v.unsqueeze(-1), x], dim=-1)
+    expected = (
+        dist.Normal(0.0, 3.0).log_prob(v)
+        + dist.Normal(0.0, 1.0).log_prob(x / torch.exp(v / 2).unsqueeze(-1)).sum(-1)
+        - 9 * v / 2
+    )
+    assert get_target("funnel").log_z == 0.0
+    assert torch.allclose(log_funnel(z), expected, atol=1e-4)
+
+
+def test_kl_of_the_exact_posterior_is_zero():
+    target = EnergyTarget("std", 2, lambda z: -0.5 * z.pow(2).sum(-1), math.log(2 * math.pi))
+
+    def exact_guide():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    draws = draw_from_guide(target.model, exact_guide, 1000, max_plate_nesting=0)
+    kl, se = kl_estimate(draws.log_weights, target.log_z)
+    assert abs(kl) < 1e-5 and se < 1e-5
+    assert draws.values["z"].shape == (1000, 2)
+
+
+def test_kl_of_a_too_narrow_guide_is_positive_and_exact():
+    target = EnergyTarget("std", 1, lambda z: -0.5 * z.pow(2).sum(-1), 0.5 * math.log(2 * math.pi))
+
+    def narrow_guide():
+        pyro.sample("z", dist.Normal(torch.zeros(1), 0.5).to_event(1))
+
+    pyro.set_rng_seed(0)
+    draws = draw_from_guide(target.model, narrow_guide, 20000, max_plate_nesting=0)
+    kl, se = kl_estimate(draws.log_weights, target.log_z)
+    exact = math.log(1 / 0.5) + 0.5**2 / 2 - 0.5  # KL(N(0, 0.25) || N(0, 1))
+    assert abs(kl - exact) < 4 * se + 1e-3
+
+
+def test_moment_errors_are_zero_on_identical_draws_and_scale_with_shift():
+    draws = {"a": torch.randn(500, 3)}
+    assert moment_errors(draws, draws) == {"max_mean_error_sd": 0.0, "max_sd_rel_error": 0.0}
+    shifted = moment_errors({"a": draws["a"] + 2 * draws["a"].std(0)}, draws)
+    assert shifted["max_mean_error_sd"] == pytest.approx(2.0)
+
+
+def test_unknown_target_names_the_choices():
+    with pytest.raises(ValueError, match="unknown target 'u9'.*'u1'"):
+        get_target("u9")
+    assert set(TARGETS) >= {"u1", "u2", "u3", "u4", "funnel", "gauss50", "mixture"}
+
+
+def test_tiny_run_writes_table_json_and_figure(tmp_path, capsys):
+    argv = ["--targets", "u1", "eight_schools", "--guides", "planar", "pyro-planar", "AutoNormal"]
+    argv += ["--steps", "4", "--draws", "300", "--out", str(tmp_path), "--no-progress"]
+    argv += ["--nuts-samples", "40"]
+    results = main(argv)
+    table = capsys.readouterr().out
+    assert "u1" in table and "eight_schools" in table and "bars" in table
+    saved = json.loads((tmp_path / "guides.json").read_text())
+    assert len(saved["rows"]) == 6
+    for row in saved["rows"]:
+        assert row["sec_per_step"] > 0
+        if row["target"] == "u1":  # KL >= 0 up to Monte-Carlo error
+            assert row["kl"] > -4 * row["kl_se"]
+        else:
+            assert row["max_sd_rel_error"] >= 0
+    ratios = {(r["target"], r["ours"], r["pyro"]) for r in results["speed_ratios"]}
+    assert ("u1", "planar", "pyro-planar") in ratios
+    assert (tmp_path / "guides.png").exists()
+    assert any(path.name.startswith("nuts_eight_schools") for path in tmp_path.iterdir())
