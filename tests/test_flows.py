@@ -70,10 +70,10 @@ def test_fresh_stack_is_the_identity(name, dim):
     x = torch.randn(256, dim)
     y, log_det = flow(x)
     # Splines are the identity up to their minimum-derivative regularisation: log-slope
-    # within 1e-3 per coordinate (reached only at the tail bound), values within 2e-4.
+    # within 1e-3 per coordinate and layer (reached only at the tail bound).
     tol = 1e-3 if name == "spline" else 1e-6
     assert torch.allclose(y, x, atol=tol)
-    assert torch.allclose(log_det, torch.zeros(256), atol=1.01 * tol * dim)
+    assert torch.allclose(log_det, torch.zeros(256), atol=1.01 * tol * dim * len(flow.layers))
 
 
 def test_same_input_after_parameter_update_is_not_served_from_cache():
