@@ -1,0 +1,243 @@
+"""Diagnostics: ArviZ export, PSIS k-hat, importance-weighted evidence, MCMC comparison, plots."""
+
+import math
+
+import arviz as az
+import matplotlib
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide import AutoNormal, init_to_value
+
+from pyro_nf import AutoIAFFlow
+from pyro_nf.diagnostics import (
+    compare_to_mcmc,
+    log_evidence,
+    log_importance_weights,
+    psis_khat,
+    to_inference_data,
+)
+from pyro_nf.infer import fit
+from pyro_nf.plots import plot_elbo, plot_pair
+
+matplotlib.use("Agg")
+
+Y = torch.tensor([2.1, 0.3, 1.7, 1.1])
+SIGMA = 0.8
+
+
+def hierarchical(y=Y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    with pyro.plate("group", len(y)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.deterministic("shifted", theta - mu)
+        pyro.sample("y", dist.Normal(theta, SIGMA), obs=y)
+
+
+def conjugate(y=Y):
+    """mu ~ N(0, 2^2), y_i ~ N(mu, 0.8^2): log p(y) = log N(y; 0, 0.8^2 I + 2^2 11^T)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, SIGMA), obs=y)
+
+
+def conjugate_log_evidence(y=Y):
+    cov = SIGMA**2 * torch.eye(len(y)) + 4.0
+    return dist.MultivariateNormal(torch.zeros(len(y)), cov).log_prob(y).item()
+
+
+def conjugate_posterior(y=Y):
+    precision = 1 / 4.0 + len(y) / SIGMA**2
+    return (y.sum().item() / SIGMA**2) / precision, precision**-0.5
+
+
+def normal_guide(shift=0.0, scale=1.0):
+    """AutoNormal on the conjugate model at (mean + shift sd, scale sd) of the posterior."""
+    mean, sd = conjugate_posterior()
+    start = init_to_value(values={"mu": torch.tensor(mean + shift * sd)})
+    return AutoNormal(conjugate, init_loc_fn=start, init_scale=scale * sd)
+
+
+@pytest.fixture(autouse=True)
+def fresh_param_store():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(scope="module")
+def fitted_hierarchical():
+    pyro.clear_param_store()
+    guide = AutoNormal(hierarchical)
+    fit(hierarchical, guide, num_steps=300, lr=0.03, progress=False, seed=0)
+    return guide  # a PyroModule: it keeps its parameters when the param store is cleared
+
+
+def test_to_inference_data_groups_dims_and_constraints(fitted_hierarchical):
+    guide = fitted_hierarchical
+    idata = to_inference_data(hierarchical, guide, num_samples=300, posterior_predictive=True)
+    post = idata.posterior
+    assert set(post.data_vars) == {"mu", "tau", "theta", "shifted"}
+    assert post["theta"].dims == ("chain", "draw", "group") and post["theta"].shape == (1, 300, 4)
+    assert post["mu"].shape == (1, 300)
+    assert (post["tau"] > 0).all()
+    np.testing.assert_allclose(post["shifted"], post["theta"] - post["mu"], atol=1e-5)
+    np.testing.assert_array_equal(idata.observed_data["y"], Y.numpy())
+    assert idata.observed_data["y"].dims == ("group",)
+    predictive = idata.posterior_predictive["y"]
+    assert predictive.shape == (1, 300, 4) and predictive.std() > 0.5  # redrawn, not copied
+    # draws follow the guide: AutoNormal's mu is N(loc, scale)
+    loc, scale = guide.locs.mu.item(), guide.scales.mu.item()
+    assert abs(post["mu"].mean().item() - loc) < 4 * scale / math.sqrt(300)
+
+
+def test_arviz_summary_and_plot_posterior_work(fitted_hierarchical):
+    guide = fitted_hierarchical
+    idata = to_inference_data(hierarchical, guide, num_samples=200)
+    summary = az.summary(idata, kind="stats")
+    assert {"mu", "tau", "theta[0]", "theta[3]"} <= set(summary.index)
+    axes = az.plot_posterior(idata, var_names=["mu", "tau"])
+    assert np.asarray(axes).size == 2
+    matplotlib.pyplot.close("all")
+
+
+def test_to_inference_data_falls_back_without_vectorisation():
+    def scalar_model():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        if x > 100:  # python control flow on a value
+            pass
+        pyro.sample("obs", dist.Normal(x, 1.0), obs=torch.tensor(0.5))
+
+    guide = AutoNormal(scalar_model)
+    with pytest.warns(UserWarning, match="one sample at a time"):
+        idata = to_inference_data(scalar_model, guide, num_samples=20)
+    assert idata.posterior["x"].shape == (1, 20)
+
+
+def test_log_evidence_is_within_three_standard_errors_of_the_truth():
+    guide = AutoNormal(conjugate, init_scale=0.6)  # wider than the posterior, off-centre
+    estimate = log_evidence(conjugate, guide, num_samples=20000, batch_size=5000)
+    truth = conjugate_log_evidence()
+    assert estimate.num_samples == 20000 and 0 < estimate.stderr < 0.05
+    assert abs(estimate.log_evidence - truth) < 3 * estimate.stderr
+    assert estimate.elbo < truth - 0.1  # the ELBO of this guide is visibly looser
+
+
+@pytest.mark.parametrize("init_scale", [0.05, 0.3, 2.0])
+def test_log_evidence_is_never_below_the_elbo_on_the_same_samples(init_scale):
+    guide = AutoNormal(conjugate, init_scale=init_scale)
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        estimate = log_evidence(conjugate, guide, num_samples=64, batch_size=16)
+        pyro.set_rng_seed(seed)
+        log_w = log_importance_weights(conjugate, guide, num_samples=64, batch_size=16)
+        assert estimate.elbo == pytest.approx(log_w.double().mean().item(), rel=1e-6)
+        assert estimate.log_evidence >= estimate.elbo
+
+
+def test_log_importance_weights_batches_and_matches_one_at_a_time():
+    guide = AutoNormal(conjugate)
+    log_w = log_importance_weights(conjugate, guide, num_samples=10, batch_size=3)
+    assert log_w.shape == (10,) and torch.isfinite(log_w).all()
+    # an exact guide has constant weights, equal to log p(y)
+    pyro.clear_param_store()
+    exact = normal_guide()
+    log_w = log_importance_weights(conjugate, exact, num_samples=50, batch_size=7)
+    np.testing.assert_allclose(log_w.numpy(), conjugate_log_evidence(), atol=1e-4)
+    assert psis_khat(conjugate, exact, num_samples=50) == -math.inf
+
+
+def test_psis_khat_separates_good_and_poor_guides():
+    good = normal_guide(shift=0.1, scale=1.1)
+    assert psis_khat(conjugate, good, num_samples=4000) < 0.5
+    pyro.clear_param_store()
+    narrow = normal_guide(shift=1.0, scale=0.3)
+    assert psis_khat(conjugate, narrow, num_samples=4000) > 0.7
+
+
+def exact_and_reference():
+    mean, sd = conjugate_posterior()
+    guide = normal_guide(shift=0.5)  # half a posterior sd off
+    reference = {"mu": torch.randn(20000) * sd + mean}
+    return guide, reference
+
+
+def test_compare_to_mcmc_measures_errors_in_posterior_sds():
+    guide, reference = exact_and_reference()
+    table = compare_to_mcmc(guide, reference, num_samples=20000)
+    assert list(table.index) == ["mu"]
+    assert table.loc["mu", "mean_error"] == pytest.approx(0.5, abs=0.05)
+    assert table.loc["mu", "sd_error"] == pytest.approx(0.0, abs=0.05)
+    idata = to_inference_data(conjugate, guide, num_samples=20000)
+    from_idata = compare_to_mcmc(idata, az.from_dict(posterior={"mu": reference["mu"][None]}))
+    assert from_idata.loc["mu", "mean_error"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_compare_to_mcmc_with_an_mcmc_object():
+    guide = normal_guide(shift=-1.0, scale=2.0)
+    mcmc = MCMC(NUTS(conjugate), num_samples=400, warmup_steps=100, disable_progbar=True)
+    mcmc.run()
+    table = compare_to_mcmc(guide, mcmc, num_samples=4000)
+    # NUTS draws are correlated: loose tolerances around the exact -1 and +1
+    assert table.loc["mu", "mean_error"] == pytest.approx(-1.0, abs=0.3)
+    assert table.loc["mu", "sd_error"] == pytest.approx(1.0, abs=0.4)
+
+
+def test_compare_to_mcmc_flattens_plates(fitted_hierarchical):
+    guide = fitted_hierarchical
+    reference = to_inference_data(hierarchical, guide, num_samples=4000)
+    table = compare_to_mcmc(guide, reference, num_samples=4000)
+    assert {"mu", "tau", "theta[0]", "theta[3]", "shifted[2]"} <= set(table.index)
+    np.testing.assert_allclose(
+        table["mean_error"], (table["mean"] - table["ref_mean"]) / table["ref_sd"]
+    )
+    # the same guide against itself: only Monte-Carlo error, about 1/sqrt(2000) sd
+    assert table["mean_error"].abs().max() < 0.1 and table["sd_error"].abs().max() < 0.1
+
+
+def test_compare_to_mcmc_errors():
+    guide, reference = exact_and_reference()
+    with pytest.raises(ValueError, match="no variable in common"):
+        compare_to_mcmc(guide, {"sigma": np.ones(10)})
+    with pytest.raises(ValueError, match="shape"):
+        compare_to_mcmc(guide, {"mu": np.ones((10, 2))})
+    with pytest.raises(TypeError, match="mcmc_samples"):
+        compare_to_mcmc(guide, [1.0, 2.0])
+    with pytest.raises(ValueError, match="model="):
+        compare_to_mcmc(lambda: None, reference)
+
+
+def two_means(y=Y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("pair", 2):
+        nu = pyro.sample("nu", dist.Normal(mu, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(nu.mean(), SIGMA), obs=y)
+
+
+def test_diagnostics_work_on_flow_guides():
+    guide = AutoIAFFlow(two_means)
+    fit(two_means, guide, num_steps=100, progress=False, seed=0)
+    idata = to_inference_data(two_means, guide, num_samples=100)
+    assert idata.posterior["nu"].shape == (1, 100, 2)
+    assert math.isfinite(psis_khat(two_means, guide, num_samples=200))
+    estimate = log_evidence(two_means, guide, num_samples=200, batch_size=50)
+    assert estimate.log_evidence >= estimate.elbo
+
+
+def test_plots():
+    result = fit(conjugate, AutoNormal(conjugate), num_steps=150, progress=False, seed=0)
+    ax = plot_elbo(result, window=50)
+    assert len(ax.lines) == 2
+    idata = to_inference_data(hierarchical, AutoNormal(hierarchical), num_samples=100)
+    ref = {"mu": np.random.default_rng(0).normal(size=100), "tau": np.ones(100)}
+    axes = plot_pair(idata, ref)
+    assert np.asarray(axes).size >= 1
+    with pytest.raises(ValueError, match="no variable in common"):
+        plot_pair(idata, {"sigma": np.ones(10)})
+    matplotlib.pyplot.close("all")
