@@ -6,6 +6,11 @@ flow-posterior VAE (:mod:`pyro_nf.vae`).
 """
 
 from pyro_nf.autoguides import AutoFlow, AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow
+from pyro_nf.conditional_flows import (
+    CONDITIONAL_FLOWS,
+    ConditionalFlowPosterior,
+    build_conditional_flow,
+)
 from pyro_nf.diagnostics import (
     LogEvidence,
     compare_to_mcmc,
@@ -23,12 +28,14 @@ from pyro_nf.vae import FlowVAE
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONDITIONAL_FLOWS",
     "FLOWS",
     "AutoFlow",
     "AutoIAFFlow",
     "AutoPlanarFlow",
     "AutoRadialFlow",
     "AutoSplineFlow",
+    "ConditionalFlowPosterior",
     "FitResult",
     "FlowDistribution",
     "FlowStack",
@@ -38,6 +45,7 @@ __all__ = [
     "LogEvidence",
     "NonFiniteLossError",
     "Schedule",
+    "build_conditional_flow",
     "build_flow",
     "compare_to_mcmc",
     "fit",

@@ -13,6 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
+from pyro_nf.infer import NonFiniteLossError
+
 from .checkpoint import load_checkpoint, save_checkpoint, write_json
 from .data import SPLITS, load_binarized_mnist
 from .distributed import DistContext, init_distributed, resolve_device
@@ -27,10 +29,6 @@ METRICS = "metrics.json"
 
 #: TrainConfig fields that fix the architecture; a resumed run must not change them.
 ARCHITECTURE = ("flow", "num_layers", "latent_dim", "hidden_dims", "flow_hidden_dims")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or its gradient became NaN/inf; the offending update was not applied."""
 
 
 @dataclass
@@ -211,7 +209,15 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
                     f"non-finite loss or gradient at epoch {epoch + 1}, step {step + 1} "
                     f"(loss={loss.item()}); the update was not applied, so the model keeps "
                     f"the last good parameters, and {checkpoint_path} still holds epoch "
-                    f"{epoch}. Try a smaller --lr."
+                    f"{epoch}. Try a smaller --lr.",
+                    step=step,
+                    site=None,
+                    parameters=[
+                        name
+                        for name, param in vae.named_parameters()
+                        if param.grad is not None and not torch.isfinite(param.grad).all()
+                    ],
+                    losses=[],
                 )
             optimizer.step()
             total, count = total - loss.item(), count + len(x)
