@@ -163,11 +163,11 @@ def _parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="default: all")
     parser.add_argument("--guides", nargs="+", choices=list(GUIDES), help="default: all")
-    parser.add_argument("--steps", type=int, help="SVI steps per guide (default 2000; quick 100)")
+    parser.add_argument("--steps", type=int, help="SVI steps per guide (default 1000; quick 100)")
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--draws", type=int, help="draws for the KL (default 10000; quick 2000)")
     parser.add_argument(
-        "--nuts-samples", type=int, help="NUTS draws for eight schools (default 8000; quick 400)"
+        "--nuts-samples", type=int, help="NUTS draws for eight schools (default 4000; quick 400)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace) -> dict:
         steps, draws, nuts_samples = args.steps or 100, args.draws or 2000, 400
     else:
         targets = args.targets or list(TARGETS)
-        steps, draws, nuts_samples = args.steps or 2000, args.draws or 10000, 8000
+        steps, draws, nuts_samples = args.steps or 1000, args.draws or 10000, 4000
     nuts_samples = args.nuts_samples or nuts_samples
     config = TrainConfig(num_steps=steps, num_particles=args.particles, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ __all__ = ["Fit", "TrainConfig", "lr_factor", "train_interleaved"]
 class TrainConfig:
     """Settings shared by every guide in a run."""
 
-    num_steps: int = 2000
+    num_steps: int = 1000
     num_particles: int = 8
     decay_fraction: float = 0.4
     final_lr_factor: float = 0.02
