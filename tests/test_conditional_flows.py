@@ -13,15 +13,6 @@ LAYER_FLOWS = ["planar", "radial", "iaf", "spline"]
 LATENT, CONTEXT = 3, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and fair to a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_flow(name: str, num_layers: int, seed: int = 0):
     """A float64 flow whose parameters are moved well away from the identity start."""
     torch.manual_seed(seed)

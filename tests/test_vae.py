@@ -28,15 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = {"latent_dim": 8, "hidden_dims": [64], "flow_hidden_dims": [16]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and fair to a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mnist():
     return load_binarized_mnist()
@@ -140,8 +131,13 @@ def test_same_seed_same_networks_whatever_the_flow():
     for flow in ["none", "iaf"]:
         torch.manual_seed(0)
         vae = FlowVAE(flow=flow, num_layers=2, **SMALL)
-        nets.append([*vae.decoder.parameters(), *vae.encoder.hidden.parameters(),
-                     *vae.encoder.gaussian.parameters()])
+        nets.append(
+            [
+                *vae.decoder.parameters(),
+                *vae.encoder.hidden.parameters(),
+                *vae.encoder.gaussian.parameters(),
+            ]
+        )
     for a, b in zip(*nets, strict=True):
         assert torch.equal(a, b)
 
