@@ -5,8 +5,9 @@ error of its posterior mean and sd of ``tau`` (and the other parameters) in unit
 NUTS posterior sd. The NUTS reference runs on the non-centred model, which has the same
 posterior but no funnel (the centred one makes NUTS diverge), with ``theta`` mapped back.
 
-The defaults finish in about a minute on one CPU core; the study in docs/diagnostics.md
-used ``--steps 5000 --nuts-samples 1000 --nuts-chains 4 --psis-samples 10000``.
+The defaults finish in about a minute on one free CPU core; the study in
+docs/diagnostics.md used ``--steps 3000 --nuts-samples 500 --nuts-chains 2
+--psis-samples 4000``.
 
     python examples/eight_schools.py --help
 """
