@@ -90,7 +90,12 @@ def kl_estimate(log_weights: Tensor, log_z: float) -> tuple[float, float]:
 
 
 def psis_khat(log_weights: Tensor) -> float:
-    """Pareto-smoothed importance sampling shape estimate of the importance weights."""
+    """Pareto-smoothed importance sampling shape estimate of the importance weights.
+
+    NaN when a weight is NaN (a guide that produced non-finite draws).
+    """
+    if torch.isnan(log_weights).any():
+        return math.nan
     _, khat = arviz.psislw(log_weights.double().numpy())
     return float(khat)
 

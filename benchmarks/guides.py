@@ -163,7 +163,7 @@ def _parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="default: all")
     parser.add_argument("--guides", nargs="+", choices=list(GUIDES), help="default: all")
-    parser.add_argument("--steps", type=int, help="SVI steps per guide (default 1000; quick 100)")
+    parser.add_argument("--steps", type=int, help="SVI steps per guide (default 1000; quick 50)")
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--draws", type=int, help="draws for the KL (default 10000; quick 2000)")
     parser.add_argument(
@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     if args.quick:
         targets = args.targets or QUICK_TARGETS
-        steps, draws, nuts_samples = args.steps or 100, args.draws or 2000, 400
+        steps, draws, nuts_samples = args.steps or 50, args.draws or 2000, 400
     else:
         targets = args.targets or list(TARGETS)
         steps, draws, nuts_samples = args.steps or 1000, args.draws or 10000, 4000

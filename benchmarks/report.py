@@ -51,8 +51,13 @@ def check_bars(rows: Sequence[dict], ratios: Sequence[dict]) -> list[dict]:
     bars = []
     for target in dict.fromkeys(row["target"] for row in rows):
         kls = [(row["kl"], row["guide"], row["ours"]) for row in rows if row["target"] == target]
-        ours = min((kl, name) for kl, name, is_ours in kls if is_ours and math.isfinite(kl))
-        pyro = min((kl, name) for kl, name, is_ours in kls if not is_ours and math.isfinite(kl))
+        none = (math.inf, "none")
+        ours = min(
+            ((kl, n) for kl, n, is_ours in kls if is_ours and math.isfinite(kl)), default=none
+        )
+        pyro = min(
+            ((kl, n) for kl, n, is_ours in kls if not is_ours and math.isfinite(kl)), default=none
+        )
         factor = 1 / 3 if target in STRICT_TARGETS else 1.0
         bars.append(
             {
