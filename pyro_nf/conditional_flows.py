@@ -263,7 +263,6 @@ def _spline_layer(
 
 LayerBuilder = Callable[[int, int, Sequence[int]], ConditionalTransformModule]
 
-#: name -> (layer builder or None for no layers, reverse variable order between layers)
 CONDITIONAL_FLOWS: dict[str, tuple[LayerBuilder | None, bool]] = {
     "none": (None, False),
     "planar": (_planar_layer, False),
@@ -271,6 +270,14 @@ CONDITIONAL_FLOWS: dict[str, tuple[LayerBuilder | None, bool]] = {
     "iaf": (_iaf_layer, True),
     "spline": (_spline_layer, True),
 }
+"""The VAE's flow families: name -> (layer builder, or None for no layers; whether
+successive layers reverse the variable order).
+
+Examples
+--------
+>>> sorted(CONDITIONAL_FLOWS)
+['iaf', 'none', 'planar', 'radial', 'spline']
+"""
 
 
 def build_conditional_flow(

@@ -51,6 +51,16 @@ class LogEvidence(NamedTuple):
         ``log_evidence`` (Jensen's inequality).
     num_samples : int
         K, the number of importance samples.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> estimate = log_evidence(model, AutoNormal(model), num_samples=100)
+    >>> estimate.num_samples, estimate.log_evidence >= estimate.elbo
+    (100, True)
     """
 
     log_evidence: float

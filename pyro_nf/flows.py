@@ -453,6 +453,16 @@ FLOWS: dict[str, FlowSpec] = {
         ),
     )
 }
+"""Registry of flow families: name -> :class:`FlowSpec` (builder, default number of
+layers, default Adam learning rate, accepted options).
+
+Examples
+--------
+>>> sorted(FLOWS)
+['iaf', 'planar', 'radial', 'spline']
+>>> FLOWS["planar"].num_layers, FLOWS["spline"].lr
+(8, 0.005)
+"""
 
 
 def get_flow_spec(name: str) -> FlowSpec:

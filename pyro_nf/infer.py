@@ -45,6 +45,19 @@ class NonFiniteLossError(RuntimeError):
         Parameters with non-finite gradients at the failing step.
     losses : list of float
         The losses of the completed steps, as :attr:`FitResult.losses` would hold them.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model():
+    ...     x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    ...     pyro.factor("broken", x * float("nan"))
+    >>> try:
+    ...     fit(model, AutoNormal(model), num_steps=10, progress=False)
+    ... except NonFiniteLossError as error:
+    ...     print(error.step, error.site)
+    0 broken
     """
 
     def __init__(
@@ -125,6 +138,16 @@ class FitResult:
         Whether the stopping rule of :class:`Schedule` fired before ``num_steps``.
     lr : float
         The learning rate of the last step.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> result = fit(model, AutoNormal(model), num_steps=50, progress=False, seed=0)
+    >>> len(result.losses) == result.num_steps
+    True
     """
 
     losses: list[float] = field(repr=False)
