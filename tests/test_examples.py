@@ -19,10 +19,11 @@ EXAMPLES = ROOT / "examples"
 NOTEBOOK = EXAMPLES / "notebooks" / "getting_started.ipynb"
 
 
-#: Per script: the arguments of the smoke run (``{out}`` is the output folder) and the
-#: files it must write there. Our examples run on their defaults; the studies owned by
-#: other pages are shrunk through their options.
-SMOKE_RUNS: dict[str, tuple[list[str], list[str]]] = {
+#: Per script: the arguments of the smoke run (``{out}`` is an existing, empty output
+#: folder) and the files it must write there, or None for a study whose smallest run takes
+#: minutes (only ``--help`` is run). Our examples run on their defaults; the eight-schools
+#: study is shrunk through its options.
+SMOKE_RUNS: dict[str, tuple[list[str], list[str]] | None] = {
     "energy_2d.py": (["--out", "{out}"], ["energy_2d.png", "energy_2d.json"]),
     "logistic_regression.py": (
         ["--out", "{out}"],
@@ -37,11 +38,7 @@ SMOKE_RUNS: dict[str, tuple[list[str], list[str]]] = {
         + ["--png", "{out}/eight_schools.png"],
         ["eight_schools.png"],
     ),
-    "robust_posteriors.py": (
-        ["--models", "years", "--num-warmup", "50", "--num-samples", "50"]
-        + ["--num-draws", "500", "--cache", "{out}/cache", "--out", "{out}/robust.json"],
-        ["robust.json"],
-    ),
+    "robust_posteriors.py": None,  # NUTS references for four models: minutes at the least
 }
 
 
@@ -69,12 +66,13 @@ def test_example_help(script, tmp_path):
     assert "usage:" in result.stdout
 
 
-@pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
+@pytest.mark.parametrize("script", sorted(name for name, run in SMOKE_RUNS.items() if run))
 def test_example_small_run_writes_its_outputs(script, tmp_path):
     if not (EXAMPLES / script).exists():
         pytest.skip(f"examples/{script} is not in this checkout")
     args, outputs = SMOKE_RUNS[script]
     out = tmp_path / "out"
+    out.mkdir()
     result = _run([str(EXAMPLES / script), *(a.format(out=out) for a in args)], tmp_path)
     assert result.returncode == 0, (
         f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
