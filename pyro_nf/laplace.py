@@ -52,7 +52,18 @@ LogDensity = Callable[[Tensor], Tensor]
 
 
 class LaplaceWarning(UserWarning):
-    """The Laplace warm start could not use a full-rank Gaussian at the mode."""
+    """The Laplace warm start could not use a full-rank Gaussian at the mode.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> saddle = lambda z: -z[0] ** 2 + z[1] ** 2  # no mode: unbounded in z[1]
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     approx = laplace_approximation(saddle, torch.zeros(2, dtype=torch.float64))
+    >>> caught[0].category is LaplaceWarning, approx.hessian, approx.converged
+    (True, 'diagonal', False)
+    """
 
 
 @dataclass
@@ -77,6 +88,13 @@ class LaplaceApproximation:
         What found the mode (before the Newton polish).
     log_density : float
         The log density at ``loc``.
+
+    Examples
+    --------
+    >>> log_density = lambda z: -0.5 * (z / 2.0).pow(2).sum()  # N(0, 2² I), unnormalised
+    >>> approx = laplace_approximation(log_density, torch.ones(3, dtype=torch.float64))
+    >>> approx.hessian, approx.loc.abs().max().item() < 1e-6, approx.scale.tolist()
+    ('dense', True, [2.0, 2.0, 2.0])
     """
 
     loc: Tensor
