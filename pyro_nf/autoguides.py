@@ -19,8 +19,10 @@ predictors, say).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
+import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
@@ -31,11 +33,35 @@ from torch import Tensor, nn
 
 from pyro_nf.distribution import FlowDistribution
 from pyro_nf.flows import FlowSpec, build_flow, get_flow_spec
-from pyro_nf.laplace import LaplaceApproximation, laplace_approximation, unconstrained_log_joint
+from pyro_nf.laplace import (
+    LaplaceApproximation,
+    LaplaceWarning,
+    laplace_approximation,
+    unconstrained_log_joint,
+)
 
 __all__ = ["AutoFlow", "AutoIAFFlow", "AutoPlanarFlow", "AutoRadialFlow", "AutoSplineFlow"]
 
 WARM_STARTS = ("laplace", None)
+
+#: Draws used to compare the ELBOs of the Laplace start and the plain start.
+_START_DRAWS = 64
+
+
+def _scale_tril(laplace: LaplaceApproximation) -> Tensor:
+    if laplace.scale_tril is not None:
+        return laplace.scale_tril
+    return torch.diag(laplace.scale)
+
+
+@torch.no_grad()
+def _gaussian_elbo(log_joint: Callable[[Tensor], Tensor], loc: Tensor, scale_tril: Tensor) -> float:
+    """ELBO of ``N(loc, scale_tril scale_tril^T)`` from a fixed set of draws."""
+    generator = torch.Generator(device=loc.device).manual_seed(0)
+    eps = torch.randn(_START_DRAWS, loc.numel(), generator=generator, device=loc.device)
+    gaussian = dist.MultivariateNormal(loc, scale_tril=scale_tril)
+    draws = loc + eps.to(loc.dtype) @ scale_tril.T
+    return sum(float(log_joint(z) - gaussian.log_prob(z)) for z in draws) / _START_DRAWS
 
 
 def _check_no_subsampled_locals(trace, guide_name: str) -> None:
@@ -87,9 +113,12 @@ class AutoFlow(AutoContinuous):
         falls back to a diagonal one.
     warm_start : {"laplace", None}
         ``"laplace"`` (default): start at the Laplace approximation and learn in the
-        coordinates it whitens; it warns (:class:`pyro_nf.laplace.LaplaceWarning`) and
-        uses a diagonal start if the Hessian is not positive definite or no mode is
-        found. ``None``: start at ``N(init_loc, init_scale**2)``.
+        coordinates it whitens. It is kept only if a mode with a positive-definite Hessian
+        was found (dense up to 300 dimensions, diagonal above) and its ELBO (64 fixed
+        draws) is at least that of the plain start; otherwise the guide warns
+        (:class:`pyro_nf.laplace.LaplaceWarning`) and starts as with ``None`` (densities
+        without a proper mode, such as funnels, or a search that stops at a saddle
+        point). ``None``: start at ``N(init_loc, init_scale**2)``.
     num_summary_samples : int
         Monte-Carlo draws used by :meth:`median` and :meth:`quantiles`, which have no
         closed form for a flow.
@@ -180,13 +209,35 @@ class AutoFlow(AutoContinuous):
                 torch.full_like(loc, self._init_scale), constraints.softplus_positive
             )
             return
-        self.laplace = laplace_approximation(
-            unconstrained_log_joint(self, *args, **kwargs), loc, fallback_scale=self._init_scale
-        )
+        log_joint = unconstrained_log_joint(self, *args, **kwargs)
+        laplace = laplace_approximation(log_joint, loc, fallback_scale=self._init_scale)
+        if laplace.converged:
+            plain_scale_tril = torch.diag(torch.full_like(loc, self._init_scale))
+            laplace_elbo = _gaussian_elbo(log_joint, laplace.loc, _scale_tril(laplace))
+            plain_elbo = _gaussian_elbo(log_joint, loc, plain_scale_tril)
+        if not laplace.converged or not laplace_elbo >= plain_elbo:  # NaN counts as worse
+            reason = (
+                "no mode was found"
+                if not laplace.converged
+                else f"its ELBO ({laplace_elbo:.4g}) is below that of N(init_loc, "
+                f"init_scale^2) ({plain_elbo:.4g})"
+            )
+            warnings.warn(
+                f"{guide_name}: not using the Laplace start ({reason}); starting from "
+                "init_loc_fn's point with init_scale instead.",
+                LaplaceWarning,
+                stacklevel=2,
+            )
+            self.loc = nn.Parameter(loc)
+            self.scale = PyroParam(
+                torch.full_like(loc, self._init_scale), constraints.softplus_positive
+            )
+            return
+        self.laplace = laplace
         # Buffers, so that they follow the guide across devices and into its state_dict.
-        self.register_buffer("laplace_loc", self.laplace.loc)
-        self.register_buffer("laplace_scale", self.laplace.scale)
-        self.register_buffer("laplace_scale_tril", self.laplace.scale_tril)
+        self.register_buffer("laplace_loc", laplace.loc)
+        self.register_buffer("laplace_scale", laplace.scale)
+        self.register_buffer("laplace_scale_tril", laplace.scale_tril)
         self.loc = nn.Parameter(torch.zeros_like(loc))
         self.scale = PyroParam(torch.ones_like(loc), constraints.softplus_positive)
 
