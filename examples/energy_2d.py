@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         "--warm-start",
         choices=["none", "laplace"],
         default="none",
-        help="guide start: N(0, 0.1² I) as in the paper (default), or the Laplace warm start "
-        "(z = 0, where the search starts, is a saddle of U1: it then falls back to a diagonal)",
+        help="guide start: N(0, 0.1² I) as in the paper (default), or the library's default "
+        "Laplace warm start (kept only where it finds a mode that beats the plain start)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="figures", help="output folder (default: figures)")
