@@ -264,8 +264,15 @@ def flatten(draws: dict) -> torch.Tensor:
 def guide_draws(guide, supports: dict, num_draws: int) -> dict:
     """Unconstrained draws of each latent site from a fitted AutoContinuous/AutoNormal."""
     if isinstance(guide, AutoContinuous):
+        # Sliced by hand: Pyro's _unpack_latent cannot put a sample dimension left of
+        # plate dimensions (it fails on plated sites such as the schools' theta).
         latent = guide.get_posterior().rsample((num_draws,))
-        return {site["name"]: value for site, value in guide._unpack_latent(latent)}
+        draws, start = {}, 0
+        for name, shape in guide._unconstrained_shapes.items():
+            size = math.prod(shape)
+            draws[name] = latent[:, start : start + size].reshape(num_draws, *shape)
+            start += size
+        return draws
     draws = {}
     for name in supports:
         loc, scale = guide._get_loc_and_scale(name)
