@@ -18,12 +18,7 @@ from pyro_nf import AutoFlow, AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoS
 GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 
 
 def _train(model, guide, num_steps, *args, lr=None, num_particles=8):

@@ -62,12 +62,7 @@ def normal_guide(shift=0.0, scale=1.0):
     return AutoNormal(conjugate, init_loc_fn=start, init_scale=scale * sd)
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 
 
 @pytest.fixture(scope="module")

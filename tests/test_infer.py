@@ -25,11 +25,7 @@ POST_MEAN = DATA.sum().item() / (len(DATA) + 1)
 POST_SD = (1 / (len(DATA) + 1)) ** 0.5
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 
 
 def test_fit_recovers_conjugate_posterior_and_converges():
