@@ -19,8 +19,10 @@ predictors, say).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pyro.distributions as dist
 import torch
@@ -36,9 +38,11 @@ from pyro_nf.flows import FlowSpec, build_flow, get_flow_spec
 from pyro_nf.laplace import (
     LaplaceApproximation,
     LaplaceWarning,
+    LogDensity,
     laplace_approximation,
     unconstrained_log_joint,
 )
+from pyro_nf.noncentering import NonCenteredDistribution, NonCentering, find_hierarchical_sites
 
 __all__ = ["AutoFlow", "AutoIAFFlow", "AutoPlanarFlow", "AutoRadialFlow", "AutoSplineFlow"]
 
@@ -62,6 +66,31 @@ def _gaussian_elbo(log_joint: Callable[[Tensor], Tensor], loc: Tensor, scale_tri
     gaussian = dist.MultivariateNormal(loc, scale_tril=scale_tril)
     draws = loc + eps.to(loc.dtype) @ scale_tril.T
     return sum(float(log_joint(z) - gaussian.log_prob(z)) for z in draws) / _START_DRAWS
+
+
+@dataclass
+class _Start:
+    """A candidate starting point: its coordinates, Laplace approximation and ELBO."""
+
+    loc: Tensor  # init_loc_fn's point in these coordinates
+    noncentering: NonCentering | None
+    laplace: LaplaceApproximation | None
+    elbo: float
+
+    def key(self) -> float:
+        return self.elbo if self.elbo == self.elbo else -math.inf  # NaN ranks last
+
+
+def _pulled_back(
+    log_joint: LogDensity, noncentering: NonCentering, args: tuple, kwargs: dict
+) -> LogDensity:
+    """The log joint as a density of the non-centred vector."""
+
+    def density(u: Tensor) -> Tensor:
+        z, log_det = noncentering(u, *args, **kwargs)
+        return log_joint(z) + log_det
+
+    return density
 
 
 def _check_no_subsampled_locals(trace, guide_name: str) -> None:
@@ -119,6 +148,14 @@ class AutoFlow(AutoContinuous):
         (:class:`pyro_nf.laplace.LaplaceWarning`) and starts as with ``None`` (densities
         without a proper mode, such as funnels, or a search that stops at a saddle
         point). ``None``: start at ``N(init_loc, init_scale**2)``.
+    noncentered : {"auto", True, False}
+        Coordinates for hierarchical sites, whose location-scale prior depends on other
+        latent sites (``theta ~ Normal(mu, tau)``): with ``True`` the flow acts on their
+        standardised values ``(theta - mu) / tau``, which removes the funnel such sites
+        make (see :mod:`pyro_nf.noncentering`); with ``"auto"`` (default) the guide
+        starts in whichever coordinates, these or the model's own, give the start with the
+        best ELBO; ``False`` keeps the model's coordinates. The choice is kept in
+        :attr:`noncentering` (None for the model's coordinates).
     num_summary_samples : int
         Monte-Carlo draws used by :meth:`median` and :meth:`quantiles`, which have no
         closed form for a flow.
@@ -132,6 +169,9 @@ class AutoFlow(AutoContinuous):
         when no ``lr`` is given.
     laplace : LaplaceApproximation or None
         The warm start's result (mode, scales, whether it converged), once set up.
+    noncentering : NonCentering or None
+        The map from the non-centred coordinates the guide learns in to the model's
+        unconstrained ones, once set up; None when it learns in the model's coordinates.
 
     Examples
     --------
@@ -160,6 +200,7 @@ class AutoFlow(AutoContinuous):
         init_scale: float = 0.1,
         num_summary_samples: int = 4000,
         warm_start: str | None = "laplace",
+        noncentered: str | bool = "auto",
         **flow_options: object,
     ):
         if flow is not None and self.flow_name is not None and flow != self.flow_name:
@@ -174,8 +215,13 @@ class AutoFlow(AutoContinuous):
             raise ValueError(f"num_summary_samples must be >= 1, got {num_summary_samples}")
         if warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be 'laplace' or None, got {warm_start!r}")
+        if not (isinstance(noncentered, bool) or noncentered == "auto"):
+            raise ValueError(f"noncentered must be 'auto', True or False, got {noncentered!r}")
         self.warm_start = warm_start
+        self.noncentered = noncentered
         self.laplace: LaplaceApproximation | None = None
+        self.noncentering: NonCentering | None = None
+        self._model_args: tuple[tuple, dict] = ((), {})
         self._init_scale = float(init_scale)
         self._flow_kwargs = dict(num_layers=num_layers, hidden_dims=hidden_dims, **flow_options)
         self.num_summary_samples = num_summary_samples
@@ -198,66 +244,119 @@ class AutoFlow(AutoContinuous):
                     f"{guide_name} on latent site(s) {sites} "
                     f"({self.latent_dim} unconstrained dimension(s)): {error}"
                 ) from None
+            self._model_args = (args, kwargs)
+            start = self._choose_start(*args, **kwargs)
         except Exception:
             self.prototype_trace = None  # a failed setup leaves the guide as it was
             raise
-        loc = self._init_loc()
-        self.flow = flow.to(dtype=loc.dtype, device=loc.device)
-        if self.warm_start is None:
-            self.loc = nn.Parameter(loc)
+        self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
+        self.noncentering = start.noncentering
+        self.laplace = start.laplace
+        if start.laplace is None:
+            self.loc = nn.Parameter(start.loc)
             self.scale = PyroParam(
-                torch.full_like(loc, self._init_scale), constraints.softplus_positive
+                torch.full_like(start.loc, self._init_scale), constraints.softplus_positive
             )
             return
-        log_joint = unconstrained_log_joint(self, *args, **kwargs)
-        laplace = laplace_approximation(log_joint, loc, fallback_scale=self._init_scale)
-        if laplace.converged:
-            plain_scale_tril = torch.diag(torch.full_like(loc, self._init_scale))
-            laplace_elbo = _gaussian_elbo(log_joint, laplace.loc, _scale_tril(laplace))
-            plain_elbo = _gaussian_elbo(log_joint, loc, plain_scale_tril)
-        if not laplace.converged or not laplace_elbo >= plain_elbo:  # NaN counts as worse
-            reason = (
-                "no mode was found"
-                if not laplace.converged
-                else f"its ELBO ({laplace_elbo:.4g}) is below that of N(init_loc, "
-                f"init_scale^2) ({plain_elbo:.4g})"
-            )
-            warnings.warn(
-                f"{guide_name}: not using the Laplace start ({reason}); starting from "
-                "init_loc_fn's point with init_scale instead.",
-                LaplaceWarning,
-                stacklevel=2,
-            )
-            self.loc = nn.Parameter(loc)
-            self.scale = PyroParam(
-                torch.full_like(loc, self._init_scale), constraints.softplus_positive
-            )
-            return
-        self.laplace = laplace
         # Buffers, so that they follow the guide across devices and into its state_dict.
-        self.register_buffer("laplace_loc", laplace.loc)
-        self.register_buffer("laplace_scale", laplace.scale)
-        self.register_buffer("laplace_scale_tril", laplace.scale_tril)
-        self.loc = nn.Parameter(torch.zeros_like(loc))
-        self.scale = PyroParam(torch.ones_like(loc), constraints.softplus_positive)
+        self.register_buffer("laplace_loc", start.laplace.loc)
+        self.register_buffer("laplace_scale", start.laplace.scale)
+        self.register_buffer("laplace_scale_tril", start.laplace.scale_tril)
+        self.loc = nn.Parameter(torch.zeros_like(start.loc))
+        self.scale = PyroParam(torch.ones_like(start.loc), constraints.softplus_positive)
 
-    def get_posterior(self, *args, **kwargs) -> FlowDistribution:
-        """The flow distribution over the unconstrained joint latent vector."""
-        if self.laplace is None:
-            return FlowDistribution(self.loc, self.scale, self.flow)
-        center, scale_tril = self.laplace_loc, self.laplace_scale_tril
-        if scale_tril is None:  # a diagonal warm start
-            base_scale = self.laplace_scale
-            return FlowDistribution(
-                center + base_scale * self.loc, base_scale * self.scale, self.flow
-            )
-        return FlowDistribution(
-            center + scale_tril @ self.loc, self.scale, self.flow, scale_tril=scale_tril
+    def _choose_start(self, *args, **kwargs) -> _Start:
+        """The starting point with the best ELBO among the coordinates and starts on offer.
+
+        Coordinates: the model's own, and, where the model has hierarchical sites and
+        ``noncentered`` allows, the non-centred ones. Starts: ``N(init_loc,
+        init_scale^2)`` in each, and the Laplace approximation in each where a mode is
+        found (with ``warm_start="laplace"``).
+        """
+        init_loc = self._init_loc()
+        log_joint = unconstrained_log_joint(self, *args, **kwargs)
+        coordinates: list[NonCentering | None] = []
+        if self.noncentered is not False:
+            sites = find_hierarchical_sites(self, *args, **kwargs)
+            if sites:
+                coordinates.append(NonCentering(self, sites))
+        if not coordinates or self.noncentered == "auto":
+            coordinates.append(None)
+        compare = len(coordinates) > 1 or self.warm_start is not None
+        plain_scale_tril = torch.diag(torch.full_like(init_loc, self._init_scale))
+        plain: list[_Start] = []
+        laplace: list[_Start] = []
+        for noncentering in coordinates:
+            loc, density = init_loc, log_joint
+            if noncentering is not None:
+                loc = noncentering(init_loc, *args, inverse=True, **kwargs)[0].detach()
+                density = _pulled_back(log_joint, noncentering, args, kwargs)
+            elbo = _gaussian_elbo(density, loc, plain_scale_tril) if compare else 0.0
+            plain.append(_Start(loc, noncentering, None, elbo))
+            if self.warm_start is not None:
+                approx = laplace_approximation(density, loc, fallback_scale=self._init_scale)
+                if approx.converged:
+                    elbo = _gaussian_elbo(density, approx.loc, _scale_tril(approx))
+                    laplace.append(_Start(loc, noncentering, approx, elbo))
+        best_plain = max(plain, key=_Start.key)
+        if not laplace:
+            if self.warm_start is not None:
+                self._warn_plain_start("no mode was found")
+            return best_plain
+        best_laplace = max(laplace, key=_Start.key)
+        if best_laplace.key() >= best_plain.key():
+            return best_laplace
+        self._warn_plain_start(
+            f"its ELBO ({best_laplace.elbo:.4g}) is below that of N(init_loc, "
+            f"init_scale^2) ({best_plain.elbo:.4g})"
+        )
+        return best_plain
+
+    def _warn_plain_start(self, reason: str) -> None:
+        warnings.warn(
+            f"{type(self).__name__}: not using the Laplace start ({reason}); starting from "
+            "init_loc_fn's point with init_scale instead.",
+            LaplaceWarning,
+            stacklevel=4,
         )
 
+    def forward(self, *args, **kwargs) -> dict:
+        self._model_args = (args, kwargs)
+        return super().forward(*args, **kwargs)
+
+    def get_posterior(self, *args, **kwargs) -> FlowDistribution | NonCenteredDistribution:
+        """The flow distribution over the unconstrained joint latent vector.
+
+        With non-centred coordinates it needs the model's arguments; without them, those of
+        the guide's last call are used.
+        """
+        if self.laplace is None:
+            posterior = FlowDistribution(self.loc, self.scale, self.flow, validate_args=False)
+        elif self.laplace_scale_tril is None:  # a diagonal warm start
+            base_scale = self.laplace_scale
+            posterior = FlowDistribution(
+                self.laplace_loc + base_scale * self.loc,
+                base_scale * self.scale,
+                self.flow,
+                validate_args=False,
+            )
+        else:
+            posterior = FlowDistribution(
+                self.laplace_loc + self.laplace_scale_tril @ self.loc,
+                self.scale,
+                self.flow,
+                validate_args=False,
+                scale_tril=self.laplace_scale_tril,
+            )
+        if self.noncentering is None:
+            return posterior
+        if not args and not kwargs:
+            args, kwargs = self._model_args
+        return NonCenteredDistribution(posterior, self.noncentering, args, kwargs)
+
     @torch.no_grad()
-    def _sample_unconstrained(self, num_samples: int) -> Tensor:
-        return self.get_posterior().rsample((num_samples,))
+    def _sample_unconstrained(self, num_samples: int, *args, **kwargs) -> Tensor:
+        return self.get_posterior(*args, **kwargs).rsample((num_samples,))
 
     @torch.no_grad()
     def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict:
@@ -283,16 +382,17 @@ class AutoFlow(AutoContinuous):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        samples = self._sample_unconstrained(self.num_summary_samples)
+        samples = self._sample_unconstrained(self.num_summary_samples, *args, **kwargs)
         probs = torch.as_tensor(quantiles, dtype=samples.dtype, device=samples.device)
         if probs.dim() != 1 or ((probs < 0) | (probs > 1)).any():
             raise ValueError(f"quantiles must be a 1-D sequence in [0, 1], got {quantiles}")
-        latents = torch.quantile(samples, probs, dim=0)
         result = {}
-        for site, unconstrained_value in self._unpack_latent(latents):
-            transform = biject_to(site["fn"].support)
-            result[site["name"]] = transform(unconstrained_value)
-        return result
+        # One quantile at a time: a batch dimension would not broadcast with plated sites.
+        for latent in torch.quantile(samples, probs, dim=0):
+            for site, unconstrained_value in self._unpack_latent(latent):
+                value = biject_to(site["fn"].support)(unconstrained_value)
+                result.setdefault(site["name"], []).append(value)
+        return {name: torch.stack(values) for name, values in result.items()}
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict:

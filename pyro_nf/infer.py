@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyro_nf.distribution import FlowDistribution
+from pyro_nf.noncentering import NonCenteredDistribution
 
 __all__ = ["FitResult", "NonFiniteLossError", "Schedule", "fit"]
 
@@ -179,7 +180,7 @@ class _PathDerivativeELBO(Trace_ELBO):
 
 def _detach_distribution(fn: dist.Distribution, site: str) -> dist.Distribution:
     """The same law as ``fn``, with its parameters cut from the autograd graph."""
-    if isinstance(fn, FlowDistribution):
+    if isinstance(fn, (FlowDistribution, NonCenteredDistribution)):
         return fn.detach_params()
     if isinstance(fn, dist.Independent):
         return dist.Independent(

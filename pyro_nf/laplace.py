@@ -30,6 +30,7 @@ at the mode if one was found and at the start otherwise.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -39,6 +40,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import InitMessenger
 from torch import Tensor
 
 __all__ = [
@@ -106,6 +108,32 @@ class LaplaceApproximation:
     log_density: float
 
 
+def model_without_init(guide: AutoContinuous) -> Callable:
+    """The guide's model without the ``InitMessenger`` that AutoContinuous wraps it in.
+
+    That messenger sits inside any handler put around ``guide.model``, so it calls the
+    initialisation strategy at every site of every run, even of conditioned sites: with
+    :func:`init_to_median`, prior draws that cost time and advance Pyro's random state.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoDiagonalNormal
+    >>> def model():
+    ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    >>> model_without_init(AutoDiagonalNormal(model)) is model
+    True
+    """
+    wrapped = getattr(guide.model, "func", None)
+    if (
+        isinstance(wrapped, functools.partial)
+        and len(wrapped.args) == 2
+        and isinstance(wrapped.args[0], InitMessenger)
+    ):
+        return wrapped.args[1]
+    return guide.model
+
+
 def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogDensity:
     """The log joint of ``guide``'s model as a function of its unconstrained latent vector.
 
@@ -140,6 +168,7 @@ def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogDensit
     """
     if guide.prototype_trace is None:
         raise ValueError("guide has no prototype yet: call it once with the model's arguments")
+    model = model_without_init(guide)
 
     def log_joint(z: Tensor) -> Tensor:
         values, log_jacobian = {}, z.new_zeros(())
@@ -151,7 +180,7 @@ def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogDensit
                 log_jacobian + transform.log_abs_det_jacobian(unconstrained_value, value).sum()
             )
         with poutine.block():
-            trace = poutine.trace(poutine.condition(guide.model, values)).get_trace(*args, **kwargs)
+            trace = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
         return trace.log_prob_sum() + log_jacobian
 
     return log_joint

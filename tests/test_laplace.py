@@ -147,7 +147,7 @@ def test_funnel_model_warns_and_starts_plain():
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    guide = AutoFlow(model, flow="planar")
+    guide = AutoFlow(model, flow="planar", noncentered=False)  # the model's coordinates
     with pytest.warns(LaplaceWarning, match="not using the Laplace start"):
         guide()
     assert guide.laplace is None  # no mode: the plain start at init_loc_fn's point

@@ -1,0 +1,168 @@
+"""Non-centred coordinates: which sites, the map and its log-determinant, the guides on funnels."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Predictive
+from pyro.infer.autoguide import AutoDiagonalNormal
+
+from pyro_nf.autoguides import AutoFlow
+from pyro_nf.infer import fit
+from pyro_nf.noncentering import NonCenteredDistribution, NonCentering, find_hierarchical_sites
+
+f64 = torch.float64
+SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=f64)
+SCHOOLS_SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=f64)
+
+
+def schools(y=SCHOOLS_Y, sigma=SCHOOLS_SIGMA):
+    """Eight schools, centred: the joint has a funnel and no mode."""
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=f64), 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(torch.tensor(5.0, dtype=f64)))
+    with pyro.plate("schools", len(y)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def funnel(dim: int = 4):
+    """Neal's funnel, normalised (log Z = 0): the neck is 40 times narrower than the mouth."""
+    v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=f64), 3.0))
+    pyro.sample("x", dist.Normal(torch.zeros(dim, dtype=f64), (v / 2).exp()).to_event(1))
+
+
+def _setup(model, *args):
+    guide = AutoDiagonalNormal(model)
+    guide._setup_prototype(*args)
+    return guide
+
+
+def test_finds_sites_whose_loc_or_scale_depends_on_latents():
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        pyro.sample("by_loc", dist.Normal(a, 1.0))  # a shear
+        pyro.sample("by_scale", dist.StudentT(4.0, 0.0, s))  # a funnel
+        pyro.sample("constant", dist.Normal(3.0, 2.0))
+        pyro.sample("not_loc_scale", dist.Gamma(s, 1.0))  # depends, but not a loc-scale law
+        pyro.sample("positive", dist.LogNormal(a, 1.0))  # loc-scale only after a log
+
+    assert find_hierarchical_sites(_setup(model)) == ["by_loc", "by_scale"]
+    assert find_hierarchical_sites(_setup(schools)) == ["theta"]
+
+
+def _jacobian_log_det(fn, x):
+    jacobian = torch.autograd.functional.jacobian(lambda x: fn(x)[0], x)
+    return torch.linalg.slogdet(jacobian)[1]
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_log_det_matches_autograd_and_inverse_undoes_forward(inverse):
+    guide = _setup(schools)
+    noncentering = NonCentering(guide, ["theta"])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(guide.latent_dim, generator=gen, dtype=f64)
+
+    def mapping(x):
+        return noncentering(x, inverse=inverse)
+
+    y, log_det = mapping(x)
+    assert torch.allclose(log_det, _jacobian_log_det(mapping, x), atol=1e-10)
+    back, back_log_det = noncentering(y, inverse=not inverse)
+    assert torch.allclose(back, x, atol=1e-10)
+    assert torch.allclose(back_log_det, -log_det, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch_shape", [(5,), (3, 1), (2, 3)])
+def test_batches_map_row_by_row(batch_shape):
+    guide = _setup(schools)
+    noncentering = NonCentering(guide, ["theta"])
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*batch_shape, guide.latent_dim, generator=gen, dtype=f64)
+    y, log_det = noncentering(x)
+    assert y.shape == x.shape and log_det.shape == batch_shape
+    rows = [noncentering(row) for row in x.reshape(-1, guide.latent_dim)]
+    assert torch.allclose(y.reshape(-1, guide.latent_dim), torch.stack([r[0] for r in rows]))
+    assert torch.allclose(log_det.reshape(-1), torch.stack([r[1] for r in rows]))
+
+
+def test_distribution_scores_its_own_draws_as_other_points():
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(schools, flow="iaf", warm_start=None, noncentered=True)
+    guide()
+    posterior = guide.get_posterior()
+    assert isinstance(posterior, NonCenteredDistribution)
+    with torch.no_grad():  # a trained-looking flow, not the identity
+        for param in guide.flow.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    z = posterior.rsample((7,))
+    cached = posterior.log_prob(z)
+    assert torch.allclose(cached, posterior.log_prob(z.clone()), atol=1e-8)
+
+
+def test_funnel_is_exact_at_the_start_in_noncentred_coordinates(fresh_pyro_state):
+    """In non-centred coordinates the funnel is N(0, diag(9, 1, ...)): Laplace is exact."""
+    guide = AutoFlow(funnel)
+    guide()
+    assert guide.noncentering is not None and guide.noncentering.sites == ("x",)
+    assert guide.laplace is not None and guide.laplace.converged
+    with torch.no_grad():
+        posterior = guide.get_posterior()
+        z = posterior.rsample((4000,))
+        log_q = posterior.log_prob(z)
+        draws = {"v": z[:, 0], "x": z[:, 1:]}
+        log_p = dist.Normal(0.0, 3.0).log_prob(draws["v"]) + dist.Normal(
+            0.0, (draws["v"] / 2).exp().unsqueeze(-1)
+        ).log_prob(draws["x"]).sum(-1)
+    kl = (log_q - log_p).mean()  # log Z = 0
+    assert abs(kl) < 1e-4  # in the model's coordinates no Gaussian start comes within nats
+    assert abs(float(z[:, 0].std()) - 3.0) < 0.15  # the neck and the mouth are both covered
+
+
+def test_model_coordinates_on_request_and_on_rich_data(fresh_pyro_state):
+    guide = AutoFlow(funnel, noncentered=False)
+    guide()
+    assert guide.noncentering is None
+    # With 200 precise observations per group the centred posterior is a narrow Gaussian
+    # for every tau, and "auto" keeps the model's coordinates.
+    gen = torch.Generator().manual_seed(0)
+    y = (
+        2.0
+        + torch.randn(3, 1, generator=gen, dtype=f64)
+        + 0.1 * torch.randn(3, 200, generator=gen, dtype=f64)
+    )
+
+    def grouped(y):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=f64), 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(torch.tensor(5.0, dtype=f64)))
+        with pyro.plate("groups", 3, dim=-2):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            with pyro.plate("obs", 200):
+                pyro.sample("y", dist.Normal(theta, 0.1), obs=y)
+
+    guide = AutoFlow(grouped)
+    guide(y)
+    assert guide.noncentering is None
+    assert guide.laplace is not None
+
+
+def test_schools_fit_median_quantiles_and_predictive(fresh_pyro_state):
+    guide = AutoFlow(schools, flow="iaf", num_layers=2)
+    result = fit(schools, guide, num_steps=300, num_particles=4, progress=False, seed=0)
+    assert guide.noncentering is not None
+    assert result.elbo > -40  # the log evidence is about -39.6; the centred start is far below
+    quantiles = guide.quantiles([0.1, 0.5, 0.9])
+    assert quantiles["theta"].shape == (3, 8)
+    assert (quantiles["tau"][0] < quantiles["tau"][2]).item()
+    assert (quantiles["tau"] > 0).all()
+    samples = Predictive(schools, guide=guide, num_samples=50)()
+    assert samples["theta"].shape == (50, 8) and (samples["tau"] > 0).all()
+    stl = fit(schools, guide, num_steps=20, estimator="stl", progress=False, seed=1)
+    assert all(math.isfinite(loss) for loss in stl.losses)
+
+
+def test_rejects_an_unknown_choice():
+    with pytest.raises(ValueError, match="noncentered must be 'auto', True or False"):
+        AutoFlow(schools, noncentered="yes")
