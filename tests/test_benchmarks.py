@@ -54,6 +54,12 @@ def test_funnel_is_normalised_product_of_its_conditionals():
     )
     assert get_target("funnel").log_z == 0.0
     assert torch.allclose(log_funnel(z), expected, atol=1e-4)
+    # the Pyro model has the same joint, batched over draws
+    conditioned = pyro.poutine.condition(get_target("funnel").model, {"v": v, "x": x})
+    trace = pyro.poutine.trace(conditioned).get_trace()
+    sites = [site for site in trace.nodes.values() if site["type"] == "sample"]
+    model_log_p = sum(site["fn"].log_prob(site["value"]) for site in sites)
+    assert torch.allclose(model_log_p, expected, atol=1e-4)
 
 
 def test_kl_of_the_exact_posterior_is_zero():
