@@ -19,6 +19,7 @@ or ``scale`` has a gradient with respect to another latent site's value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import pyro.distributions as dist
@@ -164,6 +165,11 @@ class NonCentering:
             if frame.vectorized
         )
         self.max_plate_nesting = max((-frame.dim for frame in frames), default=0)
+        self.sizes = {name: math.prod(shape) for name, shape in guide._unconstrained_shapes.items()}
+        self.transforms = {
+            name: biject_to(site["fn"].support)
+            for name, site in guide.prototype_trace.iter_stochastic_nodes()
+        }
 
     def __call__(
         self, latent: Tensor, *args, inverse: bool = False, **kwargs
@@ -191,27 +197,28 @@ class NonCentering:
     def _map(self, latent: Tensor, args: tuple, kwargs: dict, inverse: bool):
         batch_shape = latent.shape[:-1]
         # Batch dimensions go left of the model's plates, so that its sites broadcast.
-        latent = latent.reshape(*batch_shape, *(1,) * self.max_plate_nesting, latent.size(-1))
+        shaped = latent.reshape(*batch_shape, *(1,) * self.max_plate_nesting, latent.size(-1))
         values, inputs, shapes = {}, {}, {}
-        for site, unconstrained_value in self.guide._unpack_latent(latent):
+        for site, unconstrained_value in self.guide._unpack_latent(shaped):
             name = site["name"]
-            shapes[name] = unconstrained_value.shape
             if name in self.sites:
                 inputs[name] = unconstrained_value
+                shapes[name] = unconstrained_value.shape
             else:
-                values[name] = biject_to(site["fn"].support)(unconstrained_value)
+                values[name] = self.transforms[name](unconstrained_value)
         standardize = _Standardize(values, inputs, inverse)
         with poutine.block(), standardize:
             self.model(*args, **kwargs)
-        parts, log_det = [], latent.new_zeros(batch_shape)
-        for site, unconstrained_value in self.guide._unpack_latent(latent):
-            name = site["name"]
-            if name not in self.sites:
-                parts.append(unconstrained_value.expand(shapes[name]).reshape(*batch_shape, -1))
-                continue
-            parts.append(standardize.outputs[name].expand(shapes[name]).reshape(*batch_shape, -1))
-            log_scale = standardize.log_scales[name].expand(shapes[name])
-            log_det = log_det + log_scale.reshape(*batch_shape, -1).sum(-1)
+        parts, log_det, start = [], latent.new_zeros(batch_shape), 0
+        for name, size in self.sizes.items():
+            if name in self.sites:
+                output = standardize.outputs[name].expand(shapes[name])
+                parts.append(output.reshape(*batch_shape, size))
+                log_scale = standardize.log_scales[name].expand(shapes[name])
+                log_det = log_det + log_scale.reshape(*batch_shape, size).sum(-1)
+            else:
+                parts.append(latent[..., start : start + size])
+            start += size
         return torch.cat(parts, -1), -log_det if inverse else log_det
 
 
