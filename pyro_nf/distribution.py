@@ -46,7 +46,27 @@ def _detached_parameters(module: nn.Module) -> Iterator[None]:
             submodule._parameters[name] = param
 
 
-class FlowDistribution(TorchDistribution):
+class ScoresOwnDraws:
+    """Mixin: ``rsample`` keeps the log density of its draw, and ``log_prob`` of that very
+    tensor returns it, so a guide's own sample is never scored through an inverse.
+
+    Subclasses define ``rsample_with_log_prob`` and ``_log_prob_of`` (any other point).
+    """
+
+    _last_sample: tuple[Tensor, Tensor] | None = None
+
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        z, log_q = self.rsample_with_log_prob(sample_shape)
+        self._last_sample = (z, log_q)
+        return z
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._last_sample is not None and value is self._last_sample[0]:
+            return self._last_sample[1]
+        return self._log_prob_of(value)
+
+
+class FlowDistribution(ScoresOwnDraws, TorchDistribution):
     r"""Law of :math:`z = \mu + \sigma \odot f(\varepsilon)` with :math:`\varepsilon \sim N(0, I)`.
 
     With a ``scale_tril`` :math:`L`, the law of :math:`z = \mu + L(\sigma \odot
@@ -94,7 +114,6 @@ class FlowDistribution(TorchDistribution):
         self.scale = scale
         self.flow = flow
         self.scale_tril = scale_tril
-        self._last_sample: tuple[Tensor, Tensor] | None = None
         super().__init__(
             batch_shape=torch.Size(batch_shape),
             event_shape=loc.shape[-1:],
@@ -119,14 +138,7 @@ class FlowDistribution(TorchDistribution):
             log_det = log_det + torch.diagonal(self.scale_tril).log().sum(-1)
         return log_det
 
-    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
-        z, log_q = self.rsample_with_log_prob(sample_shape)
-        self._last_sample = (z, log_q)
-        return z
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._last_sample is not None and value is self._last_sample[0]:
-            return self._last_sample[1]
+    def _log_prob_of(self, value: Tensor) -> Tensor:
         x = value - self.loc
         if self.scale_tril is not None:
             x = torch.linalg.solve_triangular(self.scale_tril, x.unsqueeze(-1), upper=False)

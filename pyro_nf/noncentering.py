@@ -30,6 +30,7 @@ from pyro.distributions.transforms import biject_to
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
+from pyro_nf.distribution import ScoresOwnDraws
 from pyro_nf.laplace import model_without_init
 
 __all__ = ["NonCenteredDistribution", "NonCentering", "find_hierarchical_sites"]
@@ -222,7 +223,7 @@ class NonCentering:
         return torch.cat(parts, -1), -log_det if inverse else log_det
 
 
-class NonCenteredDistribution(TorchDistribution):
+class NonCenteredDistribution(ScoresOwnDraws, TorchDistribution):
     """Law of ``g(u)`` for ``u`` from ``base`` and ``g`` a :class:`NonCentering` map.
 
     Sampling returns the log density from the same pass (``log q(u) - log|det J_g(u)|``);
@@ -272,7 +273,6 @@ class NonCenteredDistribution(TorchDistribution):
         self.base = base
         self.noncentering = noncentering
         self.args, self.kwargs = args, kwargs
-        self._last_sample: tuple[Tensor, Tensor] | None = None
         super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
 
     def rsample_with_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
@@ -281,14 +281,7 @@ class NonCenteredDistribution(TorchDistribution):
         z, log_det = self.noncentering(u, *self.args, **self.kwargs)
         return z, log_q - log_det
 
-    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
-        z, log_q = self.rsample_with_log_prob(sample_shape)
-        self._last_sample = (z, log_q)
-        return z
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._last_sample is not None and value is self._last_sample[0]:
-            return self._last_sample[1]
+    def _log_prob_of(self, value: Tensor) -> Tensor:
         u, log_det = self.noncentering(value, *self.args, inverse=True, **self.kwargs)
         return self.base.log_prob(u) + log_det
 
