@@ -257,3 +257,84 @@ def test_stl_rejects_unsupported_guides():
 
     with pytest.raises(NotImplementedError, match="'rate'.*Gamma"):
         fit(model, guide, num_steps=5, estimator="stl", progress=False)
+
+
+def test_auto_estimator_switches_to_stl_at_the_first_decay(monkeypatch):
+    import pyro_nf.infer as infer
+
+    made = []
+
+    def recording_make_elbo(estimator, num_particles, vectorize):
+        made.append((estimator, num_particles))
+        return _make_elbo(estimator, num_particles, vectorize)
+
+    monkeypatch.setattr(infer, "_make_elbo", recording_make_elbo)
+    result = fit(
+        normal_model,
+        AutoNormal(normal_model),
+        num_steps=4000,
+        estimator="auto",
+        progress=False,
+        seed=0,
+    )
+    assert result.converged and made == [("elbo", 1), ("stl", 1)]
+
+    def model():
+        pyro.sample("rate", dist.Gamma(2.0, 1.0))
+
+    def guide():  # a Gamma site cannot be scored with detached parameters: stays "elbo"
+        a = pyro.param("a", torch.tensor(2.0), constraint=dist.constraints.positive)
+        pyro.sample("rate", dist.Gamma(a, 1.0))
+
+    made.clear()
+    result = fit(model, guide, num_steps=4000, lr=0.05, estimator="auto", progress=False, seed=0)
+    assert result.lr < 0.05 and made == [("elbo", 1)]
+
+
+class RecordingAdam(torch.optim.Adam):
+    """Adam that keeps a copy of the parameters after every step."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.iterates = []
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        self.iterates.append(torch.cat([p.detach().reshape(-1) for p in self._params()]))
+        return out
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_parameters_end_at_the_mean_of_the_plateau_iterates(average):
+    optimizers = []
+
+    def make(params, lr):
+        optimizers.append(RecordingAdam(params, lr))
+        return optimizers[-1]
+
+    schedule = Schedule(window=50, num_decays=0, average=average)
+    result = fit(
+        normal_model,
+        AutoNormal(normal_model),
+        num_steps=2000,
+        lr=0.05,
+        optimizer=make,
+        schedule=schedule,
+        estimator="elbo",
+        progress=False,
+        seed=0,
+    )
+    assert result.converged  # after a plateau of 2 windows at the initial lr
+    optim = optimizers[0]
+    final = torch.cat([p.detach().reshape(-1) for p in optim._params()])
+    iterates = torch.stack(optim.iterates)
+    assert len(iterates) == result.num_steps
+    plateau_mean = iterates[-2 * schedule.window :].mean(0)
+    if average:
+        assert torch.allclose(final, plateau_mean, atol=1e-12)
+        assert not torch.allclose(final, iterates[-1], atol=1e-3)
+    else:
+        assert torch.equal(final, iterates[-1])
