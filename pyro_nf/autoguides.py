@@ -48,8 +48,12 @@ __all__ = ["AutoFlow", "AutoIAFFlow", "AutoPlanarFlow", "AutoRadialFlow", "AutoS
 
 WARM_STARTS = ("laplace", None)
 
-#: Draws used to compare the ELBOs of the Laplace start and the plain start.
-_START_DRAWS = 64
+#: Draws used to score the candidate starts.
+_START_DRAWS = 256
+#: Scale of the broad start, in the coordinates the Laplace approximation whitens.
+_BROAD_SCALE = 3.0
+#: How much higher (nats) the broad start's importance-sampled log evidence must be.
+_EVIDENCE_MARGIN = 0.1
 
 
 def _scale_tril(laplace: LaplaceApproximation) -> Tensor:
@@ -59,26 +63,43 @@ def _scale_tril(laplace: LaplaceApproximation) -> Tensor:
 
 
 @torch.no_grad()
-def _gaussian_elbo(log_joint: Callable[[Tensor], Tensor], loc: Tensor, scale_tril: Tensor) -> float:
-    """ELBO of ``N(loc, scale_tril scale_tril^T)`` from a fixed set of draws."""
+def _gaussian_scores(
+    log_joint: Callable[[Tensor], Tensor], loc: Tensor, scale_tril: Tensor
+) -> tuple[float, float, float]:
+    """ELBO, importance-sampled log evidence and its standard error (delta method) of
+    ``N(loc, scale_tril scale_tril^T)``.
+
+    From one fixed set of draws, so that every candidate start is scored alike.
+    """
     generator = torch.Generator(device=loc.device).manual_seed(0)
     eps = torch.randn(_START_DRAWS, loc.numel(), generator=generator, device=loc.device)
     gaussian = dist.MultivariateNormal(loc, scale_tril=scale_tril)
     draws = loc + eps.to(loc.dtype) @ scale_tril.T
-    return sum(float(log_joint(z) - gaussian.log_prob(z)) for z in draws) / _START_DRAWS
+    log_weights = torch.stack([log_joint(z) - gaussian.log_prob(z) for z in draws])
+    log_evidence = torch.logsumexp(log_weights, 0) - math.log(_START_DRAWS)
+    weights = torch.exp(log_weights - log_weights.max())
+    stderr = weights.std() / (weights.mean() * math.sqrt(_START_DRAWS))
+    return float(log_weights.mean()), float(log_evidence), float(stderr)
 
 
 @dataclass
 class _Start:
-    """A candidate starting point: its coordinates, Laplace approximation and ELBO."""
+    """A candidate start: coordinates, Laplace approximation, initial scale and scores."""
 
     loc: Tensor  # init_loc_fn's point in these coordinates
     noncentering: NonCentering | None
     laplace: LaplaceApproximation | None
-    elbo: float
+    scale: float  # of the base, in the coordinates the Laplace approximation whitens if any
+    elbo: float = 0.0
+    log_evidence: float = -math.inf
+    log_evidence_se: float = math.inf
 
     def key(self) -> float:
         return self.elbo if self.elbo == self.elbo else -math.inf  # NaN ranks last
+
+    def evidence_key(self) -> float:
+        value = self.log_evidence
+        return value if value == value else -math.inf
 
 
 def _pulled_back(
@@ -252,18 +273,17 @@ class AutoFlow(AutoContinuous):
         self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
         self.noncentering = start.noncentering
         self.laplace = start.laplace
+        self.scale = PyroParam(
+            torch.full_like(start.loc, start.scale), constraints.softplus_positive
+        )
         if start.laplace is None:
             self.loc = nn.Parameter(start.loc)
-            self.scale = PyroParam(
-                torch.full_like(start.loc, self._init_scale), constraints.softplus_positive
-            )
             return
         # Buffers, so that they follow the guide across devices and into its state_dict.
         self.register_buffer("laplace_loc", start.laplace.loc)
         self.register_buffer("laplace_scale", start.laplace.scale)
         self.register_buffer("laplace_scale_tril", start.laplace.scale_tril)
         self.loc = nn.Parameter(torch.zeros_like(start.loc))
-        self.scale = PyroParam(torch.ones_like(start.loc), constraints.softplus_positive)
 
     def _choose_start(self, *args, **kwargs) -> _Start:
         """The starting point with the best ELBO among the coordinates and starts on offer.
@@ -283,34 +303,54 @@ class AutoFlow(AutoContinuous):
         if not coordinates or self.noncentered == "auto":
             coordinates.append(None)
         compare = len(coordinates) > 1 or self.warm_start is not None
-        plain_scale_tril = torch.diag(torch.full_like(init_loc, self._init_scale))
         plain: list[_Start] = []
         laplace: list[_Start] = []
+        broad: list[_Start] = []
         for noncentering in coordinates:
             loc, density = init_loc, log_joint
             if noncentering is not None:
                 loc = noncentering(init_loc, *args, inverse=True, **kwargs)[0].detach()
                 density = _pulled_back(log_joint, noncentering, args, kwargs)
-            elbo = _gaussian_elbo(density, loc, plain_scale_tril) if compare else 0.0
-            plain.append(_Start(loc, noncentering, None, elbo))
-            if self.warm_start is not None:
-                approx = laplace_approximation(density, loc, fallback_scale=self._init_scale)
-                if approx.converged:
-                    elbo = _gaussian_elbo(density, approx.loc, _scale_tril(approx))
-                    laplace.append(_Start(loc, noncentering, approx, elbo))
+            start = _Start(loc, noncentering, None, self._init_scale)
+            if compare:
+                start.elbo, start.log_evidence, start.log_evidence_se = _gaussian_scores(
+                    density, loc, torch.diag(torch.full_like(loc, self._init_scale))
+                )
+            plain.append(start)
+            if self.warm_start is None:
+                continue
+            approx = laplace_approximation(density, loc, fallback_scale=self._init_scale)
+            if not approx.converged:
+                continue
+            for scale, starts in ((1.0, laplace), (_BROAD_SCALE, broad)):
+                start = _Start(loc, noncentering, approx, scale)
+                start.elbo, start.log_evidence, start.log_evidence_se = _gaussian_scores(
+                    density, approx.loc, scale * _scale_tril(approx)
+                )
+                starts.append(start)
         best_plain = max(plain, key=_Start.key)
         if not laplace:
             if self.warm_start is not None:
                 self._warn_plain_start("no mode was found")
             return best_plain
         best_laplace = max(laplace, key=_Start.key)
-        if best_laplace.key() >= best_plain.key():
-            return best_laplace
-        self._warn_plain_start(
-            f"its ELBO ({best_laplace.elbo:.4g}) is below that of N(init_loc, "
-            f"init_scale^2) ({best_plain.elbo:.4g})"
-        )
-        return best_plain
+        if best_laplace.key() < best_plain.key():
+            self._warn_plain_start(
+                f"its ELBO ({best_laplace.elbo:.4g}) is below that of N(init_loc, "
+                f"init_scale^2) ({best_plain.elbo:.4g})"
+            )
+            return best_plain
+        # A start at one mode has the better ELBO even where the posterior has mass the
+        # Laplace approximation misses (other modes, curved ridges), and a flow started
+        # there rarely finds that mass. Such mass shows in the importance-sampled evidence
+        # of a broader start: take it when it is clearly higher (by a margin and by two
+        # standard errors, the broad start's estimate being the noisier).
+        best_broad = max(broad, key=_Start.evidence_key)
+        gain = best_broad.evidence_key() - best_laplace.evidence_key()
+        noise = math.hypot(best_broad.log_evidence_se, best_laplace.log_evidence_se)
+        if gain > max(_EVIDENCE_MARGIN, 2 * noise):
+            return best_broad
+        return best_laplace
 
     def _warn_plain_start(self, reason: str) -> None:
         warnings.warn(

@@ -335,6 +335,30 @@ def test_laplace_start_is_kept_where_it_beats_the_plain_start():
     assert guide.laplace is not None and guide.laplace.converged
     # step 0 is the exact posterior: KL zero up to Monte-Carlo error
     assert abs(_kl_to(guide, dist.MultivariateNormal(FAR_MEAN, FAR_COV))) < 1e-3
+    assert torch.allclose(guide.scale, torch.ones(2))  # not the broad start
+
+
+def test_broad_start_where_the_laplace_start_misses_a_mode():
+    """Two bumps, 0.4 and 0.6: the Laplace start sits on one, and its importance-sampled
+    evidence is short by about log(0.6); the broad start covers both."""
+    means = torch.tensor([[-1.5, 0.0], [1.5, 0.0]])
+    mixture = dist.MixtureSameFamily(
+        dist.Categorical(torch.tensor([0.4, 0.6])),
+        dist.MultivariateNormal(means, 0.3 * torch.eye(2)),
+    )
+
+    def model():
+        z = pyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), (2,)))
+        pyro.factor("mixture", mixture.log_prob(z))
+
+    guide = AutoPlanarFlow(model, init_loc_fn=init_to_value(values={"z": torch.zeros(2)}))
+    guide()
+    assert guide.laplace is not None and guide.laplace.converged
+    assert torch.allclose(guide.scale, torch.full((2,), 3.0))
+    with torch.no_grad():
+        z = guide.get_posterior().rsample((4000,))
+    near_each = [((z - mean).norm(dim=-1) < 1.0).float().mean() for mean in means]
+    assert min(near_each) > 0.02  # step 0 already puts mass near both bumps (Laplace: ~0)
 
 
 def test_funnel_gets_the_plain_start_and_trains_to_a_small_kl():

@@ -1,6 +1,7 @@
 """fit(): accuracy on conjugate models, the schedule, particles, the NaN guard, STL gradients."""
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -126,7 +127,7 @@ def test_nan_loss_stops_and_keeps_last_finite_parameters():
     guide()  # sets up the guide (one model call)
     model.calls.clear()
     with pytest.raises(NonFiniteLossError, match="step 30.*'boom'") as info:
-        fit(model, guide, num_steps=100, progress=False, seed=0)
+        fit(model, guide, num_steps=100, num_particles=1, progress=False, seed=0)
     assert info.value.step == 30 and info.value.site == "boom"
     assert len(info.value.losses) == 30 and all(math.isfinite(v) for v in info.value.losses)
     store = dict(pyro.get_param_store().named_parameters())
@@ -273,6 +274,7 @@ def test_auto_estimator_switches_to_stl_at_the_first_decay(monkeypatch):
         normal_model,
         AutoNormal(normal_model),
         num_steps=4000,
+        num_particles=1,
         estimator="auto",
         progress=False,
         seed=0,
@@ -288,7 +290,7 @@ def test_auto_estimator_switches_to_stl_at_the_first_decay(monkeypatch):
 
     made.clear()
     result = fit(model, guide, num_steps=4000, lr=0.05, estimator="auto", progress=False, seed=0)
-    assert result.lr < 0.05 and made == [("elbo", 1)]
+    assert result.lr < 0.05 and made == [("elbo", 8)] and result.num_particles == 8
 
 
 class RecordingAdam(torch.optim.Adam):
@@ -338,3 +340,17 @@ def test_parameters_end_at_the_mean_of_the_plateau_iterates(average):
         assert not torch.allclose(final, iterates[-1], atol=1e-3)
     else:
         assert torch.equal(final, iterates[-1])
+
+
+def test_default_particles_are_eight_where_the_model_vectorises_else_one(fresh_pyro_state):
+    result = fit(normal_model, AutoNormal(normal_model), num_steps=5, progress=False, seed=0)
+    assert result.num_particles == 8
+
+    def unbatched():  # ``torch.zeros(3)`` does not broadcast with a particle dimension on v
+        v = pyro.sample("v", dist.Normal(0.0, 1.0))
+        pyro.sample("u", dist.Normal(torch.zeros(3), v.exp()).to_event(1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback to one particle is silent
+        result = fit(unbatched, AutoNormal(unbatched), num_steps=5, progress=False, seed=0)
+    assert result.num_particles == 1 and len(result.losses) == 5

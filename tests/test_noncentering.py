@@ -88,7 +88,7 @@ def test_batches_map_row_by_row(batch_shape):
     assert torch.allclose(log_det.reshape(-1), torch.stack([r[1] for r in rows]))
 
 
-def test_distribution_scores_its_own_draws_as_other_points():
+def test_distribution_scores_its_own_draws_as_other_points(fresh_pyro_state):
     pyro.set_rng_seed(0)
     guide = AutoFlow(schools, flow="iaf", warm_start=None, noncentered=True)
     guide()
