@@ -493,7 +493,13 @@ def _summed_log_det(layer: TransformModule, x: Tensor, y: Tensor) -> Tensor:
 
 
 def _default_hidden_dims(dim: int) -> tuple[int, ...]:
-    width = 4 * dim + 16
+    # Two hidden layers, each dim + 24 wide (MADE needs at least dim). This was 4 * dim + 16;
+    # on the 50-D Gaussian benchmark (1000 steps, 8 particles) the narrower nets reach the
+    # same KL (spline 0.084-0.095 vs 0.092-0.094 nats, IAF 0.018-0.020 vs 0.019-0.024, two
+    # seeds) with a quarter of the parameters, which Adam and the backward pass pay for on
+    # every step (spline step 13.1 -> 9.6 ms, IAF 6.8 -> 5.5 ms). One hidden layer of
+    # 4 * dim + 16 was worse (spline KL 0.185). On 2-D targets the width hardly changes.
+    width = dim + 24
     return (width, width)
 
 
@@ -676,7 +682,7 @@ def build_flow(
         Number of flow layers; defaults to the family's default.
     hidden_dims : sequence of int, optional
         Hidden widths of the autoregressive networks (iaf, spline); each must be at least
-        ``dim``. Defaults to two layers of ``4 * dim + 16``. Planar and radial have none.
+        ``dim``. Defaults to two layers of ``dim + 24``. Planar and radial have none.
     **options
         Family-specific options: ``count_bins`` and ``bound`` (tail bound, in standardised
         units) for splines.
