@@ -50,9 +50,9 @@ WARM_STARTS = ("laplace", None)
 
 #: Draws used to score the candidate starts.
 _START_DRAWS = 256
-#: Scale of the broad start, in the coordinates the Laplace approximation whitens.
-_BROAD_SCALE = 3.0
-#: How much higher (nats) the broad start's importance-sampled log evidence must be.
+#: Scale of the wide start at init_loc_fn's point (Pyro's flow guides start at N(0, I)).
+_WIDE_SCALE = 1.0
+#: How much higher (nats) the wide start's importance-sampled log evidence must be.
 _EVIDENCE_MARGIN = 0.1
 
 
@@ -163,12 +163,17 @@ class AutoFlow(AutoContinuous):
         falls back to a diagonal one.
     warm_start : {"laplace", None}
         ``"laplace"`` (default): start at the Laplace approximation and learn in the
-        coordinates it whitens. It is kept only if a mode with a positive-definite Hessian
-        was found (dense up to 300 dimensions, diagonal above) and its ELBO (64 fixed
-        draws) is at least that of the plain start; otherwise the guide warns
-        (:class:`pyro_nf.laplace.LaplaceWarning`) and starts as with ``None`` (densities
-        without a proper mode, such as funnels, or a search that stops at a saddle
-        point). ``None``: start at ``N(init_loc, init_scale**2)``.
+        coordinates it whitens. Candidate starts are scored on 256 fixed draws: the
+        Laplace start is kept if a mode with a positive-definite Hessian was found (dense
+        up to 300 dimensions, diagonal above) and its ELBO is at least that of the plain
+        start ``N(init_loc, init_scale**2)``; otherwise the guide warns
+        (:class:`pyro_nf.laplace.LaplaceWarning`) and takes the plain start (densities
+        without a proper mode, such as funnels, or a search that stops at a saddle point).
+        Either is replaced by the wide start ``N(init_loc, I)`` (Pyro's flow guides'
+        start) where the wide start's importance-sampled evidence is higher by more than
+        0.1 nats and two standard errors: mass that a start at one mode misses, such as a
+        second mode, which the flow could not find from there. ``None``: the plain start,
+        unscored.
     noncentered : {"auto", True, False}
         Coordinates for hierarchical sites, whose location-scale prior depends on other
         latent sites (``theta ~ Normal(mu, tau)``): with ``True`` the flow acts on their
@@ -305,7 +310,7 @@ class AutoFlow(AutoContinuous):
         compare = len(coordinates) > 1 or self.warm_start is not None
         plain: list[_Start] = []
         laplace: list[_Start] = []
-        broad: list[_Start] = []
+        wide: list[_Start] = []
         for noncentering in coordinates:
             loc, density = init_loc, log_joint
             if noncentering is not None:
@@ -319,38 +324,42 @@ class AutoFlow(AutoContinuous):
             plain.append(start)
             if self.warm_start is None:
                 continue
+            start = _Start(loc, noncentering, None, _WIDE_SCALE)
+            start.elbo, start.log_evidence, start.log_evidence_se = _gaussian_scores(
+                density, loc, torch.diag(torch.full_like(loc, _WIDE_SCALE))
+            )
+            wide.append(start)
             approx = laplace_approximation(density, loc, fallback_scale=self._init_scale)
             if not approx.converged:
                 continue
-            for scale, starts in ((1.0, laplace), (_BROAD_SCALE, broad)):
-                start = _Start(loc, noncentering, approx, scale)
-                start.elbo, start.log_evidence, start.log_evidence_se = _gaussian_scores(
-                    density, approx.loc, scale * _scale_tril(approx)
-                )
-                starts.append(start)
-        best_plain = max(plain, key=_Start.key)
+            start = _Start(loc, noncentering, approx, 1.0)
+            start.elbo, start.log_evidence, start.log_evidence_se = _gaussian_scores(
+                density, approx.loc, _scale_tril(approx)
+            )
+            laplace.append(start)
+        chosen = max(plain, key=_Start.key)
         if not laplace:
             if self.warm_start is not None:
                 self._warn_plain_start("no mode was found")
-            return best_plain
-        best_laplace = max(laplace, key=_Start.key)
-        if best_laplace.key() < best_plain.key():
+        elif max(laplace, key=_Start.key).key() < chosen.key():
             self._warn_plain_start(
-                f"its ELBO ({best_laplace.elbo:.4g}) is below that of N(init_loc, "
-                f"init_scale^2) ({best_plain.elbo:.4g})"
+                f"its ELBO ({max(laplace, key=_Start.key).elbo:.4g}) is below that of "
+                f"N(init_loc, init_scale^2) ({chosen.elbo:.4g})"
             )
-            return best_plain
-        # A start at one mode has the better ELBO even where the posterior has mass the
-        # Laplace approximation misses (other modes, curved ridges), and a flow started
-        # there rarely finds that mass. Such mass shows in the importance-sampled evidence
-        # of a broader start: take it when it is clearly higher (by a margin and by two
-        # standard errors, the broad start's estimate being the noisier).
-        best_broad = max(broad, key=_Start.evidence_key)
-        gain = best_broad.evidence_key() - best_laplace.evidence_key()
-        noise = math.hypot(best_broad.log_evidence_se, best_laplace.log_evidence_se)
+        else:
+            chosen = max(laplace, key=_Start.key)
+        if not wide:
+            return chosen
+        # The start with the best ELBO sits at one mode even where the posterior has mass
+        # it misses (other modes, curved ridges), and a flow started there rarely finds
+        # that mass. Such mass shows in the importance-sampled evidence of a wide start:
+        # take it when it is clearly higher (by a margin and by two standard errors).
+        best_wide = max(wide, key=_Start.evidence_key)
+        gain = best_wide.evidence_key() - chosen.evidence_key()
+        noise = math.hypot(best_wide.log_evidence_se, chosen.log_evidence_se)
         if gain > max(_EVIDENCE_MARGIN, 2 * noise):
-            return best_broad
-        return best_laplace
+            return best_wide
+        return chosen
 
     def _warn_plain_start(self, reason: str) -> None:
         warnings.warn(
