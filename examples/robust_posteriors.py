@@ -47,7 +47,7 @@ from pyro.infer.mcmc import MCMC, NUTS
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from pyro.poutine.util import prune_subsample_sites
 
-from pyro_nf.autoguides import AutoFlow
+from pyro_nf.autoguides import AutoFlow, AutoIAFFlow
 from pyro_nf.infer import fit
 from pyro_nf.laplace import laplace_approximation, unconstrained_log_joint
 
@@ -284,7 +284,9 @@ GUIDES: dict[str, Callable] = {
     "AutoNormal": AutoNormal,
     "AutoMultivariateNormal": AutoMultivariateNormal,
     "AutoFlow (no warm start)": lambda model: AutoFlow(model, warm_start=None),
+    "AutoFlow (model's coordinates)": lambda model: AutoFlow(model, noncentered=False),
     "AutoFlow (default)": AutoFlow,
+    "AutoIAFFlow (default)": AutoIAFFlow,
 }
 
 
