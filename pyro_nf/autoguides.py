@@ -291,12 +291,14 @@ class AutoFlow(AutoContinuous):
         self.loc = nn.Parameter(torch.zeros_like(start.loc))
 
     def _choose_start(self, *args, **kwargs) -> _Start:
-        """The starting point with the best ELBO among the coordinates and starts on offer.
+        """The starting point, chosen among the coordinates and starts on offer.
 
         Coordinates: the model's own, and, where the model has hierarchical sites and
-        ``noncentered`` allows, the non-centred ones. Starts: ``N(init_loc,
-        init_scale^2)`` in each, and the Laplace approximation in each where a mode is
-        found (with ``warm_start="laplace"``).
+        ``noncentered`` allows, the non-centred ones. Starts in each: ``N(init_loc,
+        init_scale^2)``; with ``warm_start="laplace"`` also the Laplace approximation
+        where a mode is found, and the wide ``N(init_loc, I)``. The best ELBO picks
+        between the first two; the wide start replaces the pick where its
+        importance-sampled evidence is clearly higher.
         """
         init_loc = self._init_loc()
         log_joint = unconstrained_log_joint(self, *args, **kwargs)
@@ -338,36 +340,35 @@ class AutoFlow(AutoContinuous):
             )
             laplace.append(start)
         chosen = max(plain, key=_Start.key)
-        if not laplace:
-            if self.warm_start is not None:
-                self._warn_plain_start("no mode was found")
-        elif max(laplace, key=_Start.key).key() < chosen.key():
-            self._warn_plain_start(
-                f"its ELBO ({max(laplace, key=_Start.key).elbo:.4g}) is below that of "
-                f"N(init_loc, init_scale^2) ({chosen.elbo:.4g})"
+        reason = "no mode was found"
+        if laplace:
+            best_laplace = max(laplace, key=_Start.key)
+            if best_laplace.key() >= chosen.key():
+                chosen = best_laplace
+            else:
+                reason = (
+                    f"its ELBO ({best_laplace.elbo:.4g}) is below that of N(init_loc, "
+                    f"init_scale^2) ({chosen.elbo:.4g})"
+                )
+        if wide:
+            # The start with the best ELBO sits at one mode even where the posterior has
+            # mass it misses (other modes, curved ridges), and a flow started there rarely
+            # finds that mass. Such mass shows in the importance-sampled evidence of a wide
+            # start: take it when it is clearly higher (by a margin and by two standard
+            # errors).
+            best_wide = max(wide, key=_Start.evidence_key)
+            gain = best_wide.evidence_key() - chosen.evidence_key()
+            noise = math.hypot(best_wide.log_evidence_se, chosen.log_evidence_se)
+            if gain > max(_EVIDENCE_MARGIN, 2 * noise):
+                chosen = best_wide
+        if self.warm_start is not None and chosen.laplace is None:
+            warnings.warn(
+                f"{type(self).__name__}: not using the Laplace start ({reason}); starting "
+                f"from init_loc_fn's point with scale {chosen.scale:g} instead.",
+                LaplaceWarning,
+                stacklevel=3,
             )
-        else:
-            chosen = max(laplace, key=_Start.key)
-        if not wide:
-            return chosen
-        # The start with the best ELBO sits at one mode even where the posterior has mass
-        # it misses (other modes, curved ridges), and a flow started there rarely finds
-        # that mass. Such mass shows in the importance-sampled evidence of a wide start:
-        # take it when it is clearly higher (by a margin and by two standard errors).
-        best_wide = max(wide, key=_Start.evidence_key)
-        gain = best_wide.evidence_key() - chosen.evidence_key()
-        noise = math.hypot(best_wide.log_evidence_se, chosen.log_evidence_se)
-        if gain > max(_EVIDENCE_MARGIN, 2 * noise):
-            return best_wide
         return chosen
-
-    def _warn_plain_start(self, reason: str) -> None:
-        warnings.warn(
-            f"{type(self).__name__}: not using the Laplace start ({reason}); starting from "
-            "init_loc_fn's point with init_scale instead.",
-            LaplaceWarning,
-            stacklevel=4,
-        )
 
     def forward(self, *args, **kwargs) -> dict:
         self._model_args = (args, kwargs)
