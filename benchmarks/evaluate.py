@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import arviz
 import pyro
 import pyro.distributions as dist
 import torch
@@ -24,7 +23,6 @@ __all__ = [
     "kl_estimate",
     "moment_errors",
     "nuts_eight_schools",
-    "psis_khat",
 ]
 
 
@@ -87,17 +85,6 @@ def kl_estimate(log_weights: Tensor, log_z: float) -> tuple[float, float]:
     elbo = float(weights.mean())
     se = float(weights.std() / math.sqrt(weights.numel())) if weights.numel() > 1 else math.nan
     return log_z - elbo, se
-
-
-def psis_khat(log_weights: Tensor) -> float:
-    """Pareto-smoothed importance sampling shape estimate of the importance weights.
-
-    NaN when a weight is NaN (a guide that produced non-finite draws).
-    """
-    if torch.isnan(log_weights).any():
-        return math.nan
-    _, khat = arviz.psislw(log_weights.double().numpy())
-    return float(khat)
 
 
 def log_mean_exp(log_weights: Tensor) -> float:

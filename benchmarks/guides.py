@@ -32,12 +32,12 @@ from benchmarks.evaluate import (
     log_mean_exp,
     moment_errors,
     nuts_eight_schools,
-    psis_khat,
 )
 from benchmarks.guide_specs import GUIDES, GuideSpec, get_guide_spec
 from benchmarks.report import check_bars, format_table, plot_samples, speed_ratios
 from benchmarks.targets import TARGETS, EnergyTarget, Target, get_target
 from benchmarks.train import Fit, TrainConfig, train_interleaved
+from pyro_nf.diagnostics import khat_from_log_weights
 
 __all__ = ["add_bench_parser", "main", "run_benchmark"]
 
@@ -76,7 +76,7 @@ def _evaluate(fit: Fit, target: Target, num_draws: int, reference) -> dict:
         "sec_per_step": fit.median_step_seconds,
         "skipped_steps": fit.skipped_steps,
         "elbo": float(draws.log_weights.double().mean()),
-        "khat": psis_khat(draws.log_weights),
+        "khat": khat_from_log_weights(draws.log_weights),
         "log_z_is": log_mean_exp(draws.log_weights),
     }
     if target.log_z is not None:

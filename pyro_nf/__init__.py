@@ -14,6 +14,7 @@ from pyro_nf.conditional_flows import (
 from pyro_nf.diagnostics import (
     LogEvidence,
     compare_to_mcmc,
+    khat_from_log_weights,
     log_evidence,
     log_importance_weights,
     psis_khat,
@@ -49,6 +50,7 @@ __all__ = [
     "build_flow",
     "compare_to_mcmc",
     "fit",
+    "khat_from_log_weights",
     "laplace_approximation",
     "log_evidence",
     "log_importance_weights",

@@ -27,6 +27,7 @@ from torch import Tensor
 __all__ = [
     "LogEvidence",
     "compare_to_mcmc",
+    "khat_from_log_weights",
     "log_evidence",
     "log_importance_weights",
     "psis_khat",
@@ -213,11 +214,37 @@ def psis_khat(
     log_w = log_importance_weights(
         model, guide, *args, num_samples=num_samples, batch_size=batch_size, **kwargs
     )
-    if log_w.max() - log_w.min() < 1e-4:  # equal up to rounding: no tail to fit
+    return khat_from_log_weights(log_w)
+
+
+def khat_from_log_weights(log_weights: Tensor) -> float:
+    """PSIS k-hat of importance weights given by their logarithms (see :func:`psis_khat`).
+
+    Parameters
+    ----------
+    log_weights : Tensor
+        ``log p(x, z) - log q(z)`` for draws ``z ~ q``, shape ``(num_draws,)``.
+
+    Returns
+    -------
+    float
+        k-hat; ``-inf`` when all the log weights agree to within 1e-4 (no tail to fit);
+        NaN when one is NaN (a guide that produced non-finite draws).
+
+    Examples
+    --------
+    >>> khat_from_log_weights(torch.zeros(100))
+    -inf
+    >>> khat_from_log_weights(torch.randn(4000, generator=torch.Generator().manual_seed(0))) < 0.5
+    True
+    """
+    if torch.isnan(log_weights).any():
+        return math.nan
+    if log_weights.max() - log_weights.min() < 1e-4:  # equal up to rounding
         return -math.inf
     with warnings.catch_warnings():  # arviz warns about k-hat > 0.7: we return it instead
         warnings.simplefilter("ignore")
-        _, khat = az.psislw(log_w.double().cpu().numpy())
+        _, khat = az.psislw(log_weights.double().cpu().numpy())
     return float(khat)
 
 
