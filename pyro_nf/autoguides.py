@@ -94,12 +94,22 @@ class _Start:
     log_evidence: float = -math.inf
     log_evidence_se: float = math.inf
 
+    def score(self, log_joint: LogDensity, center: Tensor, scale_tril: Tensor) -> _Start:
+        """Set the scores from the Gaussian ``N(center, scale_tril scale_tril^T)``."""
+        self.elbo, self.log_evidence, self.log_evidence_se = _gaussian_scores(
+            log_joint, center, scale_tril
+        )
+        return self
+
     def key(self) -> float:
-        return self.elbo if self.elbo == self.elbo else -math.inf  # NaN ranks last
+        return _nan_last(self.elbo)
 
     def evidence_key(self) -> float:
-        value = self.log_evidence
-        return value if value == value else -math.inf
+        return _nan_last(self.log_evidence)
+
+
+def _nan_last(value: float) -> float:
+    return value if value == value else -math.inf
 
 
 def _pulled_back(
@@ -320,25 +330,16 @@ class AutoFlow(AutoContinuous):
                 density = _pulled_back(log_joint, noncentering, args, kwargs)
             start = _Start(loc, noncentering, None, self._init_scale)
             if compare:
-                start.elbo, start.log_evidence, start.log_evidence_se = _gaussian_scores(
-                    density, loc, torch.diag(torch.full_like(loc, self._init_scale))
-                )
+                start.score(density, loc, torch.diag(torch.full_like(loc, self._init_scale)))
             plain.append(start)
             if self.warm_start is None:
                 continue
             start = _Start(loc, noncentering, None, _WIDE_SCALE)
-            start.elbo, start.log_evidence, start.log_evidence_se = _gaussian_scores(
-                density, loc, torch.diag(torch.full_like(loc, _WIDE_SCALE))
-            )
-            wide.append(start)
+            wide.append(start.score(density, loc, torch.diag(torch.full_like(loc, _WIDE_SCALE))))
             approx = laplace_approximation(density, loc, fallback_scale=self._init_scale)
-            if not approx.converged:
-                continue
-            start = _Start(loc, noncentering, approx, 1.0)
-            start.elbo, start.log_evidence, start.log_evidence_se = _gaussian_scores(
-                density, approx.loc, _scale_tril(approx)
-            )
-            laplace.append(start)
+            if approx.converged:
+                start = _Start(loc, noncentering, approx, 1.0)
+                laplace.append(start.score(density, approx.loc, _scale_tril(approx)))
         chosen = max(plain, key=_Start.key)
         reason = "no mode was found"
         if laplace:
