@@ -50,8 +50,11 @@ WARM_STARTS = ("laplace", None)
 
 #: Draws used to score the candidate starts.
 _START_DRAWS = 256
-#: Scale of the wide start at init_loc_fn's point (Pyro's flow guides start at N(0, I)).
-_WIDE_SCALE = 1.0
+#: Scales of the isotropic starts at init_loc_fn's point scored besides init_scale (Pyro's
+#: flow guides start at N(0, I)). No 0.7: on eight schools (non-centred, 256 particles) a
+#: spline started at 0.7 or 1, the best ELBOs, kept too short a left tail of log tau on
+#: some init points (sd 14-21% small); started at 0.5 or below it did not (at most 10%).
+_WIDE_SCALES = (0.3, 0.5, 1.0)
 #: How much higher (nats) the wide start's importance-sampled log evidence must be.
 _EVIDENCE_MARGIN = 0.1
 
@@ -110,6 +113,14 @@ class _Start:
 
 def _nan_last(value: float) -> float:
     return value if value == value else -math.inf
+
+
+def _clearly_higher_evidence(start: _Start, other: _Start) -> bool:
+    """Whether ``start``'s log evidence beats ``other``'s by the margin and by two
+    standard errors of the difference."""
+    gain = start.evidence_key() - other.evidence_key()
+    noise = math.hypot(start.log_evidence_se, other.log_evidence_se)
+    return gain > max(_EVIDENCE_MARGIN, 2 * noise)
 
 
 def _pulled_back(
@@ -174,16 +185,17 @@ class AutoFlow(AutoContinuous):
     warm_start : {"laplace", None}
         ``"laplace"`` (default): start at the Laplace approximation and learn in the
         coordinates it whitens. Candidate starts are scored on 256 fixed draws: the
-        Laplace start is kept if a mode with a positive-definite Hessian was found (dense
-        up to 300 dimensions, diagonal above) and its ELBO is at least that of the plain
-        start ``N(init_loc, init_scale**2)``; otherwise the guide warns
-        (:class:`pyro_nf.laplace.LaplaceWarning`) and takes the plain start (densities
-        without a proper mode, such as funnels, or a search that stops at a saddle point).
-        Either is replaced by the wide start ``N(init_loc, I)`` (Pyro's flow guides'
-        start) where the wide start's importance-sampled evidence is higher by more than
-        0.1 nats and two standard errors: mass that a start at one mode misses, such as a
-        second mode, which the flow could not find from there. ``None``: the plain start,
-        unscored.
+        Laplace start (where a mode with a positive-definite Hessian is found; dense up
+        to 300 dimensions, diagonal above) and the isotropic starts ``N(init_loc, s**2)``
+        for ``s`` in ``init_scale``, 0.3, 0.5 and 1 (1 is Pyro's flow guides' start). The
+        best ELBO wins, except that a winning Laplace start gives way to the isotropic
+        start with the highest importance-sampled evidence where that is higher by more
+        than 0.1 nats and two standard errors: mass that a start at one mode misses, such
+        as a second mode, which the flow could not find from there. Where the Laplace
+        start is not taken the guide says why in a
+        :class:`pyro_nf.laplace.LaplaceWarning` (densities without a proper mode, such as
+        funnels, or a search that stops at a saddle point). ``None``: the plain start
+        ``N(init_loc, init_scale**2)``, unscored.
     noncentered : {"auto", True, False}
         Coordinates for hierarchical sites, whose location-scale prior depends on other
         latent sites (``theta ~ Normal(mu, tau)``): with ``True`` the flow acts on their
@@ -306,9 +318,9 @@ class AutoFlow(AutoContinuous):
         Coordinates: the model's own, and, where the model has hierarchical sites and
         ``noncentered`` allows, the non-centred ones. Starts in each: ``N(init_loc,
         init_scale^2)``; with ``warm_start="laplace"`` also the Laplace approximation
-        where a mode is found, and the wide ``N(init_loc, I)``. The best ELBO picks
-        between the first two; the wide start replaces the pick where its
-        importance-sampled evidence is clearly higher.
+        where a mode is found and ``N(init_loc, s^2)`` for each ``s`` in
+        ``_WIDE_SCALES``. The best ELBO picks, and a Laplace pick gives way to the
+        isotropic start whose importance-sampled evidence is clearly higher.
         """
         init_loc = self._init_loc()
         log_joint = unconstrained_log_joint(self, *args, **kwargs)
@@ -322,20 +334,21 @@ class AutoFlow(AutoContinuous):
         compare = len(coordinates) > 1 or self.warm_start is not None
         plain: list[_Start] = []
         laplace: list[_Start] = []
-        wide: list[_Start] = []
         for noncentering in coordinates:
             loc, density = init_loc, log_joint
             if noncentering is not None:
                 loc = noncentering(init_loc, *args, inverse=True, **kwargs)[0].detach()
                 density = _pulled_back(log_joint, noncentering, args, kwargs)
-            start = _Start(loc, noncentering, None, self._init_scale)
-            if compare:
-                start.score(density, loc, torch.diag(torch.full_like(loc, self._init_scale)))
-            plain.append(start)
+            scales = (self._init_scale,)
+            if self.warm_start is not None:
+                scales += tuple(s for s in _WIDE_SCALES if s != self._init_scale)
+            for scale in scales if compare else scales[:1]:
+                start = _Start(loc, noncentering, None, scale)
+                if compare:
+                    start.score(density, loc, torch.diag(torch.full_like(loc, scale)))
+                plain.append(start)
             if self.warm_start is None:
                 continue
-            start = _Start(loc, noncentering, None, _WIDE_SCALE)
-            wide.append(start.score(density, loc, torch.diag(torch.full_like(loc, _WIDE_SCALE))))
             approx = laplace_approximation(density, loc, fallback_scale=self._init_scale)
             if approx.converged:
                 start = _Start(loc, noncentering, approx, 1.0)
@@ -345,23 +358,32 @@ class AutoFlow(AutoContinuous):
         if laplace:
             best_laplace = max(laplace, key=_Start.key)
             if best_laplace.key() >= chosen.key():
-                chosen = best_laplace
+                # A start at a mode has the best ELBO even where the posterior has mass it
+                # misses (other modes, curved ridges), which a flow started there rarely
+                # finds. Such mass shows in the importance-sampled evidence of a wider
+                # start: take that one where its evidence is clearly higher (by a margin
+                # and by two standard errors).
+                # Only the widest: a narrow start's evidence is overestimated as often as
+                # not (heavy-tailed weights; its standard error is no guide then).
+                clearly_higher = [
+                    start
+                    for start in plain
+                    if start.scale == _WIDE_SCALES[-1]
+                    and _clearly_higher_evidence(start, best_laplace)
+                ]
+                if clearly_higher:
+                    chosen = max(clearly_higher, key=_Start.evidence_key)
+                    reason = (
+                        f"N(init_loc, {chosen.scale:g}^2) has a clearly higher "
+                        "importance-sampled evidence: mass away from the mode"
+                    )
+                else:
+                    chosen = best_laplace
             else:
                 reason = (
                     f"its ELBO ({best_laplace.elbo:.4g}) is below that of N(init_loc, "
-                    f"init_scale^2) ({chosen.elbo:.4g})"
+                    f"{chosen.scale:g}^2) ({chosen.elbo:.4g})"
                 )
-        if wide:
-            # The start with the best ELBO sits at one mode even where the posterior has
-            # mass it misses (other modes, curved ridges), and a flow started there rarely
-            # finds that mass. Such mass shows in the importance-sampled evidence of a wide
-            # start: take it when it is clearly higher (by a margin and by two standard
-            # errors).
-            best_wide = max(wide, key=_Start.evidence_key)
-            gain = best_wide.evidence_key() - chosen.evidence_key()
-            noise = math.hypot(best_wide.log_evidence_se, chosen.log_evidence_se)
-            if gain > max(_EVIDENCE_MARGIN, 2 * noise):
-                chosen = best_wide
         if self.warm_start is not None and chosen.laplace is None:
             warnings.warn(
                 f"{type(self).__name__}: not using the Laplace start ({reason}); starting "

@@ -382,3 +382,22 @@ def test_funnel_gets_the_plain_start_and_trains_to_a_small_kl():
         z, log_q = guide.get_posterior().rsample_with_log_prob((10000,))
     # from the Laplace fallback (a diagonal Gaussian at a saddle) it stayed above 100 nats
     assert (log_q - log_density(z)).mean().item() < 2.0
+
+
+def test_without_a_mode_the_isotropic_start_with_the_best_elbo_is_taken():
+    from pyro_nf.autoguides import _WIDE_SCALES, _gaussian_scores
+    from pyro_nf.laplace import LaplaceWarning, unconstrained_log_joint
+
+    def funnel():  # no mode in these coordinates: the Laplace search finds none
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(torch.zeros(2), torch.exp(v / 2)).to_event(1))
+
+    guide = AutoIAFFlow(funnel, noncentered=False)
+    with pytest.warns(LaplaceWarning, match="not using the Laplace start"):
+        guide()
+    assert guide.laplace is None
+    log_joint = unconstrained_log_joint(guide)
+    scales = (guide._init_scale, *_WIDE_SCALES)
+    elbos = [_gaussian_scores(log_joint, guide.loc.detach(), s * torch.eye(3))[0] for s in scales]
+    best = scales[max(range(len(scales)), key=elbos.__getitem__)]
+    assert torch.allclose(guide.scale, torch.full((3,), best))

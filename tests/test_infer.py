@@ -290,7 +290,7 @@ def test_auto_estimator_switches_to_stl_at_the_first_decay(monkeypatch):
 
     made.clear()
     result = fit(model, guide, num_steps=4000, lr=0.05, estimator="auto", progress=False, seed=0)
-    assert result.lr < 0.05 and made == [("elbo", 8)] and result.num_particles == 8
+    assert result.lr < 0.05 and made == [("elbo", 256)] and result.num_particles == 256
 
 
 class RecordingAdam(torch.optim.Adam):
@@ -342,10 +342,15 @@ def test_parameters_end_at_the_mean_of_the_plateau_iterates(average):
         assert torch.equal(final, iterates[-1])
 
 
-def test_default_particles_are_eight_where_the_model_vectorises_else_one(fresh_pyro_state):
-    result = fit(normal_model, AutoNormal(normal_model), num_steps=5, progress=False, seed=0)
-    assert result.num_particles == 8
+@pytest.mark.parametrize("num_data, expected", [(10, 256), (2**14 - 1, 64), (2**19, 8)])
+def test_default_particles_scale_with_the_size_of_a_trace(fresh_pyro_state, num_data, expected):
+    data = torch.zeros(num_data)
+    result = fit(normal_model, AutoNormal(normal_model), data, num_steps=2, progress=False)
+    # one trace holds num_data + 1 values; a step at most 2**20, with 8 to 256 particles
+    assert result.num_particles == expected
 
+
+def test_default_particles_are_one_where_the_model_does_not_vectorise(fresh_pyro_state):
     def unbatched():  # ``torch.zeros(3)`` does not broadcast with a particle dimension on v
         v = pyro.sample("v", dist.Normal(0.0, 1.0))
         pyro.sample("u", dist.Normal(torch.zeros(3), v.exp()).to_event(1))
