@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -96,6 +97,10 @@ def find_hierarchical_sites(guide, *args, **kwargs) -> list[str]:
     return sites
 
 
+class _AllStandardized(Exception):
+    """Ends a model run once every hierarchical site is mapped."""
+
+
 class _Standardize(Messenger):
     """Fix every latent site of a model run; map the hierarchical ones through their prior.
 
@@ -122,6 +127,8 @@ class _Standardize(Messenger):
                 value = output = prior.loc + prior.scale * given
             self.outputs[name] = output
             self.log_scales[name] = prior.scale.log().expand(output.shape)
+            if len(self.outputs) == len(self.inputs):
+                raise _AllStandardized
         elif name in self.values:
             value = self.values[name]
         else:
@@ -171,6 +178,17 @@ class NonCentering:
             name: biject_to(site["fn"].support)
             for name, site in guide.prototype_trace.iter_stochastic_nodes()
         }
+        # Per site: unconstrained shape and the event dims it adds, as Pyro's
+        # AutoContinuous._unpack_latent computes them on every call.
+        self._layout = {
+            name: (
+                guide._unconstrained_shapes[name],
+                site["fn"].event_dim
+                + len(guide._unconstrained_shapes[name])
+                - len(site["value"].shape),
+            )
+            for name, site in guide.prototype_trace.iter_stochastic_nodes()
+        }
 
     def __call__(
         self, latent: Tensor, *args, inverse: bool = False, **kwargs
@@ -195,21 +213,36 @@ class NonCentering:
                 torch.stack(log_dets).reshape(latent.shape[:-1]),
             )
 
+    def _unpack(self, latent: Tensor):
+        """``(name, unconstrained value)`` per site, shaped as Pyro's ``_unpack_latent``
+        shapes them (its shapes, from a layout computed once)."""
+        batch_shape, start = latent.shape[:-1], 0
+        for name, size in self.sizes.items():
+            shape, event_dim = self._layout[name]
+            shape = torch.broadcast_shapes(shape, batch_shape + (1,) * event_dim)
+            yield name, latent[..., start : start + size].view(shape)
+            start += size
+
     def _map(self, latent: Tensor, args: tuple, kwargs: dict, inverse: bool):
         batch_shape = latent.shape[:-1]
         # Batch dimensions go left of the model's plates, so that its sites broadcast.
         shaped = latent.reshape(*batch_shape, *(1,) * self.max_plate_nesting, latent.size(-1))
         values, inputs, shapes = {}, {}, {}
-        for site, unconstrained_value in self.guide._unpack_latent(shaped):
-            name = site["name"]
+        for name, unconstrained_value in self._unpack(shaped):
             if name in self.sites:
                 inputs[name] = unconstrained_value
                 shapes[name] = unconstrained_value.shape
             else:
                 values[name] = self.transforms[name](unconstrained_value)
         standardize = _Standardize(values, inputs, inverse)
-        with poutine.block(), standardize:
-            self.model(*args, **kwargs)
+        # The model's own run (in the ELBO) validates its distributions; this one only reads
+        # prior parameters, and stops after the last hierarchical site (the likelihood is
+        # not needed).
+        try:
+            with poutine.block(), pyro.validation_enabled(False), standardize:
+                self.model(*args, **kwargs)
+        except _AllStandardized:
+            pass
         parts, log_det, start = [], latent.new_zeros(batch_shape), 0
         for name, size in self.sizes.items():
             if name in self.sites:

@@ -166,3 +166,24 @@ def test_schools_fit_median_quantiles_and_predictive(fresh_pyro_state):
 def test_rejects_an_unknown_choice():
     with pytest.raises(ValueError, match="noncentered must be 'auto', True or False"):
         AutoFlow(schools, noncentered="yes")
+
+
+def test_map_stops_the_model_after_the_last_hierarchical_site():
+    likelihood_runs = []
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("schools", 8):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            likelihood_runs.append(1)
+            pyro.sample("y", dist.Normal(theta, SCHOOLS_SIGMA), obs=SCHOOLS_Y)
+
+    guide = _setup(model)
+    likelihood_runs.clear()
+    noncentering = NonCentering(guide, ["theta"])
+    z, _ = noncentering(torch.randn(5, 10))
+    assert not likelihood_runs  # the prior parameters are all it reads
+    assert not pyro.poutine.runtime._PYRO_STACK  # and the run's handlers are all closed
+    u, _ = noncentering(z, inverse=True)
+    assert not likelihood_runs and u.shape == (5, 10)
