@@ -55,7 +55,7 @@ class GuideSpec:
     ours : bool
         Whether this is one of pyro_nf's guides.
     build : callable
-        ``build(model, init_loc_fn, latent_dim) -> (guide, lr)``.
+        ``build(model, init_loc_fn) -> (guide, lr)``.
     counterpart : str or None
         The Pyro guide with the same kind and number of layers; steps of the two are
         interleaved and their per-step time ratio is reported.
@@ -63,13 +63,13 @@ class GuideSpec:
 
     name: str
     ours: bool
-    build: Callable[[Callable, Callable, int], tuple[AutoGuide, float]]
+    build: Callable[[Callable, Callable], tuple[AutoGuide, float]]
     counterpart: str | None = None
     options: dict[str, object] = field(default_factory=dict)
 
 
 def _ours(family: str, options: dict[str, object]):
-    def build(model, init_loc_fn, latent_dim):
+    def build(model, init_loc_fn):
         guide = AutoFlow(model, flow=family, init_loc_fn=init_loc_fn, **options)
         return guide, guide.default_lr
 
@@ -80,14 +80,16 @@ def _pyro_flow(family: str):
     num_layers = FLOWS[family].num_layers
     lr = FLOWS[family].lr
 
-    def build(model, init_loc_fn, latent_dim):
-        hidden = list(_default_hidden_dims(latent_dim))
-        layer = {
-            "planar": planar,
-            "radial": radial,
-            "iaf": functools.partial(affine_autoregressive, hidden_dims=hidden),
-            "spline": functools.partial(spline_autoregressive, hidden_dims=hidden, count_bins=8),
-        }[family]
+    def layer(dim: int):
+        # Widths from the latent dimension, which Pyro passes to init_transform_fn.
+        hidden = list(_default_hidden_dims(dim))
+        if family == "iaf":
+            return affine_autoregressive(dim, hidden_dims=hidden)
+        if family == "spline":
+            return spline_autoregressive(dim, hidden_dims=hidden, count_bins=8)
+        return {"planar": planar, "radial": radial}[family](dim)
+
+    def build(model, init_loc_fn):
         init_transform_fn = functools.partial(iterated, num_layers, layer)
         return AutoNormalizingFlow(_with_init(model, init_loc_fn), init_transform_fn), lr
 
@@ -101,15 +103,15 @@ def _with_init(model: Callable, init_loc_fn: Callable) -> Callable:
     return InitMessenger(init_loc_fn)(model)
 
 
-def _auto_normal(model, init_loc_fn, latent_dim):
+def _auto_normal(model, init_loc_fn):
     return AutoNormal(model, init_loc_fn=init_loc_fn), 1e-2
 
 
-def _auto_mvn(model, init_loc_fn, latent_dim):
+def _auto_mvn(model, init_loc_fn):
     return AutoMultivariateNormal(model, init_loc_fn=init_loc_fn), 1e-2
 
 
-def _auto_iaf_normal(model, init_loc_fn, latent_dim):
+def _auto_iaf_normal(model, init_loc_fn):
     return AutoIAFNormal(_with_init(model, init_loc_fn)), FLOWS["iaf"].lr
 
 

@@ -60,10 +60,6 @@ def _groups(specs: Sequence[GuideSpec]) -> list[list[GuideSpec]]:
     return groups
 
 
-def _latent_dim(target: Target) -> int:
-    return target.dim if isinstance(target, EnergyTarget) else 0
-
-
 def _evaluate(fit: Fit, target: Target, num_draws: int, reference) -> dict:
     draws = draw_from_guide(target.model, fit.guide, num_draws, target.max_plate_nesting)
     row = {
@@ -134,7 +130,6 @@ def run_benchmark(
                     group,
                     target.model,
                     target.init_loc_fn,
-                    _latent_dim(target),
                     target.max_plate_nesting,
                     config,
                 )

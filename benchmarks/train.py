@@ -71,7 +71,6 @@ def train_interleaved(
     specs: Sequence[GuideSpec],
     model: Callable,
     init_loc_fn: Callable,
-    latent_dim: int,
     max_plate_nesting: int,
     config: TrainConfig,
 ) -> list[Fit]:
@@ -89,7 +88,7 @@ def train_interleaved(
     fits, optimizers, schedulers = [], [], []
     for spec in specs:
         pyro.set_rng_seed(config.seed)
-        guide, lr = spec.build(model, init_loc_fn, latent_dim)
+        guide, lr = spec.build(model, init_loc_fn)
         guide()  # set up parameters (Pyro's flow guides build their layers lazily)
         optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
         schedulers.append(

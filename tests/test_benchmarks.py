@@ -119,3 +119,20 @@ def test_tiny_run_writes_table_json_and_figure(tmp_path, capsys):
     assert ("u1", "planar", "pyro-planar") in ratios
     assert (tmp_path / "guides.png").exists()
     assert any(path.name.startswith("nuts_eight_schools") for path in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ["iaf", "spline"])
+def test_pyro_counterpart_has_the_same_network_widths_on_a_model_target(family):
+    from benchmarks.guide_specs import get_guide_spec
+
+    target = get_target("funnel")  # a Pyro model: its dimension is known only to the guides
+
+    def widths(layer):  # hidden layers; the output's size is the family's parameter count
+        return [m.weight.shape for m in layer.arn.modules() if isinstance(m, torch.nn.Linear)][:-1]
+
+    with pyro.settings.context(module_local_params=True):
+        ours, _ = get_guide_spec(family).build(target.model, target.init_loc_fn())
+        theirs, _ = get_guide_spec(f"pyro-{family}").build(target.model, target.init_loc_fn())
+        ours()
+        theirs()
+    assert widths(ours.flow.layers[0]) == widths(theirs.transform.parts[0]) == [(34, 10), (34, 34)]
