@@ -403,23 +403,26 @@ class AutoFlow(AutoContinuous):
         With non-centred coordinates it needs the model's arguments; without them, those of
         the guide's last call are used.
         """
+        # Each attribute read once: inside a trace, a PyroModule attribute is a param
+        # statement (and the flow a pyro.module call over all its parameters).
+        loc, scale, flow = self.loc, self.scale, self.flow
         if self.laplace is None:
-            posterior = FlowDistribution(self.loc, self.scale, self.flow, validate_args=False)
-        elif self.laplace_scale_tril is None:  # a diagonal warm start
+            posterior = FlowDistribution(loc, scale, flow, validate_args=False)
+        elif (scale_tril := self.laplace_scale_tril) is None:  # a diagonal warm start
             base_scale = self.laplace_scale
             posterior = FlowDistribution(
-                self.laplace_loc + base_scale * self.loc,
-                base_scale * self.scale,
-                self.flow,
+                self.laplace_loc + base_scale * loc,
+                base_scale * scale,
+                flow,
                 validate_args=False,
             )
         else:
             posterior = FlowDistribution(
-                self.laplace_loc + self.laplace_scale_tril @ self.loc,
-                self.scale,
-                self.flow,
+                self.laplace_loc + scale_tril @ loc,
+                scale,
+                flow,
                 validate_args=False,
-                scale_tril=self.laplace_scale_tril,
+                scale_tril=scale_tril,
             )
         if self.noncentering is None:
             return posterior
