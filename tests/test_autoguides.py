@@ -385,7 +385,7 @@ def test_funnel_gets_the_plain_start_and_trains_to_a_small_kl():
 
 
 def test_without_a_mode_the_isotropic_start_with_the_best_elbo_is_taken():
-    from pyro_nf.autoguides import _WIDE_SCALES, _gaussian_scores
+    from pyro_nf.autoguides import _ISOTROPIC_SCALES, _gaussian_scores
     from pyro_nf.laplace import LaplaceWarning, unconstrained_log_joint
 
     def funnel():  # no mode in these coordinates: the Laplace search finds none
@@ -397,7 +397,7 @@ def test_without_a_mode_the_isotropic_start_with_the_best_elbo_is_taken():
         guide()
     assert guide.laplace is None
     log_joint = unconstrained_log_joint(guide)
-    scales = (guide._init_scale, *_WIDE_SCALES)
+    scales = (guide._init_scale, *_ISOTROPIC_SCALES)
     elbos = [_gaussian_scores(log_joint, guide.loc.detach(), s * torch.eye(3))[0] for s in scales]
     best = scales[max(range(len(scales)), key=elbos.__getitem__)]
     assert torch.allclose(guide.scale, torch.full((3,), best))

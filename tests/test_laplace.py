@@ -9,7 +9,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_nf.autoguides import _WIDE_SCALES, AutoFlow
+from pyro_nf.autoguides import _ISOTROPIC_SCALES, AutoFlow
 from pyro_nf.flows import FLOWS, build_flow
 from pyro_nf.laplace import LaplaceWarning, laplace_approximation, unconstrained_log_joint
 
@@ -153,7 +153,7 @@ def test_funnel_model_warns_and_starts_plain():
     assert guide.laplace is None  # no mode: an isotropic start at init_loc_fn's point
     assert torch.allclose(guide.loc, guide._init_loc())
     scale = float(guide.scale[0])
-    assert any(scale == pytest.approx(s) for s in (0.1, *_WIDE_SCALES))
+    assert any(scale == pytest.approx(s) for s in (0.1, *_ISOTROPIC_SCALES))
     assert torch.allclose(guide.scale, torch.full((4,), scale, dtype=f64))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
     assert all(math.isfinite(svi.step()) for _ in range(20))
