@@ -333,7 +333,7 @@ class AutoFlow(AutoContinuous):
         if not coordinates or self.noncentered == "auto":
             coordinates.append(None)
         compare = len(coordinates) > 1 or self.warm_start is not None
-        plain: list[_Start] = []
+        isotropic: list[_Start] = []
         laplace: list[_Start] = []
         for noncentering in coordinates:
             loc, density = init_loc, log_joint
@@ -347,14 +347,14 @@ class AutoFlow(AutoContinuous):
                 start = _Start(loc, noncentering, None, scale)
                 if compare:
                     start.score(density, loc, torch.diag(torch.full_like(loc, scale)))
-                plain.append(start)
+                isotropic.append(start)
             if self.warm_start is None:
                 continue
             approx = laplace_approximation(density, loc, fallback_scale=self._init_scale)
             if approx.converged:
                 start = _Start(loc, noncentering, approx, 1.0)
                 laplace.append(start.score(density, approx.loc, _scale_tril(approx)))
-        chosen = max(plain, key=_Start.key)
+        chosen = max(isotropic, key=_Start.key)
         reason = "no mode was found"
         if laplace:
             best_laplace = max(laplace, key=_Start.key)
@@ -368,7 +368,7 @@ class AutoFlow(AutoContinuous):
                 # not (heavy-tailed weights; its standard error is no guide then).
                 clearly_higher = [
                     start
-                    for start in plain
+                    for start in isotropic
                     if start.scale == _ISOTROPIC_SCALES[-1]
                     and _clearly_higher_evidence(start, best_laplace)
                 ]

@@ -163,7 +163,6 @@ class NonCentering:
     """
 
     def __init__(self, guide, sites: Sequence[str]):
-        self.guide = guide
         self.model = model_without_init(guide)
         self.sites = tuple(sites)
         frames = (
