@@ -42,6 +42,7 @@ from pyro_nf.laplace import (
     laplace_approximation,
     unconstrained_log_joint,
 )
+from pyro_nf.layout import LatentLayout
 from pyro_nf.noncentering import NonCenteredDistribution, NonCentering, find_hierarchical_sites
 
 __all__ = ["AutoFlow", "AutoIAFFlow", "AutoPlanarFlow", "AutoRadialFlow", "AutoSplineFlow"]
@@ -285,6 +286,7 @@ class AutoFlow(AutoContinuous):
         try:
             super()._setup_prototype(*args, **kwargs)
             _check_no_subsampled_locals(self.prototype_trace, guide_name)
+            self._latent_layout = LatentLayout(self)
             try:
                 flow = build_flow(self.flow_spec.name, self.latent_dim, **self._flow_kwargs)
             except ValueError as error:
@@ -393,6 +395,11 @@ class AutoFlow(AutoContinuous):
                 stacklevel=3,
             )
         return chosen
+
+    def _unpack_latent(self, latent: Tensor):
+        # Pyro's version recomputes the packing on every call (see pyro_nf.layout).
+        for name, unconstrained_value in self._latent_layout.unpack(latent):
+            yield self._latent_layout.sites[name], unconstrained_value
 
     def forward(self, *args, **kwargs) -> dict:
         self._model_args = (args, kwargs)

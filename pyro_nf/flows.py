@@ -457,12 +457,15 @@ class FlowStack(nn.Module):
             at the forward map's input (so for ``inverse=True`` it is log|det J| at the
             returned point).
         """
-        log_det = x.new_zeros(x.shape[:-1])
         if not inverse:
+            # Summed from the first layer's term (not from zeros): one node fewer in the
+            # autograd graph of every step.
+            log_det = None
             for layer in self.layers:
                 x, layer_log_det = _forward_and_log_det(layer, x)
-                log_det = log_det + layer_log_det
-            return x, log_det
+                log_det = layer_log_det if log_det is None else log_det + layer_log_det
+            return x, x.new_zeros(x.shape[:-1]) if log_det is None else log_det
+        log_det = x.new_zeros(x.shape[:-1])
         for layer in reversed(self.layers):
             # Pyro's layers keep a one-entry cache keyed on the input tensor's identity;
             # a stale entry (same input, parameters since updated) would be returned

@@ -19,7 +19,6 @@ or ``scale`` has a gradient with respect to another latent site's value.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import pyro
@@ -27,12 +26,18 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
-from pyro.distributions.transforms import biject_to
+from pyro.distributions.transforms import (
+    ComposeTransform,
+    IndependentTransform,
+    Transform,
+    biject_to,
+)
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from pyro_nf.distribution import ScoresOwnDraws
 from pyro_nf.laplace import model_without_init
+from pyro_nf.layout import LatentLayout
 
 __all__ = ["NonCenteredDistribution", "NonCentering", "find_hierarchical_sites"]
 
@@ -95,6 +100,13 @@ def find_hierarchical_sites(guide, *args, **kwargs) -> list[str]:
         if any(grad is not None for grad in grads):
             sites.append(name)
     return sites
+
+
+def _is_identity(transform: Transform) -> bool:
+    """Whether ``transform`` is the identity (``biject_to`` of the real line or vectors)."""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, ComposeTransform) and not transform.parts
 
 
 class _AllStandardized(Exception):
@@ -172,21 +184,12 @@ class NonCentering:
             if frame.vectorized
         )
         self.max_plate_nesting = max((-frame.dim for frame in frames), default=0)
-        self.sizes = {name: math.prod(shape) for name, shape in guide._unconstrained_shapes.items()}
+        self.layout = LatentLayout(guide)
+        # None where the support is the real line (the map is the identity).
         self.transforms = {
-            name: biject_to(site["fn"].support)
-            for name, site in guide.prototype_trace.iter_stochastic_nodes()
-        }
-        # Per site: unconstrained shape and the event dims it adds, as Pyro's
-        # AutoContinuous._unpack_latent computes them on every call.
-        self._layout = {
-            name: (
-                guide._unconstrained_shapes[name],
-                site["fn"].event_dim
-                + len(guide._unconstrained_shapes[name])
-                - len(site["value"].shape),
-            )
-            for name, site in guide.prototype_trace.iter_stochastic_nodes()
+            name: None if _is_identity(transform) else transform
+            for name, site in self.layout.sites.items()
+            for transform in (biject_to(site["fn"].support),)
         }
 
     def __call__(
@@ -212,27 +215,20 @@ class NonCentering:
                 torch.stack(log_dets).reshape(latent.shape[:-1]),
             )
 
-    def _unpack(self, latent: Tensor):
-        """``(name, unconstrained value)`` per site, shaped as Pyro's ``_unpack_latent``
-        shapes them (its shapes, from a layout computed once)."""
-        batch_shape, start = latent.shape[:-1], 0
-        for name, size in self.sizes.items():
-            shape, event_dim = self._layout[name]
-            shape = torch.broadcast_shapes(shape, batch_shape + (1,) * event_dim)
-            yield name, latent[..., start : start + size].view(shape)
-            start += size
-
     def _map(self, latent: Tensor, args: tuple, kwargs: dict, inverse: bool):
         batch_shape = latent.shape[:-1]
         # Batch dimensions go left of the model's plates, so that its sites broadcast.
         shaped = latent.reshape(*batch_shape, *(1,) * self.max_plate_nesting, latent.size(-1))
         values, inputs, shapes = {}, {}, {}
-        for name, unconstrained_value in self._unpack(shaped):
+        for name, unconstrained_value in self.layout.unpack(shaped):
             if name in self.sites:
                 inputs[name] = unconstrained_value
                 shapes[name] = unconstrained_value.shape
             else:
-                values[name] = self.transforms[name](unconstrained_value)
+                transform = self.transforms[name]
+                values[name] = (
+                    unconstrained_value if transform is None else transform(unconstrained_value)
+                )
         standardize = _Standardize(values, inputs, inverse)
         # The model's own run (in the ELBO) validates its distributions; this one only reads
         # prior parameters, and stops after the last hierarchical site (the likelihood is
@@ -242,16 +238,17 @@ class NonCentering:
                 self.model(*args, **kwargs)
         except _AllStandardized:
             pass
-        parts, log_det, start = [], latent.new_zeros(batch_shape), 0
-        for name, size in self.sizes.items():
+        parts, log_dets, start = [], [], 0
+        for name, size in self.layout.sizes.items():
             if name in self.sites:
                 output = standardize.outputs[name].expand(shapes[name])
                 parts.append(output.reshape(*batch_shape, size))
                 log_scale = standardize.log_scales[name].expand(shapes[name])
-                log_det = log_det + log_scale.reshape(*batch_shape, size).sum(-1)
+                log_dets.append(log_scale.reshape(*batch_shape, size).sum(-1))
             else:
                 parts.append(latent[..., start : start + size])
             start += size
+        log_det = sum(log_dets[1:], log_dets[0])  # every map has at least one site
         return torch.cat(parts, -1), -log_det if inverse else log_det
 
 
