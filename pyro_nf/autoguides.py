@@ -22,12 +22,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
+import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
@@ -402,8 +406,36 @@ class AutoFlow(AutoContinuous):
             yield self._latent_layout.sites[name], unconstrained_value
 
     def forward(self, *args, **kwargs) -> dict:
+        """Draw the joint latent vector and return each site's value (as AutoContinuous).
+
+        Pyro's ``AutoContinuous.forward``, except that each site's support transform is
+        looked up once (Pyro calls ``biject_to`` per site and step) and sites on the real
+        line skip the transform and its zero log-det.
+        """
         self._model_args = (args, kwargs)
-        return super().forward(*args, **kwargs)
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        latent = self.sample_latent(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        layout, masked = self._latent_layout, poutine.get_mask() is False
+        result = {}
+        for name, unconstrained_value in layout.unpack(latent):
+            event_dim = layout.sites[name]["fn"].event_dim
+            transform = layout.transforms[name]
+            value, log_density = unconstrained_value, 0.0
+            if transform is not None:
+                value = transform(unconstrained_value)
+                if not masked:
+                    log_density = transform.inv.log_abs_det_jacobian(value, unconstrained_value)
+                    log_density = sum_rightmost(
+                        log_density, log_density.dim() - value.dim() + event_dim
+                    )
+            delta = dist.Delta(value, log_density=log_density, event_dim=event_dim)
+            with ExitStack() as stack:
+                for frame in self._cond_indep_stacks[name]:
+                    stack.enter_context(plates[frame.name])
+                result[name] = pyro.sample(name, delta)
+        return result
 
     def get_posterior(self, *args, **kwargs) -> FlowDistribution | NonCenteredDistribution:
         """The flow distribution over the unconstrained joint latent vector.

@@ -3,9 +3,9 @@
 Pyro's ``AutoContinuous._unpack_latent`` recomputes every site's size, event dimensions
 and broadcast shape on each call, the last with ``torch.broadcast_shapes`` (a Python
 reference implementation, ~25 us per site); a guide unpacks on every SVI step, and the
-non-centring map once more. :class:`LatentLayout` computes the sizes and event dimensions
-when the guide is set up and each batch shape's view shapes once, and returns the same
-views as Pyro's method.
+non-centring map once more. :class:`LatentLayout` computes the sizes, event dimensions
+and support transforms when the guide is set up and each batch shape's view shapes once,
+and returns the same views as Pyro's method.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ import math
 from collections.abc import Iterator
 
 import torch
+from pyro.distributions.transforms import (
+    ComposeTransform,
+    IndependentTransform,
+    Transform,
+    biject_to,
+)
 from torch import Tensor
 
 __all__ = ["LatentLayout"]
@@ -57,6 +63,12 @@ class LatentLayout:
             )
             for name, site in self.sites.items()
         }
+        # Each site's map from the real line onto its support; None for the identity.
+        self.transforms: dict[str, Transform | None] = {
+            name: None if _is_identity(transform) else transform
+            for name, site in self.sites.items()
+            for transform in (biject_to(site["fn"].support),)
+        }
         self._shapes: dict[torch.Size, dict[str, torch.Size]] = {}
 
     def unpack(self, latent: Tensor) -> Iterator[tuple[str, Tensor]]:
@@ -74,3 +86,10 @@ class LatentLayout:
         for name, size in self.sizes.items():
             yield name, latent[..., start : start + size].view(shapes[name])
             start += size
+
+
+def _is_identity(transform: Transform) -> bool:
+    """Whether ``transform`` is the identity (``biject_to`` of the real line or vectors)."""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, ComposeTransform) and not transform.parts

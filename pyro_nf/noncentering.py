@@ -26,12 +26,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
-from pyro.distributions.transforms import (
-    ComposeTransform,
-    IndependentTransform,
-    Transform,
-    biject_to,
-)
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
@@ -100,13 +94,6 @@ def find_hierarchical_sites(guide, *args, **kwargs) -> list[str]:
         if any(grad is not None for grad in grads):
             sites.append(name)
     return sites
-
-
-def _is_identity(transform: Transform) -> bool:
-    """Whether ``transform`` is the identity (``biject_to`` of the real line or vectors)."""
-    while isinstance(transform, IndependentTransform):
-        transform = transform.base_transform
-    return isinstance(transform, ComposeTransform) and not transform.parts
 
 
 class _AllStandardized(Exception):
@@ -185,12 +172,6 @@ class NonCentering:
         )
         self.max_plate_nesting = max((-frame.dim for frame in frames), default=0)
         self.layout = LatentLayout(guide)
-        # None where the support is the real line (the map is the identity).
-        self.transforms = {
-            name: None if _is_identity(transform) else transform
-            for name, site in self.layout.sites.items()
-            for transform in (biject_to(site["fn"].support),)
-        }
 
     def __call__(
         self, latent: Tensor, *args, inverse: bool = False, **kwargs
@@ -225,7 +206,7 @@ class NonCentering:
                 inputs[name] = unconstrained_value
                 shapes[name] = unconstrained_value.shape
             else:
-                transform = self.transforms[name]
+                transform = self.layout.transforms[name]
                 values[name] = (
                     unconstrained_value if transform is None else transform(unconstrained_value)
                 )
