@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -34,7 +35,14 @@ from benchmarks.evaluate import (
     nuts_eight_schools,
 )
 from benchmarks.guide_specs import GUIDES, GuideSpec, get_guide_spec
-from benchmarks.report import check_bars, format_table, plot_samples, speed_ratios
+from benchmarks.report import (
+    check_bars,
+    format_table,
+    plot_samples,
+    speed_ratios,
+    summarize,
+    summarize_ratios,
+)
 from benchmarks.targets import TARGETS, EnergyTarget, Target, get_target
 from benchmarks.train import Fit, TrainConfig, train_interleaved
 from pyro_nf.diagnostics import khat_from_log_weights
@@ -105,13 +113,20 @@ def run_benchmark(
     nuts_samples: int,
     out_dir: Path,
     progress: bool = True,
+    num_seeds: int = 1,
 ) -> dict:
-    """Train and evaluate every (target, guide) pair; return the results as a dict."""
+    """Train and evaluate every (target, guide) pair; return the results as a dict.
+
+    With ``num_seeds > 1`` every pair is trained and evaluated once per seed
+    (``config.seed``, ``config.seed + 1``, ...); ``rows`` holds every run and ``summary``
+    the median over seeds (see :func:`benchmarks.report.summarize`).
+    """
     targets = [get_target(name) for name in target_names]
     specs = [get_guide_spec(name) for name in guide_names]
+    seeds = [config.seed + offset for offset in range(num_seeds)]
     rows = []
     started = time.perf_counter()
-    bar = tqdm(total=len(targets) * len(specs), disable=not progress, desc="benchmark")
+    bar = tqdm(total=len(targets) * len(specs) * num_seeds, disable=not progress, desc="benchmark")
     # Module-local parameters: several guides of one class train side by side without
     # sharing entries of Pyro's global parameter store.
     with pyro.settings.context(module_local_params=True):
@@ -122,40 +137,57 @@ def run_benchmark(
                 reference = nuts_eight_schools(
                     nuts_samples, nuts_samples // 2 + 100, config.seed, out_dir
                 )
-            target_rows = []
-            for group_index, group in enumerate(_groups(specs)):
-                names = "+".join(spec.name for spec in group)
-                bar.set_postfix_str(f"{target.name}: {names}")
-                fits = train_interleaved(
-                    group,
-                    target.model,
-                    target.init_loc_fn,
-                    target.max_plate_nesting,
-                    config,
-                )
-                for fit in fits:
-                    pyro.set_rng_seed(config.seed + 1)
-                    row = _evaluate(fit, target, num_draws, reference)
-                    row["group"] = group_index
-                    target_rows.append(row)
-                    bar.update()
-            if target.log_z is None:
-                _fill_estimated_kl(target_rows)
-            rows += target_rows
+            for seed in seeds:
+                seed_config = dataclasses.replace(config, seed=seed)
+                target_rows = []
+                for group_index, group in enumerate(_groups(specs)):
+                    names = "+".join(spec.name for spec in group)
+                    bar.set_postfix_str(f"{target.name}: {names} (seed {seed})")
+                    fits = train_interleaved(
+                        group,
+                        target.model,
+                        target.init_loc_fn,
+                        target.max_plate_nesting,
+                        seed_config,
+                    )
+                    for fit in fits:
+                        pyro.set_rng_seed(seed + 1)
+                        row = _evaluate(fit, target, num_draws, reference)
+                        row["group"], row["seed"] = group_index, seed
+                        target_rows.append(row)
+                        bar.update()
+                if target.log_z is None:
+                    _fill_estimated_kl(target_rows)
+                rows += target_rows
     bar.close()
+    ratios = speed_ratios(rows)
     return {
-        "config": {**vars(config), "num_draws": num_draws, "nuts_samples": nuts_samples},
+        "config": {
+            **vars(config),
+            "num_seeds": num_seeds,
+            "num_draws": num_draws,
+            "nuts_samples": nuts_samples,
+        },
         "log_z": {target.name: target.log_z for target in targets},
         "seconds": time.perf_counter() - started,
         "rows": rows,
-        "speed_ratios": speed_ratios(rows),
+        "speed_ratios": ratios,
+        "summary": summarize(rows),
+        "summary_speed_ratios": summarize_ratios(ratios),
     }
 
 
 def _parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 3 min)")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"), help="output dir")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds per (target, guide): seed, seed+1, ...; tables and bars use the "
+        "median over seeds (default 1)",
+    )
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="default: all")
     parser.add_argument("--guides", nargs="+", choices=list(GUIDES), help="default: all")
     parser.add_argument("--steps", type=int, help="SVI steps per guide (default 1000; quick 50)")
@@ -195,11 +227,12 @@ def _run(args: argparse.Namespace) -> dict:
         nuts_samples,
         args.out,
         progress=not args.no_progress,
+        num_seeds=args.seeds,
     )
-    results["bars"] = check_bars(results["rows"], results["speed_ratios"])
+    results["bars"] = check_bars(results["summary"], results["summary_speed_ratios"])
     print(format_table(results))
-    figure = plot_samples(results["rows"], args.out / "guides.png")
-    for row in results["rows"]:
+    figure = plot_samples(results["summary"], args.out / "guides.png")
+    for row in results["rows"] + results["summary"]:
         row.pop("samples", None)
     (args.out / "guides.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out / 'guides.json'}" + (f" and {figure}" if figure else ""))

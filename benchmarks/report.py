@@ -11,7 +11,14 @@ import torch
 from benchmarks.guide_specs import GUIDES
 from benchmarks.targets import EnergyTarget, get_target
 
-__all__ = ["check_bars", "format_table", "plot_samples", "speed_ratios"]
+__all__ = [
+    "check_bars",
+    "format_table",
+    "plot_samples",
+    "speed_ratios",
+    "summarize",
+    "summarize_ratios",
+]
 
 #: Targets on which our best KL must be at most a third of the best Pyro built-in's.
 STRICT_TARGETS = ("u1", "u2", "u3", "u4", "funnel")
@@ -32,8 +39,8 @@ def speed_ratios(rows: Sequence[dict]) -> list[dict]:
         if ours["guide"] == "spline":
             partners.append("AutoNormal")
         for row in rows:
-            same_group = row["target"] == ours["target"] and row["group"] == ours["group"]
-            if same_group and row["guide"] in partners:
+            same_run = all(row.get(key) == ours.get(key) for key in ("target", "group", "seed"))
+            if same_run and row["guide"] in partners:
                 ratio = ours["sec_per_step"] / row["sec_per_step"]
                 ratios.append(
                     {
@@ -41,9 +48,66 @@ def speed_ratios(rows: Sequence[dict]) -> list[dict]:
                         "ours": ours["guide"],
                         "pyro": row["guide"],
                         "ratio": ratio,
+                        "seed": ours.get("seed"),
                     }
                 )
     return ratios
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).quantile(0.5))
+
+
+def _median_run(runs: Sequence[dict]) -> dict:
+    # The run whose KL is the (lower) median: its samples and moments represent the guide.
+    return sorted(runs, key=lambda row: row["kl"])[(len(runs) - 1) // 2]
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """One row per (target, guide): the median over seeds.
+
+    ``kl``, ``khat`` and ``sec_per_step`` are medians over the seeds' runs, ``kl_min`` and
+    ``kl_max`` their range, ``num_seeds`` their number; the other fields (samples, moment
+    errors, the KL's standard error) are those of the median-KL run. With one seed the
+    row is the run itself (plus those fields).
+
+    Examples
+    --------
+    >>> runs = [{"target": "u1", "guide": "planar", "kl": kl, "khat": 0.5,
+    ...          "sec_per_step": 0.01, "seed": seed} for seed, kl in enumerate([0.3, 0.1, 0.2])]
+    >>> row = summarize(runs)[0]
+    >>> row["kl"], row["kl_min"], row["kl_max"], row["seed"]
+    (0.2, 0.1, 0.3, 2)
+    """
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        runs.setdefault((row["target"], row["guide"]), []).append(row)
+    summary = []
+    for guide_runs in runs.values():
+        kls = [row["kl"] for row in guide_runs]
+        summary.append(
+            {
+                **_median_run(guide_runs),
+                "kl": _median(kls),
+                "kl_min": min(kls),
+                "kl_max": max(kls),
+                "khat": _median([row["khat"] for row in guide_runs]),
+                "sec_per_step": _median([row["sec_per_step"] for row in guide_runs]),
+                "num_seeds": len(guide_runs),
+            }
+        )
+    return summary
+
+
+def summarize_ratios(ratios: Sequence[dict]) -> list[dict]:
+    """Per (target, ours, Pyro) pair, the median step-time ratio over seeds."""
+    pairs: dict[tuple[str, str, str], list[float]] = {}
+    for ratio in ratios:
+        pairs.setdefault((ratio["target"], ratio["ours"], ratio["pyro"]), []).append(ratio["ratio"])
+    return [
+        {"target": target, "ours": ours, "pyro": pyro, "ratio": _median(values)}
+        for (target, ours, pyro), values in pairs.items()
+    ]
 
 
 def check_bars(rows: Sequence[dict], ratios: Sequence[dict]) -> list[dict]:
@@ -83,16 +147,23 @@ def check_bars(rows: Sequence[dict], ratios: Sequence[dict]) -> list[dict]:
 
 def format_table(results: dict) -> str:
     """The terminal table: one block per target, then the bars."""
-    ratio_of = {(r["target"], r["ours"], r["pyro"]): r["ratio"] for r in results["speed_ratios"]}
+    ratio_of = {
+        (r["target"], r["ours"], r["pyro"]): r["ratio"] for r in results["summary_speed_ratios"]
+    }
+    num_seeds = results["config"].get("num_seeds", 1)
     lines = []
+    if num_seeds > 1:
+        lines.append(f"medians over {num_seeds} seeds; [min-max] of the KL")
     header = f"{'guide':<24}{'KL (nats)':>18}{'k-hat':>8}{'ms/step':>9}  ratio vs Pyro"
-    for target in dict.fromkeys(row["target"] for row in results["rows"]):
-        rows = [row for row in results["rows"] if row["target"] == target]
+    for target in dict.fromkeys(row["target"] for row in results["summary"]):
+        rows = [row for row in results["summary"] if row["target"] == target]
         log_z = results["log_z"][target]
         note = f"log Z = {log_z:.4f}" if log_z is not None else "log Z estimated (IS)"
         lines += ["", f"== {target} ({note})", header]
         for row in sorted(rows, key=lambda row: row["kl"]):
             se = f" ± {row['kl_se']:.3f}" if row.get("kl_se") is not None else "       "
+            if num_seeds > 1:
+                se = f" [{row['kl_min']:.3f}-{row['kl_max']:.3f}]"
             ratios = ", ".join(
                 f"{value:.2f} vs {pyro}"
                 for (t, ours, pyro), value in ratio_of.items()

@@ -121,6 +121,24 @@ def test_tiny_run_writes_table_json_and_figure(tmp_path, capsys):
     assert any(path.name.startswith("nuts_eight_schools") for path in tmp_path.iterdir())
 
 
+def test_several_seeds_report_medians_and_ranges(tmp_path, capsys):
+    argv = ["--targets", "u1", "--guides", "planar", "pyro-planar", "--steps", "3"]
+    argv += ["--draws", "300", "--out", str(tmp_path), "--no-progress", "--seeds", "3"]
+    results = main(argv)
+    assert sorted(row["seed"] for row in results["rows"]) == [0, 0, 1, 1, 2, 2]
+    ratios = [r["ratio"] for r in results["speed_ratios"]]
+    assert len(ratios) == 3  # one interleaved pair per seed
+    (summary_ratio,) = results["summary_speed_ratios"]
+    assert summary_ratio["ratio"] == sorted(ratios)[1]
+    for row in results["summary"]:
+        kls = sorted(r["kl"] for r in results["rows"] if r["guide"] == row["guide"])
+        assert (row["kl_min"], row["kl"], row["kl_max"]) == pytest.approx(kls)
+        assert row["num_seeds"] == 3
+    table = capsys.readouterr().out
+    assert "medians over 3 seeds" in table
+    assert f"[{kls[0]:.3f}-{kls[2]:.3f}]" in table  # the range of the last guide checked
+
+
 @pytest.mark.parametrize("family", ["iaf", "spline"])
 def test_pyro_counterpart_has_the_same_network_widths_on_a_model_target(family):
     from benchmarks.guide_specs import get_guide_spec
