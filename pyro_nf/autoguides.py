@@ -409,8 +409,9 @@ class AutoFlow(AutoContinuous):
         """Draw the joint latent vector and return each site's value (as AutoContinuous).
 
         Pyro's ``AutoContinuous.forward``, except that each site's support transform is
-        looked up once (Pyro calls ``biject_to`` per site and step) and sites on the real
-        line skip the transform and its zero log-det.
+        looked up once (Pyro calls ``biject_to`` per site and step), sites on the real
+        line skip the transform and its zero log-det, and the site distributions are not
+        validated.
         """
         self._model_args = (args, kwargs)
         if self.prototype_trace is None:
@@ -430,7 +431,11 @@ class AutoFlow(AutoContinuous):
                     log_density = sum_rightmost(
                         log_density, log_density.dim() - value.dim() + event_dim
                     )
-            delta = dist.Delta(value, log_density=log_density, event_dim=event_dim)
+            # Not validated: the value is the guide's own draw (a Delta does not check it)
+            # and the log-density our own transform's, which the loss would show as NaN.
+            delta = dist.Delta(
+                value, log_density=log_density, event_dim=event_dim, validate_args=False
+            )
             with ExitStack() as stack:
                 for frame in self._cond_indep_stacks[name]:
                     stack.enter_context(plates[frame.name])
