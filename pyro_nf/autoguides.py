@@ -30,7 +30,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
-from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
@@ -510,9 +509,9 @@ class AutoFlow(AutoContinuous):
         result = {}
         # One quantile at a time: a batch dimension would not broadcast with plated sites.
         for latent in torch.quantile(samples, probs, dim=0):
-            for site, unconstrained_value in self._unpack_latent(latent):
-                value = biject_to(site["fn"].support)(unconstrained_value)
-                result.setdefault(site["name"], []).append(value)
+            for name, unconstrained_value in self._latent_layout.unpack(latent):
+                value = self._latent_layout.constrain(name, unconstrained_value)
+                result.setdefault(name, []).append(value)
         return {name: torch.stack(values) for name, values in result.items()}
 
     @torch.no_grad()

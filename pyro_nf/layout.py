@@ -87,6 +87,11 @@ class LatentLayout:
             yield name, latent[..., start : start + size].view(shapes[name])
             start += size
 
+    def constrain(self, name: str, unconstrained_value: Tensor) -> Tensor:
+        """Site ``name``'s value in its support (the identity on the real line)."""
+        transform = self.transforms[name]
+        return unconstrained_value if transform is None else transform(unconstrained_value)
+
 
 def _is_identity(transform: Transform) -> bool:
     """Whether ``transform`` is the identity (``biject_to`` of the real line or vectors)."""

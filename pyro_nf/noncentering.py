@@ -206,10 +206,7 @@ class NonCentering:
                 inputs[name] = unconstrained_value
                 shapes[name] = unconstrained_value.shape
             else:
-                transform = self.layout.transforms[name]
-                values[name] = (
-                    unconstrained_value if transform is None else transform(unconstrained_value)
-                )
+                values[name] = self.layout.constrain(name, unconstrained_value)
         standardize = _Standardize(values, inputs, inverse)
         # The model's own run (in the ELBO) validates its distributions; this one only reads
         # prior parameters, and stops after the last hierarchical site (the likelihood is
