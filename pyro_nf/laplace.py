@@ -38,10 +38,11 @@ from dataclasses import dataclass
 
 import torch
 from pyro import poutine
-from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import InitMessenger
 from torch import Tensor
+
+from pyro_nf.layout import LatentLayout
 
 __all__ = [
     "LaplaceApproximation",
@@ -169,13 +170,18 @@ def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogDensit
     if guide.prototype_trace is None:
         raise ValueError("guide has no prototype yet: call it once with the model's arguments")
     model = model_without_init(guide)
+    # Packing and support transforms computed once: the start contest and the Laplace
+    # search call log_joint hundreds of times.
+    layout = LatentLayout(guide)
 
     def log_joint(z: Tensor) -> Tensor:
         values, log_jacobian = {}, z.new_zeros(())
-        for site, unconstrained_value in guide._unpack_latent(z):
-            transform = biject_to(site["fn"].support)
-            value = transform(unconstrained_value)
-            values[site["name"]] = value
+        for name, unconstrained_value in layout.unpack(z):
+            transform = layout.transforms[name]
+            if transform is None:  # the real line: value as is, zero log-det
+                values[name] = unconstrained_value
+                continue
+            value = values[name] = transform(unconstrained_value)
             log_jacobian = (
                 log_jacobian + transform.log_abs_det_jacobian(unconstrained_value, value).sum()
             )
