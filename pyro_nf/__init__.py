@@ -1,59 +1,64 @@
 """pyro_nf: normalizing-flow posteriors for Pyro.
 
-Flow autoguides (:class:`AutoSplineFlow`, :class:`AutoIAFFlow`, :class:`AutoPlanarFlow`,
-:class:`AutoRadialFlow`), a training loop (:func:`fit`), diagnostics with ArviZ, and a
-flow-posterior VAE (:mod:`pyro_nf.vae`).
+Flow autoguides (`AutoSplineFlow`, `AutoIAFFlow`, `AutoPlanarFlow`, `AutoRadialFlow`), a
+training loop (`fit`), diagnostics with ArviZ, and a flow-posterior VAE (`pyro_nf.vae`).
+
+Public names are imported on first use, so ``import pyro_nf`` does not import ArviZ, the
+VAE trainer or ``torch.distributed``.
 """
 
-from pyro_nf.autoguides import AutoFlow, AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow
-from pyro_nf.conditional_flows import (
-    CONDITIONAL_FLOWS,
-    ConditionalFlowPosterior,
-    build_conditional_flow,
-)
-from pyro_nf.diagnostics import (
-    LogEvidence,
-    compare_to_mcmc,
-    khat_from_log_weights,
-    log_evidence,
-    log_importance_weights,
-    psis_khat,
-    to_inference_data,
-)
-from pyro_nf.distribution import FlowDistribution
-from pyro_nf.flows import FLOWS, FlowStack, build_flow
-from pyro_nf.infer import FitResult, NonFiniteLossError, Schedule, fit
-from pyro_nf.laplace import LaplaceApproximation, LaplaceWarning, laplace_approximation
-from pyro_nf.vae import FlowVAE
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from importlib.metadata import PackageNotFoundError, version
 
-__all__ = [
-    "CONDITIONAL_FLOWS",
-    "FLOWS",
-    "AutoFlow",
-    "AutoIAFFlow",
-    "AutoPlanarFlow",
-    "AutoRadialFlow",
-    "AutoSplineFlow",
-    "ConditionalFlowPosterior",
-    "FitResult",
-    "FlowDistribution",
-    "FlowStack",
-    "FlowVAE",
-    "LaplaceApproximation",
-    "LaplaceWarning",
-    "LogEvidence",
-    "NonFiniteLossError",
-    "Schedule",
-    "build_conditional_flow",
-    "build_flow",
-    "compare_to_mcmc",
-    "fit",
-    "khat_from_log_weights",
-    "laplace_approximation",
-    "log_evidence",
-    "log_importance_weights",
-    "psis_khat",
-    "to_inference_data",
-]
+try:
+    __version__ = version("pyro-nf")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
+
+#: Public name -> the submodule that defines it.
+_EXPORTS = {
+    "AutoFlow": "pyro_nf.autoguides",
+    "AutoIAFFlow": "pyro_nf.autoguides",
+    "AutoPlanarFlow": "pyro_nf.autoguides",
+    "AutoRadialFlow": "pyro_nf.autoguides",
+    "AutoSplineFlow": "pyro_nf.autoguides",
+    "CONDITIONAL_FLOWS": "pyro_nf.conditional_flows",
+    "ConditionalFlowPosterior": "pyro_nf.conditional_flows",
+    "build_conditional_flow": "pyro_nf.conditional_flows",
+    "LogEvidence": "pyro_nf.diagnostics",
+    "compare_to_mcmc": "pyro_nf.diagnostics",
+    "khat_from_log_weights": "pyro_nf.diagnostics",
+    "log_evidence": "pyro_nf.diagnostics",
+    "log_importance_weights": "pyro_nf.diagnostics",
+    "psis_khat": "pyro_nf.diagnostics",
+    "to_inference_data": "pyro_nf.diagnostics",
+    "FlowDistribution": "pyro_nf.distribution",
+    "FLOWS": "pyro_nf.flows",
+    "FlowStack": "pyro_nf.flows",
+    "build_flow": "pyro_nf.flows",
+    "FitResult": "pyro_nf.infer",
+    "NonFiniteLossError": "pyro_nf.infer",
+    "Schedule": "pyro_nf.infer",
+    "fit": "pyro_nf.infer",
+    "LaplaceApproximation": "pyro_nf.laplace",
+    "LaplaceWarning": "pyro_nf.laplace",
+    "laplace_approximation": "pyro_nf.laplace",
+    "FlowVAE": "pyro_nf.vae",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyro_nf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
