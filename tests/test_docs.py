@@ -28,14 +28,8 @@ PUBLIC = sorted(pyro_nf.__all__)
 
 
 def _defining_modules() -> dict[str, str]:
-    """Public name -> the module ``pyro_nf/__init__.py`` imports it from."""
-    tree = ast.parse(Path(pyro_nf.__file__).read_text())
-    modules = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            for alias in node.names:
-                modules[alias.asname or alias.name] = node.module
-    return modules
+    """Public name -> the module ``pyro_nf`` loads it from."""
+    return dict(pyro_nf._EXPORTS)
 
 
 def _attribute_docstring(module_name: str, name: str) -> str | None:
@@ -146,3 +140,19 @@ def test_mkdocs_build_strict(tmp_path):
     anchors = set(re.findall(r'id="(pyro_nf\.[\w.]+)"', api))
     unrendered = [name for name in PUBLIC if not any(a.endswith(f".{name}") for a in anchors)]
     assert not unrendered, f"public names missing from the rendered API reference: {unrendered}"
+    raw = [
+        f"{page.relative_to(site)}: {match.group(0)}"
+        for page in site.glob("**/*.html")
+        for match in _RAW_ROLE.finditer(_visible_text(page.read_text()))
+    ]
+    assert not raw, f"reST roles rendered as plain text (use `Name` or $math$): {raw[:10]}"
+
+
+#: A Sphinx role such as :class:`x`, which mkdocs renders literally (as ":class:x", the
+#: backticks turned into a code span).
+_RAW_ROLE = re.compile(r":(?:class|func|meth|mod|math|data|attr|obj|exc|ref):`?[^\s`<]+")
+
+
+def _visible_text(html: str) -> str:
+    """The page without tags, so that a role in visible text is found wherever it sits."""
+    return re.sub(r"<[^>]+>", "", re.sub(r"<(script|style)\b.*?</\1>", "", html, flags=re.S))
