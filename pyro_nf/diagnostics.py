@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import arviz as az
@@ -24,6 +24,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
+from pyro_nf.checks import check_int
+
 __all__ = [
     "LogEvidence",
     "compare_to_mcmc",
@@ -35,6 +37,10 @@ __all__ = [
 ]
 
 _SAMPLE_PLATE = "_pyro_nf_samples"
+
+# ArviZ fits the Pareto tail to the largest ceil(min(S / 5, 3 sqrt(S))) of S weights and
+# returns inf below 5 of them, which happens for S <= 20.
+_MIN_PSIS_DRAWS = 21
 
 
 class LogEvidence(NamedTuple):
@@ -90,11 +96,8 @@ def _prototype(model: Callable, guide: Callable, args, kwargs) -> tuple[Trace, i
 
 
 def _batches(num_samples: int, batch_size: int | None):
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    size = batch_size or num_samples
+    check_int("num_samples", num_samples, minimum=1)
+    size = num_samples if batch_size is None else check_int("batch_size", batch_size, minimum=1)
     for start in range(0, num_samples, size):
         yield min(size, num_samples - start)
 
@@ -176,7 +179,7 @@ def psis_khat(
     """Pareto-smoothed importance-sampling k-hat of the guide (Yao et al., 2018).
 
     Fits a generalised Pareto distribution to the upper tail of the importance ratios
-    ``log p(x, z) - log q(z)``, ``z ~ q`` (via :func:`arviz.psislw`). Conventional
+    ``log p(x, z) - log q(z)``, ``z ~ q`` (via `arviz.psislw`). Conventional
     reading: k-hat < 0.5, the guide is close to the posterior and importance sampling
     corrects what remains; 0.5 to 0.7, usable with care; > 0.7, the guide misses
     posterior mass and its expectations are unreliable. A low k-hat does not prove the
@@ -190,7 +193,8 @@ def psis_khat(
     *args, **kwargs
         Their arguments.
     num_samples : int
-        Number of draws; the estimate needs a few thousand.
+        Number of draws; the estimate needs a few thousand, and fewer than 21 leave no
+        tail to fit (a ValueError).
     batch_size : int, optional
         Draws per vectorised pass.
 
@@ -211,19 +215,30 @@ def psis_khat(
     >>> psis_khat(model, guide, num_samples=1000) < 0.5
     True
     """
+    _check_psis_draws("num_samples", check_int("num_samples", num_samples, minimum=1))
     log_w = log_importance_weights(
         model, guide, *args, num_samples=num_samples, batch_size=batch_size, **kwargs
     )
     return khat_from_log_weights(log_w)
 
 
+def _check_psis_draws(name: str, count: int) -> None:
+    if count < _MIN_PSIS_DRAWS:
+        raise ValueError(
+            f"{name}={count} is too few draws for PSIS k-hat: the Pareto fit uses the largest "
+            f"ceil(min(S / 5, 3 sqrt(S))) of S weights and needs 5 of them, so S >= "
+            f"{_MIN_PSIS_DRAWS}; a reliable estimate needs a few thousand"
+        )
+
+
 def khat_from_log_weights(log_weights: Tensor) -> float:
-    """PSIS k-hat of importance weights given by their logarithms (see :func:`psis_khat`).
+    """PSIS k-hat of importance weights given by their logarithms (see `psis_khat`).
 
     Parameters
     ----------
     log_weights : Tensor
-        ``log p(x, z) - log q(z)`` for draws ``z ~ q``, shape ``(num_draws,)``.
+        ``log p(x, z) - log q(z)`` for draws ``z ~ q``, shape ``(num_draws,)`` with at
+        least 21 draws.
 
     Returns
     -------
@@ -238,6 +253,13 @@ def khat_from_log_weights(log_weights: Tensor) -> float:
     >>> khat_from_log_weights(torch.randn(4000, generator=torch.Generator().manual_seed(0))) < 0.5
     True
     """
+    log_weights = torch.as_tensor(log_weights)
+    if log_weights.dim() != 1:
+        raise ValueError(
+            "log_weights must be a 1-D tensor (one log weight per draw), got shape "
+            f"{tuple(log_weights.shape)}"
+        )
+    _check_psis_draws("len(log_weights)", log_weights.numel())
     if torch.isnan(log_weights).any():
         return math.nan
     if log_weights.max() - log_weights.min() < 1e-4:  # equal up to rounding
@@ -258,7 +280,7 @@ def log_evidence(
 ) -> LogEvidence:
     r"""Importance-weighted estimate of the log evidence log p(x), with standard error.
 
-    :math:`\log \frac1K \sum_k p(x, z_k)/q(z_k)`, :math:`z_k \sim q`: the
+    $\log \frac1K \sum_k p(x, z_k)/q(z_k)$, $z_k \sim q$: the
     importance-weighted bound (Burda et al., 2016), a lower bound on log p(x) in
     expectation that tightens as K grows, and never below the ELBO estimate on the same
     samples.
@@ -355,7 +377,7 @@ def to_inference_data(
     observed_data: bool = True,
     **kwargs,
 ) -> az.InferenceData:
-    """Draws from a fitted guide as an :class:`arviz.InferenceData`.
+    """Draws from a fitted guide as an `arviz.InferenceData`.
 
     Parameters
     ----------
@@ -391,8 +413,7 @@ def to_inference_data(
     >>> idata.posterior["mu"].shape, idata.observed_data["y"].dims
     ((1, 10), ('data',))
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_int("num_samples", num_samples, minimum=1)
     trace, nesting = _prototype(model, guide, args, kwargs)
     sites = {
         name: site
@@ -434,11 +455,83 @@ def _reference_draws(reference) -> dict[str, np.ndarray]:
         reference = reference.get_samples()
     if not isinstance(reference, Mapping):
         raise TypeError(
-            "mcmc_samples must be a dict of draws (site name to an array whose first axis "
-            "indexes draws), a pyro.infer.MCMC object or an arviz.InferenceData; got "
-            f"{type(reference).__name__}"
+            "mcmc_samples must be a dict of draws (site name to an array of shape "
+            "(draws, ...) or (chains, draws, ...)), a pyro.infer.MCMC object or an "
+            f"arviz.InferenceData; got {type(reference).__name__}"
         )
     return {name: _numpy(value) for name, value in reference.items()}
+
+
+def _approximation_draws(approximation, model, args, kwargs, num_samples):
+    if isinstance(approximation, az.InferenceData):
+        return _draws_from_idata(approximation)
+    if not callable(approximation):
+        raise TypeError(
+            "approximation must be an arviz.InferenceData or a fitted guide, got "
+            f"{type(approximation).__name__}"
+        )
+    model = model if model is not None else getattr(approximation, "model", None)
+    if model is None:
+        raise ValueError("compare_to_mcmc: pass model= along with a guide")
+    check_int("num_samples", num_samples, minimum=2)
+    idata = to_inference_data(
+        model, approximation, *args, num_samples=num_samples, observed_data=False, **kwargs
+    )
+    return _draws_from_idata(idata)
+
+
+def _compared_names(reference: Mapping, approx: Mapping, var_names) -> list[str]:
+    """The variables to compare: ``var_names``, else those both hold (warning of the rest)."""
+    if var_names is not None:
+        names = [var_names] if isinstance(var_names, str) else list(var_names)
+        missing = {
+            side: [name for name in names if name not in draws]
+            for side, draws in (("the reference", reference), ("the approximation", approx))
+        }
+        for side, absent in missing.items():
+            if absent:
+                raise ValueError(f"compare_to_mcmc: var_names {absent} not in {side}")
+        return names
+    common = [name for name in reference if name in approx]
+    if not common:
+        raise ValueError(
+            f"compare_to_mcmc: no variable in common; the reference has {sorted(reference)}, "
+            f"the approximation {sorted(approx)}"
+        )
+    only_reference = sorted(set(reference) - set(approx))
+    only_approx = sorted(set(approx) - set(reference))
+    if only_reference or only_approx:
+        warnings.warn(
+            f"compare_to_mcmc: comparing {common} only; not compared, held by the reference "
+            f"only: {only_reference}, by the approximation only: {only_approx}. Pass "
+            "var_names= to choose the variables",
+            stacklevel=3,
+        )
+    return common
+
+
+def _checked_draws(side: str, name: str, draws: np.ndarray, shape: tuple) -> np.ndarray:
+    """``draws`` as ``(num_draws, *shape)``, from ``(draws, *shape)`` or ``(chains, draws,
+    *shape)``, with at least two draws, all finite; else a ValueError naming ``name``."""
+    if draws.ndim >= 2 and draws.shape[2:] == shape and draws.shape[1:] != shape:
+        draws = draws.reshape(-1, *shape)  # chains pooled
+    if draws.ndim == 0 or draws.shape[1:] != shape:
+        raise ValueError(
+            f"compare_to_mcmc: variable {name!r} has shape {shape} per draw in the "
+            f"approximation, but {side}'s draws have shape {draws.shape}; expected "
+            f"(draws, *{shape}) or (chains, draws, *{shape})"
+        )
+    if not (np.issubdtype(draws.dtype, np.number) or draws.dtype == bool):
+        raise TypeError(f"compare_to_mcmc: {side}'s draws of {name!r} are not numbers")
+    if len(draws) < 2:
+        raise ValueError(f"compare_to_mcmc: {side} has {len(draws)} draw(s) of {name!r}; need 2")
+    bad = int(np.size(draws) - np.isfinite(draws).sum())
+    if bad:
+        raise ValueError(
+            f"compare_to_mcmc: {side}'s draws of {name!r} hold {bad} non-finite value(s) "
+            "(NaN or inf); drop those draws or find why the sampler produced them"
+        )
+    return draws
 
 
 def _flat_names(name: str, shape: tuple[int, ...]) -> list[str]:
@@ -447,12 +540,23 @@ def _flat_names(name: str, shape: tuple[int, ...]) -> list[str]:
     return [f"{name}[{', '.join(map(str, index))}]" for index in np.ndindex(*shape)]
 
 
+def _moment_rows(name: str, ref: np.ndarray, draws: np.ndarray) -> dict[str, list[float]]:
+    """Reference mean and sd, then the approximation's, per scalar parameter of ``name``."""
+    stats = [
+        array.reshape(-1)
+        for array in (ref.mean(0), ref.std(0, ddof=1), draws.mean(0), draws.std(0, ddof=1))
+    ]
+    labels = _flat_names(name, ref.shape[1:])
+    return {label: [float(stat[i]) for stat in stats] for i, label in enumerate(labels)}
+
+
 def compare_to_mcmc(
     approximation,
     mcmc_samples,
     *args,
     model: Callable | None = None,
     num_samples: int = 4000,
+    var_names: Sequence[str] | None = None,
     **kwargs,
 ) -> pd.DataFrame:
     """Error of a guide's posterior means and sds, in units of a reference posterior's sd.
@@ -460,69 +564,46 @@ def compare_to_mcmc(
     Parameters
     ----------
     approximation : arviz.InferenceData or guide
-        Draws from the guide (see :func:`to_inference_data`), or a fitted guide, from
-        which ``num_samples`` draws are taken (with ``model``, ``*args``, ``**kwargs``).
+        Draws from the guide (see `to_inference_data`), or a fitted guide, from which
+        ``num_samples`` draws are taken (with ``model``, ``*args``, ``**kwargs``).
     mcmc_samples : dict, pyro.infer.MCMC or arviz.InferenceData
-        The reference draws, e.g. ``mcmc.get_samples()`` (first axis indexes draws).
+        The reference draws, e.g. ``mcmc.get_samples()``: per variable, an array of shape
+        ``(draws, ...)`` or ``(chains, draws, ...)`` (chains are pooled). NaN or inf in
+        either side's draws is an error naming the variable.
     *args, **kwargs
         The model's arguments, when ``approximation`` is a guide.
     model : callable, optional
         The model, when ``approximation`` is a guide; default ``guide.model``.
     num_samples : int
         Draws from the guide, when ``approximation`` is a guide.
+    var_names : sequence of str, optional
+        The variables to compare, each held by both sides. Default: those both hold,
+        with a warning naming the variables held by one side only.
 
     Returns
     -------
     pandas.DataFrame
         One row per scalar parameter (``theta[0]``, ... as in ``arviz.summary``) of the
-        variables both hold, with the reference's ``ref_mean`` and ``ref_sd``, the
+        variables compared, with the reference's ``ref_mean`` and ``ref_sd``, the
         guide's ``mean`` and ``sd``, ``mean_error = (mean - ref_mean) / ref_sd`` and
         ``sd_error = (sd - ref_sd) / ref_sd``.
 
     Examples
     --------
     >>> draws = {"x": np.random.default_rng(0).normal(1.0, 2.0, size=(4000,))}
-    >>> reference = {"x": np.random.default_rng(1).normal(1.0, 2.0, size=(4000,))}
+    >>> reference = {"x": np.random.default_rng(1).normal(1.0, 2.0, size=(4, 1000))}
     >>> table = compare_to_mcmc(az.from_dict(posterior={"x": draws["x"][None]}), reference)
     >>> bool(table.loc["x", "mean_error"] ** 2 < 0.01)
     True
     """
-    if isinstance(approximation, az.InferenceData):
-        approx = _draws_from_idata(approximation)
-    elif callable(approximation):
-        model = model if model is not None else getattr(approximation, "model", None)
-        if model is None:
-            raise ValueError("compare_to_mcmc: pass model= along with a guide")
-        idata = to_inference_data(
-            model, approximation, *args, num_samples=num_samples, observed_data=False, **kwargs
-        )
-        approx = _draws_from_idata(idata)
-    else:
-        raise TypeError(
-            "approximation must be an arviz.InferenceData or a fitted guide, got "
-            f"{type(approximation).__name__}"
-        )
+    approx = _approximation_draws(approximation, model, args, kwargs, num_samples)
     reference = _reference_draws(mcmc_samples)
-    common = [name for name in reference if name in approx]
-    if not common:
-        raise ValueError(
-            f"compare_to_mcmc: no variable in common; the reference has {sorted(reference)}, "
-            f"the approximation {sorted(approx)}"
-        )
     rows = {}
-    for name in common:
-        ref, draws = reference[name], approx[name]
-        if ref.shape[1:] != draws.shape[1:]:
-            raise ValueError(
-                f"compare_to_mcmc: variable {name!r} has shape {draws.shape[1:]} in the "
-                f"approximation but {ref.shape[1:]} in the reference"
-            )
-        stats = [
-            array.reshape(-1)
-            for array in (ref.mean(0), ref.std(0, ddof=1), draws.mean(0), draws.std(0, ddof=1))
-        ]
-        for i, label in enumerate(_flat_names(name, ref.shape[1:])):
-            rows[label] = [float(stat[i]) for stat in stats]
+    for name in _compared_names(reference, approx, var_names):
+        shape = approx[name].shape[1:]
+        draws = _checked_draws("the approximation", name, approx[name], shape)
+        ref = _checked_draws("the reference", name, reference[name], shape)
+        rows.update(_moment_rows(name, ref, draws))
     table = pd.DataFrame.from_dict(
         rows, orient="index", columns=["ref_mean", "ref_sd", "mean", "sd"]
     )

@@ -1,6 +1,7 @@
 """Diagnostics: ArviZ export, PSIS k-hat, importance-weighted evidence, MCMC comparison, plots."""
 
 import math
+import warnings
 
 import arviz as az
 import matplotlib
@@ -15,6 +16,7 @@ from pyro.infer.autoguide import AutoNormal, init_to_value
 from pyro_nf import AutoIAFFlow
 from pyro_nf.diagnostics import (
     compare_to_mcmc,
+    khat_from_log_weights,
     log_evidence,
     log_importance_weights,
     psis_khat,
@@ -62,7 +64,11 @@ def normal_guide(shift=0.0, scale=1.0):
     return AutoNormal(conjugate, init_loc_fn=start, init_scale=scale * sd)
 
 
-pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
+pytestmark = [
+    pytest.mark.usefixtures("fresh_pyro_state"),
+    # ArviZ 0.x's plots call a matplotlib helper deprecated in matplotlib 3.11.
+    pytest.mark.filterwarnings("ignore:Passing a dict or None as alias_mapping:DeprecationWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +205,55 @@ def test_compare_to_mcmc_errors():
     guide, reference = exact_and_reference()
     with pytest.raises(ValueError, match="no variable in common"):
         compare_to_mcmc(guide, {"sigma": np.ones(10)})
-    with pytest.raises(ValueError, match="shape"):
-        compare_to_mcmc(guide, {"mu": np.ones((10, 2))})
+    with pytest.raises(ValueError, match=r"'mu' has shape \(\) per draw .* shape \(10, 2, 3\)"):
+        compare_to_mcmc(guide, {"mu": np.ones((10, 2, 3))})
     with pytest.raises(TypeError, match="mcmc_samples"):
         compare_to_mcmc(guide, [1.0, 2.0])
     with pytest.raises(ValueError, match="model="):
         compare_to_mcmc(lambda: None, reference)
+
+
+def test_compare_to_mcmc_warns_of_variables_held_by_one_side():
+    guide, reference = exact_and_reference()
+    reference["sigma"] = np.ones(10)
+    with pytest.warns(UserWarning, match=r"reference only: \['sigma'\]"):
+        table = compare_to_mcmc(guide, reference, num_samples=100)
+    assert list(table.index) == ["mu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # naming the variables is the quiet way
+        assert list(compare_to_mcmc(guide, reference, var_names=["mu"]).index) == ["mu"]
+    with pytest.raises(ValueError, match=r"var_names \['sigma'\] not in the approximation"):
+        compare_to_mcmc(guide, reference, var_names=["mu", "sigma"])
+
+
+def test_compare_to_mcmc_pools_chain_shaped_references():
+    guide, reference = exact_and_reference()
+    pooled = compare_to_mcmc(guide, reference, num_samples=1000)
+    pyro.set_rng_seed(0)
+    chains = compare_to_mcmc(guide, {"mu": reference["mu"].reshape(4, 5000)}, num_samples=1000)
+    assert chains.loc["mu", "ref_mean"] == pytest.approx(pooled.loc["mu", "ref_mean"])
+    assert chains.loc["mu", "ref_sd"] == pytest.approx(pooled.loc["mu", "ref_sd"])
+    with pytest.raises(ValueError, match=r"\(chains, draws, \*\(\)\)"):
+        compare_to_mcmc(guide, {"mu": np.ones((4, 5, 2))})
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_compare_to_mcmc_rejects_non_finite_reference_draws(bad):
+    guide, reference = exact_and_reference()
+    reference["mu"][3] = bad
+    with pytest.raises(ValueError, match="reference's draws of 'mu' hold 1 non-finite"):
+        compare_to_mcmc(guide, reference, num_samples=100)
+
+
+def test_psis_needs_enough_draws():
+    guide = normal_guide()
+    with pytest.raises(ValueError, match="num_samples=5 is too few draws for PSIS"):
+        psis_khat(conjugate, guide, num_samples=5)
+    with pytest.raises(ValueError, match=r"len\(log_weights\)=0 is too few draws"):
+        khat_from_log_weights(torch.zeros(0))
+    with pytest.raises(ValueError, match=r"1-D tensor .* shape \(10, 10\)"):
+        khat_from_log_weights(torch.zeros(10, 10))
+    assert math.isfinite(khat_from_log_weights(torch.randn(21)))
 
 
 def two_means(y=Y):
