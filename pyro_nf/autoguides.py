@@ -30,13 +30,14 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
+from pyro.distributions.transforms import ComposeTransform, Transform
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import Tensor, nn
 
-from pyro_nf.distribution import FlowDistribution
+from pyro_nf.distribution import FlowDistribution, FlowTransform
 from pyro_nf.flows import FlowSpec, build_flow, get_flow_spec
 from pyro_nf.laplace import (
     LaplaceApproximation,
@@ -473,6 +474,65 @@ class AutoFlow(AutoContinuous):
         if not args and not kwargs:
             args, kwargs = self._model_args
         return NonCenteredDistribution(posterior, self.noncentering, args, kwargs)
+
+    def get_base_dist(self) -> dist.Distribution:
+        """``N(0, I)`` over the latent vector: the law that `get_transform` maps.
+
+        Examples
+        --------
+        >>> import pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> guide = AutoPlanarFlow(model)
+        >>> _ = guide()
+        >>> guide.get_base_dist().event_shape
+        torch.Size([2])
+        """
+        loc = self._setup_loc("get_base_dist")
+        return dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
+
+    def get_transform(self, *args, **kwargs) -> Transform:
+        """The map from `get_base_dist`'s draws to the unconstrained latent vector.
+
+        `get_posterior` is this map's push-forward of ``N(0, I)``; as a Pyro `Transform`,
+        with its inverse and log-determinant, it is what Pyro's `NeuTraReparam` runs HMC
+        through. In non-centred coordinates the map ends with the non-centring map, which
+        reads the model's prior parameters at the arguments given, else at those of the
+        guide's last call (any arguments give a valid bijection; those the guide learned
+        at give NeuTra its best geometry).
+
+        Examples
+        --------
+        >>> import pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> guide = AutoPlanarFlow(model)
+        >>> _ = guide()
+        >>> transform = guide.get_transform()
+        >>> eps = torch.randn(5, 2)
+        >>> bool(torch.allclose(transform.inv(transform(eps)), eps, atol=1e-4))
+        True
+        """
+        self._setup_loc("get_transform")
+        posterior = self.get_posterior(*args, **kwargs)
+        if self.noncentering is None:
+            return posterior.as_transform()
+        noncentering, args, kwargs = self.noncentering, posterior.args, posterior.kwargs
+
+        def to_noncentred(z: Tensor) -> tuple[Tensor, Tensor]:
+            u, log_det_inverse = noncentering(z, *args, inverse=True, **kwargs)
+            return u, -log_det_inverse
+
+        to_model = FlowTransform(lambda u: noncentering(u, *args, **kwargs), to_noncentred)
+        return ComposeTransform([posterior.base.as_transform(), to_model])
+
+    def _setup_loc(self, method: str) -> Tensor:
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{method}: the guide is not set up yet; fit it (or "
+                "call it once) on the model's arguments first"
+            )
+        return self.loc
 
     @torch.no_grad()
     def _sample_unconstrained(self, num_samples: int, *args, **kwargs) -> Tensor:
