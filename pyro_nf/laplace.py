@@ -36,17 +36,23 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.poutine.block_messenger import BlockMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from pyro_nf.layout import LatentLayout
+from pyro_nf.layout import LatentLayout, plate_nesting
 
 __all__ = [
     "LaplaceApproximation",
     "LaplaceWarning",
+    "LogJoint",
     "laplace_approximation",
     "unconstrained_log_joint",
 ]
@@ -91,6 +97,8 @@ class LaplaceApproximation:
         What found the mode (before the Newton polish).
     log_density : float
         The log density at ``loc``.
+    reason : str
+        Why the mode was not used (empty when ``converged``).
 
     Examples
     --------
@@ -107,6 +115,20 @@ class LaplaceApproximation:
     converged: bool
     optimizer: str
     log_density: float
+    reason: str = ""
+
+
+def _unwrap(model: Callable, messenger_type: type) -> tuple[Messenger | None, Callable]:
+    """``(messenger, fn)`` if ``model`` is ``messenger(fn)`` for a messenger of this type,
+    else ``(None, model)``."""
+    wrapped = getattr(model, "func", None)
+    if (
+        isinstance(wrapped, functools.partial)
+        and len(wrapped.args) == 2
+        and isinstance(wrapped.args[0], messenger_type)
+    ):
+        return wrapped.args[0], wrapped.args[1]
+    return None, model
 
 
 def model_without_init(guide: AutoContinuous) -> Callable:
@@ -114,7 +136,7 @@ def model_without_init(guide: AutoContinuous) -> Callable:
 
     That messenger sits inside any handler put around ``guide.model``, so it calls the
     initialisation strategy at every site of every run, even of conditioned sites: with
-    :func:`init_to_median`, prior draws that cost time and advance Pyro's random state.
+    `init_to_median`, prior draws that cost time and advance Pyro's random state.
 
     Examples
     --------
@@ -125,22 +147,169 @@ def model_without_init(guide: AutoContinuous) -> Callable:
     >>> model_without_init(AutoDiagonalNormal(model)) is model
     True
     """
-    wrapped = getattr(guide.model, "func", None)
-    if (
-        isinstance(wrapped, functools.partial)
-        and len(wrapped.args) == 2
-        and isinstance(wrapped.args[0], InitMessenger)
-    ):
-        return wrapped.args[1]
-    return guide.model
+    return _unwrap(guide.model, InitMessenger)[1]
 
 
-def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogDensity:
-    """The log joint of ``guide``'s model as a function of its unconstrained latent vector.
+def _peel(guide: AutoContinuous) -> tuple[Messenger | None, list[Messenger], Callable]:
+    """The guide's ``InitMessenger``, the ``poutine.block`` layers (outermost first) around
+    the model, and the model inside them."""
+    init, inner = _unwrap(guide.model, InitMessenger)
+    blocks = []
+    while (found := _unwrap(inner, BlockMessenger))[0] is not None:
+        blocks.append(found[0])
+        inner = found[1]
+    return init, blocks, inner
+
+
+def _wrapped(inner: Callable, blocks: list[Messenger], values: dict[str, Tensor]) -> Callable:
+    """``inner`` conditioned on ``values``, inside the same blocks."""
+    model = poutine.condition(inner, values) if values else inner
+    for block in reversed(blocks):
+        model = block(model)
+    return model
+
+
+def _subsampled_plates(trace) -> dict[str, tuple[int, int]]:
+    """Each subsampled plate's name, with its subsample size and full size."""
+    return {
+        frame.name: (frame.size, frame.full_size)
+        for site in trace.nodes.values()
+        for frame in site.get("cond_indep_stack", ())
+        if frame.full_size is not None and frame.size != frame.full_size
+    }
+
+
+class LogJoint:
+    """The log joint of a guide's model as a function of its unconstrained latent vector.
 
     ``log p(data, T(z)) + log|det dT/dz|`` with ``T`` the map from the guide's packed
     unconstrained vector to the model's constrained sites (the density of ``z`` whose
-    mode is the MAP in unconstrained space).
+    mode is the MAP in unconstrained space). Built by `unconstrained_log_joint`.
+
+    A batch of draws, shape ``(num_draws, dim)``, is scored in one run of the model,
+    inside a plate over the draws left of the model's own plates (as Pyro's
+    ``Trace_ELBO(vectorize_particles=True)`` does); a model that does not broadcast over
+    it (checked once, on two rows) is run once per draw instead.
+
+    Attributes
+    ----------
+    vectorised : bool or None
+        Whether batches run the model once (None until the first batch).
+    subsampled : dict
+        Each subsampled plate's name, with its subsample size and its full size.
+    stochastic : bool
+        Whether two runs at one point disagree (a plate that subsamples at random): such
+        a log joint has no fixed mode.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoDiagonalNormal
+    >>> def model():
+    ...     with pyro.plate("groups", 3):
+    ...         pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    >>> guide = AutoDiagonalNormal(model)
+    >>> guide._setup_prototype()
+    >>> log_joint = unconstrained_log_joint(guide)
+    >>> log_joint(torch.zeros(4, 3)).shape, log_joint.vectorised, log_joint.stochastic
+    (torch.Size([4]), True, False)
+    """
+
+    def __init__(self, guide: AutoContinuous, args: tuple, kwargs: dict):
+        self.layout = LatentLayout(guide)
+        self.args, self.kwargs = args, kwargs
+        self.vectorised: bool | None = None
+        # One run of the whole model (the guide's prototype has only its latent sites):
+        # the plates of observed sites too, and the values of the sites other guides cover.
+        init, blocks, inner = _peel(guide)
+        with poutine.block():
+            trace = poutine.trace(init(inner) if init else inner).get_trace(*args, **kwargs)
+        self._nesting = plate_nesting(trace)
+        # Inside an AutoGuideList a part's model is poutine.block(model, hide=...): the
+        # hidden sites, which other parts guide, would be drawn from the prior at every run
+        # and make the log joint random. They are held at init_loc_fn's values, drawn once.
+        own = set(guide.prototype_trace.stochastic_nodes)
+        held = {
+            name: site["value"].detach()
+            for name, site in prune_subsample_sites(trace).iter_stochastic_nodes()
+            if name not in own
+        }
+        self._model = _wrapped(inner, blocks, held)
+        # Pyro refuses a plate's full index set where it was given a subsample size, so a
+        # model that draws its subsample at random keeps a random log joint: say so.
+        self.subsampled = _subsampled_plates(trace)
+        point = guide._init_loc().detach()
+        self.stochastic = bool(self.subsampled) and bool(self(point) != self(point))
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """The log joint at ``z``, shape ``(dim,)`` (a scalar) or ``(num_draws, dim)``."""
+        if z.dim() == 1:
+            return self._one(z)
+        if self.vectorised is None:
+            self.vectorised = self._vectorises(z)
+        if self.vectorised:
+            return self._many(z)
+        return torch.stack([self._one(row) for row in z])
+
+    def _vectorises(self, z: Tensor) -> bool:
+        rows = z[[0, -1]]
+        try:
+            batched = self._many(rows)
+        except (RuntimeError, ValueError, IndexError):
+            return False
+        looped = torch.stack([self._one(row) for row in rows])
+        return batched.shape == looped.shape and bool(
+            torch.allclose(batched, looped, rtol=1e-4, atol=1e-4, equal_nan=True)
+        )
+
+    def _run(self, values: dict[str, Tensor]) -> poutine.Trace:
+        with poutine.block():
+            return poutine.trace(poutine.condition(self._model, values)).get_trace(
+                *self.args, **self.kwargs
+            )
+
+    def _one(self, z: Tensor) -> Tensor:
+        values, log_jacobian = {}, z.new_zeros(())
+        for name, unconstrained_value in self.layout.unpack(z):
+            transform = self.layout.transforms[name]
+            if transform is None:  # the real line: value as is, zero log-det
+                values[name] = unconstrained_value
+                continue
+            value = values[name] = transform(unconstrained_value)
+            log_jacobian = (
+                log_jacobian + transform.log_abs_det_jacobian(unconstrained_value, value).sum()
+            )
+        return self._run(values).log_prob_sum() + log_jacobian
+
+    def _many(self, z: Tensor) -> Tensor:
+        num_draws, nesting = z.size(0), self._nesting
+        shaped = z.reshape(num_draws, *(1,) * nesting, z.size(-1))
+        values, total = {}, z.new_zeros(num_draws)
+        for name, unconstrained_value in self.layout.unpack(shaped):
+            transform = self.layout.transforms[name]
+            if transform is None:
+                values[name] = unconstrained_value
+                continue
+            value = values[name] = transform(unconstrained_value)
+            log_det = transform.log_abs_det_jacobian(unconstrained_value, value)
+            total = total + log_det.reshape(num_draws, -1).sum(-1)
+        with pyro.plate("_pyro_nf_draws", num_draws, dim=-nesting - 1):
+            trace = self._run(values)
+        trace.compute_log_prob()
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and "log_prob" in site:
+                total = total + sum_rightmost(site["log_prob"], nesting).expand(num_draws)
+        return total
+
+
+def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogJoint:
+    """The log joint of ``guide``'s model as a function of its unconstrained latent vector.
+
+    ``log p(data, T(z)) + log|det dT/dz|`` with ``T`` the map from the guide's packed
+    unconstrained vector to the model's constrained sites; see `LogJoint`, which also
+    scores whole batches of draws in one model run. Latent sites that other guides cover
+    (the hidden sites of a ``poutine.block``-ed model in an ``AutoGuideList``) are held
+    fixed.
 
     Parameters
     ----------
@@ -152,8 +321,9 @@ def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogDensit
 
     Returns
     -------
-    callable
-        ``log_joint(z) -> scalar tensor`` for ``z`` of shape ``(guide.latent_dim,)``.
+    LogJoint
+        ``log_joint(z)``: a scalar for ``z`` of shape ``(guide.latent_dim,)``, shape
+        ``(num_draws,)`` for ``z`` of shape ``(num_draws, guide.latent_dim)``.
 
     Examples
     --------
@@ -169,27 +339,7 @@ def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogDensit
     """
     if guide.prototype_trace is None:
         raise ValueError("guide has no prototype yet: call it once with the model's arguments")
-    model = model_without_init(guide)
-    # Packing and support transforms computed once: the start contest and the Laplace
-    # search call log_joint hundreds of times.
-    layout = LatentLayout(guide)
-
-    def log_joint(z: Tensor) -> Tensor:
-        values, log_jacobian = {}, z.new_zeros(())
-        for name, unconstrained_value in layout.unpack(z):
-            transform = layout.transforms[name]
-            if transform is None:  # the real line: value as is, zero log-det
-                values[name] = unconstrained_value
-                continue
-            value = values[name] = transform(unconstrained_value)
-            log_jacobian = (
-                log_jacobian + transform.log_abs_det_jacobian(unconstrained_value, value).sum()
-            )
-        with poutine.block():
-            trace = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
-        return trace.log_prob_sum() + log_jacobian
-
-    return log_joint
+    return LogJoint(guide, args, kwargs)
 
 
 def _lbfgs_mode(log_density: LogDensity, start: Tensor, max_iter: int) -> Tensor:
@@ -314,6 +464,7 @@ def laplace_approximation(
     adam_steps: int = 2000,
     adam_lr: float = 0.01,
     seed: int = 0,
+    warn: bool = True,
 ) -> LaplaceApproximation:
     """Mode and inverse-Hessian Gaussian of ``log_density``, robust to bad scaling.
 
@@ -341,6 +492,9 @@ def laplace_approximation(
         The Adam fallback, used only if L-BFGS fails.
     seed : int
         Seed of the Rademacher probes (the result is otherwise deterministic).
+    warn : bool
+        Whether a fallback raises a `LaplaceWarning` (its reason is in ``reason`` either
+        way); the flow guides, which take another start then, pass False.
 
     Returns
     -------
@@ -358,91 +512,102 @@ def laplace_approximation(
     """
     if start.dim() != 1:
         raise ValueError(f"start must be a vector, got shape {tuple(start.shape)}")
-    options = dict(
-        max_dense_dim=max_dense_dim,
-        num_probes=num_probes,
-        max_iter=max_iter,
-        newton_steps=newton_steps,
-        tol=tol,
-        fallback_scale=fallback_scale,
-        adam_steps=adam_steps,
-        adam_lr=adam_lr,
-        seed=seed,
-    )
+    start = start.detach()
     with torch.enable_grad():
-        return _laplace(log_density, start.detach(), **options)
+        mode, optimizer = _find_mode(log_density, start, max_iter, adam_steps, adam_lr)
+        probes = _Probes(num_probes, torch.Generator(device=start.device).manual_seed(seed))
+        if start.numel() <= max_dense_dim:
+            approx = _dense_laplace(log_density, mode, newton_steps, tol)
+        else:
+            approx = _diagonal_laplace(log_density, mode, tol, fallback_scale, probes)
+        if isinstance(approx, str):
+            approx = _fallback(log_density, start, approx, max_dense_dim, fallback_scale, probes)
+    approx.optimizer = optimizer
+    if warn and not approx.converged:
+        warnings.warn(
+            f"Laplace approximation: {approx.reason}; falling back to a diagonal Gaussian at "
+            "the start point, with scales 1/sqrt(curvature) there where it is positive and "
+            f"{fallback_scale} elsewhere",
+            LaplaceWarning,
+            stacklevel=2,
+        )
+    return approx
 
 
-def _laplace(
-    log_density: LogDensity,
-    start: Tensor,
-    max_dense_dim: int,
-    num_probes: int,
-    max_iter: int,
-    newton_steps: int,
-    tol: float,
-    fallback_scale: float,
-    adam_steps: int,
-    adam_lr: float,
-    seed: int,
-) -> LaplaceApproximation:
-    dim = start.numel()
-    optimizer = "lbfgs"
+@dataclass
+class _Probes:
+    """Rademacher probes for diagonal Hessians: how many, and their generator."""
+
+    count: int
+    generator: torch.Generator
+
+
+def _find_mode(
+    log_density: LogDensity, start: Tensor, max_iter: int, adam_steps: int, adam_lr: float
+) -> tuple[Tensor, str]:
+    """L-BFGS from ``start``; Adam from ``start`` if L-BFGS fails or ends non-finite."""
     try:
         mode = _lbfgs_mode(log_density, start, max_iter)
-        value, grad = _value_and_grad(log_density, mode)
-        failed = not (math.isfinite(value) and bool(torch.isfinite(mode).all()))
+        value = _value_and_grad(log_density, mode)[0]
+        if math.isfinite(value) and bool(torch.isfinite(mode).all()):
+            return mode, "lbfgs"
     except (RuntimeError, ValueError):
-        failed = True
-    if failed:
-        optimizer = "adam"
-        mode = _adam_mode(log_density, start, adam_steps, adam_lr)
-        value, grad = _value_and_grad(log_density, mode)
-    converged, scale_tril = False, None
-    if dim <= max_dense_dim:
-        for _ in range(newton_steps + 1):
-            hessian = _dense_hessian(log_density, mode)
-            scale_tril = _inverse_cholesky(hessian)
-            if scale_tril is None:
-                break
-            step = (scale_tril @ (scale_tril.T @ grad.double())).to(mode)
-            decrement = float(grad.double() @ step.double())
-            if decrement <= tol**2:
-                converged = True
-                break
-            mode, value, grad = _newton_line_search(log_density, mode, value, step)
-    else:
-        generator = torch.Generator(device=start.device).manual_seed(seed)
-        curvature = _diagonal_hessian(log_density, mode, num_probes, generator)
-        decrement = float((grad.pow(2) / curvature).sum())
-        converged = bool((curvature > 0).all()) and decrement <= tol**2
-    if converged and scale_tril is not None:
-        scale_tril = scale_tril.to(mode)
-        scale = scale_tril.pow(2).sum(-1).sqrt()
-        return LaplaceApproximation(mode, scale, scale_tril, "dense", True, optimizer, value)
-    if converged:
-        scale = _diagonal_scale(curvature, fallback_scale)
-        return LaplaceApproximation(mode, scale, None, "diagonal", True, optimizer, value)
-    if scale_tril is None and dim <= max_dense_dim:
-        reason = "the Hessian of the negative log density is not positive definite"
-    else:
-        reason = "no mode found (the density may be unbounded, e.g. a hierarchical funnel)"
-    warnings.warn(
-        f"Laplace approximation: {reason}; falling back to a diagonal Gaussian at the "
-        "start point, with scales 1/sqrt(curvature) there where it is positive and "
-        f"{fallback_scale} elsewhere",
-        LaplaceWarning,
-        stacklevel=3,
-    )
-    if dim <= max_dense_dim:
+        pass
+    return _adam_mode(log_density, start, adam_steps, adam_lr), "adam"
+
+
+_NO_MODE = "no mode found (the density may be unbounded, e.g. a hierarchical funnel)"
+
+
+def _dense_laplace(
+    log_density: LogDensity, mode: Tensor, newton_steps: int, tol: float
+) -> LaplaceApproximation | str:
+    """Newton-polished mode and dense inverse Hessian, or why there is none: a Hessian not
+    positive definite, or a Newton decrement that stays above ``tol``."""
+    value, grad = _value_and_grad(log_density, mode)
+    for _ in range(newton_steps + 1):
+        scale_tril = _inverse_cholesky(_dense_hessian(log_density, mode))
+        if scale_tril is None:
+            return "the Hessian of the negative log density is not positive definite"
+        step = (scale_tril @ (scale_tril.T @ grad.double())).to(mode)
+        if float(grad.double() @ step.double()) <= tol**2:
+            scale_tril = scale_tril.to(mode)
+            scale = scale_tril.pow(2).sum(-1).sqrt()
+            return LaplaceApproximation(mode, scale, scale_tril, "dense", True, "", value)
+        mode, value, grad = _newton_line_search(log_density, mode, value, step)
+    return _NO_MODE
+
+
+def _diagonal_laplace(
+    log_density: LogDensity, mode: Tensor, tol: float, fallback_scale: float, probes: _Probes
+) -> LaplaceApproximation | str:
+    """Diagonal Gaussian at the mode, or why there is none (a curvature not positive or a
+    Newton decrement above ``tol``)."""
+    value, grad = _value_and_grad(log_density, mode)
+    curvature = _diagonal_hessian(log_density, mode, probes.count, probes.generator)
+    if not bool((curvature > 0).all()) or float((grad.pow(2) / curvature).sum()) > tol**2:
+        return _NO_MODE
+    scale = _diagonal_scale(curvature, fallback_scale)
+    return LaplaceApproximation(mode, scale, None, "diagonal", True, "", value)
+
+
+def _fallback(
+    log_density: LogDensity,
+    start: Tensor,
+    reason: str,
+    max_dense_dim: int,
+    fallback_scale: float,
+    probes: _Probes,
+) -> LaplaceApproximation:
+    """The diagonal Gaussian at the start, with the reason the mode was not used."""
+    if start.numel() <= max_dense_dim:
         curvature = torch.diagonal(_dense_hessian(log_density, start))
     else:
-        generator = torch.Generator(device=start.device).manual_seed(seed)
-        curvature = _diagonal_hessian(log_density, start, num_probes, generator)
+        curvature = _diagonal_hessian(log_density, start, probes.count, probes.generator)
     scale = _diagonal_scale(curvature.detach(), fallback_scale)
-    start_value = _value_and_grad(log_density, start)[0]
+    value = _value_and_grad(log_density, start)[0]
     return LaplaceApproximation(
-        start.detach().clone(), scale, None, "diagonal", False, optimizer, start_value
+        start.clone(), scale, None, "diagonal", False, "", value, reason=reason
     )
 
 

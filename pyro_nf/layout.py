@@ -22,7 +22,7 @@ from pyro.distributions.transforms import (
 )
 from torch import Tensor
 
-__all__ = ["LatentLayout"]
+__all__ = ["LatentLayout", "plate_nesting"]
 
 #: Batch shapes whose view shapes are kept (a guide sees few: one per particle count).
 _MAX_BATCH_SHAPES = 64
@@ -69,6 +69,8 @@ class LatentLayout:
             for name, site in self.sites.items()
             for transform in (biject_to(site["fn"].support),)
         }
+        # Dimensions the latent sites' plates take (a batch goes left of them).
+        self.plate_nesting = plate_nesting(guide.prototype_trace)
         self._shapes: dict[torch.Size, dict[str, torch.Size]] = {}
 
     def unpack(self, latent: Tensor) -> Iterator[tuple[str, Tensor]]:
@@ -91,6 +93,30 @@ class LatentLayout:
         """Site ``name``'s value in its support (the identity on the real line)."""
         transform = self.transforms[name]
         return unconstrained_value if transform is None else transform(unconstrained_value)
+
+
+def plate_nesting(trace) -> int:
+    """How many dimensions, counted from the right, the vectorised plates of a trace take.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyro import poutine
+    >>> def model():
+    ...     with pyro.plate("a", 2, dim=-2):
+    ...         pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> plate_nesting(poutine.trace(model).get_trace())
+    2
+    """
+    return max(
+        (
+            -frame.dim
+            for site in trace.nodes.values()
+            for frame in site.get("cond_indep_stack", ())
+            if frame.vectorized
+        ),
+        default=0,
+    )
 
 
 def _is_identity(transform: Transform) -> bool:

@@ -164,14 +164,8 @@ class NonCentering:
     def __init__(self, guide, sites: Sequence[str]):
         self.model = model_without_init(guide)
         self.sites = tuple(sites)
-        frames = (
-            frame
-            for site in guide.prototype_trace.nodes.values()
-            for frame in site.get("cond_indep_stack", ())
-            if frame.vectorized
-        )
-        self.max_plate_nesting = max((-frame.dim for frame in frames), default=0)
         self.layout = LatentLayout(guide)
+        self.max_plate_nesting = self.layout.plate_nesting
 
     def __call__(
         self, latent: Tensor, *args, inverse: bool = False, **kwargs
