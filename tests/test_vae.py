@@ -173,6 +173,61 @@ def test_importance_sampling_matches_exact_likelihood():
     assert torch.allclose(log_px, exact, atol=0.03)
 
 
+def test_forward_is_trace_elbo_and_weights_the_kl_term():
+    torch.manual_seed(0)
+    vae = FlowVAE(flow="planar", num_layers=2, **SMALL)
+    x = torch.bernoulli(torch.full((6, 784), 0.3))
+    losses = {}
+    for beta in (0.0, 0.5, 1.0):
+        torch.manual_seed(1)
+        losses[beta] = vae(x, beta=beta)
+    torch.manual_seed(1)
+    traced = pyro.infer.Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    assert torch.allclose(losses[1.0], traced, rtol=1e-5)
+    assert torch.allclose(losses[0.5], (losses[0.0] + losses[1.0]) / 2, rtol=1e-5)
+    assert not torch.allclose(losses[0.0], losses[1.0])
+
+
+def test_iwae_bound_is_the_log_mean_weight_and_above_the_elbo():
+    torch.manual_seed(0)
+    vae = FlowVAE(flow="iaf", num_layers=2, **SMALL)
+    x = torch.bernoulli(torch.full((6, 784), 0.3))
+    torch.manual_seed(1)
+    log_w = sum(vae.log_weight_terms(x, num_samples=5))
+    torch.manual_seed(1)
+    iwae = -vae(x, num_samples=5)
+    assert torch.allclose(iwae, (torch.logsumexp(log_w, 0) - math.log(5)).sum(), rtol=1e-6)
+    assert iwae > log_w.mean(0).sum() + 1.0  # an untrained posterior: a loose ELBO
+
+
+def test_recipe_schedules():
+    config = TrainConfig(warmup=100, warmup_start=0.1, lr_decay=0.5)
+    assert [config.beta(u) for u in (0, 50, 100, 10**6)] == pytest.approx([0.1, 0.55, 1, 1])
+    assert TrainConfig(warmup=0).beta(0) == 1.0
+    assert [config.lr_factor(e) for e in (0, 1, 3)] == [1.0, 0.5, 0.125]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("eval_samples", -5, "--eval-samples .* must be an int >= 0, got -5"),
+        ("flow_lr_scale", -0.1, "--flow-lr-scale must be a finite number > 0"),
+        ("lr", float("nan"), "--lr must be a finite number > 0"),
+        ("lr_decay", 1.5, "--lr-decay must be a finite number > 0 and <= 1"),
+        ("warmup", -1, "--warmup .* must be an int >= 0"),
+        ("iwae", 0, "--iwae .* must be an int >= 1"),
+        ("batch_size", 0, "--batch-size must be an int >= 1"),
+        ("train_subset", 0, "--train-subset must be an int >= 1"),
+        ("seed", -1, "--seed must be an int >= 0"),
+        ("hidden_dims", [300, 0], "--hidden must be a non-empty sequence of ints >= 1"),
+        ("force_resume", True, "--force-resume only applies with --resume"),
+    ],
+)
+def test_config_rejects_values_out_of_range(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
 # --- checkpoints, training loop -------------------------------------------------------
 
 
@@ -187,24 +242,29 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, keys=("epoch", "w"))
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_npz):
-    full = train(_config(tmp_path / "full", tiny_npz))
-    train(_config(tmp_path / "split", tiny_npz, epochs=1))
+    # warm-up, lr decay and the IWAE bound all depend on where the run stands
+    recipe = {"warmup": 8, "lr_decay": 0.5, "iwae": 2}
+    full = train(_config(tmp_path / "full", tiny_npz, **recipe))
+    train(_config(tmp_path / "split", tiny_npz, epochs=1, **recipe))
     state = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
-    assert state["epoch"] == 1
+    assert state["epoch"] == 1 and state["updates"] == 6
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([3e-3, 3e-4])
-    resumed = train(_config(tmp_path / "split", tiny_npz, resume=True))
+    resumed = train(_config(tmp_path / "split", tiny_npz, resume=True, **recipe))
     assert [h["epoch"] for h in resumed.metrics["history"]] == [1, 2]
+    assert [h["lr"] for h in resumed.metrics["history"]] == pytest.approx([3e-3, 1.5e-3])
+    betas = [h["beta"] for h in resumed.metrics["history"]]
+    assert betas == pytest.approx([0.01 + 0.99 * 5 / 8, 1.0])
     assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["epoch"] == 2
     for a, b in zip(full.vae.state_dict().values(), resumed.vae.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="trained with {'flow': 'iaf'}"):
-        train(_config(tmp_path / "split", tiny_npz, resume=True, flow="planar"))
+    with pytest.raises(ValueError, match="trained with --flow 'iaf' \\(now 'planar'\\)"):
+        train(_config(tmp_path / "split", tiny_npz, resume=True, flow="planar", **recipe))
     with pytest.raises(FileExistsError, match="pass --resume"):
         train(_config(tmp_path / "split", tiny_npz))
 
@@ -213,16 +273,17 @@ def test_nan_loss_stops_with_last_good_parameters(tmp_path, tiny_npz, monkeypatc
     calls, seen = [], {}
     original = FlowVAE.forward
 
-    def forward(self, x):
+    def forward(self, x, **kwargs):
         calls.append(1)
         if len(calls) == 9:  # epoch 2 (6 steps per epoch), step 3
             seen["vae"] = self
             seen["params"] = [p.detach().clone() for p in self.parameters()]
-            return original(self, x) * float("nan")
-        return original(self, x)
+            return original(self, x, **kwargs) * float("nan")
+        return original(self, x, **kwargs)
 
     monkeypatch.setattr(FlowVAE, "forward", forward)
-    with pytest.raises(NonFiniteLossError, match="epoch 2, step 3"):
+    message = "epoch 2, step 3.*checkpoint.pt still holds epoch 1"
+    with pytest.raises(NonFiniteLossError, match=message):
         train(_config(tmp_path, tiny_npz, epochs=3))
     for before, after in zip(seen["params"], seen["vae"].parameters(), strict=True):
         assert torch.equal(before, after)
@@ -322,7 +383,7 @@ def test_two_process_data_parallel_training(tmp_path, tiny_npz):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for a, b in zip(ranks[0]["state"].values(), ranks[1]["state"].values(), strict=True):
         assert torch.equal(a, b)
-    elbos = [h["train_elbo"] for h in ranks[0]["history"]]
+    elbos = [h["train_bound"] for h in ranks[0]["history"]]
     assert elbos[-1] > elbos[0] + 5
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["checkpoint.pt", "metrics.json", "reconstructions.png", "samples.png"]

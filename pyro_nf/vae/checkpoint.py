@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write", "load_checkpoint", "save_checkpoint", "write_json"]
+__all__ = ["FORMAT", "KEYS", "atomic_write", "load_checkpoint", "save_checkpoint", "write_json"]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -43,32 +43,88 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+#: What a flow VAE checkpoint says it is (its ``"format"`` entry).
+FORMAT = "pyro-nf flow VAE checkpoint, version 1"
+
+#: The entries every flow VAE checkpoint holds.
+KEYS = ("format", "model", "optimizer", "config", "epoch", "updates", "history")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Atomically save a checkpoint made of tensors and plain containers only.
+
+    Adds the ``"format"`` entry that `load_checkpoint` checks.
 
     Examples
     --------
     >>> import tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "ckpt.pt"
     >>> save_checkpoint({"epoch": 3, "w": torch.ones(2)}, p)
-    >>> load_checkpoint(p)["epoch"]
+    >>> load_checkpoint(p, keys=("epoch", "w"))["epoch"]
     3
     """
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save({**state, "format": FORMAT}, f))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(..., weights_only=True)`` (no arbitrary code)."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", keys: Sequence[str] = KEYS
+) -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`, with ``torch.load(weights_only=True)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no file at `path`.
+    ValueError
+        If the file is not such a checkpoint (damaged, truncated, empty, written by another
+        program) or lacks one of `keys`.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "ckpt.pt"
+    >>> _ = p.write_bytes(bytes(100))
+    >>> load_checkpoint(p)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ...ckpt.pt is not a readable pyro-nf checkpoint (damaged, truncated or ...
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {str(path)!r}: train first (pyro-nf vae train --out DIR) or "
             "point --out at the directory of an earlier run"
         )
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:
+        # Damaged files raise KeyError, EOFError, RuntimeError or UnpicklingError, whose
+        # texts suggest weights_only=False (running arbitrary code): report the kind only.
+        raise ValueError(
+            f"{path} is not a readable pyro-nf checkpoint (damaged, truncated or written by "
+            f"another program: {type(err).__name__}); train again, or resume from a copy"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a {FORMAT!r} (found {found!r})")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(f"{path} lacks the checkpoint entries {missing}; train again")
+    return state
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    """Atomically write ``obj`` as indented JSON."""
+    """Atomically write `obj` as indented JSON.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.json"
+    >>> write_json({"nll": 90.5}, p)
+    >>> p.read_text()
+    '{\\n  "nll": 90.5\\n}\\n'
+    """
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))

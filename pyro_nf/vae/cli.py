@@ -11,13 +11,6 @@ from .training import TrainConfig, evaluate_run, train
 __all__ = ["add_parser"]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
@@ -30,7 +23,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--eval-subset",
-        type=_positive,
+        type=int,
         default=None,
         metavar="N",
         help="evaluate on the first N test images (default: all)",
@@ -56,11 +49,16 @@ def _train(args: argparse.Namespace) -> dict[str, Any] | None:
         batch_size=args.batch_size,
         lr=args.lr,
         flow_lr_scale=args.flow_lr_scale,
+        lr_decay=args.lr_decay,
+        warmup=args.warmup,
+        warmup_start=args.warmup_start,
+        iwae=args.iwae,
         device=args.device,
         data=args.data,
         out=args.out,
         seed=args.seed,
         resume=args.resume,
+        force_resume=args.force_resume,
         train_subset=args.train_subset,
         eval_subset=args.eval_subset,
         eval_samples=args.eval_samples,
@@ -94,24 +92,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("train", help="train a flow VAE, then evaluate -log p(x) on test")
     p.add_argument("--flow", choices=list(CONDITIONAL_FLOWS), default="none")
-    p.add_argument("--layers", type=_positive, default=10, help="flow layers (default: 10)")
-    p.add_argument("--latent", type=_positive, default=40, help="latent size (default: 40)")
+    p.add_argument("--layers", type=int, default=10, help="flow layers (default: 10)")
+    p.add_argument("--latent", type=int, default=40, help="latent size (default: 40)")
     p.add_argument(
         "--hidden",
-        type=_positive,
+        type=int,
         nargs="+",
         default=[300, 300],
         help="encoder/decoder hidden widths (default: 300 300)",
     )
     p.add_argument(
         "--flow-hidden",
-        type=_positive,
+        type=int,
         nargs="+",
         default=[200, 200],
         help="hidden widths of each flow layer's network (default: 200 200)",
     )
-    p.add_argument("--epochs", type=_positive, default=10)
-    p.add_argument("--batch-size", type=_positive, default=100, help="per process")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=100, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument(
         "--flow-lr-scale",
@@ -120,13 +118,48 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the flow layers' networks train at lr * this (default: 0.1)",
     )
     p.add_argument(
+        "--lr-decay",
+        type=float,
+        default=1.0,
+        metavar="G",
+        help="multiply the learning rate by G in (0, 1] after every epoch (default: 1)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="KL warm-up: its weight rises linearly to 1 over the first N updates "
+        "(default: 10000, as Rezende & Mohamed; 0: off)",
+    )
+    p.add_argument(
+        "--warmup-start",
+        type=float,
+        default=0.01,
+        metavar="B",
+        help="the KL weight at the first update, in (0, 1] (default: 0.01)",
+    )
+    p.add_argument(
+        "--iwae",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train on the importance-weighted bound with K samples (default: 1, the ELBO)",
+    )
+    p.add_argument(
         "--train-subset",
-        type=_positive,
+        type=int,
         default=None,
         metavar="N",
         help="train on the first N training images (default: all)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="with --resume: continue even if --data, --lr, --batch-size, --seed or another "
+        "training setting differs from the checkpoint's",
+    )
     _common(p)
     p.set_defaults(func=_train)
 

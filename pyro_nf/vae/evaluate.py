@@ -9,7 +9,13 @@ from tqdm.auto import tqdm
 
 from .model import FlowVAE
 
-__all__ = ["evaluate", "log_importance_weights", "log_likelihood"]
+__all__ = [
+    "evaluate",
+    "image_log_likelihoods",
+    "log_importance_weights",
+    "log_likelihood",
+    "mean_and_se",
+]
 
 
 def log_importance_weights(vae: FlowVAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -34,8 +40,8 @@ def log_importance_weights(vae: FlowVAE, x: torch.Tensor, num_samples: int) -> t
     >>> log_importance_weights(vae, torch.zeros(3, 784), 5).shape
     torch.Size([5, 3])
     """
-    z, log_q = vae.posterior(x).rsample_and_log_prob((num_samples,))
-    return vae.prior(z).log_prob(z) + vae.likelihood(z).log_prob(x) - log_q
+    log_lik, log_ratio = vae.log_weight_terms(x, num_samples)
+    return log_lik + log_ratio
 
 
 @torch.no_grad()
@@ -84,15 +90,15 @@ def log_likelihood(
     return log_sum - math.log(num_samples), weight_sum / num_samples
 
 
-def evaluate(
+def image_log_likelihoods(
     vae: FlowVAE,
     data: torch.Tensor,
     num_samples: int = 5000,
     batch_size: int = 100,
     chunk_size: int = 250,
     progress: bool = False,
-) -> dict[str, float]:
-    """Test −log p(x) (importance sampling with K draws) and −ELBO, in nats, with errors.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log_likelihood` of every image of a data set, a batch at a time, in eval mode.
 
     Parameters
     ----------
@@ -109,6 +115,55 @@ def evaluate(
 
     Returns
     -------
+    (torch.Tensor, torch.Tensor)
+        ``log p̂(x)`` and the ELBO of each image, float64 of shape ``(N,)``, on the CPU.
+
+    Examples
+    --------
+    >>> log_px, elbo = image_log_likelihoods(FlowVAE(), torch.zeros(3, 784), num_samples=10)
+    >>> log_px.shape, bool((log_px >= elbo).all())
+    (torch.Size([3]), True)
+    """
+    param = next(vae.parameters())
+    was_training = vae.training
+    vae.eval()
+    log_px, elbo = [], []
+    for start in tqdm(range(0, len(data), batch_size), desc="eval", disable=not progress):
+        x = data[start : start + batch_size].to(device=param.device, dtype=param.dtype)
+        lp, el = log_likelihood(vae, x, num_samples, chunk_size)
+        log_px.append(lp.cpu())
+        elbo.append(el.cpu())
+    vae.train(was_training)
+    return torch.cat(log_px).double(), torch.cat(elbo).double()
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean of `values` and its standard error across them (NaN for a single value).
+
+    Examples
+    --------
+    >>> mean_and_se(torch.tensor([1.0, 2.0, 3.0]))
+    (2.0, 0.5773502691896258)
+    """
+    values = values.double()
+    se = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    return float(values.mean()), se
+
+
+def evaluate(
+    vae: FlowVAE,
+    data: torch.Tensor,
+    num_samples: int = 5000,
+    batch_size: int = 100,
+    chunk_size: int = 250,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Test −log p(x) (importance sampling with K draws) and −ELBO, in nats, with errors.
+
+    Takes the arguments of `image_log_likelihoods`.
+
+    Returns
+    -------
     dict
         ``nll`` and ``nll_se`` (mean of −log p̂(x) over images and its standard error
         across images), ``neg_elbo`` and ``neg_elbo_se``, ``num_images``, ``num_samples``.
@@ -120,26 +175,14 @@ def evaluate(
     >>> m["nll"] <= m["neg_elbo"]
     True
     """
-    param = next(vae.parameters())
-    was_training = vae.training
-    vae.eval()
-    log_px, elbo = [], []
-    for start in tqdm(range(0, len(data), batch_size), desc="eval", disable=not progress):
-        x = data[start : start + batch_size].to(device=param.device, dtype=param.dtype)
-        lp, el = log_likelihood(vae, x, num_samples, chunk_size)
-        log_px.append(lp)
-        elbo.append(el)
-    vae.train(was_training)
-    nll, neg_elbo = -torch.cat(log_px).double(), -torch.cat(elbo).double()
-
-    def se(v: torch.Tensor) -> float:
-        return float(v.std() / math.sqrt(len(v))) if len(v) > 1 else math.nan
-
+    log_px, elbo = image_log_likelihoods(vae, data, num_samples, batch_size, chunk_size, progress)
+    nll, nll_se = mean_and_se(-log_px)
+    neg_elbo, neg_elbo_se = mean_and_se(-elbo)
     return {
-        "nll": float(nll.mean()),
-        "nll_se": se(nll),
-        "neg_elbo": float(neg_elbo.mean()),
-        "neg_elbo_se": se(neg_elbo),
-        "num_images": len(nll),
+        "nll": nll,
+        "nll_se": nll_se,
+        "neg_elbo": neg_elbo,
+        "neg_elbo_se": neg_elbo_se,
+        "num_images": len(log_px),
         "num_samples": num_samples,
     }

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import Trace_ELBO
 from torch import nn
 
 from ..conditional_flows import ConditionalFlowPosterior
@@ -28,7 +28,8 @@ class FlowVAE(nn.Module):
     batch, usable with :class:`pyro.infer.SVI`; they register the networks with
     ``pyro.module`` under ``name`` (call ``pyro.clear_param_store()`` before training a new
     instance with SVI). Calling the module returns the differentiable negative ELBO of a
-    batch (summed over it), which is what :func:`pyro_nf.vae.train` optimises, also under
+    batch (summed over it), or with `beta`/`num_samples` the warmed-up or
+    importance-weighted bound, which is what `pyro_nf.vae.train` optimises, also under
     ``DistributedDataParallel``.
 
     Parameters
@@ -89,7 +90,6 @@ class FlowVAE(nn.Module):
         self.encoder = Encoder(
             data_dim, latent_dim, hidden_dims, flow, num_layers, flow_hidden_dims
         )
-        self._elbo = Trace_ELBO()
 
     def prior(self, like: torch.Tensor) -> dist.Distribution:
         """``N(0, I)`` over z, batched like ``like`` (shape ``(..., latent_dim)``)."""
@@ -117,9 +117,36 @@ class FlowVAE(nn.Module):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", self.posterior(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Differentiable negative ELBO of the batch ``x`` (a one-sample estimate, summed)."""
-        return self._elbo.differentiable_loss(self.model, self.guide, x)
+    def log_weight_terms(
+        self, x: torch.Tensor, num_samples: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log p(x | z_k)`` and ``log p(z_k) − log q(z_k | x)`` for draws ``z_k ~ q(z | x)``.
+
+        Their sum is the log importance weight of each draw; each has shape
+        ``(num_samples, batch)``.
+
+        Examples
+        --------
+        >>> vae = FlowVAE(latent_dim=4, hidden_dims=[16])
+        >>> [t.shape for t in vae.log_weight_terms(torch.zeros(3, 784), num_samples=2)]
+        [torch.Size([2, 3]), torch.Size([2, 3])]
+        """
+        z, log_q = self.posterior(x).rsample_and_log_prob((num_samples,))
+        return self.likelihood(z).log_prob(x), self.prior(z).log_prob(z) - log_q
+
+    def forward(self, x: torch.Tensor, beta: float = 1.0, num_samples: int = 1) -> torch.Tensor:
+        """Differentiable negative training bound of the batch ``x``, summed over it.
+
+        With the defaults this is the one-sample negative ELBO (what ``Trace_ELBO`` gives
+        for `model` and `guide`, computed without tracing them). `beta` < 1 weights the
+        KL term ``log p(z) − log q(z | x)`` by `beta` (the KL warm-up); `num_samples` = K
+        > 1 gives the importance-weighted bound ``log (1/K) Σ_k w_k`` (IWAE).
+        """
+        log_lik, log_ratio = self.log_weight_terms(x, num_samples)
+        log_w = log_lik + beta * log_ratio
+        if num_samples == 1:
+            return -log_w.sum()
+        return -(torch.logsumexp(log_w, dim=0) - math.log(num_samples)).sum()
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:

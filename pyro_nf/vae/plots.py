@@ -35,7 +35,8 @@ def save_image_grid(images: torch.Tensor, path: str | Path, title: str, ncols: i
             stacklevel=2,
         )
         return False
-    images = images.detach().to("cpu", torch.float32)
+    # numpy, not tensors: matplotlib's array conversion of a tensor warns under numpy 2
+    images = images.detach().to("cpu", torch.float32).numpy()
     nrows = math.ceil(len(images) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols, nrows + 0.4), squeeze=False)
     for ax in axes.flat:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +18,14 @@ from tqdm.auto import tqdm
 
 from pyro_nf.infer import NonFiniteLossError
 
+from ..checks import check_int
 from .checkpoint import load_checkpoint, save_checkpoint, write_json
 from .data import SPLITS, load_binarized_mnist
 from .distributed import DistContext, init_distributed, resolve_device
 from .evaluate import evaluate
 from .model import FlowVAE
 from .plots import save_image_grid
+from .recipe import TrainConfig, Trainer, option
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "evaluate_run", "train"]
 
@@ -30,40 +35,19 @@ METRICS = "metrics.json"
 #: TrainConfig fields that fix the architecture; a resumed run must not change them.
 ARCHITECTURE = ("flow", "num_layers", "latent_dim", "hidden_dims", "flow_hidden_dims")
 
-
-@dataclass
-class TrainConfig:
-    """Settings of a training run (the ``pyro-nf vae train`` options).
-
-    The flow layers' networks train at ``lr * flow_lr_scale``: with Adam's normalised
-    steps at the full rate, their identity-initialised output layers move quickly on noisy
-    gradients and slow the encoder/decoder down (measured on binarized MNIST, 4 IAF layers,
-    2 epochs: train ELBO −151.6 at scale 1, −140.2 at 0.1, −137.6 at 0.01; the Gaussian
-    baseline reaches −134.5 to −141.8 over three seeds).
-
-    ``batch_size`` is per process; under ``torchrun`` with N processes each step sees
-    ``N * batch_size`` images. ``train_subset``/``eval_subset`` keep the first N images of
-    the train/test split; ``eval_samples=0`` skips the final evaluation.
-    """
-
-    flow: str = "none"
-    num_layers: int = 10
-    latent_dim: int = 40
-    hidden_dims: list[int] = field(default_factory=lambda: [300, 300])
-    flow_hidden_dims: list[int] = field(default_factory=lambda: [200, 200])
-    epochs: int = 10
-    batch_size: int = 100
-    lr: float = 1e-3
-    flow_lr_scale: float = 0.1
-    device: str = "cpu"
-    data: str | None = None
-    out: str = "runs/vae"
-    seed: int = 0
-    resume: bool = False
-    train_subset: int | None = None
-    eval_subset: int | None = None
-    eval_samples: int = 5000
-    progress: bool = True
+#: TrainConfig fields of the recipe; a resumed run keeps them unless ``force_resume``.
+RECIPE = (
+    "data",
+    "train_subset",
+    "batch_size",
+    "lr",
+    "flow_lr_scale",
+    "lr_decay",
+    "warmup",
+    "warmup_start",
+    "iwae",
+    "seed",
+)
 
 
 @dataclass
@@ -76,25 +60,14 @@ class TrainResult:
     rank: int = 0
 
 
-def _build(config: dict[str, Any]) -> FlowVAE:
+def _build(config: TrainConfig) -> FlowVAE:
     return FlowVAE(
-        latent_dim=config["latent_dim"],
-        hidden_dims=config["hidden_dims"],
-        flow=config["flow"],
-        num_layers=config["num_layers"],
-        flow_hidden_dims=config["flow_hidden_dims"],
+        latent_dim=config.latent_dim,
+        hidden_dims=config.hidden_dims,
+        flow=config.flow,
+        num_layers=config.num_layers,
+        flow_hidden_dims=config.flow_hidden_dims,
     )
-
-
-def _optimizer(vae: FlowVAE, config: TrainConfig) -> torch.optim.Adam:
-    flow_params = list(vae.encoder.flow.parameters())
-    flow_ids = {id(p) for p in flow_params}
-    groups: list[dict[str, Any]] = [
-        {"params": [p for p in vae.parameters() if id(p) not in flow_ids]}
-    ]
-    if flow_params:
-        groups.append({"params": flow_params, "lr": config.lr * config.flow_lr_scale})
-    return torch.optim.Adam(groups, lr=config.lr)
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -105,10 +78,48 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def _subset(array: np.ndarray, subset: int | None) -> torch.Tensor:
     if subset is not None:
-        if subset < 1:
-            raise ValueError(f"subset sizes must be >= 1, got {subset}")
         array = array[:subset]
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _writable_dir(out: str) -> Path:
+    """`out` as a directory this process can write into (created), checked before training."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out!r} is a file, not a directory; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(
+            f"--out {out!r} is not a writable directory ({err.strerror}); choose another --out"
+        ) from None
+    return path
+
+
+def _saved_config(state: dict[str, Any], path: Path) -> TrainConfig:
+    saved = state["config"]
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    missing = [name for name in fields if not isinstance(saved, dict) or name not in saved]
+    if missing:
+        raise ValueError(f"{path} lacks the config entries {missing}; train again")
+    try:
+        return TrainConfig(**{name: saved[name] for name in fields})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} holds an invalid config ({err}); train again") from None
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if name == "data":  # the same file, whichever way its path is written
+        a, b = (None if d is None else str(Path(d).resolve()) for d in (a, b))
+    return a == b
+
+
+def _differences(names: tuple[str, ...], saved: TrainConfig, config: TrainConfig) -> str:
+    pairs = [(option(n), getattr(saved, n), getattr(config, n)) for n in names]
+    return ", ".join(f"{opt} {old!r} (now {new!r})" for opt, old, new in pairs)
 
 
 def _resume_state(config: TrainConfig, path: Path, device: torch.device) -> dict[str, Any] | None:
@@ -120,29 +131,54 @@ def _resume_state(config: TrainConfig, path: Path, device: torch.device) -> dict
             )
         return None
     state = load_checkpoint(path, device)
-    changed = [k for k in ARCHITECTURE if state["config"][k] != asdict(config)[k]]
+    saved = _saved_config(state, path)
+    where = f"--resume: the checkpoint in {path.parent} was trained with"
+    changed = tuple(n for n in ARCHITECTURE if not _same(n, getattr(saved, n), getattr(config, n)))
     if changed:
-        saved = {k: state["config"][k] for k in changed}
         raise ValueError(
-            f"--resume: the checkpoint in {path.parent} was trained with {saved}; "
-            "pass the same architecture options (or none of them)"
+            f"{where} {_differences(changed, saved, config)}; pass the same architecture "
+            "options (or none of them)"
+        )
+    changed = tuple(n for n in RECIPE if not _same(n, getattr(saved, n), getattr(config, n)))
+    if changed and not config.force_resume:
+        raise ValueError(
+            f"{where} {_differences(changed, saved, config)}; pass the same values, or "
+            "--force-resume to continue with the new ones"
+        )
+    if state["epoch"] > config.epochs:
+        raise ValueError(
+            f"{where} {state['epoch']} epochs already, more than --epochs {config.epochs}; "
+            "raise --epochs to train longer"
         )
     return state
 
 
+def _load_into(
+    state: dict[str, Any], path: Path, vae: FlowVAE, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    try:
+        vae.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: the saved state does not fit its config ({first})") from None
+
+
 def train(config: TrainConfig) -> TrainResult:
-    """Train a :class:`FlowVAE` on binarized MNIST, writing outputs to ``config.out``.
+    """Train a `FlowVAE` on binarized MNIST, writing outputs to `config.out`.
 
     Writes (rank 0 only) ``checkpoint.pt`` after every epoch (atomically), ``samples.png``,
     ``reconstructions.png`` and ``metrics.json``. Under ``torchrun`` (``WORLD_SIZE`` > 1)
-    it trains with :class:`~torch.nn.parallel.DistributedDataParallel` and a
-    :class:`~torch.utils.data.DistributedSampler`.
+    it trains with ``DistributedDataParallel`` and a ``DistributedSampler``. `--out` is
+    checked to be a writable directory, and a resumed run to match its checkpoint, before
+    any training.
 
     Raises
     ------
     NonFiniteLossError
         If a loss or gradient is NaN/inf; the update is not applied (the model keeps the
-        last good parameters) and the last checkpoint is left as it was.
+        last good parameters) and the last checkpoint, if any, is left as it was.
 
     Examples
     --------
@@ -160,24 +196,12 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
-    out = Path(config.out)
-    checkpoint_path = out / CHECKPOINT
-    state = _resume_state(config, checkpoint_path, ctx.device)
+    out = _writable_dir(config.out)
+    state = _resume_state(config, out / CHECKPOINT, ctx.device)
     data = load_binarized_mnist(config.data)
     train_x = _subset(data["train"], config.train_subset).to(ctx.device)
-
-    torch.manual_seed(config.seed)
-    vae = _build(asdict(config)).to(ctx.device)
-    optimizer = _optimizer(vae, config)
-    history: list[dict[str, float]] = []
-    if state is None:
-        vae.decoder.init_output_bias(train_x.double().mean(0))
-    else:
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = state["history"]
-    module = DistributedDataParallel(vae) if ctx.world_size > 1 else vae
-    dtype = next(vae.parameters()).dtype
+    trainer = _setup(config, ctx, state, out / CHECKPOINT, train_x)
+    history: list[dict[str, Any]] = [] if state is None else state["history"]
     sampler = DistributedSampler(
         range(len(train_x)),
         num_replicas=ctx.world_size,
@@ -186,86 +210,120 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
         seed=config.seed,
         drop_last=ctx.world_size > 1,
     )
-
     for epoch in range(len(history), config.epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(_epoch_seed(config.seed, epoch, ctx.rank))
-        batches = torch.tensor(list(sampler)).split(config.batch_size)
-        bar = tqdm(
-            batches,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not (config.progress and ctx.is_main),
-        )
-        total, count, start = 0.0, 0, time.perf_counter()
-        for step, index in enumerate(bar):
-            x = train_x[index].to(dtype)
-            loss = module(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), float("inf"))
-            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-            if not ctx.all_true(finite):
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at epoch {epoch + 1}, step {step + 1} "
-                    f"(loss={loss.item()}); the update was not applied, so the model keeps "
-                    f"the last good parameters, and {checkpoint_path} still holds epoch "
-                    f"{epoch}. Try a smaller --lr.",
-                    step=step,
-                    site=None,
-                    parameters=[
-                        name
-                        for name, param in vae.named_parameters()
-                        if param.grad is not None and not torch.isfinite(param.grad).all()
-                    ],
-                    losses=[],
-                )
-            optimizer.step()
-            total, count = total - loss.item(), count + len(x)
-            bar.set_postfix(elbo=f"{total / count:.2f}", refresh=False)
-        seconds = time.perf_counter() - start
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_elbo": total / count,
-                "seconds": seconds,
-                "images_per_s": count * ctx.world_size / seconds,
-            }
-        )
+        history.append(_run_epoch(trainer, train_x, epoch, sampler, ctx, history, out))
         if ctx.is_main:
             save_checkpoint(
                 {
-                    "model": vae.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "config": asdict(config),
+                    "model": trainer.vae.state_dict(),
+                    "optimizer": trainer.optimizer.state_dict(),
+                    "config": config.to_dict(),
                     "epoch": epoch + 1,
+                    "updates": trainer.updates,
                     "history": history,
                 },
-                checkpoint_path,
+                out / CHECKPOINT,
             )
-
     metrics: dict[str, Any] = {
-        "config": asdict(config),
+        "config": config.to_dict(),
         "history": history,
         "world_size": ctx.world_size,
     }
     if ctx.is_main:
-        test_x = _subset(data["test"], config.eval_subset)
-        if config.eval_samples > 0:
-            torch.manual_seed(config.seed)
-            metrics["test"] = evaluate(
-                vae, test_x, num_samples=config.eval_samples, progress=config.progress
-            )
-        _write_pictures(vae, test_x, out)
-        write_json(metrics, out / METRICS)
-    return TrainResult(vae, metrics, ctx.rank)
+        _finish(trainer.vae, config, _subset(data["test"], config.eval_subset), metrics, out)
+    return TrainResult(trainer.vae, metrics, ctx.rank)
 
 
-def _write_pictures(vae: FlowVAE, test_x: torch.Tensor, out: Path) -> None:
+def _setup(
+    config: TrainConfig,
+    ctx: DistContext,
+    state: dict[str, Any] | None,
+    path: Path,
+    train_x: torch.Tensor,
+) -> Trainer:
+    torch.manual_seed(config.seed)
+    trainer = Trainer(_build(config).to(ctx.device), config)
+    if state is None:
+        trainer.vae.decoder.init_output_bias(train_x.double().mean(0))
+    else:
+        _load_into(state, path, trainer.vae, trainer.optimizer)
+    if ctx.world_size > 1:
+        trainer.module = DistributedDataParallel(trainer.vae)
+    return trainer
+
+
+def _run_epoch(
+    trainer: Trainer,
+    train_x: torch.Tensor,
+    epoch: int,
+    sampler: DistributedSampler,
+    ctx: DistContext,
+    history: list[dict[str, Any]],
+    out: Path,
+) -> dict[str, Any]:
+    """One pass over the (shuffled) training images; returns the epoch's history entry."""
+    config = trainer.config
+    sampler.set_epoch(epoch)
+    torch.manual_seed(_epoch_seed(config.seed, epoch, ctx.rank))
+    batches = torch.tensor(list(sampler)).split(config.batch_size)
+    trainer.start_epoch(epoch, updates=history[-1]["updates"] if history else 0)
+    desc = f"epoch {epoch + 1}/{config.epochs}"
+    bar = tqdm(batches, desc=desc, disable=not (config.progress and ctx.is_main))
+    dtype = next(trainer.vae.parameters()).dtype
+    total, count, start = 0.0, 0, time.perf_counter()
+    for step, index in enumerate(bar):
+        x = train_x[index].to(dtype)
+        try:
+            total -= trainer.step(x, ctx.all_true)
+        except NonFiniteLossError as err:
+            raise _diverged(err, epoch, step, history, out) from None
+        count += len(x)
+        bar.set_postfix(bound=f"{total / count:.2f}", refresh=False)
+    seconds = time.perf_counter() - start
+    return {
+        "epoch": epoch + 1,
+        "train_bound": total / count,
+        "beta": config.beta(trainer.updates - 1),
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        "updates": trainer.updates,
+        "seconds": seconds,
+        "images_per_s": count * ctx.world_size / seconds,
+    }
+
+
+def _diverged(
+    err: NonFiniteLossError, epoch: int, step: int, history: list[dict[str, Any]], out: Path
+) -> NonFiniteLossError:
+    """The error for a diverged run, saying truly what the run directory holds."""
+    if history:
+        saved = f"{out / CHECKPOINT} still holds epoch {len(history)}"
+    else:
+        saved = f"no checkpoint was written to {out} (the run diverged in its first epoch)"
+    return NonFiniteLossError(
+        f"training diverged at epoch {epoch + 1}, step {step + 1}: {err}; {saved}. "
+        "Try a smaller --lr or a longer --warmup.",
+        step=step,
+        site=None,
+        parameters=err.parameters,
+        losses=[],
+    )
+
+
+def _finish(
+    vae: FlowVAE, config: TrainConfig, test_x: torch.Tensor, metrics: dict[str, Any], out: Path
+) -> None:
+    """Evaluate on test (unless `eval_samples` is 0), draw the pictures, write the metrics."""
+    if config.eval_samples > 0:
+        torch.manual_seed(config.seed)
+        metrics["test"] = evaluate(
+            vae, test_x, num_samples=config.eval_samples, progress=config.progress
+        )
     param = next(vae.parameters())
     save_image_grid(vae.sample(50), out / "samples.png", "samples from the model")
     x = test_x[:25].to(param)
     pairs = torch.stack([x, vae.reconstruct(x)], dim=1).reshape(-1, x.shape[-1])
     save_image_grid(pairs, out / "reconstructions.png", "test images | reconstructions")
+    write_json(metrics, out / METRICS)
 
 
 def evaluate_run(
@@ -279,9 +337,9 @@ def evaluate_run(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate the checkpoint in ``out`` and write ``eval_<split>.json`` there.
+    """Evaluate the checkpoint in `out` and write ``eval_<split>.json`` there.
 
-    Returns the metrics of :func:`~pyro_nf.vae.evaluate.evaluate` plus the run's config.
+    Returns the metrics of `pyro_nf.vae.evaluate` plus the run's config.
 
     Examples
     --------
@@ -289,19 +347,19 @@ def evaluate_run(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_int("--eval-samples", eval_samples, 1)
+    check_int("--seed", seed, 0)
+    if eval_subset is not None:
+        check_int("--eval-subset", eval_subset, 1)
     out = Path(out)
     torch_device = resolve_device(device)
     state = load_checkpoint(out / CHECKPOINT, torch_device)
-    vae = _build(state["config"]).to(torch_device)
-    vae.load_state_dict(state["model"])
+    vae = _build(_saved_config(state, out / CHECKPOINT)).to(torch_device)
+    _load_into(state, out / CHECKPOINT, vae)
+    images = _subset(load_binarized_mnist(data)[split], eval_subset)
     torch.manual_seed(seed)
     metrics = {
-        **evaluate(
-            vae,
-            _subset(load_binarized_mnist(data)[split], eval_subset),
-            num_samples=eval_samples,
-            progress=progress,
-        ),
+        **evaluate(vae, images, num_samples=eval_samples, progress=progress),
         "split": split,
         "epoch": state["epoch"],
         "config": state["config"],
