@@ -1,0 +1,175 @@
+"""What `fit()` costs with the default spline guide against `AutoNormal`, and how accurate each is.
+
+On the four models of `examples/robust_posteriors.py` (years, correlated, garch, schools:
+the "correlated" regression has 26 coefficients, intercept included, on N = 5000) plus an
+ARMA(1,1) and a GARCH(1,1) on 200 observations, `fit()` is run at its defaults with
+`AutoSplineFlow` and with `AutoNormal`, the two fits of a model one after the other
+(interleaved model by model), and each is timed end to end (warm start included). Accuracy
+is measured against a NUTS reference, as in the example: over all scalar latent
+parameters in unconstrained space, the largest |mean - NUTS mean| / NUTS sd and the
+largest |log(sd / NUTS sd)|. The bars: spline wall time at most twice AutoNormal's, and
+the spline guide within 0.1 sd and 10% (log ratio 0.095).
+
+NUTS references are cached under `--cache` (default `benchmarks/nuts_cache/`, ignored by
+git), so a rerun only pays for the fits.
+
+Usage::
+
+    nice -n 10 python -m benchmarks.fit_cost --nuts-only      # the references, once
+    nice -n 10 python -m benchmarks.fit_cost --out /tmp/fit_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+from pyro_nf.autoguides import AutoSplineFlow
+from pyro_nf.infer import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+_SPEC = importlib.util.spec_from_file_location(
+    "robust_posteriors", ROOT / "examples" / "robust_posteriors.py"
+)
+robust = importlib.util.module_from_spec(_SPEC)
+sys.modules["robust_posteriors"] = robust  # dataclasses look their module up there
+_SPEC.loader.exec_module(robust)
+
+MEAN_BAR, SD_BAR, TIME_BAR = 0.1, 0.095, 2.0
+
+
+def _arma_residuals(y: torch.Tensor, mu, phi, theta) -> torch.Tensor:
+    """e_t = y_t - mu - phi (y_{t-1} - mu) - theta e_{t-1}, e_0 = y_0 - mu, as one matrix
+    product: e = M d with M_ts = (-theta)^(t-s) for s <= t (batched over leading dims)."""
+    n = y.shape[-1]
+    centred = y - mu
+    drive = torch.cat([centred[..., :1], centred[..., 1:] - phi * centred[..., :-1]], -1)
+    lag = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    mask = lag >= 0
+    powers = torch.where(mask, (-theta)[..., None] ** lag.clamp_min(0), 0.0)
+    return (powers @ drive.unsqueeze(-1)).squeeze(-1)
+
+
+def arma_problem(num_data: int = 200) -> robust.Problem:
+    gen = torch.Generator().manual_seed(4)
+    mu, phi, theta, sigma = 0.5, 0.7, 0.3, 1.0
+    noise = sigma * torch.randn(num_data, generator=gen)
+    y = torch.zeros(num_data)
+    y[0] = mu + noise[0]
+    for t in range(1, num_data):
+        y[t] = mu + phi * (y[t - 1] - mu) + theta * noise[t - 1] + noise[t]
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        phi = pyro.sample("phi", dist.Uniform(-1.0, 1.0))
+        theta = pyro.sample("theta", dist.Uniform(-1.0, 1.0))
+        sigma = pyro.sample("sigma", dist.HalfNormal(5.0))
+        mu, phi, theta, sigma = (v.unsqueeze(-1) for v in (mu, phi, theta, sigma))
+        residuals = _arma_residuals(y, mu, phi, theta)
+        pyro.factor("y", dist.Normal(0.0, sigma).log_prob(residuals).sum(-1))
+
+    return robust.Problem("arma", model, (y,))
+
+
+PROBLEMS = {
+    **robust.PROBLEMS,
+    "arma": arma_problem,
+    "garch200": lambda: robust.Problem(**{**vars(robust.garch_problem(200)), "name": "garch200"}),
+}
+GUIDES = {"AutoNormal": AutoNormal, "AutoSplineFlow": AutoSplineFlow}
+
+
+def errors(problem: robust.Problem, guide, reference: dict, num_draws: int) -> tuple:
+    """Largest mean error in NUTS sds and largest |log sd ratio|, unconstrained space."""
+    supports = robust.latent_supports(problem)
+    ref = robust.flatten(robust.unconstrain(reference["draws"], supports))
+    draws = robust.flatten(robust.guide_draws(guide, supports, num_draws))
+    ref_mean, ref_sd = ref.mean(0), ref.std(0)
+    mean_err = ((draws.mean(0) - ref_mean).abs() / ref_sd).max().item()
+    return mean_err, (draws.std(0) / ref_sd).log().abs().max().item()
+
+
+def run_fit(problem: robust.Problem, label: str, reference: dict, args) -> dict:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    guide = GUIDES[label](problem.model)
+    start = time.perf_counter()
+    result = fit(problem.model, guide, *problem.args, progress=False, seed=args.seed)
+    seconds = time.perf_counter() - start
+    mean_err, sd_err = errors(problem, guide, reference, args.num_draws)
+    row = {
+        "model": problem.name,
+        "guide": label,
+        "seconds": seconds,
+        "setup_s": getattr(result, "setup_time", float("nan")),
+        "steps": result.num_steps,
+        "particles": result.num_particles,
+        "converged": result.converged,
+        "mean_err": mean_err,
+        "sd_err": sd_err,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | guide | time (s) | setup (s) | steps | particles | mean err (sd) "
+        "| max abs log sd ratio | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    normal = {r["model"]: r["seconds"] for r in rows if r["guide"] == "AutoNormal"}
+    for r in rows:
+        ratio = r["seconds"] / normal[r["model"]] if r["model"] in normal else float("nan")
+        lines.append(
+            f"| {r['model']} | {r['guide']} | {r['seconds']:.1f} | {r['setup_s']:.1f} | "
+            f"{r['steps']} | {r['particles']} | {r['mean_err']:.3f} | {r['sd_err']:.3f} | "
+            f"{ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    parser.add_argument("--num-warmup", type=int, default=500)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--target-accept", type=float, default=0.9)
+    parser.add_argument("--num-draws", type=int, default=20000, help="guide draws per fit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default=str(ROOT / "benchmarks" / "nuts_cache"))
+    parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--nuts-only", action="store_true", help="only draw the references")
+    args = parser.parse_args(argv)
+    torch.set_default_dtype(torch.float64)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    print(json.dumps({"commit": commit}), flush=True)
+    rows = []
+    for name in args.models:
+        problem = PROBLEMS[name]()
+        reference = robust.nuts_reference(problem, args)
+        summary = {k: v for k, v in reference.items() if k != "draws"}
+        print(json.dumps({"model": name, "nuts": summary}), flush=True)
+        if not args.nuts_only:
+            rows += [run_fit(problem, label, reference, args) for label in GUIDES]
+    if rows:
+        print(markdown_table(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"commit": commit, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

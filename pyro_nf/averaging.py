@@ -1,0 +1,65 @@
+"""Iterate averaging (Polyak): parameters set to their mean over the plateau windows."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pyro_nf.schedule import DECAY, IMPROVED, STEP, STOP
+
+__all__ = ["IterateAverage"]
+
+
+class IterateAverage:
+    """Running per-window means of the iterates, applied at a plateau.
+
+    Call `add` after every optimiser step and `end` with what `ScheduleState.record`
+    reported. Each finished window's mean iterate is kept while the loss stalls (at most
+    `patience` windows, the plateau), dropped when a window improves, and at a decay or
+    the stop the parameters are set to the mean over the kept windows.
+
+    Examples
+    --------
+    >>> param = torch.zeros(1)
+    >>> average = IterateAverage({"x": param}, patience=2)
+    >>> for value, event in [(1.0, "step"), (3.0, "stale"), (5.0, "step"), (7.0, "decay")]:
+    ...     _ = param.fill_(value)
+    ...     average.add()
+    ...     average.end(event, window=2)
+    >>> param.item()  # the mean of the window means 2 and 6
+    4.0
+    """
+
+    def __init__(self, params: dict[str, Tensor], patience: int):
+        self.params = params  # shared with the caller, who may add parameters later
+        self.patience = patience
+        self.sums: dict[str, Tensor] = {}
+        self.window_means: list[dict[str, Tensor]] = []
+
+    @torch.no_grad()
+    def add(self) -> None:
+        """Add the current iterate to the window's sum."""
+        for name, param in self.params.items():
+            if name in self.sums:
+                self.sums[name] += param
+            else:
+                self.sums[name] = param.detach().clone()
+
+    def end(self, event: str, window: int) -> None:
+        """Close a window (any event but `"step"`) and apply the average at a plateau."""
+        if event == STEP:
+            return
+        kept = [] if event == IMPROVED else self.window_means[1 - self.patience :]
+        self.window_means = [*kept, {k: v / window for k, v in self.sums.items()}]
+        self.sums = {}
+        if event in (DECAY, STOP):
+            self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Set every parameter to its mean over the kept windows, then forget them."""
+        for name, param in self.params.items():
+            values = [m[name] for m in self.window_means if name in m]
+            if values:
+                param.copy_(torch.stack(values).mean(0))
+        self.window_means = []

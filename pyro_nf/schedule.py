@@ -1,0 +1,147 @@
+"""The learning-rate schedule and stopping rule of `fit`: settings, and a run's state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Schedule", "ScheduleState"]
+
+#: What `ScheduleState.record` reports after a step.
+STEP, IMPROVED, STALE, DECAY, STOP = "step", "improved", "stale", "decay", "stop"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning-rate schedule and stopping rule of `fit` (settings only; a run's state lives
+    in the `ScheduleState` that `Schedule.start` returns, so one `Schedule` serves many fits).
+
+    The losses are grouped into consecutive windows of `window` steps. A window
+    *improves* when its mean loss is below the best earlier window mean by more than
+    `threshold` standard errors of that mean (its standard deviation over
+    $\\sqrt{\\text{window}}$). After `patience` windows in a row without improvement (a
+    plateau) the learning rate is multiplied by `decay`; the plateau after `num_decays`
+    such decays ends the fit as converged. Independently, over the last `anneal_fraction`
+    of the budget (`num_steps`, or `max_time` where that is the nearer) the learning rate is
+    further multiplied by a factor falling geometrically from 1 to `anneal_to`, so that a
+    fit which runs out of budget still ends at a small learning rate.
+
+    With `average` (the default), at each decay and at the stop the parameters are set
+    to the mean of their iterates over the plateau windows (Polyak averaging, see
+    `IterateAverage`): at a fixed learning rate the iterates fluctuate around the optimum,
+    and a single iterate carries that noise into the smaller learning rates, where it no
+    longer relaxes. (Measured on the GARCH(1,1) posterior of
+    `examples/robust_posteriors.py`, AutoFlow, seeds 0 and 1: the largest mean error fell
+    from 0.13 and 0.072 posterior sds to 0.083 and 0.075.)
+
+    Examples
+    --------
+    >>> Schedule(window=50).patience
+    2
+    >>> Schedule(anneal_fraction=0.5).anneal_factor(0.75)  # halfway through the anneal
+    0.31622776601683794
+    """
+
+    window: int = 100
+    patience: int = 2
+    threshold: float = 1.0
+    decay: float = 0.3
+    num_decays: int = 3
+    anneal_fraction: float = 0.2
+    anneal_to: float = 0.1
+    average: bool = True
+
+    def __post_init__(self):
+        for name, low in (("window", 2), ("patience", 1), ("num_decays", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Schedule.{name} must be an integer >= {low}, got {value!r}")
+        for name in ("decay", "anneal_to"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"Schedule.{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0 <= self.anneal_fraction <= 1:
+            raise ValueError(
+                f"Schedule.anneal_fraction must be in [0, 1], got {self.anneal_fraction}"
+            )
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"Schedule.threshold must be finite and >= 0, got {self.threshold}")
+
+    def anneal_factor(self, fraction: float) -> float:
+        """The end-of-budget factor on the learning rate, `fraction` of the budget spent.
+
+        Examples
+        --------
+        >>> Schedule().anneal_factor(0.5), round(Schedule().anneal_factor(1.0), 12)
+        (1.0, 0.1)
+        """
+        start = 1 - self.anneal_fraction
+        if fraction < start or self.anneal_fraction == 0:
+            return 1.0
+        return self.anneal_to ** (
+            min(fraction - start, self.anneal_fraction) / self.anneal_fraction
+        )
+
+    def start(self, lr: float) -> ScheduleState:
+        """A fresh run of this schedule from learning rate `lr`.
+
+        Examples
+        --------
+        >>> Schedule().start(1e-2).lr(0.0)
+        0.01
+        """
+        return ScheduleState(self, lr)
+
+
+@dataclass
+class ScheduleState:
+    """One run of a `Schedule`: the window statistics, the decays so far, the current rate.
+
+    Feed it every step's loss with `record`; it reports what the step ended: `"step"` (a
+    window still filling), `"improved"` or `"stale"` (a window ended with or without
+    improvement), `"decay"` (a plateau: the rate was decayed) or `"stop"` (the plateau
+    after the last decay: converged).
+
+    Examples
+    --------
+    >>> state = Schedule(window=2, patience=1, num_decays=1).start(0.1)
+    >>> [state.record(loss) for loss in (3.0, 2.0, 2.5, 2.5, 2.5, 2.5)]
+    ['step', 'improved', 'step', 'decay', 'step', 'stop']
+    >>> state.converged, round(state.lr(0.0), 3)
+    (True, 0.03)
+    """
+
+    schedule: Schedule
+    lr0: float
+    decays: int = 0
+    converged: bool = False
+    best: float = math.inf
+    stale: int = 0
+    window_losses: list[float] = field(default_factory=list, repr=False)
+
+    def lr(self, fraction: float) -> float:
+        """The learning rate with `fraction` of the budget spent."""
+        schedule = self.schedule
+        return self.lr0 * schedule.decay**self.decays * schedule.anneal_factor(fraction)
+
+    def record(self, loss: float) -> str:
+        """Add one step's loss; what the step ended (see the class docstring)."""
+        self.window_losses.append(loss)
+        schedule = self.schedule
+        if len(self.window_losses) < schedule.window:
+            return STEP
+        window = torch.tensor(self.window_losses, dtype=torch.float64)
+        self.window_losses = []
+        mean, stderr = window.mean().item(), window.std().item() / schedule.window**0.5
+        if mean < self.best - schedule.threshold * stderr:
+            self.best, self.stale = mean, 0
+            return IMPROVED
+        self.stale += 1
+        if self.stale < schedule.patience:
+            return STALE
+        if self.decays == schedule.num_decays:
+            self.converged = True
+            return STOP
+        self.decays, self.stale = self.decays + 1, 0
+        return DECAY
