@@ -31,7 +31,8 @@ from pyro.infer.autoguide.guides import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger
 
 from pyro_nf import AutoFlow
-from pyro_nf.flows import FLOWS, _default_hidden_dims
+from pyro_nf.flows import FLOWS
+from pyro_nf.flows.base import _default_hidden_dims
 
 __all__ = ["GUIDES", "GuideSpec", "get_guide_spec"]
 

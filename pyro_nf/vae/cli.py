@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..conditional_flows import CONDITIONAL_FLOWS
+from ..flows import CONDITIONAL_FLOWS
 from .training import TrainConfig, evaluate_run, train
 
 __all__ = ["add_parser"]

@@ -11,7 +11,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..conditional_flows import ConditionalFlowPosterior
+from ..flows import ConditionalFlowPosterior
 from .nets import Decoder, Encoder
 
 __all__ = ["FlowVAE"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..conditional_flows import ConditionalFlowPosterior, build_conditional_flow
+from ..flows import ConditionalFlowPosterior, build_conditional_flow
 
 __all__ = ["Decoder", "Encoder"]
 
@@ -39,7 +39,7 @@ class Encoder(nn.Module):
     hidden_dims : sequence of int
         Hidden widths of the MLP.
     flow : str
-        Flow name (see :data:`pyro_nf.conditional_flows.CONDITIONAL_FLOWS`).
+        Flow name (see `pyro_nf.flows.CONDITIONAL_FLOWS`).
     num_layers : int
         Number of flow layers.
     flow_hidden_dims : sequence of int

@@ -1,0 +1,124 @@
+"""Inverse autoregressive flow layers (Kingma et al. 2016): `y = mu(x) + sigma(x) * x`.
+
+Pyro's `AffineAutoregressive` network and autoregressive structure, with the scale
+`sigma = softplus(s + softplus^{-1}(1))` instead of a clamped `exp`: Pyro clamps the
+log-scale to [-5, 3] but passes gradients straight through the clamp, so past it the
+gradient is not the derivative of the map it computes, and `exp` lets scales explode
+(pyro#2998). The same layer class is the guides' (a MADE of the vector) and the VAE's
+(a MADE of the vector and the encoder's context, Pyro's `ConditionalAutoRegressiveNN`).
+
+Successive layers alternate between the natural and the reversed order of the
+coordinates (set through the networks' input ordering, so no permutation layer sits
+between them and a fresh stack is exactly the identity map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions.transforms import AffineAutoregressive
+from torch import Tensor
+
+from .base import (
+    SOFTPLUS_INV_ONE,
+    FlowSpec,
+    FlowStack,
+    OnePassTransform,
+    _default_hidden_dims,
+    autoregressive_net,
+    check_at_least_two_dims,
+    register_flow,
+)
+
+__all__ = ["SoftplusAffineAutoregressive", "iaf_layer"]
+
+
+class SoftplusAffineAutoregressive(OnePassTransform, AffineAutoregressive):
+    """Inverse autoregressive flow layer `y = mu(x) + sigma(x) * x`, softplus scale.
+
+    `sigma = softplus(s + softplus^{-1}(1))`: smooth, positive, equal to one at `s = 0`
+    (so a zero-initialised output layer is the identity). With a conditional network,
+    `mu` and `s` also read a context.
+
+    Examples
+    --------
+    >>> layer = iaf_layer(3, hidden_dims=(16,))
+    >>> x = torch.randn(5, 3)
+    >>> torch.allclose(layer(x), x)
+    True
+    """
+
+    def _mean_and_scale(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        mean, raw_scale = self.arn(x) if context is None else self.arn(x, context)
+        return mean, F.softplus(raw_scale + SOFTPLUS_INV_ONE)
+
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`(y, log|det J|)` in one network pass."""
+        mean, scale = self._mean_and_scale(x, context)
+        return mean + scale * x, scale.log().sum(-1)
+
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`(x, log|det J| at x)`: one network pass per coordinate, in the network's order."""
+        x = torch.zeros_like(y)
+        for idx in self.arn.permutation:
+            mean, scale = self._mean_and_scale(x, context)
+            x = x.clone()
+            x[..., idx] = (y[..., idx] - mean[..., idx]) / scale[..., idx]
+        return x, self.forward_and_log_det(x, context)[1]
+
+
+def iaf_layer(
+    dim: int, hidden_dims: Sequence[int], reverse: bool = False, context_dim: int = 0
+) -> SoftplusAffineAutoregressive:
+    """One inverse-autoregressive affine layer, initialised at the identity.
+
+    `reverse` makes the autoregressive order run from the last coordinate to the first;
+    `context_dim > 0` makes the layer read a context of that size.
+
+    Examples
+    --------
+    >>> layer = iaf_layer(3, hidden_dims=(8,), context_dim=2)
+    >>> x = torch.randn(4, 3)
+    >>> y, log_det = layer.forward_and_log_det(x, torch.randn(4, 2))
+    >>> torch.equal(y, x)
+    True
+    """
+    net = autoregressive_net(dim, hidden_dims, [1, 1], reverse, context_dim)
+    return SoftplusAffineAutoregressive(net)
+
+
+def _iaf_stack(
+    dim: int,
+    num_layers: int,
+    hidden_dims: Sequence[int] | None = None,
+    context_dim: int = 0,
+) -> FlowStack:
+    check_at_least_two_dims("iaf", dim)
+    hidden_dims = hidden_dims or _default_hidden_dims(dim)
+    return FlowStack(
+        [iaf_layer(dim, hidden_dims, i % 2 == 1, context_dim) for i in range(num_layers)]
+    )
+
+
+def _conditional_iaf(
+    dim: int, context_dim: int, num_layers: int, hidden_dims: Sequence[int] | None = None
+) -> FlowStack:
+    return _iaf_stack(dim, num_layers, hidden_dims, context_dim)
+
+
+IAF = register_flow(
+    FlowSpec(
+        "iaf",
+        _iaf_stack,
+        num_layers=2,
+        lr=5e-3,
+        options=("hidden_dims",),
+        conditional=_conditional_iaf,
+    )
+)

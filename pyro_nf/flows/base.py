@@ -1,0 +1,606 @@
+"""The layer protocol, the stack, the registry of flow families and their shared parts.
+
+A flow layer acts on vectors (the last dimension) and knows two methods:
+
+- `forward_and_log_det(x, context=None) -> (y, log|det J|)`: the map and its log-det in
+  one pass, so a guide never needs an inverse to score its own draws;
+- `inverse_and_log_det(y, context=None) -> (x, log|det J|)`, where an inverse exists,
+  with the log-det of the forward map at the returned point.
+
+`context` is the per-datapoint vector an amortized (conditional) layer reads its
+parameters from; plain layers take none. `OnePassTransform` gives such a layer Pyro's
+`Transform` interface (`layer(x)`, `layer.inv(y)`, `log_abs_det_jacobian`) from the
+same two methods, so the layers also drop into Pyro's `TransformedDistribution`.
+
+A family is a `FlowSpec` (a builder of plain stacks and, optionally, of conditional
+ones, with defaults), added with `register_flow`; the built-in families register
+themselves that way, one file each.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
+from torch import Tensor, nn
+
+__all__ = [
+    "AmortizedLayers",
+    "CONDITIONAL_FLOWS",
+    "FLOWS",
+    "FlowLayer",
+    "FlowSpec",
+    "FlowStack",
+    "OnePassTransform",
+    "build_flow",
+    "get_flow_spec",
+    "register_flow",
+]
+
+#: softplus^{-1}(1): the pre-activation whose softplus is exactly one.
+SOFTPLUS_INV_ONE = math.log(math.e - 1.0)
+
+
+def inverse_softplus(y: Tensor) -> Tensor:
+    """The `x` with `softplus(x) = y`, for `y > 0`.
+
+    Examples
+    --------
+    >>> import torch.nn.functional as F
+    >>> y = torch.tensor([0.1, 1.0, 5.0])
+    >>> torch.allclose(F.softplus(inverse_softplus(y)), y)
+    True
+    """
+    return y + torch.log(-torch.expm1(-y))
+
+
+@runtime_checkable
+class FlowLayer(Protocol):
+    """What a layer of a `FlowStack` provides (`inverse_and_log_det` where it has one).
+
+    Examples
+    --------
+    >>> from pyro_nf.flows import InvertiblePlanar
+    >>> isinstance(InvertiblePlanar(2), FlowLayer)
+    True
+    """
+
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+class OnePassTransform:
+    """Mixin: Pyro's `Transform` methods from the one-pass protocol.
+
+    `_call` and `_inverse` keep the log-det they computed, and `log_abs_det_jacobian`
+    returns it for the very pair they produced (Pyro's one-entry cache), so a Pyro
+    `TransformedDistribution` also costs one pass per layer. Mix it in before a Pyro
+    `TransformModule` base.
+
+    Examples
+    --------
+    >>> from pyro_nf.flows import InvertibleRadial
+    >>> layer = InvertibleRadial(3)
+    >>> x = torch.randn(4, 3)
+    >>> y = layer(x)
+    >>> torch.equal(layer.log_abs_det_jacobian(x, y), layer.forward_and_log_det(x)[1])
+    True
+    """
+
+    _cached_log_det: Tensor | None = None
+
+    def _call(self, x: Tensor) -> Tensor:
+        y, self._cached_log_det = self.forward_and_log_det(x)
+        return y
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        x, self._cached_log_det = self.inverse_and_log_det(y)
+        return x
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """log|det J| of the forward map at `x`, summed over the last dimension."""
+        x_old, y_old = self._cached_x_y
+        if x is x_old and y is y_old:  # computed by the call that produced the pair
+            return self._cached_log_det
+        return self.forward_and_log_det(x)[1]
+
+
+class FlowStack(nn.Module):
+    """An ordered stack of invertible layers on vectors, with log-dets in the same pass.
+
+    The same class serves plain flows (guides) and conditional ones (the VAE encoder),
+    whose layers read their parameters from a `context`. A stack follows the layer
+    protocol itself, so stacks nest.
+
+    Parameters
+    ----------
+    layers : sequence of modules
+        Layers following the protocol (`forward_and_log_det`, `inverse_and_log_det`), or
+        any Pyro `TransformModule` (run through Pyro's own transform interface), applied
+        in order.
+
+    Examples
+    --------
+    >>> flow = build_flow("planar", dim=2, num_layers=3)
+    >>> y, log_det = flow(torch.randn(10, 2))
+    >>> y.shape, log_det.shape
+    (torch.Size([10, 2]), torch.Size([10]))
+    >>> x, inv_log_det = flow(y, inverse=True)
+    """
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(
+        self, x: Tensor, inverse: bool = False, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Push `x` through the stack.
+
+        Parameters
+        ----------
+        x : Tensor
+            Input of shape `(..., dim)`.
+        inverse : bool
+            If true, apply the inverse map instead.
+        context : Tensor, optional
+            The conditioning vectors of a conditional stack, shape `(..., context_dim)`,
+            broadcasting against `x`'s batch shape.
+
+        Returns
+        -------
+        (Tensor, Tensor)
+            The output, and log|det J| of the *forward* map summed over layers, evaluated
+            at the forward map's input (so for `inverse=True` it is log|det J| at the
+            returned point).
+        """
+        if inverse:
+            return self.inverse_and_log_det(x, context)
+        return self.forward_and_log_det(x, context)
+
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The stack's map and its log-det (the protocol's forward method)."""
+        # Summed from the first layer's term (not from zeros): one node fewer in the
+        # autograd graph of every step.
+        log_det = None
+        for layer in self.layers:
+            x, layer_log_det = _forward_and_log_det(layer, x, context)
+            log_det = layer_log_det if log_det is None else log_det + layer_log_det
+        return x, x.new_zeros(x.shape[:-1]) if log_det is None else log_det
+
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The inverse map, with the forward log-det at the returned point."""
+        log_det = y.new_zeros(y.shape[:-1])
+        for layer in reversed(self.layers):
+            y, layer_log_det = _inverse_and_log_det(layer, y, context)
+            log_det = log_det + layer_log_det
+        return y, log_det
+
+    def condition(self, context: Tensor) -> Callable[..., tuple[Tensor, Tensor]]:
+        """The stack with `context` fixed: `f(x, inverse=False) -> (y, log_det)`.
+
+        What `FlowDistribution` and `ConditionalFlowPosterior` take as their flow.
+
+        Examples
+        --------
+        >>> from pyro_nf.flows import build_conditional_flow
+        >>> flow = build_conditional_flow("planar", dim=2, context_dim=3, num_layers=2)
+        >>> y, log_det = flow.condition(torch.randn(5, 3))(torch.randn(5, 2))
+        >>> log_det.shape
+        torch.Size([5])
+        """
+        return functools.partial(self, context=context)
+
+
+def _forward_and_log_det(
+    layer: nn.Module, x: Tensor, context: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    # Our layers compute the map and its log-det in one pass, without Pyro's
+    # Transform.__call__ cache bookkeeping and the second log_abs_det_jacobian call: that
+    # Python overhead, not arithmetic, is most of a step's cost (measured: see
+    # docs/benchmarks.md). Any other Pyro layer goes through its own cache.
+    # hasattr, not isinstance(layer, FlowLayer): a protocol check costs microseconds per
+    # layer and step.
+    if hasattr(layer, "forward_and_log_det"):
+        if context is None:
+            return layer.forward_and_log_det(x)
+        return layer.forward_and_log_det(x, context)
+    layer._cached_x_y = (None, None)
+    y = layer(x)
+    return y, _summed_log_det(layer, x, y)
+
+
+def _inverse_and_log_det(
+    layer: nn.Module, y: Tensor, context: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    if hasattr(layer, "inverse_and_log_det"):
+        if context is None:
+            return layer.inverse_and_log_det(y)
+        return layer.inverse_and_log_det(y, context)
+    # Pyro's layers keep a one-entry cache keyed on the input tensor's identity; a stale
+    # entry (same input, parameters since updated) would be returned silently, so every
+    # pass starts from an empty cache.
+    layer._cached_x_y = (None, None)
+    x = layer.inv(y)
+    return x, _summed_log_det(layer, x, y)
+
+
+def _summed_log_det(layer: TransformModule, x: Tensor, y: Tensor) -> Tensor:
+    log_det = layer.log_abs_det_jacobian(x, y)
+    if layer.domain.event_dim == 0:  # element-wise layers report one term per coordinate
+        log_det = log_det.sum(-1)
+    return log_det
+
+
+def _default_hidden_dims(dim: int) -> tuple[int, ...]:
+    # Two hidden layers, each dim + 24 wide (MADE needs at least dim). This was 4 * dim + 16;
+    # on the 50-D Gaussian benchmark (1000 steps, 8 particles) the narrower nets reach the
+    # same KL (spline 0.084-0.095 vs 0.092-0.094 nats, IAF 0.018-0.020 vs 0.019-0.024, two
+    # seeds) with a quarter of the parameters, which Adam and the backward pass pay for on
+    # every step (spline step 13.1 -> 9.6 ms, IAF 6.8 -> 5.5 ms). One hidden layer of
+    # 4 * dim + 16 was worse (spline KL 0.185). On 2-D targets the width hardly changes.
+    width = dim + 24
+    return (width, width)
+
+
+def zero_output_layer(net: nn.Module) -> nn.Linear:
+    """Zero the weight and bias of `net.layers[-1]` (an identity start); return it.
+
+    Examples
+    --------
+    >>> from pyro.nn import DenseNN
+    >>> zero_output_layer(DenseNN(2, [4], param_dims=[3])).bias.abs().sum().item()
+    0.0
+    """
+    output_layer = net.layers[-1]
+    nn.init.zeros_(output_layer.weight)
+    nn.init.zeros_(output_layer.bias)
+    return output_layer
+
+
+def autoregressive_net(
+    dim: int,
+    hidden_dims: Sequence[int],
+    param_dims: Sequence[int],
+    reverse: bool = False,
+    context_dim: int = 0,
+) -> AutoRegressiveNN | ConditionalAutoRegressiveNN:
+    """A MADE network over `dim` coordinates with a zero output layer.
+
+    `reverse` runs the autoregressive order from the last coordinate to the first;
+    `context_dim > 0` makes it read a context too (Pyro's `ConditionalAutoRegressiveNN`).
+
+    Examples
+    --------
+    >>> net = autoregressive_net(3, (8,), [1, 1], context_dim=2)
+    >>> mean, raw_scale = net(torch.randn(5, 3), torch.randn(5, 2))
+    >>> mean.abs().max().item(), raw_scale.shape
+    (0.0, torch.Size([5, 3]))
+    """
+    if min(hidden_dims) < dim:
+        # Pyro's AutoRegressiveNN needs every hidden width >= input dim (pyro#2688).
+        raise ValueError(
+            f"hidden_dims={tuple(hidden_dims)} has a layer narrower than the latent "
+            f"dimension {dim}; autoregressive networks need every hidden width >= {dim}."
+        )
+    order = torch.arange(dim - 1, -1, -1) if reverse else torch.arange(dim)
+    hidden, params = list(hidden_dims), list(param_dims)
+    if context_dim:
+        net = ConditionalAutoRegressiveNN(
+            dim, context_dim, hidden, param_dims=params, permutation=order
+        )
+    else:
+        net = AutoRegressiveNN(dim, hidden, param_dims=params, permutation=order)
+    zero_output_layer(net)
+    return net
+
+
+def check_at_least_two_dims(family: str, dim: int) -> None:
+    """Raise the error for a family that needs two coordinates, saying what to use.
+
+    Examples
+    --------
+    >>> check_at_least_two_dims("iaf", 3)
+    """
+    if dim < 2:
+        raise ValueError(
+            f"the {family!r} flow needs at least 2 latent dimensions: on one dimension it "
+            "is a fixed affine map, which the Gaussian base already is. Use flow='spline' "
+            "(an element-wise spline on 1-D) or AutoNormal instead."
+        )
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """How to build one family of flows, and the defaults that suit it.
+
+    Attributes
+    ----------
+    name : str
+        Registry key.
+    builder : callable
+        `builder(dim, num_layers, **options) -> FlowStack`, starting at the identity.
+    num_layers : int
+        Default number of layers.
+    lr : float
+        Default Adam learning rate for guides of this family (measured: autoregressive
+        stacks train best near 1e-3, planar/radial near 1e-2).
+    options : tuple of str
+        Keyword options the builder accepts besides `dim` and `num_layers`.
+    conditional : callable, optional
+        `conditional(dim, context_dim, num_layers, hidden_dims) -> FlowStack` whose layers
+        read their parameters from a context (the VAE encoder's); None if the family has
+        no amortized variant.
+
+    Examples
+    --------
+    >>> spec = FlowSpec("planar-4", lambda dim, num_layers: build_flow("planar", dim, 4),
+    ...                 num_layers=1, lr=1e-2)
+    >>> len(build_flow(spec, dim=3).layers)
+    4
+    """
+
+    name: str
+    builder: Callable[..., FlowStack]
+    num_layers: int
+    lr: float
+    options: tuple[str, ...] = ()
+    conditional: Callable[..., FlowStack] | None = None
+
+
+FLOWS: dict[str, FlowSpec] = {}
+"""Registry of flow families: name -> `FlowSpec` (builder, default number of layers,
+default Adam learning rate, accepted options, conditional builder). Filled by
+`register_flow`, which is also how the built-in families enter it.
+
+Examples
+--------
+>>> sorted(FLOWS)
+['iaf', 'planar', 'radial', 'spline']
+>>> FLOWS["planar"].num_layers, FLOWS["spline"].lr
+(8, 0.005)
+"""
+
+CONDITIONAL_FLOWS: dict[str, Callable[..., FlowStack]] = {
+    "none": lambda dim, context_dim, num_layers, hidden_dims: FlowStack([]),
+}
+"""The VAE's flow families: name -> conditional builder
+`(dim, context_dim, num_layers, hidden_dims) -> FlowStack`; `"none"` builds no layer (the
+diagonal-Gaussian baseline). `register_flow` adds every family with a conditional variant.
+
+Examples
+--------
+>>> sorted(CONDITIONAL_FLOWS)
+['iaf', 'none', 'planar', 'radial', 'spline']
+"""
+
+
+def register_flow(spec: FlowSpec, replace: bool = False) -> FlowSpec:
+    """Add a flow family: `AutoFlow(flow=spec.name)` and `build_flow` then know it.
+
+    Parameters
+    ----------
+    spec : FlowSpec
+        The family; with `spec.conditional`, the VAE knows it too (`CONDITIONAL_FLOWS`).
+    replace : bool
+        Allow replacing a registered family of the same name.
+
+    Returns
+    -------
+    FlowSpec
+        `spec`, so that a module can keep it.
+
+    Examples
+    --------
+    >>> spec = FlowSpec("planar-2", lambda dim, num_layers: build_flow("planar", dim, 2),
+    ...                 num_layers=1, lr=1e-2)
+    >>> register_flow(spec).name in FLOWS
+    True
+    >>> del FLOWS["planar-2"]
+    """
+    if not isinstance(spec, FlowSpec):
+        raise TypeError(f"register_flow takes a FlowSpec, got {type(spec).__name__}")
+    if spec.name in FLOWS and not replace:
+        raise ValueError(f"a flow named {spec.name!r} is registered; pass replace=True")
+    FLOWS[spec.name] = spec
+    if spec.conditional is not None:
+        CONDITIONAL_FLOWS[spec.name] = spec.conditional
+    return spec
+
+
+def get_flow_spec(flow: str | FlowSpec | Callable[[int], nn.Module]) -> FlowSpec:
+    """The `FlowSpec` for a registry name, a `FlowSpec` or a layer builder `dim -> layer`.
+
+    A builder's layer follows the protocol (`forward_and_log_det`, and
+    `inverse_and_log_det` to score other points than its own draws) or is a Pyro
+    `TransformModule`; the family stacks `num_layers` of them (default 1) and trains at
+    Adam's 5e-3, the rate of the network-based built-in families.
+
+    Examples
+    --------
+    >>> get_flow_spec("spline").num_layers
+    2
+    >>> from pyro.distributions.transforms import planar
+    >>> get_flow_spec(planar).name
+    'planar'
+    """
+    if isinstance(flow, FlowSpec):
+        return flow
+    if isinstance(flow, str):
+        try:
+            return FLOWS[flow]
+        except KeyError:
+            valid = ", ".join(repr(key) for key in FLOWS)
+            raise ValueError(f"unknown flow {flow!r}; choose one of {valid}") from None
+    if callable(flow):
+        name = getattr(flow, "__name__", type(flow).__name__)
+        return FlowSpec(name, functools.partial(_stack_of, flow), num_layers=1, lr=5e-3)
+    raise TypeError(
+        f"flow must be a registered name ({', '.join(map(repr, FLOWS))}), a FlowSpec or a "
+        f"callable dim -> layer, got {flow!r}"
+    )
+
+
+def _stack_of(make_layer: Callable[[int], nn.Module], dim: int, num_layers: int) -> FlowStack:
+    layers = [make_layer(dim) for _ in range(num_layers)]
+    for layer in layers:
+        if not isinstance(layer, FlowLayer | TransformModule):
+            raise TypeError(
+                f"the flow builder returned a {type(layer).__name__}; it must return a layer "
+                "with forward_and_log_det(x) -> (y, log_det) or a Pyro TransformModule"
+            )
+    return layers[0] if num_layers == 1 and isinstance(layers[0], FlowStack) else FlowStack(layers)
+
+
+def build_flow(
+    flow: str | FlowSpec | Callable[[int], nn.Module],
+    dim: int,
+    num_layers: int | None = None,
+    hidden_dims: Sequence[int] | None = None,
+    **options: Any,
+) -> FlowStack:
+    """Build a flow stack on `dim`-dimensional vectors, starting at the identity.
+
+    Parameters
+    ----------
+    flow : str, FlowSpec or callable
+        A registered family (`"planar"`, `"radial"`, `"iaf"`, `"spline"`, `"coupling"`,
+        see `FLOWS`), a `FlowSpec`, or a layer builder `dim -> layer` (see `get_flow_spec`).
+    dim : int
+        Dimension of the vectors the stack acts on.
+    num_layers : int, optional
+        Number of flow layers; defaults to the family's default.
+    hidden_dims : sequence of int, optional
+        Hidden widths of the layers' networks (iaf, spline, coupling); autoregressive ones
+        need each to be at least `dim`. Defaults to two layers of `dim + 24`. Planar and
+        radial have none.
+    **options
+        Family-specific options: `count_bins` and `bound` (tail bound, in standardised
+        units) for splines.
+
+    Examples
+    --------
+    >>> flow = build_flow("spline", dim=3)
+    >>> x = torch.randn(4, 3)
+    >>> y, log_det = flow(x)
+    >>> torch.allclose(y, x, atol=1e-3), torch.allclose(log_det, torch.zeros(4), atol=1e-3)
+    (True, True)
+    """
+    spec = get_flow_spec(flow)
+    num_layers = spec.num_layers if num_layers is None else num_layers
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if hidden_dims is not None:
+        options["hidden_dims"] = hidden_dims
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        accepted = ", ".join(spec.options) or "none"
+        raise ValueError(
+            f"flow {spec.name!r} does not take option(s) {', '.join(unknown)}; "
+            f"it accepts: {accepted}"
+        )
+    return spec.builder(dim, num_layers, **options)
+
+
+def renamed_arguments(**renames: str) -> Callable[[Callable], Callable]:
+    """Decorator: accept old keyword names (`old="new"`) with a `DeprecationWarning`.
+
+    Examples
+    --------
+    >>> @renamed_arguments(input_dim="dim")
+    ... def width(dim):
+    ...     return dim
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     width(input_dim=3), caught[0].category.__name__
+    (3, 'DeprecationWarning')
+    """
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old in kwargs:
+                    warnings.warn(
+                        f"{function.__qualname__}: {old}= is deprecated; use {new}=",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+class AmortizedLayers(nn.Module):
+    """K layers of one kind whose parameters all come from one linear map of a context.
+
+    Rezende & Mohamed's amortized flow: the encoder's last layer emits every flow
+    parameter at once, and the layers apply them through one-pass kernels. Subclasses set
+    `sizes` (each parameter's length per layer), `kernel(x, *params) -> (y, log_det)`,
+    `inverse_kernel(y, *params) -> x`, and `constrain(*raw) -> params`.
+
+    Parameters
+    ----------
+    dim : int
+        Dimension of the vectors.
+    context_dim : int
+        Dimension of the context.
+    num_layers : int
+        Number of layers K.
+    sizes : sequence of int
+        Length of each parameter of one layer.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_layers: int, sizes: Sequence[int]):
+        super().__init__()
+        self.dim, self.num_layers, self.sizes = dim, num_layers, tuple(sizes)
+        self.params = nn.Linear(context_dim, num_layers * sum(sizes))
+        nn.init.zeros_(self.params.weight)
+        nn.init.zeros_(self.params.bias)
+
+    def constrain(self, *raw: Tensor) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def kernel(self, x: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse_kernel(self, y: Tensor, *params: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def layer_params(self, context: Tensor) -> list[tuple[Tensor, ...]]:
+        """Each layer's parameters, each of shape `(..., size)`, for a batch of contexts."""
+        raw = self.params(context).unflatten(-1, (self.num_layers, sum(self.sizes)))
+        params = self.constrain(*raw.split(self.sizes, dim=-1))
+        return [tuple(p[..., k, :] for p in params) for k in range(self.num_layers)]
+
+    def forward_and_log_det(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """`(y, log|det J|)` through all K layers in one pass."""
+        log_det = None
+        for params in self.layer_params(context):
+            x, term = self.kernel(x, *params)
+            log_det = term if log_det is None else log_det + term
+        return x, log_det
+
+    def inverse_and_log_det(self, y: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """`(x, log|det J| at x)`, layer by layer from the last."""
+        log_det = y.new_zeros(y.shape[:-1])
+        for params in reversed(self.layer_params(context)):
+            y = self.inverse_kernel(y, *params)
+            log_det = log_det + self.kernel(y, *params)[1]
+        return y, log_det

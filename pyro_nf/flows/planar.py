@@ -1,0 +1,198 @@
+"""Planar layers (Rezende & Mohamed 2015): `y = x + u_hat tanh(w . x + b)`.
+
+One kernel (`planar_forward`, `planar_inverse`) serves both variants:
+
+- `InvertiblePlanar`, the guides' layer: Pyro's `Planar` parameters and constraint, with
+  the inverse Pyro lacks (it raises `KeyError`, pyro#2718), needed to score arbitrary
+  points (`log_prob`) and for path-derivative gradients;
+- `AmortizedPlanar`, the VAE's: the `u, w, b` of all K layers from one linear map of the
+  encoder's context, as in the paper, applied by the same kernel (no per-layer Pyro
+  transform objects, no hypernetwork per layer).
+
+The invertibility constraint `w . u_hat >= -1` (the paper's appendix A.1) holds in both:
+`u_hat = u + (softplus(w . u) - 1 - w . u) w / |w|^2`, so `w . u_hat = softplus(w . u) - 1`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions.transforms import Planar
+from torch import Tensor
+
+from .base import (
+    SOFTPLUS_INV_ONE,
+    AmortizedLayers,
+    FlowSpec,
+    FlowStack,
+    OnePassTransform,
+    register_flow,
+    renamed_arguments,
+)
+
+__all__ = ["AmortizedPlanar", "InvertiblePlanar", "planar_forward", "planar_inverse"]
+
+#: Newton steps of the inverse (bracketed, so each at least halves the error's bound).
+_NEWTON_STEPS = 40
+
+
+def constrained_u(u: Tensor, w: Tensor) -> Tensor:
+    """`u_hat`, the `u` moved along `w` so that `w . u_hat = softplus(w . u) - 1 > -1`.
+
+    Examples
+    --------
+    >>> u, w = torch.randn(5, 3), torch.randn(5, 3)
+    >>> bool(((constrained_u(u, w) * w).sum(-1) > -1).all())
+    True
+    """
+    alpha = (u * w).sum(-1, keepdim=True)
+    return u + (F.softplus(alpha) - 1 - alpha) * w / w.pow(2).sum(-1, keepdim=True)
+
+
+def planar_forward(x: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """`(y, log|det J|)` of one planar map; `u_hat, w` broadcast with `x`, `b` with `x[..., :1]`.
+
+    Examples
+    --------
+    >>> x, w = torch.randn(4, 2), torch.randn(2)
+    >>> y, log_det = planar_forward(x, torch.zeros(2), w, torch.tensor([0.3]))
+    >>> torch.equal(y, x), log_det.abs().max().item()
+    (True, 0.0)
+    """
+    tanh = torch.tanh((x * w).sum(-1, keepdim=True) + b)
+    y = x + tanh * u_hat
+    # 1 + (1 - tanh^2) w . u_hat > 0 because w . u_hat > -1
+    log_det = torch.log1p((1 - tanh.pow(2)) * (w * u_hat).sum(-1, keepdim=True))
+    return y, log_det.squeeze(-1)
+
+
+def planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """The `x` with `planar_forward(x, u_hat, w, b)[0] == y`.
+
+    With `a = w . x + b`, the inverse reduces to the scalar equation
+    `w . y + b = a + (w . u_hat) tanh(a)`, strictly increasing because `w . u_hat > -1`;
+    it is solved by Newton steps kept inside the bracket `|a - c| <= |w . u_hat|`, and the
+    last step is taken with gradients so that the result is differentiable.
+
+    Examples
+    --------
+    >>> u_hat, w, b = torch.tensor([0.5, -0.2]), torch.tensor([1.0, 0.3]), torch.tensor([0.1])
+    >>> x = torch.randn(6, 2)
+    >>> y, _ = planar_forward(x, u_hat, w, b)
+    >>> torch.allclose(planar_inverse(y, u_hat, w, b), x, atol=1e-5)
+    True
+    """
+    slope = (w * u_hat).sum(-1, keepdim=True)
+    target = (y * w).sum(-1, keepdim=True) + b
+
+    def newton_step(a: Tensor) -> Tensor:
+        tanh = torch.tanh(a)
+        residual = a + slope * tanh - target
+        return a - residual / (1 + slope * (1 - tanh.pow(2)))
+
+    with torch.no_grad():
+        radius = slope.abs()
+        a = target.detach().clone()
+        for _ in range(_NEWTON_STEPS):
+            a = torch.minimum(torch.maximum(newton_step(a), target - radius), target + radius)
+    a = newton_step(a)
+    return y - u_hat * torch.tanh(a)
+
+
+class InvertiblePlanar(OnePassTransform, Planar):
+    """Pyro's planar layer `y = x + u_hat tanh(w . x + b)`, one-pass and with an inverse.
+
+    Starts at the identity (`u_hat = 0`).
+
+    Parameters
+    ----------
+    dim : int
+        Dimension of the vectors (formerly `input_dim`, deprecated).
+
+    Examples
+    --------
+    >>> layer = InvertiblePlanar(3)
+    >>> x = torch.randn(5, 3)
+    >>> torch.allclose(layer.inv(layer(x)), x, atol=1e-5)
+    True
+    """
+
+    @renamed_arguments(input_dim="dim")
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.reset_to_identity()
+
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        """Set `u` so that the constrained `u_hat` is zero: the identity map."""
+        # u_hat = u + (softplus(u.w) - 1 - u.w) w / |w|^2 vanishes for u = c w / |w|^2
+        # with softplus(c) = 1.
+        self.u.copy_(SOFTPLUS_INV_ONE * self.w / self.w.pow(2).sum())
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`(y, log|det J|)` in one pass."""
+        return planar_forward(x, constrained_u(self.u, self.w), self.w, self.bias)
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """`(x, log|det J| at x)` by the bracketed Newton solve."""
+        params = constrained_u(self.u, self.w), self.w, self.bias
+        x = planar_inverse(y, *params)
+        return x, planar_forward(x, *params)[1]
+
+
+class AmortizedPlanar(AmortizedLayers):
+    """K planar layers whose `u, w, b` all come from one linear map of a context.
+
+    Rezende & Mohamed's amortized planar flow (the encoder's last layer emits every flow
+    parameter). Starts at the identity: the map's weight is zero and its bias holds, per
+    layer, a random unit direction `w` and the `u` with `u_hat = 0`.
+
+    Parameters
+    ----------
+    dim : int
+        Dimension of the vectors.
+    context_dim : int
+        Dimension of the context.
+    num_layers : int
+        Number of planar layers K.
+
+    Examples
+    --------
+    >>> layer = AmortizedPlanar(2, context_dim=3, num_layers=4)
+    >>> x, context = torch.randn(5, 2), torch.randn(5, 3)
+    >>> y, log_det = layer.forward_and_log_det(x, context)
+    >>> torch.allclose(y, x), log_det.shape
+    (True, torch.Size([5]))
+    """
+
+    kernel = staticmethod(planar_forward)
+    inverse_kernel = staticmethod(planar_inverse)
+
+    def __init__(self, dim: int, context_dim: int, num_layers: int):
+        super().__init__(dim, context_dim, num_layers, sizes=(dim, dim, 1))
+        # Unit-length directions w: with |w| small, u = c w / |w|^2 is large and a small
+        # change of w moves u_hat far (Pyro's U(-1/sqrt(d), 1/sqrt(d)) draws can be tiny).
+        w = F.normalize(torch.randn(num_layers, dim), dim=-1)
+        u = SOFTPLUS_INV_ONE * w
+        with torch.no_grad():
+            self.params.bias.copy_(torch.cat([u, w, torch.zeros(num_layers, 1)], -1).flatten())
+
+    def constrain(self, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`(u_hat, w, b)` from the map's output."""
+        return constrained_u(u, w), w, b
+
+
+def _planar_stack(dim: int, num_layers: int) -> FlowStack:
+    return FlowStack([InvertiblePlanar(dim) for _ in range(num_layers)])
+
+
+def _conditional_planar(
+    dim: int, context_dim: int, num_layers: int, hidden_dims: object = None
+) -> FlowStack:
+    # No hidden layer: one linear map of the context (hidden_dims does not apply).
+    return FlowStack([AmortizedPlanar(dim, context_dim, num_layers)])
+
+
+PLANAR = register_flow(
+    FlowSpec("planar", _planar_stack, num_layers=8, lr=1e-2, conditional=_conditional_planar)
+)

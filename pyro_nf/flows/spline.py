@@ -1,0 +1,315 @@
+"""Neural spline flow layers (Durkan et al. 2019): monotone rational-quadratic splines.
+
+One kernel (`_rational_quadratic_spline`) and one layer class serve the guides and the
+VAE: the spline is the identity outside `[-bound, bound]`, and its parameters come from
+an autoregressive network of the vector (guides) or of the vector and the encoder's
+context (VAE); on one dimension the guides' layer is the same spline element-wise.
+
+The default tail bound of 3 is in standardised coordinates (the guide's loc/scale, or
+the VAE encoder's, carry the location and size), so it does not cut off mass the way a
+bound on raw coordinates does. Measured with Pyro's rational-linear spline on a
+0.95-correlated 2-D Gaussian (1500 steps, 8 particles, decaying lr): bound 3 reached KL
+0.0004-0.0014 nats over four seeds, bound 5 stalled at 0.22 on one of them. The VAE's
+flow acts on the same standardised base draws, of which `[-3, 3]` holds 99.7%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions.torch_transform import TransformModule
+from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
+from torch import Tensor, nn
+from torch.distributions import constraints
+
+from .base import (
+    FlowSpec,
+    FlowStack,
+    OnePassTransform,
+    _default_hidden_dims,
+    autoregressive_net,
+    check_at_least_two_dims,
+    inverse_softplus,
+    register_flow,
+)
+
+__all__ = [
+    "RationalQuadraticSpline",
+    "RationalQuadraticSplineAutoregressive",
+    "spline_layer",
+]
+
+#: Floors on every bin's width and height (as fractions of the interval) and on every
+#: interior knot derivative, as in Pyro's and Durkan et al.'s implementations.
+_MIN_BIN_SIZE = 1e-3
+_MIN_DERIVATIVE = 1e-3
+
+#: Default number of bins and tail bound (standardised units; see the module docstring).
+COUNT_BINS = 8
+BOUND = 3.0
+
+
+def _spline_table(raw: Tensor, bound: float) -> Tensor:
+    """Knots and knot derivatives from raw parameters `(..., 3K - 1, D)`.
+
+    Returns shape `(..., 3, K + 1, D)`: the x positions of the knots, their y positions,
+    and the derivatives there (1 at both ends).
+    """
+    num_bins = (raw.size(-2) + 1) // 3
+    # Widths and heights together, shape (..., 2, K, D): a softmax over each row of K
+    # bins, floored, then cumulated and mapped onto [-bound, bound].
+    sizes = raw[..., : 2 * num_bins, :].unflatten(-2, (2, num_bins))
+    sizes = torch.softmax(sizes, dim=-2) * (1 - _MIN_BIN_SIZE * num_bins) + _MIN_BIN_SIZE
+    knots = F.pad(torch.cumsum(sizes, dim=-2), (0, 0, 1, 0)) * (2 * bound) - bound
+    derivatives = F.pad(
+        F.softplus(raw[..., 2 * num_bins :, :]) + _MIN_DERIVATIVE, (0, 0, 1, 1), value=1.0
+    )
+    return torch.cat([knots, derivatives.unsqueeze(-3)], dim=-3)
+
+
+def _rational_quadratic_spline(
+    x: Tensor, raw: Tensor, bound: float, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    r"""Monotone rational-quadratic spline (Durkan et al. 2019) on `[-bound, bound]`.
+
+    Acts element-wise on `x` of shape `(..., D)`; identity outside the interval, with
+    unit slope at both ends so that the map and its slope are continuous there. `raw`
+    of shape `(..., 3K - 1, D)` (batch shape that of `x`) holds each coordinate's
+    unconstrained parameters: `K` bin widths and `K` bin heights (softmax-normalised)
+    then the `K - 1` interior knot derivatives (softplus). All-zero widths and heights
+    with derivatives `softplus^{-1}(1 - 1e-3)` give the identity map.
+
+    Returns the output and log|det J| of the *forward* map summed over the last dimension
+    (for `inverse=True`, evaluated at the returned point). Inside a bin of width
+    $w$, height $h$, slope $s = h / w$ and knot derivatives $d_0, d_1$, with
+    $\theta = (x - x_0)/w$:
+
+    $$
+    y = y_0 + \frac{h\,(s\theta^2 + d_0\theta(1-\theta))}{s + (d_0 + d_1 - 2s)\,
+    \theta(1-\theta)},
+    $$
+
+    and the inverse takes the root of the quadratic in $\theta$ in its stable form
+    $\theta = 2c / (-b - \sqrt{b^2 - 4ac})$.
+    """
+    table = _spline_table(raw, bound)
+    clamped = x.clamp(-bound, bound)
+    # Bin index: the number of interior knots (on the input's axis) at or below the input.
+    axis = 1 if inverse else 0
+    index = (clamped.unsqueeze(-2) >= table[..., axis, 1:-1, :]).sum(-2, keepdim=True)
+    index = torch.cat([index, index + 1], dim=-2).unsqueeze(-3).expand_as(table[..., :2, :])
+    left, right = table.gather(-2, index).unbind(-2)  # each (..., 3, D)
+    x0, y0, d0 = left.unbind(-2)
+    x1, y1, d1 = right.unbind(-2)
+    width, height = x1 - x0, y1 - y0
+    slope = height / width
+    curvature = d0 + d1 - 2 * slope
+    if inverse:
+        dy = clamped - y0
+        a = height * (slope - d0) + dy * curvature
+        b = height * d0 - dy * curvature
+        # c = -slope * dy; b^2 - 4ac > 0 in a bin of a monotone spline.
+        theta = 2 * slope * dy / (b + torch.sqrt(b.square() + 4 * a * slope * dy))
+    else:
+        theta = (clamped - x0) / width
+    theta_sq, one_minus = theta.square(), 1 - theta
+    theta_1m = theta * one_minus
+    denominator = slope + curvature * theta_1m
+    if inverse:
+        out = x0 + theta * width
+    else:
+        out = y0 + height * (slope * theta_sq + d0 * theta_1m) / denominator
+    # dy/dx = s^2 (d1 θ^2 + 2 s θ(1-θ) + d0 (1-θ)^2) / denominator^2
+    slope_numerator = d1 * theta_sq + 2 * slope * theta_1m + d0 * one_minus.square()
+    log_slope = torch.log(slope.square() * slope_numerator / denominator.square())
+    is_inside = clamped == x
+    out = torch.where(is_inside, out, x)
+    log_det = torch.where(is_inside, log_slope, 0.0).sum(-1)
+    return out, log_det
+
+
+def _identity_spline_params(count_bins: int, dim: int) -> Tensor:
+    """Raw spline parameters, shape `(3K - 1, dim)`, of the identity map."""
+    raw = torch.zeros(3 * count_bins - 1, dim)
+    raw[2 * count_bins :] = inverse_softplus(torch.tensor(1 - _MIN_DERIVATIVE))
+    return raw
+
+
+class _RationalQuadraticSplineBase(OnePassTransform, TransformModule):
+    """A rational-quadratic spline layer on vectors; subclasses say where the raw
+    parameters come from (`_raw`)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = +1
+
+    def __init__(self, dim: int, count_bins: int, bound: float):
+        super().__init__(cache_size=1)
+        self.dim, self.count_bins, self.bound = dim, count_bins, bound
+
+    def _raw(self, x: Tensor, context: Tensor | None) -> Tensor:
+        """Unconstrained parameters for input `x`, shape `(*x.shape[:-1], 3K - 1, D)`."""
+        raise NotImplementedError
+
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`(y, log|det J|)` in one pass."""
+        return _rational_quadratic_spline(x, self._raw(x, context), self.bound)
+
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`(x, log|det J| at x)`."""
+        return _rational_quadratic_spline(y, self._raw(y, context), self.bound, inverse=True)
+
+
+class RationalQuadraticSpline(_RationalQuadraticSplineBase):
+    """Element-wise rational-quadratic spline (Durkan et al. 2019), one per coordinate.
+
+    Identity outside `[-bound, bound]` and, as built, inside too (equal bins, unit knot
+    derivatives). The layer for one-dimensional latents.
+
+    Examples
+    --------
+    >>> layer = RationalQuadraticSpline(2)
+    >>> x = 4 * torch.randn(5, 2)
+    >>> y, log_det = layer.forward_and_log_det(x)
+    >>> torch.allclose(y, x, atol=1e-5), torch.allclose(log_det, torch.zeros(5), atol=1e-5)
+    (True, True)
+    """
+
+    def __init__(self, dim: int, count_bins: int = COUNT_BINS, bound: float = BOUND):
+        super().__init__(dim, count_bins, bound)
+        self.unnormalized = nn.Parameter(_identity_spline_params(count_bins, dim))
+
+    def _raw(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.unnormalized.expand(*x.shape[:-1], -1, -1)
+
+
+class RationalQuadraticSplineAutoregressive(_RationalQuadraticSplineBase):
+    """Autoregressive rational-quadratic spline layer (Durkan et al. 2019).
+
+    Coordinate `i`'s spline parameters are the outputs of `arn` (a Pyro
+    `AutoRegressiveNN` with one parameter block of `3K - 1` rows, or a
+    `ConditionalAutoRegressiveNN` that also reads a context) on the coordinates before
+    `i` in the network's order. The forward pass takes one network evaluation; the
+    inverse takes one per coordinate.
+
+    Examples
+    --------
+    >>> layer = spline_layer(3, hidden_dims=(16,))
+    >>> x = torch.randn(5, 3)
+    >>> y, log_det = layer.forward_and_log_det(x)
+    >>> torch.allclose(layer.inv(y), x, atol=1e-5)
+    True
+    """
+
+    autoregressive = True
+
+    def __init__(
+        self,
+        dim: int,
+        arn: AutoRegressiveNN | ConditionalAutoRegressiveNN,
+        count_bins: int = COUNT_BINS,
+        bound: float = BOUND,
+    ):
+        super().__init__(dim, count_bins, bound)
+        self.arn = arn
+
+    def _raw(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.arn(x) if context is None else self.arn(x, context)
+
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`(x, log|det J| at x)`, in `dim` network passes."""
+        # x_i depends on x_<i only through the network, so fixing the coordinates one by
+        # one in the network's order recovers x in dim passes; the last one also gives
+        # the log-det, and its gradients are exact (the Jacobian of a pass in x is
+        # strictly triangular, so the dependence on the zero start vanishes).
+        x = torch.zeros_like(y)
+        for _ in range(self.dim - 1):
+            x, _ = _rational_quadratic_spline(y, self._raw(x, context), self.bound, True)
+        return _rational_quadratic_spline(y, self._raw(x, context), self.bound, inverse=True)
+
+
+def spline_layer(
+    dim: int,
+    hidden_dims: Sequence[int],
+    count_bins: int = COUNT_BINS,
+    bound: float = BOUND,
+    reverse: bool = False,
+    context_dim: int = 0,
+) -> TransformModule:
+    """One rational-quadratic spline layer (autoregressive; element-wise on one dimension).
+
+    Starts at the identity (equal bins, unit knot derivatives), and is the identity outside
+    `[-bound, bound]`. `reverse` and `context_dim` as in `iaf_layer`.
+
+    The spline is our own one-pass kernel (`_rational_quadratic_spline`) rather than
+    Pyro's `SplineAutoregressive`, for two reasons. Speed: Pyro's spline op runs many
+    small tensor ops (a comparison search per table, seven gathers, masked blends) forward
+    and backward, and it was most of a spline layer's cost. Forward plus backward of the
+    spline op alone at batch (8, 50) with 8 bins (medians of interleaved repeats, one
+    thread): Pyro's rational-linear 1.7 ms, Pyro's rational-quadratic order 1.2 ms, this
+    kernel 0.7 ms. On the 50-D Gaussian benchmark the guide's SVI step went from 5.6-7.1x
+    an AutoNormal step to 4.1x with this kernel, and to 2.6-3.0x with the narrower default
+    networks of `_default_hidden_dims` as well. Fidelity: Pyro's default order is the
+    rational-*linear* spline (4K - 1 parameters per coordinate, end slopes 0.999), while
+    the neural spline flow of Durkan et al. (2019) is rational-quadratic (3K - 1
+    parameters, unit end slopes so the map is C1 into the identity tails), which is what
+    this computes.
+
+    Examples
+    --------
+    >>> spline_layer(1, hidden_dims=(8,)).unnormalized.shape
+    torch.Size([23, 1])
+    """
+    if dim == 1 and not context_dim:
+        return RationalQuadraticSpline(1, count_bins=count_bins, bound=bound)
+    if context_dim:
+        check_at_least_two_dims("spline", dim)
+    net = autoregressive_net(dim, hidden_dims, [3 * count_bins - 1], reverse, context_dim)
+    with torch.no_grad():  # rows 2K .. 3K-2 of the output are the knot derivatives
+        net.layers[-1].bias.view(3 * count_bins - 1, dim).copy_(
+            _identity_spline_params(count_bins, dim)
+        )
+    return RationalQuadraticSplineAutoregressive(dim, net, count_bins=count_bins, bound=bound)
+
+
+def _spline_stack(
+    dim: int,
+    num_layers: int,
+    hidden_dims: Sequence[int] | None = None,
+    count_bins: int = COUNT_BINS,
+    bound: float = BOUND,
+    context_dim: int = 0,
+) -> FlowStack:
+    hidden_dims = hidden_dims or _default_hidden_dims(dim)
+    layers = [
+        spline_layer(dim, hidden_dims, count_bins, bound, i % 2 == 1, context_dim)
+        for i in range(num_layers)
+    ]
+    return FlowStack(layers)
+
+
+def _conditional_spline(
+    dim: int, context_dim: int, num_layers: int, hidden_dims: Sequence[int] | None = None
+) -> FlowStack:
+    return _spline_stack(dim, num_layers, hidden_dims, context_dim=context_dim)
+
+
+SPLINE = register_flow(
+    FlowSpec(
+        "spline",
+        _spline_stack,
+        num_layers=2,
+        lr=5e-3,
+        options=("hidden_dims", "count_bins", "bound"),
+        conditional=_conditional_spline,
+    )
+)
