@@ -361,3 +361,121 @@ def test_default_particles_are_one_where_the_model_does_not_vectorise(fresh_pyro
         warnings.simplefilter("error")  # the fallback to one particle is silent
         result = fit(unbatched, AutoNormal(unbatched), num_steps=5, progress=False, seed=0)
     assert result.num_particles == 1 and len(result.losses) == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(num_steps=2.5), ValueError, "num_steps must be an integer >= 1, got 2.5"),
+        (dict(num_steps=True), ValueError, "num_steps must be an integer >= 1, got True"),
+        (dict(num_steps="10"), ValueError, "num_steps must be an integer >= 1, got '10'"),
+        (dict(num_particles=0), ValueError, "num_particles must be an integer >= 1, got 0"),
+        (dict(num_particles=2.0), ValueError, "num_particles must be an integer >= 1, got 2.0"),
+        (dict(lr=float("inf")), ValueError, "lr must be a positive finite number, got inf"),
+        (dict(lr=float("nan")), ValueError, "lr must be a positive finite number, got nan"),
+        (dict(lr="0.1"), TypeError, "lr must be a positive finite number, got '0.1'"),
+        (dict(lr=True), TypeError, "lr must be a positive finite number, got True"),
+        (dict(max_time=0), ValueError, "max_time must be a positive finite number, got 0"),
+        (dict(max_time=-1.0), ValueError, "max_time must be a positive finite number"),
+        (dict(schedule="plateau"), TypeError, "schedule must be a pyro_nf.Schedule"),
+    ],
+)
+def test_arguments_are_checked_before_the_guide_is_set_up(kwargs, error, message):
+    guide = AutoNormal(normal_model)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(".", r"\.")):
+        fit(normal_model, guide, progress=False, **kwargs)
+    assert guide.prototype_trace is None  # the guide never ran
+
+
+class FakeClock:
+    """``time.perf_counter`` advancing by ``tick`` seconds at every call."""
+
+    def __init__(self, tick):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self):
+        self.now += self.tick
+        return self.now
+
+
+def test_max_time_ends_the_fit_within_a_step(monkeypatch):
+    import pyro_nf.infer as infer
+
+    clock = FakeClock(tick=0.01)
+    monkeypatch.setattr(infer, "time", clock)
+    result = fit(normal_model, AutoNormal(normal_model), num_steps=5000, num_particles=1,
+                 max_time=3.0, progress=False, seed=0)  # fmt: skip
+    assert result.stop_reason == "max_time" and not result.converged
+    assert result.num_steps < 5000
+    assert result.wall_time <= 3.0 + result.step_time + 0.05  # the clock's ticks in between
+    # the anneal followed the time budget: the last steps ran at a rate near anneal_to
+    assert result.lr < 1e-2 * 0.15
+
+
+def test_result_records_where_the_time_went(capsys):
+    result = fit(normal_model, AutoNormal(normal_model), num_steps=30, num_particles=4,
+                 progress=True, seed=0)  # fmt: skip
+    assert result.setup_time > 0 and len(result.step_times) == 29
+    assert result.step_time == sorted(result.step_times)[14]
+    assert result.particle_schedule == [(0, 4)] and result.stop_reason == "num_steps"
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == result.summary()
+    assert line.startswith("fit: 30 steps, num_steps,") and "particles 4" in line
+
+
+def interrupting_model(at_call):
+    calls = []
+
+    def model():
+        calls.append(None)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        normal_model()
+
+    return model
+
+
+def test_interrupt_hands_back_the_result_so_far():
+    model = interrupting_model(at_call=13)
+    guide = AutoNormal(model)
+    with pytest.raises(KeyboardInterrupt) as info:
+        fit(model, guide, num_steps=100, num_particles=1, progress=False, seed=0)
+    result = info.value.fit_result
+    assert isinstance(result, FitResult) and result.stop_reason == "interrupted"
+    # one model call sets the guide up, one per step after: the 13th call is step 11
+    assert result.num_steps == 11 and len(result.losses) == 11
+    assert all(math.isfinite(v) for v in result.losses)
+    assert all(torch.isfinite(p).all() for p in guide.parameters())
+
+
+class InterruptedSGD(torch.optim.SGD):
+    """SGD interrupted by Ctrl-C half-way through its 5th update."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.count = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.count += 1
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.count == 5:
+            self.before = [p.clone() for p in params]
+            params[0].add_(1.0)  # a partial update
+            raise KeyboardInterrupt
+        super().step(closure)
+
+
+def test_an_interrupted_update_is_undone():
+    optimizers = []
+
+    def make(params, lr):
+        optimizers.append(InterruptedSGD(params, lr))
+        return optimizers[-1]
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        fit(normal_model, AutoNormal(normal_model), num_steps=20, optimizer=make,
+            num_particles=1, progress=False, seed=0)  # fmt: skip
+    assert info.value.fit_result.num_steps == 4
+    params = [p for g in optimizers[0].param_groups for p in g["params"]]
+    assert all(torch.equal(p, b) for p, b in zip(params, optimizers[0].before, strict=True))

@@ -1,0 +1,68 @@
+"""The particle rule: doubling while a step stays cheap, a wider limit after each decay."""
+
+import pytest
+
+from pyro_nf.particles import ParticleEffort
+
+
+def feed(effort, seconds_of, steps, start=1):
+    """Step times from ``seconds_of(particles)``; the counts after each step."""
+    counts = []
+    for step in range(start, start + steps):
+        effort.update(seconds_of(effort.particles), step)
+        counts.append(effort.particles)
+    return counts
+
+
+def test_overhead_dominated_steps_get_the_most_particles():
+    effort = ParticleEffort()
+    feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40)
+    assert effort.particles == 256 and not effort.probing
+
+
+@pytest.mark.parametrize("per_particle, expected", [(0.001, 8), (0.003, 4), (0.1, 2)])
+def test_costly_particles_stop_the_doubling(per_particle, expected):
+    effort = ParticleEffort()  # base: 0.01 + per_particle; bound: twice that
+    feed(effort, lambda p: 0.010 + per_particle * p, steps=40)
+    assert effort.particles == expected and not effort.probing
+
+
+def test_a_costly_vectorised_step_keeps_one_particle():
+    effort = ParticleEffort()
+    feed(effort, lambda p: 0.01 if p == 1 else 0.05, steps=20)
+    assert effort.particles == 1 and effort.history[-1][1] == 1
+
+
+def test_each_decay_doubles_the_allowed_multiple():
+    effort = ParticleEffort()
+    cost = lambda p: 0.010 + 0.001 * p  # noqa: E731
+    feed(effort, cost, steps=40)
+    assert effort.particles == 8  # 0.018 <= 2 x 0.011 < 0.026
+    effort.raise_limit()
+    feed(effort, cost, steps=40, start=41)
+    assert effort.particles == 32  # 0.042 <= 4 x 0.011 < 0.074
+    assert [count for _, count in effort.history] == [1, 2, 4, 8, 16, 8, 16, 32, 64, 32]
+
+
+def test_the_fastest_probe_step_counts():
+    effort = ParticleEffort(probe_steps=3)
+    for step, seconds in enumerate([0.01, 0.5, 0.01], 1):  # one slow step: machine load
+        effort.update(seconds, step)
+    assert effort.base == 0.01 and effort.particles == 2
+
+
+def test_a_model_that_does_not_vectorise_stays_at_one():
+    effort = ParticleEffort(probe_steps=1)
+    effort.update(0.01, 1)
+    assert effort.particles == 2
+    effort.update(0.01, 2, vectorizes=False)
+    assert effort.particles == 1 and not effort.probing
+    effort.raise_limit()
+    assert effort.update(0.01, 3, vectorizes=False) is None and effort.particles == 1
+
+
+def test_fixed_counts_never_change():
+    effort = ParticleEffort.fixed(16)
+    assert all(effort.update(s, i) is None for i, s in enumerate([0.01, 1.0, 0.01] * 5))
+    effort.raise_limit()
+    assert effort.particles == 16 and effort.history == [(0, 16)]

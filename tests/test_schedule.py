@@ -1,0 +1,59 @@
+"""Schedule and its run state: windows, plateaus, decays, the stop and the anneal."""
+
+import math
+
+import pytest
+
+from pyro_nf.schedule import Schedule
+
+
+def test_a_plateau_decays_then_stops():
+    state = Schedule(window=4, patience=2, num_decays=1, decay=0.5).start(1.0)
+    improving = [10.0 - 0.1 * i for i in range(8)]
+    flat = [9.5, 9.6, 9.4, 9.5]  # mean 9.5, above the best window mean 9.45
+    events = [state.record(loss) for loss in improving]
+    assert events[3] == "improved" and events[7] == "improved"
+    events = [state.record(loss) for loss in flat * 4]
+    assert events[3] == "stale" and events[7] == "decay"
+    assert state.decays == 1 and state.lr(0.0) == 0.5
+    assert events[11] == "stale" and events[15] == "stop" and state.converged
+
+
+def test_noise_within_the_threshold_is_no_improvement():
+    state = Schedule(window=4, patience=1, threshold=1.0).start(1.0)
+    [state.record(v) for v in (1.0, 2.0, 1.0, 2.0)]
+    events = [state.record(v) for v in (0.9, 2.0, 1.0, 2.0)]  # mean 1.475 vs 1.5, se 0.27
+    assert events[-1] == "decay"
+
+
+def test_anneal_covers_the_last_fraction_of_the_budget():
+    schedule = Schedule(anneal_fraction=0.25, anneal_to=0.01)
+    assert schedule.anneal_factor(0.75) == 1.0
+    assert math.isclose(schedule.anneal_factor(0.875), 0.1)
+    assert math.isclose(schedule.anneal_factor(2.0), 0.01)  # past the budget: no lower
+    assert Schedule(anneal_fraction=0.0).anneal_factor(1.0) == 1.0
+
+
+def test_a_schedule_serves_many_runs():
+    schedule = Schedule(window=2, patience=1, num_decays=0)
+    first = schedule.start(1.0)
+    [first.record(v) for v in (1.0, 1.0, 1.0, 1.0)]
+    assert first.converged and not schedule.start(1.0).converged
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(window=1), "window must be an integer >= 2, got 1"),
+        (dict(window=2.5), "window must be an integer >= 2, got 2.5"),
+        (dict(patience=True), "patience must be an integer >= 1, got True"),
+        (dict(num_decays=-1), "num_decays must be an integer >= 0, got -1"),
+        (dict(decay=0.0), "decay must be in"),
+        (dict(anneal_to=2.0), "anneal_to must be in"),
+        (dict(anneal_fraction=-0.1), "anneal_fraction must be in"),
+        (dict(threshold=float("nan")), "threshold must be finite"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Schedule(**kwargs)
