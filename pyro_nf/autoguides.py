@@ -19,11 +19,8 @@ predictors, say).
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -39,107 +36,14 @@ from torch import Tensor, nn
 
 from pyro_nf.distribution import FlowDistribution, FlowTransform
 from pyro_nf.flows import FlowSpec, build_flow, get_flow_spec
-from pyro_nf.laplace import (
-    LaplaceApproximation,
-    LaplaceWarning,
-    LogDensity,
-    laplace_approximation,
-    unconstrained_log_joint,
-)
+from pyro_nf.laplace import LaplaceApproximation
 from pyro_nf.layout import LatentLayout
-from pyro_nf.noncentering import NonCenteredDistribution, NonCentering, find_hierarchical_sites
+from pyro_nf.noncentering import NonCenteredDistribution, NonCentering
+from pyro_nf.starts import Start, choose_start
 
 __all__ = ["AutoFlow", "AutoIAFFlow", "AutoPlanarFlow", "AutoRadialFlow", "AutoSplineFlow"]
 
 WARM_STARTS = ("laplace", None)
-
-#: Draws used to score the candidate starts.
-_START_DRAWS = 256
-#: Scales of the isotropic starts at init_loc_fn's point scored besides init_scale (Pyro's
-#: flow guides start at N(0, I)). No 0.7: on eight schools (non-centred, 256 particles) a
-#: spline started at 0.7 or 1, the best ELBOs, kept too short a left tail of log tau on
-#: some init points (sd 14-21% small); started at 0.1-0.5, 6-12% small over seeds 0-2.
-_ISOTROPIC_SCALES = (0.3, 0.5, 1.0)
-#: How much higher (nats) the scale-1 start's importance-sampled log evidence must be
-#: than a Laplace start's for it to be taken instead.
-_EVIDENCE_MARGIN = 0.1
-
-
-def _scale_tril(laplace: LaplaceApproximation) -> Tensor:
-    if laplace.scale_tril is not None:
-        return laplace.scale_tril
-    return torch.diag(laplace.scale)
-
-
-@torch.no_grad()
-def _gaussian_scores(
-    log_joint: Callable[[Tensor], Tensor], loc: Tensor, scale_tril: Tensor
-) -> tuple[float, float, float]:
-    """ELBO, importance-sampled log evidence and its standard error (delta method) of
-    ``N(loc, scale_tril scale_tril^T)``.
-
-    From one fixed set of draws, so that every candidate start is scored alike.
-    """
-    generator = torch.Generator(device=loc.device).manual_seed(0)
-    eps = torch.randn(_START_DRAWS, loc.numel(), generator=generator, device=loc.device)
-    gaussian = dist.MultivariateNormal(loc, scale_tril=scale_tril)
-    draws = loc + eps.to(loc.dtype) @ scale_tril.T
-    log_weights = torch.stack([log_joint(z) - gaussian.log_prob(z) for z in draws])
-    log_evidence = torch.logsumexp(log_weights, 0) - math.log(_START_DRAWS)
-    weights = torch.exp(log_weights - log_weights.max())
-    stderr = weights.std() / (weights.mean() * math.sqrt(_START_DRAWS))
-    return float(log_weights.mean()), float(log_evidence), float(stderr)
-
-
-@dataclass
-class _Start:
-    """A candidate start: coordinates, Laplace approximation, initial scale and scores."""
-
-    loc: Tensor  # init_loc_fn's point in these coordinates
-    noncentering: NonCentering | None
-    laplace: LaplaceApproximation | None
-    scale: float  # of the base, in the coordinates the Laplace approximation whitens if any
-    elbo: float = 0.0
-    log_evidence: float = -math.inf
-    log_evidence_se: float = math.inf
-
-    def score(self, log_joint: LogDensity, center: Tensor, scale_tril: Tensor) -> _Start:
-        """Set the scores from the Gaussian ``N(center, scale_tril scale_tril^T)``."""
-        self.elbo, self.log_evidence, self.log_evidence_se = _gaussian_scores(
-            log_joint, center, scale_tril
-        )
-        return self
-
-    def key(self) -> float:
-        return _nan_last(self.elbo)
-
-    def evidence_key(self) -> float:
-        return _nan_last(self.log_evidence)
-
-
-def _nan_last(value: float) -> float:
-    return value if value == value else -math.inf
-
-
-def _clearly_higher_evidence(start: _Start, other: _Start) -> bool:
-    """Whether ``start``'s log evidence beats ``other``'s by the margin and by two
-    standard errors of the difference."""
-    gain = start.evidence_key() - other.evidence_key()
-    noise = math.hypot(start.log_evidence_se, other.log_evidence_se)
-    return gain > max(_EVIDENCE_MARGIN, 2 * noise)
-
-
-def _pulled_back(
-    log_joint: LogDensity, noncentering: NonCentering, args: tuple, kwargs: dict
-) -> LogDensity:
-    """The log joint as a density of the non-centred vector."""
-
-    def density(u: Tensor) -> Tensor:
-        z, log_det = noncentering(u, *args, **kwargs)
-        return log_joint(z) + log_det
-
-    return density
-
 
 def _check_no_subsampled_locals(trace, guide_name: str) -> None:
     for name, site in trace.iter_stochastic_nodes():
@@ -275,6 +179,7 @@ class AutoFlow(AutoContinuous):
         self.noncentered = noncentered
         self.laplace: LaplaceApproximation | None = None
         self.noncentering: NonCentering | None = None
+        self.start: Start | None = None
         self._model_args: tuple[tuple, dict] = ((), {})
         self._init_scale = float(init_scale)
         self._flow_kwargs = dict(num_layers=num_layers, hidden_dims=hidden_dims, **flow_options)
@@ -300,11 +205,20 @@ class AutoFlow(AutoContinuous):
                     f"({self.latent_dim} unconstrained dimension(s)): {error}"
                 ) from None
             self._model_args = (args, kwargs)
-            start = self._choose_start(*args, **kwargs)
+            with torch.enable_grad():  # the MAP search, also from median() under no_grad
+                start = choose_start(
+                    self,
+                    args,
+                    kwargs,
+                    warm_start=self.warm_start,
+                    noncentered=self.noncentered,
+                    init_scale=self._init_scale,
+                )
         except Exception:
             self.prototype_trace = None  # a failed setup leaves the guide as it was
             raise
         self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
+        self.start = start
         self.noncentering = start.noncentering
         self.laplace = start.laplace
         self.scale = PyroParam(
@@ -318,87 +232,6 @@ class AutoFlow(AutoContinuous):
         self.register_buffer("laplace_scale", start.laplace.scale)
         self.register_buffer("laplace_scale_tril", start.laplace.scale_tril)
         self.loc = nn.Parameter(torch.zeros_like(start.loc))
-
-    def _choose_start(self, *args, **kwargs) -> _Start:
-        """The starting point, chosen among the coordinates and starts on offer.
-
-        Coordinates: the model's own, and, where the model has hierarchical sites and
-        ``noncentered`` allows, the non-centred ones. Starts in each: ``N(init_loc,
-        init_scale^2)``; with ``warm_start="laplace"`` also the Laplace approximation
-        where a mode is found and ``N(init_loc, s^2)`` for each ``s`` in
-        ``_ISOTROPIC_SCALES``. The best ELBO picks, and a Laplace pick gives way to the
-        isotropic start whose importance-sampled evidence is clearly higher.
-        """
-        init_loc = self._init_loc()
-        log_joint = unconstrained_log_joint(self, *args, **kwargs)
-        coordinates: list[NonCentering | None] = []
-        if self.noncentered is not False:
-            sites = find_hierarchical_sites(self, *args, **kwargs)
-            if sites:
-                coordinates.append(NonCentering(self, sites))
-        if not coordinates or self.noncentered == "auto":
-            coordinates.append(None)
-        compare = len(coordinates) > 1 or self.warm_start is not None
-        isotropic: list[_Start] = []
-        laplace: list[_Start] = []
-        for noncentering in coordinates:
-            loc, density = init_loc, log_joint
-            if noncentering is not None:
-                loc = noncentering(init_loc, *args, inverse=True, **kwargs)[0].detach()
-                density = _pulled_back(log_joint, noncentering, args, kwargs)
-            scales = (self._init_scale,)
-            if self.warm_start is not None:
-                scales += tuple(s for s in _ISOTROPIC_SCALES if s != self._init_scale)
-            for scale in scales:
-                start = _Start(loc, noncentering, None, scale)
-                if compare:
-                    start.score(density, loc, torch.diag(torch.full_like(loc, scale)))
-                isotropic.append(start)
-            if self.warm_start is None:
-                continue
-            approx = laplace_approximation(density, loc, fallback_scale=self._init_scale)
-            if approx.converged:
-                start = _Start(loc, noncentering, approx, 1.0)
-                laplace.append(start.score(density, approx.loc, _scale_tril(approx)))
-        chosen = max(isotropic, key=_Start.key)
-        reason = "no mode was found"
-        if laplace:
-            best_laplace = max(laplace, key=_Start.key)
-            if best_laplace.key() >= chosen.key():
-                # A start at a mode has the best ELBO even where the posterior has mass it
-                # misses (other modes, curved ridges), which a flow started there rarely
-                # finds. Such mass shows in the importance-sampled evidence of a wider
-                # start: take that one where its evidence is clearly higher (by a margin
-                # and by two standard errors).
-                # Only the widest: a narrow start's evidence is overestimated as often as
-                # not (heavy-tailed weights; its standard error is no guide then).
-                clearly_higher = [
-                    start
-                    for start in isotropic
-                    if start.scale == _ISOTROPIC_SCALES[-1]
-                    and _clearly_higher_evidence(start, best_laplace)
-                ]
-                if clearly_higher:
-                    chosen = max(clearly_higher, key=_Start.evidence_key)
-                    reason = (
-                        f"N(init_loc, {chosen.scale:g}^2) has a clearly higher "
-                        "importance-sampled evidence: mass away from the mode"
-                    )
-                else:
-                    chosen = best_laplace
-            else:
-                reason = (
-                    f"its ELBO ({best_laplace.elbo:.4g}) is below that of N(init_loc, "
-                    f"{chosen.scale:g}^2) ({chosen.elbo:.4g})"
-                )
-        if self.warm_start is not None and chosen.laplace is None:
-            warnings.warn(
-                f"{type(self).__name__}: not using the Laplace start ({reason}); starting "
-                f"from init_loc_fn's point with scale {chosen.scale:g} instead.",
-                LaplaceWarning,
-                stacklevel=3,
-            )
-        return chosen
 
     def _unpack_latent(self, latent: Tensor):
         # Pyro's version recomputes the packing on every call (see pyro_nf.layout).

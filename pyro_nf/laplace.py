@@ -263,7 +263,8 @@ class LogJoint:
         )
 
     def _run(self, values: dict[str, Tensor]) -> poutine.Trace:
-        with poutine.block():
+        # Unvalidated: the prototype run validated the model; here the search's own points.
+        with poutine.block(), pyro.validation_enabled(False):
             return poutine.trace(poutine.condition(self._model, values)).get_trace(
                 *self.args, **self.kwargs
             )
@@ -293,7 +294,7 @@ class LogJoint:
             value = values[name] = transform(unconstrained_value)
             log_det = transform.log_abs_det_jacobian(unconstrained_value, value)
             total = total + log_det.reshape(num_draws, -1).sum(-1)
-        with pyro.plate("_pyro_nf_draws", num_draws, dim=-nesting - 1):
+        with poutine.block(), pyro.plate("_pyro_nf_draws", num_draws, dim=-nesting - 1):
             trace = self._run(values)
         trace.compute_log_prob()
         for site in trace.nodes.values():

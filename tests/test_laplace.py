@@ -1,7 +1,6 @@
 """Laplace approximation, the warm-started flow guides, and float64 end to end."""
 
 import math
-import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -9,9 +8,10 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_nf.autoguides import _ISOTROPIC_SCALES, AutoFlow
+from pyro_nf.autoguides import AutoFlow
 from pyro_nf.flows import FLOWS, build_flow
 from pyro_nf.laplace import LaplaceWarning, laplace_approximation, unconstrained_log_joint
+from pyro_nf.starts import ISOTROPIC_SCALES
 
 f64 = torch.float64
 
@@ -140,7 +140,7 @@ def test_warm_start_gets_through_an_ill_conditioned_posterior():
     assert cold_mean_err > 10
 
 
-def test_funnel_model_warns_and_starts_plain():
+def test_funnel_model_starts_plain_and_says_why_without_a_warning():
     def model():
         tau = pyro.sample("tau", dist.HalfCauchy(torch.tensor(1.0, dtype=f64)))
         pyro.sample("x", dist.Normal(torch.zeros(3, dtype=f64), tau).to_event(1))
@@ -148,12 +148,12 @@ def test_funnel_model_warns_and_starts_plain():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = AutoFlow(model, flow="planar", noncentered=False)  # the model's coordinates
-    with pytest.warns(LaplaceWarning, match="not using the Laplace start"):
-        guide()
+    guide()  # warnings are errors here: an isotropic start is not one
     assert guide.laplace is None  # no mode: an isotropic start at init_loc_fn's point
+    assert "no Laplace start in model coordinates" in guide.start.reason
     assert torch.allclose(guide.loc, guide._init_loc())
-    scale = float(guide.scale[0])
-    assert any(scale == pytest.approx(s) for s in (0.1, *_ISOTROPIC_SCALES))
+    scale = float(guide.scale.detach()[0])
+    assert any(scale == pytest.approx(s) for s in (0.1, *ISOTROPIC_SCALES))
     assert torch.allclose(guide.scale, torch.full((4,), scale, dtype=f64))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
     assert all(math.isfinite(svi.step()) for _ in range(20))
@@ -172,9 +172,7 @@ def test_float64_end_to_end(flow, warm_start):
     pyro.set_rng_seed(0)
     guide = AutoFlow(_year_model, flow=flow, warm_start=warm_start)
     svi = SVI(_year_model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", LaplaceWarning)
-        svi.step(x, y)
+    svi.step(x, y)  # no LaplaceWarning (warnings are errors)
     assert all(p.dtype == f64 for p in guide.parameters())
     assert all(b.dtype == f64 for b in guide.buffers() if b.is_floating_point())
     posterior = guide.get_posterior()
@@ -199,3 +197,80 @@ def test_flows_keep_float64_precision(flow):
     # float32 arithmetic anywhere on the path would leave errors near 1e-7.
     assert (back - x).abs().max() < 1e-10
     assert (inv_log_det - log_det).abs().max() < 1e-10
+
+
+def test_quiet_search_gives_its_reason_without_a_warning():
+    fit = laplace_approximation(lambda z: -(z[0] ** 2) + z[1] ** 2, torch.zeros(2), warn=False)
+    assert not fit.converged and "not positive definite" in fit.reason
+
+
+def _plated_model(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, scale), obs=data)
+
+
+def test_log_joint_scores_a_batch_in_one_run_as_one_draw_at_a_time():
+    data = torch.randn(20, generator=torch.Generator().manual_seed(0))
+    guide = AutoFlow(_plated_model, flow="planar", warm_start=None)
+    guide._setup_prototype(data)
+    log_joint = unconstrained_log_joint(guide, data)
+    z = torch.randn(9, 2, generator=torch.Generator().manual_seed(1))
+    batched = log_joint(z)
+    assert log_joint.vectorised and batched.shape == (9,)
+    assert torch.allclose(batched, torch.stack([log_joint(row) for row in z]), rtol=1e-5)
+
+
+def test_log_joint_falls_back_to_a_loop_for_a_model_that_does_not_vectorise():
+    def model():  # a site reshaped to a scalar: no batch can pass through it
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.Normal(a.reshape(()), 1.0))
+
+    guide = AutoFlow(model, flow="planar", warm_start=None)
+    guide._setup_prototype()
+    log_joint = unconstrained_log_joint(guide)
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(2))
+    values = log_joint(z)
+    assert log_joint.vectorised is False
+    expected = dist.Normal(0.0, 1.0).log_prob(z[:, 0]) + dist.Normal(z[:, 0], 1.0).log_prob(z[:, 1])
+    assert torch.allclose(values, expected, atol=1e-5)
+
+
+def test_log_joint_holds_the_sites_of_other_guides_fixed():
+    from pyro import poutine
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal
+
+    data = torch.randn(6, generator=torch.Generator().manual_seed(3))
+
+    def model(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(data)):
+            local = pyro.sample("local", dist.Normal(loc, 1.0))
+            pyro.sample("obs", dist.Normal(local, 0.5), obs=data)
+
+    guide = AutoGuideList(model)
+    flow = AutoFlow(poutine.block(model, hide=["local"]), flow="planar")
+    guide.append(flow)
+    guide.append(AutoNormal(poutine.block(model, expose=["local"])))
+    guide(data)
+    log_joint = unconstrained_log_joint(flow, data)
+    z = torch.randn(5, 1, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(log_joint(z), log_joint(z))  # the hidden 'local' is not redrawn
+    assert not log_joint.stochastic and flow.start.laplace is not None
+
+
+def test_random_subsample_makes_a_random_log_joint_and_the_start_says_so():
+    data = torch.randn(40, generator=torch.Generator().manual_seed(5))
+
+    def model(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(data), subsample_size=8) as index:
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=data[index])
+
+    guide = AutoFlow(model, flow="spline")
+    guide(data)
+    assert unconstrained_log_joint(guide, data).stochastic
+    assert guide.laplace is None
+    assert "log joint is random (subsampled plate 'data' (8 of 40)" in guide.start.reason
+    assert "unbounded" not in guide.start.reason
