@@ -397,3 +397,30 @@ def test_pictures_skipped_with_warning_without_matplotlib(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="matplotlib is not installed.*pyro-nf\\[plot\\]"):
         assert save_image_grid(torch.rand(4, 784), tmp_path / "g.png", "t") is False
     assert not (tmp_path / "g.png").exists()
+
+
+# --- benchmark ---------------------------------------------------------------------------
+
+
+def test_benchmark_quick_run_through_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    argv = ["bench", "vae", "--quick", "--flows", "none", "planar", "iaf"]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "vae.json").read_text())
+    rows = {row["posterior"]: row for row in results["rows"]}
+    assert results["epochs_done"] == 1 and results["test_images"] == 20
+    assert rows["planar"]["layers"] == 10 and rows["iaf"]["layers"] == 4
+    for name in ("planar", "iaf"):  # the paired difference of means is the mean difference
+        diff = rows[name]["nll"] - rows["none"]["nll"]
+        assert rows[name]["nll_diff"] == pytest.approx(diff, abs=1e-9)
+        assert 0 < rows[name]["nll_diff_se"] < rows[name]["nll_se"]
+        assert rows[name]["speed_ratio"] > 0
+    assert rows["none"]["nll"] <= rows["none"]["neg_elbo"]
+    assert "speed planar >= 0.8x diagonal" in results["bars"]
+    assert "| planar | 10 |" in capsys.readouterr().out
+
+
+def test_benchmark_needs_a_source_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "vae", "--quick"]) == 1
+    assert "runs from a source checkout of pyro-nf" in capsys.readouterr().err

@@ -127,6 +127,16 @@ class TrainConfig:
         """The learning-rate multiplier in a (0-based) epoch."""
         return self.lr_decay**epoch
 
+    def build_model(self) -> FlowVAE:
+        """A new `FlowVAE` of this architecture (seed torch first for reproducible weights)."""
+        return FlowVAE(
+            latent_dim=self.latent_dim,
+            hidden_dims=self.hidden_dims,
+            flow=self.flow,
+            num_layers=self.num_layers,
+            flow_hidden_dims=self.flow_hidden_dims,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (what checkpoints and ``metrics.json`` store)."""
         return asdict(self)

@@ -60,16 +60,6 @@ class TrainResult:
     rank: int = 0
 
 
-def _build(config: TrainConfig) -> FlowVAE:
-    return FlowVAE(
-        latent_dim=config.latent_dim,
-        hidden_dims=config.hidden_dims,
-        flow=config.flow,
-        num_layers=config.num_layers,
-        flow_hidden_dims=config.flow_hidden_dims,
-    )
-
-
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     # Seeding each epoch from (seed, epoch, rank) makes a resumed run draw exactly the
     # noise of an uninterrupted one without storing RNG states.
@@ -242,7 +232,7 @@ def _setup(
     train_x: torch.Tensor,
 ) -> Trainer:
     torch.manual_seed(config.seed)
-    trainer = Trainer(_build(config).to(ctx.device), config)
+    trainer = Trainer(config.build_model().to(ctx.device), config)
     if state is None:
         trainer.vae.decoder.init_output_bias(train_x.double().mean(0))
     else:
@@ -354,7 +344,7 @@ def evaluate_run(
     out = Path(out)
     torch_device = resolve_device(device)
     state = load_checkpoint(out / CHECKPOINT, torch_device)
-    vae = _build(_saved_config(state, out / CHECKPOINT)).to(torch_device)
+    vae = _saved_config(state, out / CHECKPOINT).build_model().to(torch_device)
     _load_into(state, out / CHECKPOINT, vae)
     images = _subset(load_binarized_mnist(data)[split], eval_subset)
     torch.manual_seed(seed)
