@@ -34,6 +34,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import Tensor, nn
 
+from pyro_nf.checks import check_flow_arguments, check_int, check_positive, check_probabilities
 from pyro_nf.distribution import FlowDistribution, FlowTransform
 from pyro_nf.flows import FlowSpec, build_flow, get_flow_spec
 from pyro_nf.laplace import LaplaceApproximation
@@ -79,8 +80,13 @@ class AutoFlow(AutoContinuous):
     ----------
     model : callable
         A Pyro model.
-    flow : {"spline", "iaf", "planar", "radial"}, optional
-        Layer family; default ``"spline"``. The named subclasses fix it.
+    flow : str, FlowSpec or callable, optional
+        The flow: a registered family (`"spline"`, the default, `"iaf"`, `"planar"`,
+        `"radial"`, `"coupling"`, or one added with `pyro_nf.flows.register_flow`), a
+        `pyro_nf.flows.FlowSpec`, or a callable `dim -> layer` returning a module with
+        `forward_and_log_det(x) -> (y, log|det J|)` (and `inverse_and_log_det` to score
+        other points) or a Pyro `TransformModule`; `num_layers` of its layers are stacked
+        (default 1). The named subclasses fix it.
     num_layers : int, optional
         Number of flow layers; defaults per family (see :data:`pyro_nf.flows.FLOWS`).
     hidden_dims : sequence of int, optional
@@ -151,7 +157,7 @@ class AutoFlow(AutoContinuous):
     def __init__(
         self,
         model: Callable,
-        flow: str | None = None,
+        flow: str | FlowSpec | Callable[[int], nn.Module] | None = None,
         num_layers: int | None = None,
         hidden_dims: Sequence[int] | None = None,
         init_loc_fn: Callable = init_to_median,
@@ -166,11 +172,13 @@ class AutoFlow(AutoContinuous):
                 f"{type(self).__name__} always uses flow={self.flow_name!r}; use "
                 f"AutoFlow(model, flow={flow!r}) for another flow family"
             )
+        if not callable(model):
+            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         self.flow_spec: FlowSpec = get_flow_spec(flow or self.flow_name or "spline")
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale}")
-        if num_summary_samples < 1:
-            raise ValueError(f"num_summary_samples must be >= 1, got {num_summary_samples}")
+        flow_kwargs = check_flow_arguments(self.flow_spec, num_layers, hidden_dims, flow_options)
+        # Wider starts overflow float32 log densities (and any exp-transformed site first).
+        init_scale = check_positive("init_scale", init_scale, maximum=1e6)
+        num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
         if warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be 'laplace' or None, got {warm_start!r}")
         if not (isinstance(noncentered, bool) or noncentered == "auto"):
@@ -181,8 +189,8 @@ class AutoFlow(AutoContinuous):
         self.noncentering: NonCentering | None = None
         self.start: Start | None = None
         self._model_args: tuple[tuple, dict] = ((), {})
-        self._init_scale = float(init_scale)
-        self._flow_kwargs = dict(num_layers=num_layers, hidden_dims=hidden_dims, **flow_options)
+        self._init_scale = init_scale
+        self._flow_kwargs = flow_kwargs
         self.num_summary_samples = num_summary_samples
         super().__init__(model, init_loc_fn=init_loc_fn)
 
@@ -197,7 +205,7 @@ class AutoFlow(AutoContinuous):
             _check_no_subsampled_locals(self.prototype_trace, guide_name)
             self._latent_layout = LatentLayout(self)
             try:
-                flow = build_flow(self.flow_spec.name, self.latent_dim, **self._flow_kwargs)
+                flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_kwargs)
             except ValueError as error:
                 sites = ", ".join(repr(name) for name in self._unconstrained_shapes)
                 raise ValueError(
@@ -232,6 +240,54 @@ class AutoFlow(AutoContinuous):
         self.register_buffer("laplace_scale", start.laplace.scale)
         self.register_buffer("laplace_scale_tril", start.laplace.scale_tril)
         self.loc = nn.Parameter(torch.zeros_like(start.loc))
+
+    def get_extra_state(self) -> dict:
+        """What the parameters in the guide's ``state_dict`` mean: the coordinates they were
+        learned in and the start they were learned from (empty before set-up).
+
+        Examples
+        --------
+        >>> import pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> guide = AutoPlanarFlow(model)
+        >>> _ = guide()
+        >>> guide.state_dict()["_extra_state"]["start"]
+        'laplace'
+        """
+        if self.start is None:
+            return {}
+        return {
+            "latent_dim": self.latent_dim,
+            "coordinates": self.start.coordinates,
+            "noncentred_sites": list(self.noncentering.sites) if self.noncentering else [],
+            "start": "laplace" if self.laplace is not None else "isotropic",
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        """Refuse a saved state learned in other coordinates or from another start.
+
+        Parameters of the same shapes mean different posteriors there (non-centred values
+        read as the model's own, say), so a load would otherwise succeed silently wrong.
+        """
+        mine = self.get_extra_state()
+        if not mine:
+            raise RuntimeError(
+                f"{type(self).__name__}.load_state_dict: the guide is not set up yet; call "
+                "it once on the model's arguments, then load"
+            )
+        differences = [
+            f"{key}: saved {state.get(key)!r}, this guide {mine.get(key)!r}"
+            for key in sorted(mine.keys() | state.keys())
+            if state.get(key) != mine.get(key)
+        ]
+        if differences:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the saved state was learned in "
+                f"another set-up ({'; '.join(differences)}); build the guide with the same "
+                "noncentered= and warm_start= options, and call it on the same model "
+                "arguments, before loading"
+            )
 
     def _unpack_latent(self, latent: Tensor):
         # Pyro's version recomputes the packing on every call (see pyro_nf.layout).
@@ -369,9 +425,16 @@ class AutoFlow(AutoContinuous):
 
     @torch.no_grad()
     def _sample_unconstrained(self, num_samples: int, *args, **kwargs) -> Tensor:
-        return self.get_posterior(*args, **kwargs).rsample((num_samples,))
+        """The summary draws: the same ones on every call (``median()`` is then exactly
+        ``quantiles([0.5])``), from a fixed seed in a forked random state, so that the
+        caller's random stream is left as it was."""
+        device = self.loc.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.random.default_generator.manual_seed(0)
+            if device.type == "cuda":
+                torch.cuda.manual_seed(0)
+            return self.get_posterior(*args, **kwargs).rsample((num_samples,))
 
-    @torch.no_grad()
     def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict:
         """Posterior quantiles of each latent site, estimated by Monte Carlo.
 
@@ -393,12 +456,12 @@ class AutoFlow(AutoContinuous):
         dict
             Site name to a tensor with a leading dimension of ``len(quantiles)``.
         """
+        probs = check_probabilities("quantiles", quantiles)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        samples = self._sample_unconstrained(self.num_summary_samples, *args, **kwargs)
-        probs = torch.as_tensor(quantiles, dtype=samples.dtype, device=samples.device)
-        if probs.dim() != 1 or ((probs < 0) | (probs > 1)).any():
-            raise ValueError(f"quantiles must be a 1-D sequence in [0, 1], got {quantiles}")
+        with torch.no_grad():
+            samples = self._sample_unconstrained(self.num_summary_samples, *args, **kwargs)
+        probs = probs.to(dtype=samples.dtype, device=samples.device)
         result = {}
         # One quantile at a time: a batch dimension would not broadcast with plated sites.
         for latent in torch.quantile(samples, probs, dim=0):
@@ -407,11 +470,10 @@ class AutoFlow(AutoContinuous):
                 result.setdefault(name, []).append(value)
         return {name: torch.stack(values) for name, values in result.items()}
 
-    @torch.no_grad()
     def median(self, *args, **kwargs) -> dict:
         """Posterior median of each latent site, estimated by Monte Carlo.
 
-        See :meth:`quantiles` for how it is computed.
+        Exactly ``quantiles([0.5])``, from the same draws; see `quantiles`.
         """
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
 

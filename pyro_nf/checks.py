@@ -10,12 +10,32 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["check_int", "check_positive", "check_probabilities", "check_sizes"]
+__all__ = [
+    "LARGE_FLOW_PARAMETERS",
+    "MAX_FLOW_LAYERS",
+    "check_flow_arguments",
+    "check_int",
+    "check_positive",
+    "check_probabilities",
+    "check_sizes",
+    "warn_if_large",
+]
+
+#: Most flow layers accepted: each layer is its own module, so 1000 planar layers already
+#: cost about 2 s of Python per step (~2 ms a layer, measured).
+MAX_FLOW_LAYERS = 1000
+
+#: Flows with more parameters than this are built with a warning: 10M float32
+#: parameters are 40 MB, about 160 MB with their gradients and Adam's two moments, and
+#: every step reads and writes all of them.
+LARGE_FLOW_PARAMETERS = 10_000_000
 
 
 def _is_bool(value: object) -> bool:
@@ -35,11 +55,9 @@ def _as_int(value: object) -> int | None:
 
 
 def _range_text(minimum: float | None, maximum: float | None) -> str:
-    if maximum is None:
-        return f">= {minimum}"
-    if minimum is None:
-        return f"<= {maximum}"
-    return f"between {minimum} and {maximum}"
+    bounds = [f">= {minimum}"] if minimum is not None else []
+    bounds += [f"<= {maximum}"] if maximum is not None else []
+    return " and ".join(bounds)
 
 
 def check_int(
@@ -67,11 +85,11 @@ def check_int(
     >>> check_int("num_layers", True, minimum=1)
     Traceback (most recent call last):
     ...
-    TypeError: num_layers must be an int >= 1, got True (bool)
+    TypeError: num_layers must be >= 1 (an int), got True (bool)
     """
     number = _as_int(value)
-    unbounded = minimum is None and maximum is None
-    accepted = "an int" + ("" if unbounded else " " + _range_text(minimum, maximum))
+    bounds = _range_text(minimum, maximum)
+    accepted = f"{bounds} (an int)" if bounds else "an int"
     if number is None:
         raise TypeError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__})")
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
@@ -102,9 +120,9 @@ def check_positive(name: str, value: object, maximum: float | None = None) -> fl
     >>> check_positive("bound", -1)
     Traceback (most recent call last):
     ...
-    ValueError: bound must be a finite number > 0, got -1
+    ValueError: bound must be > 0 (a finite number), got -1
     """
-    accepted = "a finite number > 0" + ("" if maximum is None else f" and <= {maximum:g}")
+    accepted = "> 0" + ("" if maximum is None else f" and <= {maximum:g}") + " (a finite number)"
     is_scalar_tensor = torch.is_tensor(value) and value.dim() == 0
     if _is_bool(value) or not (isinstance(value, numbers.Real) or is_scalar_tensor):
         raise TypeError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__})")
@@ -169,3 +187,102 @@ def check_probabilities(name: str, value: object) -> Tensor:
     if probs.dim() != 1 or probs.numel() == 0 or not bool(inside.all()):
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
     return probs
+
+
+def _check_count_bins(name: str, value: object) -> int:
+    # One bin with unit end slopes is the identity map: a spline needs two to bend.
+    return check_int(name, value, minimum=2)
+
+
+#: Validators of the flow options, by name: one vocabulary across families.
+_FLOW_OPTION_CHECKS: dict[str, Callable[[str, object], object]] = {
+    "hidden_dims": check_sizes,
+    "count_bins": _check_count_bins,
+    "bound": check_positive,
+}
+
+
+def check_flow_arguments(
+    spec: Any, num_layers: object, hidden_dims: object, options: Mapping[str, object]
+) -> dict[str, Any]:
+    """Flow arguments checked without the latent dimension, as keyword arguments.
+
+    Checks what can be checked before the dimension is known (so a guide can refuse bad
+    options when it is constructed): ``num_layers`` an int from 1 to `MAX_FLOW_LAYERS`,
+    option names among ``spec.options``, and the values of the options every family
+    shares (``hidden_dims``, ``count_bins``, ``bound``). None means the default and is
+    left out.
+
+    Parameters
+    ----------
+    spec : FlowSpec
+        The family: its ``name`` and accepted ``options``.
+    num_layers : int or None
+        Number of layers (None: the family's default).
+    hidden_dims : sequence of int or None
+        Hidden widths of the family's networks.
+    options : mapping
+        The other family options.
+
+    Returns
+    -------
+    dict
+        ``num_layers`` (None where not given) and the given options, checked.
+
+    Examples
+    --------
+    >>> from pyro_nf.flows import FLOWS
+    >>> check_flow_arguments(FLOWS["spline"], 2, [16, 16], {"count_bins": 4})
+    {'num_layers': 2, 'hidden_dims': (16, 16), 'count_bins': 4}
+    >>> check_flow_arguments(FLOWS["planar"], None, None, {"bound": 3.0})
+    Traceback (most recent call last):
+    ...
+    ValueError: flow 'planar' does not take option(s) bound; it accepts: none
+    """
+    if num_layers is not None:
+        num_layers = check_int("num_layers", num_layers, minimum=1, maximum=MAX_FLOW_LAYERS)
+    given = {"hidden_dims": hidden_dims, **options}
+    given = {name: value for name, value in given.items() if value is not None}
+    unknown = sorted(set(given) - set(spec.options))
+    if unknown:
+        accepted = ", ".join(spec.options) or "none"
+        raise ValueError(
+            f"flow {spec.name!r} does not take option(s) {', '.join(unknown)}; "
+            f"it accepts: {accepted}"
+        )
+    checked = {
+        name: _FLOW_OPTION_CHECKS[name](name, value) if name in _FLOW_OPTION_CHECKS else value
+        for name, value in given.items()
+    }
+    return {"num_layers": num_layers, **checked}
+
+
+def warn_if_large(flow: nn.Module, spec: Any, dim: int) -> int:
+    """Warn when ``flow`` has more than `LARGE_FLOW_PARAMETERS` parameters; return the count.
+
+    The warning names the count and how to reduce it.
+
+    Examples
+    --------
+    >>> warn_if_large(nn.Linear(3, 3), None, 3)
+    12
+    """
+    count = sum(parameter.numel() for parameter in flow.parameters())
+    if count <= LARGE_FLOW_PARAMETERS:
+        return count
+    options = getattr(spec, "options", ())
+    ways = ["fewer layers (num_layers=1)"]
+    if "hidden_dims" in options:
+        ways.append(f"narrower networks (hidden_dims, each width >= the dimension {dim})")
+    if "count_bins" in options:
+        ways.append("fewer spline bins (count_bins=4)")
+    warnings.warn(
+        f"the {getattr(spec, 'name', 'flow')!r} flow on {dim} dimensions has {count:,} "
+        f"parameters (more than {LARGE_FLOW_PARAMETERS:,}; {4 * count / 1e6:,.0f} MB in "
+        "float32, about 4x that with gradients and Adam's moments), and every step pays for "
+        f"all of them. Reduce it with {', '.join(ways)}, or use flow='planar' or 'radial' "
+        "(O(dim) parameters a layer) or Pyro's AutoLowRankMultivariateNormal",
+        UserWarning,
+        stacklevel=3,
+    )
+    return count

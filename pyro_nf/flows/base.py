@@ -31,6 +31,8 @@ from pyro.distributions.torch_transform import TransformModule
 from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 
+from pyro_nf.checks import check_flow_arguments, check_int, warn_if_large
+
 __all__ = [
     "AmortizedLayers",
     "CONDITIONAL_FLOWS",
@@ -499,19 +501,12 @@ def build_flow(
     (True, True)
     """
     spec = get_flow_spec(flow)
+    options = check_flow_arguments(spec, num_layers, hidden_dims, options)
+    num_layers = options.pop("num_layers")
     num_layers = spec.num_layers if num_layers is None else num_layers
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if hidden_dims is not None:
-        options["hidden_dims"] = hidden_dims
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        accepted = ", ".join(spec.options) or "none"
-        raise ValueError(
-            f"flow {spec.name!r} does not take option(s) {', '.join(unknown)}; "
-            f"it accepts: {accepted}"
-        )
-    return spec.builder(dim, num_layers, **options)
+    stack = spec.builder(check_int("dim", dim, minimum=1), num_layers, **options)
+    warn_if_large(stack, spec, dim)
+    return stack
 
 
 def renamed_arguments(**renames: str) -> Callable[[Callable], Callable]:
