@@ -187,3 +187,28 @@ def test_map_stops_the_model_after_the_last_hierarchical_site():
     assert not pyro.poutine.runtime._PYRO_STACK  # and the run's handlers are all closed
     u, _ = noncentering(z, inverse=True)
     assert not likelihood_runs and u.shape == (5, 10)
+
+
+def test_median_and_quantiles_as_the_first_call_on_a_hierarchical_model(fresh_pyro_state):
+    median = AutoFlow(schools, flow="planar").median()
+    pyro.set_rng_seed(0)  # the same init_loc_fn draws for the second guide
+    quantiles = AutoFlow(schools, flow="planar").quantiles([0.25, 0.5, 0.75])
+    assert median["theta"].shape == (8,) and quantiles["theta"].shape == (3, 8)
+    assert torch.equal(median["tau"], quantiles["tau"][1])  # the same start, the same draws
+
+
+def test_state_dict_from_noncentred_coordinates_refuses_the_model_coordinates(
+    fresh_pyro_state,
+):
+    learned = AutoFlow(schools, flow="planar", noncentered=True, warm_start=None)
+    learned()
+    state = learned.state_dict()
+    assert state["_extra_state"]["coordinates"] == "non-centred"
+    other = AutoFlow(schools, flow="planar", noncentered=False, warm_start=None)
+    other()  # the same parameter shapes, in the model's coordinates
+    with pytest.raises(ValueError, match="coordinates: saved 'non-centred', this guide 'model'"):
+        other.load_state_dict(state)
+    same = AutoFlow(schools, flow="planar", noncentered=True, warm_start=None)
+    same()
+    same.load_state_dict(state)
+    assert torch.equal(same.loc, learned.loc)
