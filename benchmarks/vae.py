@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import platform
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -236,6 +237,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "recipe": _config(args, "none").to_dict(),
         "machine": {"torch": torch.__version__, "python": platform.python_version()},
+        "commit": _commit(),
         "device": "cpu",
         "train_images": len(train_x),
         "test_images": len(test_x),
@@ -245,6 +247,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results.update(epochs_done=epoch + 1, rows=_rows(contenders, {}))
         _write(results, args.out)
         minutes = (time.perf_counter() - started) / 60
+        print(_epoch_line(results["rows"], epoch, minutes), flush=True)
         if args.max_minutes is not None and minutes > args.max_minutes:
             break
     results["train_seconds"] = time.perf_counter() - started
@@ -253,6 +256,29 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - started
     _write(results, args.out)
     return results
+
+
+def _epoch_line(rows: list[dict[str, Any]], epoch: int, minutes: float) -> str:
+    parts = [
+        f"{r['posterior']} {r['history'][-1]['train_bound']:.1f} ({r['images_per_s']:.0f}/s)"
+        for r in rows
+        if r["history"] and r["history"][-1]["epoch"] == epoch + 1
+    ]
+    return f"epoch {epoch + 1} after {minutes:.1f} min, train bound: " + ", ".join(parts)
+
+
+def _commit() -> str | None:
+    try:
+        run = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+    except OSError:
+        return None
+    return run.stdout.strip() or None
 
 
 def _write(results: dict[str, Any], out: Path) -> None:
