@@ -46,6 +46,7 @@ __all__ = ["AutoFlow", "AutoIAFFlow", "AutoPlanarFlow", "AutoRadialFlow", "AutoS
 
 WARM_STARTS = ("laplace", None)
 
+
 def _check_no_subsampled_locals(trace, guide_name: str) -> None:
     for name, site in trace.iter_stochastic_nodes():
         for frame in site["cond_indep_stack"]:
@@ -100,17 +101,15 @@ class AutoFlow(AutoContinuous):
         falls back to a diagonal one.
     warm_start : {"laplace", None}
         ``"laplace"`` (default): start at the Laplace approximation and learn in the
-        coordinates it whitens. Candidate starts are scored on 256 fixed draws: the
-        Laplace start (where a mode with a positive-definite Hessian is found; dense up
-        to 300 dimensions, diagonal above) and the isotropic starts ``N(init_loc, s**2)``
-        for ``s`` in ``init_scale``, 0.3, 0.5 and 1 (1 is Pyro's flow guides' start). The
-        best ELBO wins, except that a winning Laplace start gives way to the isotropic
-        start with the highest importance-sampled evidence where that is higher by more
-        than 0.1 nats and two standard errors: mass that a start at one mode misses, such
-        as a second mode, which the flow could not find from there. Where the Laplace
-        start is not taken the guide says why in a
-        :class:`pyro_nf.laplace.LaplaceWarning` (densities without a proper mode, such as
-        funnels, or a search that stops at a saddle point). ``None``: the plain start
+        coordinates it whitens, where it is the best start on offer. The candidates (the
+        Laplace start, where a mode with a positive-definite Hessian is found, and the
+        isotropic starts ``N(init_loc, s**2)`` for ``s`` in ``init_scale``, 0.3, 0.5
+        and 1) are scored on the same 256 draws and the rule in `pyro_nf.starts` picks
+        one: the best ELBO, a Laplace start preferred within two paired standard errors
+        of it, and the widest start where its PSIS-checked evidence shows mass the mode
+        misses. The choice and its reason are kept in `start` and logged (logger
+        ``pyro_nf.starts``); a model without a usable mode (a funnel, a subsampled plate)
+        gets an isotropic start without a warning. ``None``: the plain start
         ``N(init_loc, init_scale**2)``, unscored.
     noncentered : {"auto", True, False}
         Coordinates for hierarchical sites, whose location-scale prior depends on other
@@ -136,6 +135,10 @@ class AutoFlow(AutoContinuous):
     noncentering : NonCentering or None
         The map from the non-centred coordinates the guide learns in to the model's
         unconstrained ones, once set up; None when it learns in the model's coordinates.
+    start : Start or None
+        The start taken, once set up: its label, ELBO, reason and every candidate's ELBO
+        (see `pyro_nf.starts.Start`). ``state_dict`` records its kind and coordinates, and
+        loading a state learned from another refuses, naming the difference.
 
     Examples
     --------

@@ -332,13 +332,14 @@ def _khat(log_weights: Tensor) -> float:
     if not bool(torch.isfinite(log_weights).all()):
         return math.inf
     ordered = torch.sort(log_weights.double() - log_weights.max())[0]
+    if float(ordered[-1] - ordered[0]) < EXACT_SPREAD:
+        return -math.inf  # equal weights: no tail at all
     count = ordered.numel()
-    cutoff = max(
-        math.log(1e-15), float(ordered[-math.ceil(min(0.2 * count, 3 * math.sqrt(count))) - 1])
-    )
+    tail_size = math.ceil(min(0.2 * count, 3 * math.sqrt(count)))
+    cutoff = max(math.log(1e-15), float(ordered[-tail_size - 1]))
     tail = ordered[ordered > cutoff]
-    if tail.numel() < 5 or float(tail[-1] - tail[0]) < EXACT_SPREAD:
-        return -math.inf
+    if tail.numel() < 5:
+        return math.inf  # a handful of weights hold all the mass
     return float(fit_generalized_pareto(tail.exp() - math.exp(cutoff))[0])
 
 
