@@ -16,9 +16,10 @@ class ParticleEffort:
     `probe_steps` steps at each count, while the fastest of those steps costs at most
     `cost_ratio` times the cheapest; at the first count that costs more, go back to the
     last that did not and stop. At every learning-rate decay (`raise_limit`) the allowed
-    multiple doubles and the doubling resumes: at a small learning rate the gradient noise,
-    not the step size, limits accuracy, and that is where particles pay. The probe steps
-    are ordinary training steps. With `fixed`, the count never changes.
+    multiple doubles and the doubling resumes (after `probe_steps` steps timing one
+    particle again, since a shared machine's load drifts): at a small learning rate the
+    gradient noise, not the step size, limits accuracy, and that is where particles pay.
+    The probe steps are ordinary training steps. With `fixed`, the count never changes.
 
     Why cost, not trace size: where the model's arithmetic is cheap a step is Python
     overhead and particles come almost free; where it is not, each one costs. Measured
@@ -36,11 +37,12 @@ class ParticleEffort:
     >>> effort = ParticleEffort(probe_steps=1)
     >>> [effort.update(seconds, step) for step, seconds in enumerate([0.01, 0.012, 0.03])]
     [2, 4, 2]
-    >>> effort.raise_limit()  # the allowed multiple is now 4: probe again from 2
-    >>> [effort.update(seconds, step) for step, seconds in enumerate([0.02, 0.03], 4)]
-    [4, 8]
+    >>> effort.raise_limit()  # the allowed multiple is now 4: time 1 again, back to 2, up
+    >>> times = [0.02, 0.01, 0.02, 0.03, 0.05]
+    >>> [effort.update(seconds, step) for step, seconds in enumerate(times, 3)]
+    [1, 2, 4, 8, 4]
     >>> effort.history
-    [(0, 1), (1, 2), (2, 4), (3, 2), (5, 4), (6, 8)]
+    [(0, 1), (1, 2), (2, 4), (3, 2), (4, 1), (5, 2), (6, 4), (7, 8), (8, 4)]
     """
 
     max_particles: int = 256
@@ -49,8 +51,11 @@ class ParticleEffort:
     particles: int = 1
     probing: bool = True
     base: float | None = None
+    vectorizes: bool = True
     history: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])
     _times: list[float] = field(default_factory=list, repr=False)
+    _remeasure: bool = field(default=False, repr=False)
+    _resume: int | None = field(default=None, repr=False)
 
     @classmethod
     def fixed(cls, particles: int) -> ParticleEffort:
@@ -64,22 +69,40 @@ class ParticleEffort:
         return cls(particles=particles, probing=False, history=[(0, particles)])
 
     def update(self, seconds: float, step: int, vectorizes: bool = True) -> int | None:
-        """Record the time of step `step`; the new particle count, or None to keep it.
-
-        `vectorizes=False` (the model cannot take a particle dimension) ends the search
-        at one particle.
-        """
-        if not vectorizes and self.probing:
-            self.probing, self.particles = False, 1
-            self._record(step)
+        """Record the time of step `step`; the count from the next step on, or None to
+        keep it. `vectorizes=False` (no particle dimension in the model) ends the search
+        at one particle."""
+        if not vectorizes:
+            if not self.vectorizes:
+                return None
+            self.vectorizes, self.probing, self._remeasure = False, False, False
+            self.particles = 1
+            return self._record(step + 1)
+        if self._remeasure:  # time the cheapest step again, then go back to the count
+            self._remeasure, self.base, self._resume = False, None, self.particles
+            self.particles, self._times = 1, []
+            return self._record(step + 1)
         if not self.probing:
             return None
         self._times.append(seconds)
         if len(self._times) < self.probe_steps:
             return None
         cost, self._times = min(self._times), []
+        return self._next(cost, step)
+
+    def raise_limit(self) -> None:
+        """A learning-rate decay: double the allowed cost multiple and probe upwards,
+        from a fresh timing of the cheapest step (the machine's load may have changed)."""
+        self.cost_ratio *= 2
+        if self.vectorizes and self.base is not None and self.particles < self.max_particles:
+            self.probing, self._remeasure = True, True
+
+    def _next(self, cost: float, step: int) -> int | None:
         if self.base is None:
             self.base = cost
+            if self._resume is not None:
+                self.particles, self._resume = self._resume, None
+                return self._record(step + 1)
         if cost > self.cost_ratio * self.base:
             self.particles, self.probing = max(self.particles // 2, 1), False
         elif 2 * self.particles <= self.max_particles:
@@ -88,12 +111,6 @@ class ParticleEffort:
             self.probing = False
             return None
         return self._record(step + 1)
-
-    def raise_limit(self) -> None:
-        """A learning-rate decay: double the allowed cost multiple and probe upwards."""
-        self.cost_ratio *= 2
-        if self.base is not None and self.particles < self.max_particles:
-            self.probing, self._times = True, []
 
     def _record(self, step: int) -> int:
         self.history.append((step, self.particles))

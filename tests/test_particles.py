@@ -41,7 +41,7 @@ def test_each_decay_doubles_the_allowed_multiple():
     effort.raise_limit()
     feed(effort, cost, steps=40, start=41)
     assert effort.particles == 32  # 0.042 <= 4 x 0.011 < 0.074
-    assert [count for _, count in effort.history] == [1, 2, 4, 8, 16, 8, 16, 32, 64, 32]
+    assert [count for _, count in effort.history] == [1, 2, 4, 8, 16, 8, 1, 8, 16, 32, 64, 32]
 
 
 def test_the_fastest_probe_step_counts():
@@ -59,6 +59,7 @@ def test_a_model_that_does_not_vectorise_stays_at_one():
     assert effort.particles == 1 and not effort.probing
     effort.raise_limit()
     assert effort.update(0.01, 3, vectorizes=False) is None and effort.particles == 1
+    assert effort.history == [(0, 1), (2, 2), (3, 1)]
 
 
 def test_fixed_counts_never_change():
