@@ -23,6 +23,7 @@ _EXPORTS = {
     "AutoIAFFlow": "pyro_nf.autoguides",
     "AutoPlanarFlow": "pyro_nf.autoguides",
     "AutoRadialFlow": "pyro_nf.autoguides",
+    "AutoRealNVPFlow": "pyro_nf.autoguides",
     "AutoSplineFlow": "pyro_nf.autoguides",
     "CONDITIONAL_FLOWS": "pyro_nf.flows.base",
     "ConditionalFlowPosterior": "pyro_nf.flows.conditional",

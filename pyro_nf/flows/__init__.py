@@ -1,10 +1,11 @@
 """Flow layers and stacks: planar, radial, inverse autoregressive, spline and coupling.
 
-One file per family, each holding the guides' layer and the VAE's conditional
-(amortized) one; `base` holds the layer protocol, `FlowStack`, the registry (`FLOWS`,
-`register_flow`, `build_flow`) and the shared parts; `conditional` the VAE's posterior.
-This module only re-exports. Every builder starts its stack at the identity map, so a
-guide built on it starts as a plain Gaussian.
+One file per family, each holding the guides' layer and the VAE's conditional (amortized)
+one, and registering the family with `register_flow` on import; `base` holds the layer
+protocol, `FlowStack`, the registry (`FLOWS`, `register_flow`, `build_flow`) and the
+shared parts; `conditional` the VAE's posterior. This module only re-exports. Every
+builder starts its stack at the identity map, so a guide built on it starts as a plain
+Gaussian.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .base import (
     register_flow,
 )
 from .conditional import ConditionalFlowPosterior, build_conditional_flow
+from .coupling import AffineCoupling
 from .planar import AmortizedPlanar, InvertiblePlanar
 from .radial import AmortizedRadial, InvertibleRadial
 from .spline import RationalQuadraticSpline, RationalQuadraticSplineAutoregressive, spline_layer
@@ -32,6 +34,7 @@ from .spline import RationalQuadraticSpline, RationalQuadraticSplineAutoregressi
 __all__ = [
     "CONDITIONAL_FLOWS",
     "FLOWS",
+    "AffineCoupling",
     "AmortizedLayers",
     "AmortizedPlanar",
     "AmortizedRadial",

@@ -370,7 +370,7 @@ default Adam learning rate, accepted options, conditional builder). Filled by
 Examples
 --------
 >>> sorted(FLOWS)
-['iaf', 'planar', 'radial', 'spline']
+['coupling', 'iaf', 'planar', 'radial', 'spline']
 >>> FLOWS["planar"].num_layers, FLOWS["spline"].lr
 (8, 0.005)
 """
@@ -385,7 +385,7 @@ diagonal-Gaussian baseline). `register_flow` adds every family with a conditiona
 Examples
 --------
 >>> sorted(CONDITIONAL_FLOWS)
-['iaf', 'none', 'planar', 'radial', 'spline']
+['coupling', 'iaf', 'none', 'planar', 'radial', 'spline']
 """
 
 
