@@ -46,6 +46,9 @@ _EXPORTS = {
     "LaplaceApproximation": "pyro_nf.laplace",
     "LaplaceWarning": "pyro_nf.laplace",
     "laplace_approximation": "pyro_nf.laplace",
+    "MCMCResult": "pyro_nf.neutra",
+    "neutra_mcmc": "pyro_nf.neutra",
+    "nuts_mcmc": "pyro_nf.neutra",
     "FlowVAE": "pyro_nf.vae",
 }
 

@@ -18,7 +18,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write a file so that readers see either the old or the complete new content.
 
     ``write`` fills a temporary file in the same directory, which is flushed, fsynced and
-    then moved over ``path`` with :func:`os.replace`. If anything fails, the temporary file
+    then moved over `path` with `os.replace`. If anything fails, the temporary file
     is removed and an existing ``path`` is left untouched.
 
     Examples

@@ -24,8 +24,8 @@ class FlowVAE(nn.Module):
     ``q(z | x) = loc + scale ⊙ T(ε; h(x))``, ``ε ~ N(0, I)``, with ``T`` an amortized flow
     (planar, radial, IAF or spline; ``"none"`` gives the diagonal-Gaussian baseline).
 
-    :meth:`model` and :meth:`guide` are ordinary Pyro programs with a ``pyro.plate`` over the
-    batch, usable with :class:`pyro.infer.SVI`; they register the networks with
+    `model` and `guide` are ordinary Pyro programs with a ``pyro.plate`` over the
+    batch, usable with `pyro.infer.SVI`; they register the networks with
     ``pyro.module`` under ``name`` (call ``pyro.clear_param_store()`` before training a new
     instance with SVI). Calling the module returns the differentiable negative ELBO of a
     batch (summed over it), or with `beta`/`num_samples` the warmed-up or
