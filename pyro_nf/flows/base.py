@@ -253,6 +253,10 @@ def _default_hidden_dims(dim: int) -> tuple[int, ...]:
     # seeds) with a quarter of the parameters, which Adam and the backward pass pay for on
     # every step (spline step 13.1 -> 9.6 ms, IAF 6.8 -> 5.5 ms). One hidden layer of
     # 4 * dim + 16 was worse (spline KL 0.185). On 2-D targets the width hardly changes.
+    # So the parameters grow as dim^2 (202.6M for a spline at 2000-D, 40 s a step);
+    # widths 24 + 4 sqrt(dim) matched the KL at 500-D with a fifth of the parameters and
+    # a tenth of the step time, but need a MADE past Pyro's width rule (docs/choosing.md,
+    # "Large latent dimensions"); build_flow warns above 10M parameters instead.
     width = dim + 24
     return (width, width)
 
