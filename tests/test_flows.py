@@ -355,19 +355,24 @@ def test_a_users_own_layer_trains_through_autoflow_toward_the_exact_posterior():
 
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        pyro.sample("y", dist.Normal(design @ z, 0.3).to_event(1), obs=y)
+        pyro.sample("y", dist.Normal(z @ design.T, 0.3).to_event(1), obs=y)
 
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
     guide = AutoFlow(model, flow=_LowerTriangular, warm_start=None, init_scale=1.0)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO(num_particles=8))
-    for _ in range(1500):
+    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
+    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.02 ** (1 / 500)})
+    svi = SVI(model, guide, optim, elbo)
+    for _ in range(500):
         svi.step()
     (layer,) = guide.flow.layers
     assert isinstance(layer, _LowerTriangular) and layer.raw[1, 0].abs() > 0.1
     draws = guide.get_posterior().rsample((20000,)).detach()
     assert torch.allclose(draws.mean(0), mean, atol=0.05)
-    assert torch.allclose(torch.cov(draws.T), covariance, atol=0.1 * covariance.abs().max())
+    fitted = torch.cov(draws.T)
+    assert torch.allclose(fitted, covariance, atol=0.15 * covariance.abs().max())
+    correlation = covariance[0, 1] / covariance.diagonal().prod().sqrt()  # -0.83
+    assert abs(fitted[0, 1] / fitted.diagonal().prod().sqrt() - correlation) < 0.05
     assert guide.flow_spec.name == "_LowerTriangular"
 
 
