@@ -11,6 +11,7 @@ The same map, ``eps -> z``, is a Pyro `Transform` (`FlowTransform`, from
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -59,15 +60,24 @@ class ScoresOwnDraws:
     """Mixin: ``rsample`` keeps the log density of its draw, and ``log_prob`` of that very
     tensor returns it, so a guide's own sample is never scored through an inverse.
 
-    Subclasses define ``rsample_with_log_prob`` and ``_log_prob_of`` (any other point).
+    Subclasses define ``rsample_and_log_prob`` and ``_log_prob_of`` (any other point).
     """
 
     _last_sample: tuple[Tensor, Tensor] | None = None
 
     def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
-        z, log_q = self.rsample_with_log_prob(sample_shape)
+        z, log_q = self.rsample_and_log_prob(sample_shape)
         self._last_sample = (z, log_q)
         return z
+
+    def rsample_with_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+        """Deprecated name of `rsample_and_log_prob`, kept for one release."""
+        warnings.warn(
+            f"{type(self).__name__}.rsample_with_log_prob is deprecated; use rsample_and_log_prob",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.rsample_and_log_prob(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._last_sample is not None and value is self._last_sample[0]:
@@ -87,7 +97,7 @@ class ScoresOwnDraws:
 
     @torch.no_grad()
     def _moment_draws(self) -> Tensor:
-        return self.rsample_with_log_prob((_MOMENT_DRAWS,))[0]
+        return self.rsample_and_log_prob((_MOMENT_DRAWS,))[0]
 
 
 class FlowDistribution(ScoresOwnDraws, TorchDistribution):
@@ -146,7 +156,7 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
             validate_args=validate_args,
         )
 
-    def rsample_with_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+    def rsample_and_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
         """Draw reparameterised samples and their log densities in one forward pass."""
         shape = self._extended_shape(torch.Size(sample_shape))
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)

@@ -276,9 +276,9 @@ class NonCenteredDistribution(ScoresOwnDraws, TorchDistribution):
         self.args, self.kwargs = args, kwargs
         super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
 
-    def rsample_with_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+    def rsample_and_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
         """Draw reparameterised samples and their log densities in one forward pass."""
-        u, log_q = self.base.rsample_with_log_prob(sample_shape)
+        u, log_q = self.base.rsample_and_log_prob(sample_shape)
         z, log_det = self.noncentering(u, *self.args, **self.kwargs)
         return z, log_q - log_det
 

@@ -32,7 +32,7 @@ def _train(model, guide, num_steps, *args, lr=None, num_particles=8):
 def _kl_to(guide, target: dist.Distribution, num_samples=20000) -> float:
     """KL(q || p) in nats for a normalised target over the unconstrained latent vector."""
     with torch.no_grad():
-        z, log_q = guide.get_posterior().rsample_with_log_prob((num_samples,))
+        z, log_q = guide.get_posterior().rsample_and_log_prob((num_samples,))
         return (log_q - target.log_prob(z)).mean().item()
 
 
@@ -197,7 +197,7 @@ def test_fresh_guide_equals_gaussian_at_init_loc():
     guide()
     expected_loc = torch.tensor([math.log(3.0), 1.0, -2.0])
     assert torch.allclose(guide.loc, expected_loc)
-    z, log_q = guide.get_posterior().rsample_with_log_prob((5000,))
+    z, log_q = guide.get_posterior().rsample_and_log_prob((5000,))
     gaussian = dist.Normal(expected_loc, 0.2).to_event(1)
     assert torch.allclose(log_q, gaussian.log_prob(z), atol=1e-2)
 
@@ -264,7 +264,7 @@ def test_float64_model_gives_float64_guide(guide_class):
     guide = guide_class(model)
     _train(model, guide, 5, num_particles=2)
     assert all(p.dtype == torch.float64 for p in guide.parameters())
-    z, log_q = guide.get_posterior().rsample_with_log_prob((4,))
+    z, log_q = guide.get_posterior().rsample_and_log_prob((4,))
     assert z.dtype == log_q.dtype == torch.float64
     assert guide.median()["x"].dtype == torch.float64
 
@@ -419,7 +419,7 @@ def test_funnel_gets_the_plain_start_and_trains_to_a_small_kl():
     assert guide.laplace is None and "no Laplace start" in guide.start.reason
     fit(funnel, guide, num_steps=1000, num_particles=8, progress=False, seed=0)
     with torch.no_grad():
-        z, log_q = guide.get_posterior().rsample_with_log_prob((10000,))
+        z, log_q = guide.get_posterior().rsample_and_log_prob((10000,))
     # from the Laplace fallback (a diagonal Gaussian at a saddle) it stayed above 100 nats
     assert (log_q - log_density(z)).mean().item() < 2.0
 

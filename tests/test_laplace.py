@@ -108,7 +108,7 @@ def test_warm_started_guide_starts_at_the_exact_gaussian_posterior():
     exact = dist.MultivariateNormal(mean, cov)
     z = exact.sample((50,))
     assert torch.allclose(posterior.log_prob(z), exact.log_prob(z), rtol=1e-6)
-    draws, log_q = posterior.rsample_with_log_prob((20,))
+    draws, log_q = posterior.rsample_and_log_prob((20,))
     assert torch.allclose(log_q, exact.log_prob(draws), rtol=1e-6)
     # The learnable parameters sit on the whitened scale, the same for every coordinate.
     assert torch.equal(guide.loc.detach(), torch.zeros(2, dtype=f64))
@@ -176,7 +176,7 @@ def test_float64_end_to_end(flow, warm_start):
     assert all(p.dtype == f64 for p in guide.parameters())
     assert all(b.dtype == f64 for b in guide.buffers() if b.is_floating_point())
     posterior = guide.get_posterior()
-    z, log_q = posterior.rsample_with_log_prob((7,))
+    z, log_q = posterior.rsample_and_log_prob((7,))
     assert z.dtype == f64 and log_q.dtype == f64
     assert posterior.log_prob(z.detach().clone()).dtype == f64
     assert all(value.dtype == f64 for value in guide(x, y).values())
