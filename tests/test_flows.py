@@ -384,3 +384,36 @@ def test_a_flow_builder_returning_something_else_is_refused():
 def test_flow_of_the_wrong_type_is_refused():
     with pytest.raises(TypeError, match="flow must be a registered name.*got 3"):
         get_flow_spec(3)
+
+
+# --- one vocabulary: old names still work, with a DeprecationWarning ------------------
+
+
+def test_old_names_warn_and_still_work():
+    import pyro_nf.flows as flows
+    from pyro_nf.distribution import FlowDistribution
+    from pyro_nf.flows import FlowStack, InvertiblePlanar, InvertibleRadial
+
+    with pytest.warns(DeprecationWarning, match="input_dim= is deprecated; use dim="):
+        assert InvertiblePlanar(input_dim=3).w.shape == (3,)
+    with pytest.warns(DeprecationWarning, match="input_dim= is deprecated; use dim="):
+        assert InvertibleRadial(input_dim=3).x0.shape == (3,)
+    with pytest.warns(DeprecationWarning, match="ConditionalFlow is deprecated; use .*FlowStack"):
+        assert flows.ConditionalFlow is FlowStack
+    q = FlowDistribution(torch.zeros(2), torch.ones(2), build_flow("planar", 2))
+    with pytest.warns(DeprecationWarning, match="use rsample_and_log_prob"):
+        z, log_q = q.rsample_with_log_prob((3,))
+    assert z.shape == (3, 2) and log_q.shape == (3,)
+
+
+def test_new_names_do_not_warn():
+    import warnings
+
+    from pyro_nf.distribution import FlowDistribution
+    from pyro_nf.flows import InvertiblePlanar
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        InvertiblePlanar(dim=3)
+        q = FlowDistribution(torch.zeros(2), torch.ones(2), build_flow("planar", 2))
+        q.rsample_and_log_prob((3,))

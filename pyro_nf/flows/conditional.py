@@ -71,10 +71,6 @@ class ConditionalFlowPosterior(FlowDistribution):
         loc, scale = torch.broadcast_tensors(loc, scale)
         super().__init__(loc, scale, flow, loc.shape[:-1], validate_args=validate_args)
 
-    def rsample_and_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
-        """Draw reparameterised samples and their log densities in one forward pass."""
-        return self.rsample_with_log_prob(sample_shape)
-
 
 @renamed_arguments(latent_dim="dim")
 def build_conditional_flow(
