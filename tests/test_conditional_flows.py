@@ -155,3 +155,9 @@ def test_log_prob_of_own_draw_is_the_cached_value():
     assert q.log_prob(z).shape == (2, 4)
     assert q.log_prob(z) is q._last_sample[1]
     assert q.expand((3, 4)).rsample().shape == (3, 4, DIM)
+
+
+@pytest.mark.parametrize("name", ["iaf", "spline", "coupling"])
+def test_one_dimensional_latent_is_refused_with_an_alternative(name):
+    with pytest.raises(ValueError, match=f"'{name}' flow needs at least 2 latent dimensions"):
+        build_conditional_flow(name, 1, CONTEXT, 2)

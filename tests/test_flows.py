@@ -21,11 +21,11 @@ def _perturbed_flow(name: str, dim: int, seed: int, scale: float = 0.15):
 
 
 #: Families that need two coordinates (on one, an affine map is all they could be).
-TWO_DIMS = {"iaf", "coupling"}
+TWO_DIMS = {name for name, spec in FLOWS.items() if spec.min_dim == 2}
 
 
 def _valid_dims(name: str):
-    return st.integers(2 if name in TWO_DIMS else 1, 8)
+    return st.integers(FLOWS[name].min_dim, 8)
 
 
 @pytest.mark.parametrize("name", sorted(FLOWS))

@@ -28,7 +28,6 @@ from .base import (
     OnePassTransform,
     _default_hidden_dims,
     autoregressive_net,
-    check_at_least_two_dims,
     register_flow,
 )
 
@@ -99,7 +98,6 @@ def _iaf_stack(
     hidden_dims: Sequence[int] | None = None,
     context_dim: int = 0,
 ) -> FlowStack:
-    check_at_least_two_dims("iaf", dim)
     hidden_dims = hidden_dims or _default_hidden_dims(dim)
     return FlowStack(
         [iaf_layer(dim, hidden_dims, i % 2 == 1, context_dim) for i in range(num_layers)]
@@ -120,5 +118,6 @@ IAF = register_flow(
         lr=5e-3,
         options=("hidden_dims",),
         conditional=_conditional_iaf,
+        min_dim=2,
     )
 )

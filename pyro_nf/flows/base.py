@@ -313,6 +313,17 @@ def autoregressive_net(
     return net
 
 
+def check_min_dim(spec: FlowSpec, dim: int) -> None:
+    """Refuse a dimension below the family's `min_dim`, saying what to use instead.
+
+    Examples
+    --------
+    >>> check_min_dim(FLOWS["iaf"], 3)
+    """
+    if dim < spec.min_dim:
+        check_at_least_two_dims(spec.name, dim)
+
+
 def check_at_least_two_dims(family: str, dim: int) -> None:
     """Raise the error for a family that needs two coordinates, saying what to use.
 
@@ -349,6 +360,9 @@ class FlowSpec:
         `conditional(dim, context_dim, num_layers, hidden_dims) -> FlowStack` whose layers
         read their parameters from a context (the VAE encoder's); None if the family has
         no amortized variant.
+    min_dim : int
+        The least dimension the family acts on (`build_flow` and `build_conditional_flow`
+        refuse smaller ones, saying what to use instead).
 
     Examples
     --------
@@ -364,6 +378,7 @@ class FlowSpec:
     lr: float
     options: tuple[str, ...] = ()
     conditional: Callable[..., FlowStack] | None = None
+    min_dim: int = 1
 
 
 FLOWS: dict[str, FlowSpec] = {}
@@ -508,7 +523,8 @@ def build_flow(
     options = check_flow_arguments(spec, num_layers, hidden_dims, options)
     num_layers = options.pop("num_layers")
     num_layers = spec.num_layers if num_layers is None else num_layers
-    stack = spec.builder(check_int("dim", dim, minimum=1), num_layers, **options)
+    check_min_dim(spec, check_int("dim", dim, minimum=1))
+    stack = spec.builder(dim, num_layers, **options)
     warn_if_large(stack, spec, dim)
     return stack
 

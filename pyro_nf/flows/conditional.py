@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pyro_nf.distribution import FlowDistribution
 
-from .base import CONDITIONAL_FLOWS, FlowStack, renamed_arguments
+from .base import CONDITIONAL_FLOWS, FLOWS, FlowStack, check_min_dim, renamed_arguments
 
 __all__ = ["ConditionalFlowPosterior", "build_conditional_flow"]
 
@@ -116,4 +116,6 @@ def build_conditional_flow(
         raise ValueError(f"num_layers must be >= 1 for flow {name!r}, got {num_layers}")
     if hidden_dims is not None and not len(hidden_dims):
         raise ValueError(f"hidden_dims must name at least one width for flow {name!r}")
+    if name in FLOWS:
+        check_min_dim(FLOWS[name], dim)
     return CONDITIONAL_FLOWS[name](dim, context_dim, num_layers, hidden_dims)

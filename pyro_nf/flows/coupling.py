@@ -30,7 +30,6 @@ from .base import (
     FlowStack,
     OnePassTransform,
     _default_hidden_dims,
-    check_at_least_two_dims,
     register_flow,
     zero_output_layer,
 )
@@ -139,7 +138,6 @@ def _coupling_stack(
     hidden_dims: Sequence[int] | None = None,
     context_dim: int = 0,
 ) -> FlowStack:
-    check_at_least_two_dims("coupling", dim)
     hidden_dims = hidden_dims or _default_hidden_dims(dim)
     return FlowStack(
         [
@@ -163,5 +161,6 @@ COUPLING = register_flow(
         lr=5e-3,
         options=("hidden_dims",),
         conditional=_conditional_coupling,
+        min_dim=2,
     )
 )
