@@ -13,9 +13,16 @@ from pyro.distributions import constraints
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal, init_to_value
 
-from pyro_nf import AutoFlow, AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow
+from pyro_nf import (
+    AutoFlow,
+    AutoIAFFlow,
+    AutoPlanarFlow,
+    AutoRadialFlow,
+    AutoRealNVPFlow,
+    AutoSplineFlow,
+)
 
-GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow]
+GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow, AutoRealNVPFlow]
 
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
@@ -71,10 +78,11 @@ def two_normal_means_model(data):
         pyro.sample("obs", dist.Normal(mu.unsqueeze(-1), NOISE).to_event(1), obs=data)
 
 
-def test_iaf_normal_normal_posterior_within_five_percent():
-    """IAF needs two dimensions: two independent copies of the conjugate problem."""
+@pytest.mark.parametrize("guide_class", [AutoIAFFlow, AutoRealNVPFlow])
+def test_iaf_normal_normal_posterior_within_five_percent(guide_class):
+    """IAF and coupling need two dimensions: two independent copies of the conjugate problem."""
     data = torch.stack([DATA, DATA])
-    guide = AutoIAFFlow(two_normal_means_model)
+    guide = guide_class(two_normal_means_model)
     _train(two_normal_means_model, guide, 800, data)
     predictive = Predictive(two_normal_means_model, guide=guide, num_samples=20000, parallel=True)
     samples = predictive(data)["mu"]
@@ -99,7 +107,13 @@ MEAN_FIELD_KL = -0.5 * math.log(1 - CORR**2)  # 1.164 nats, the best any diagona
 
 @pytest.mark.parametrize(
     ("guide_class", "bound"),
-    [(AutoIAFFlow, 0.05), (AutoSplineFlow, 0.05), (AutoPlanarFlow, 0.6), (AutoRadialFlow, None)],
+    [
+        (AutoIAFFlow, 0.05),
+        (AutoSplineFlow, 0.05),
+        (AutoRealNVPFlow, 0.05),
+        (AutoPlanarFlow, 0.6),
+        (AutoRadialFlow, None),
+    ],
 )
 def test_correlated_gaussian_far_from_origin(guide_class, bound):
     guide = guide_class(correlated_far_model)
