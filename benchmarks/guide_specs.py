@@ -14,8 +14,13 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+from pyro.distributions import TransformModule
 from pyro.distributions.transforms import (
+    ComposeTransformModule,
+    Permute,
     affine_autoregressive,
+    affine_coupling,
     iterated,
     planar,
     radial,
@@ -42,6 +47,7 @@ DEEP_OPTIONS: dict[str, dict[str, object]] = {
     "radial": {"num_layers": 32},
     "iaf": {"num_layers": 5},
     "spline": {"num_layers": 4, "count_bins": 16},
+    "coupling": {"num_layers": 8},
 }
 
 
@@ -91,10 +97,24 @@ def _pyro_flow(family: str):
         return {"planar": planar, "radial": radial}[family](dim)
 
     def build(model, init_loc_fn):
-        init_transform_fn = functools.partial(iterated, num_layers, layer)
+        if family == "coupling":
+            init_transform_fn = functools.partial(_pyro_coupling_stack, num_layers)
+        else:
+            init_transform_fn = functools.partial(iterated, num_layers, layer)
         return AutoNormalizingFlow(_with_init(model, init_loc_fn), init_transform_fn), lr
 
     return build
+
+
+def _pyro_coupling_stack(num_layers: int, dim: int) -> TransformModule:
+    # Pyro's AffineCoupling always moves the second part of the vector, so a reversal
+    # between layers makes successive layers alternate halves, as our masks do.
+    parts: list = []
+    for i in range(num_layers):
+        if i:
+            parts.append(Permute(torch.arange(dim - 1, -1, -1)))
+        parts.append(affine_coupling(dim, hidden_dims=list(_default_hidden_dims(dim))))
+    return ComposeTransformModule(parts)
 
 
 def _with_init(model: Callable, init_loc_fn: Callable) -> Callable:
