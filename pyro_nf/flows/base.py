@@ -388,8 +388,8 @@ default Adam learning rate, accepted options, conditional builder). Filled by
 
 Examples
 --------
->>> sorted(FLOWS)
-['coupling', 'iaf', 'planar', 'radial', 'spline']
+>>> {"planar", "radial", "iaf", "spline", "coupling"} <= set(FLOWS)
+True
 >>> FLOWS["planar"].num_layers, FLOWS["spline"].lr
 (8, 0.005)
 """
@@ -403,8 +403,8 @@ diagonal-Gaussian baseline). `register_flow` adds every family with a conditiona
 
 Examples
 --------
->>> sorted(CONDITIONAL_FLOWS)
-['coupling', 'iaf', 'none', 'planar', 'radial', 'spline']
+>>> {"none", "planar", "iaf"} <= set(CONDITIONAL_FLOWS)
+True
 """
 
 
