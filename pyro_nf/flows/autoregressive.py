@@ -28,6 +28,7 @@ from .base import (
     OnePassTransform,
     _default_hidden_dims,
     autoregressive_net,
+    conditional_builder,
     register_flow,
 )
 
@@ -104,12 +105,6 @@ def _iaf_stack(
     )
 
 
-def _conditional_iaf(
-    dim: int, context_dim: int, num_layers: int, hidden_dims: Sequence[int] | None = None
-) -> FlowStack:
-    return _iaf_stack(dim, num_layers, hidden_dims, context_dim)
-
-
 IAF = register_flow(
     FlowSpec(
         "iaf",
@@ -117,7 +112,7 @@ IAF = register_flow(
         num_layers=2,
         lr=5e-3,
         options=("hidden_dims",),
-        conditional=_conditional_iaf,
+        conditional=conditional_builder(_iaf_stack),
         min_dim=2,
     )
 )

@@ -408,6 +408,29 @@ True
 """
 
 
+def conditional_builder(builder: Callable[..., FlowStack]) -> Callable[..., FlowStack]:
+    """The conditional builder of a family whose plain builder takes `context_dim`.
+
+    `conditional(dim, context_dim, num_layers, hidden_dims)` calls
+    `builder(dim, num_layers, hidden_dims=hidden_dims, context_dim=context_dim)`: the
+    same layers, reading a context of that size.
+
+    Examples
+    --------
+    >>> from pyro_nf.flows.autoregressive import _iaf_stack
+    >>> flow = conditional_builder(_iaf_stack)(3, 2, 1, (8,))
+    >>> flow(torch.randn(4, 3), context=torch.randn(4, 2))[1].shape
+    torch.Size([4])
+    """
+
+    def conditional(
+        dim: int, context_dim: int, num_layers: int, hidden_dims: Sequence[int] | None = None
+    ) -> FlowStack:
+        return builder(dim, num_layers, hidden_dims=hidden_dims, context_dim=context_dim)
+
+    return conditional
+
+
 def register_flow(spec: FlowSpec, replace: bool = False) -> FlowSpec:
     """Add a flow family: `AutoFlow(flow=spec.name)` and `build_flow` then know it.
 

@@ -30,6 +30,7 @@ from .base import (
     FlowStack,
     OnePassTransform,
     _default_hidden_dims,
+    conditional_builder,
     register_flow,
     zero_output_layer,
 )
@@ -147,12 +148,6 @@ def _coupling_stack(
     )
 
 
-def _conditional_coupling(
-    dim: int, context_dim: int, num_layers: int, hidden_dims: Sequence[int] | None = None
-) -> FlowStack:
-    return _coupling_stack(dim, num_layers, hidden_dims, context_dim)
-
-
 COUPLING = register_flow(
     FlowSpec(
         "coupling",
@@ -160,7 +155,7 @@ COUPLING = register_flow(
         num_layers=4,
         lr=5e-3,
         options=("hidden_dims",),
-        conditional=_conditional_coupling,
+        conditional=conditional_builder(_coupling_stack),
         min_dim=2,
     )
 )

@@ -31,6 +31,7 @@ from .base import (
     _default_hidden_dims,
     autoregressive_net,
     check_at_least_two_dims,
+    conditional_builder,
     inverse_softplus,
     register_flow,
 )
@@ -297,12 +298,6 @@ def _spline_stack(
     return FlowStack(layers)
 
 
-def _conditional_spline(
-    dim: int, context_dim: int, num_layers: int, hidden_dims: Sequence[int] | None = None
-) -> FlowStack:
-    return _spline_stack(dim, num_layers, hidden_dims, context_dim=context_dim)
-
-
 SPLINE = register_flow(
     FlowSpec(
         "spline",
@@ -310,6 +305,6 @@ SPLINE = register_flow(
         num_layers=2,
         lr=5e-3,
         options=("hidden_dims", "count_bins", "bound"),
-        conditional=_conditional_spline,
+        conditional=conditional_builder(_spline_stack),
     )
 )
