@@ -417,3 +417,34 @@ def test_new_names_do_not_warn():
         InvertiblePlanar(dim=3)
         q = FlowDistribution(torch.zeros(2), torch.ones(2), build_flow("planar", 2))
         q.rsample_and_log_prob((3,))
+
+
+def test_register_flow_adds_a_family_for_guides_and_the_vae():
+    from pyro_nf import AutoFlow
+    from pyro_nf.flows import CONDITIONAL_FLOWS, FlowSpec, build_conditional_flow, register_flow
+
+    spec = FlowSpec(
+        "planar-3",
+        lambda dim, num_layers: build_flow("planar", dim, 3 * num_layers),
+        num_layers=1,
+        lr=1e-2,
+        conditional=CONDITIONAL_FLOWS["planar"],
+    )
+    register_flow(spec)
+    try:
+        with pytest.raises(ValueError, match="'planar-3' is registered; pass replace=True"):
+            register_flow(spec)
+        flow = build_conditional_flow("planar-3", dim=2, context_dim=3, num_layers=2)
+        assert flow(torch.randn(4, 2), context=torch.randn(4, 3))[1].shape == (4,)
+
+        def model():
+            import pyro
+            import pyro.distributions as dist
+
+            pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+        guide = AutoFlow(model, flow="planar-3", warm_start=None)
+        guide()
+        assert len(guide.flow.layers) == 3 and guide.default_lr == 1e-2
+    finally:
+        del FLOWS["planar-3"], CONDITIONAL_FLOWS["planar-3"]
