@@ -101,23 +101,23 @@ class ScoresOwnDraws:
 
 
 class FlowDistribution(ScoresOwnDraws, TorchDistribution):
-    r"""Law of :math:`z = \mu + \sigma \odot f(\varepsilon)` with :math:`\varepsilon \sim N(0, I)`.
+    r"""Law of $z = \mu + \sigma \odot f(\varepsilon)$ with $\varepsilon \sim N(0, I)$.
 
-    With a ``scale_tril`` :math:`L`, the law of :math:`z = \mu + L(\sigma \odot
-    f(\varepsilon))`: the flow then acts in the coordinates that :math:`L` whitens.
+    With a ``scale_tril`` $L$, the law of $z = \mu + L(\sigma \odot f(\varepsilon))$: the
+    flow then acts in the coordinates that $L$ whitens.
 
     Parameters
     ----------
     loc : Tensor
-        Location :math:`\mu`, shape ``(dim,)``.
+        Location $\mu$, shape ``(dim,)``.
     scale : Tensor
-        Positive scale :math:`\sigma`, shape ``(dim,)``.
+        Positive scale $\sigma$, shape ``(dim,)``.
     flow : callable
-        ``flow(x, inverse=False) -> (y, log_det)``, e.g. a :class:`~pyro_nf.flows.FlowStack`.
+        ``flow(x, inverse=False) -> (y, log_det)``, e.g. a `FlowStack`.
     batch_shape : sequence of int
         Batch shape (independent copies), as used by vectorised ELBO particles.
     scale_tril : Tensor, optional
-        Lower-triangular :math:`L` with a positive diagonal, shape ``(dim, dim)``.
+        Lower-triangular $L$ with a positive diagonal, shape ``(dim, dim)``.
 
     Examples
     --------

@@ -38,6 +38,11 @@ SMOKE_RUNS: dict[str, tuple[list[str], list[str]] | None] = {
         + ["--png", "{out}/eight_schools.png"],
         ["eight_schools.png"],
     ),
+    "neutra.py": (
+        ["--fit-steps", "20", "--warmup", "10", "--samples", "10", "--max-tree-depth", "4"]
+        + ["--reference-samples", "20", "--json", "{out}/neutra.json"],
+        ["neutra.json"],
+    ),
     "robust_posteriors.py": None,  # NUTS references for four models: minutes at the least
 }
 

@@ -1,0 +1,208 @@
+"""NeuTra: every guide as a Pyro Transform, NUTS in its base space, draws in the model's
+coordinates, and the geometry an exact guide gives NUTS."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.reparam import NeuTraReparam
+
+from pyro_nf.autoguides import AutoFlow, AutoPlanarFlow
+from pyro_nf.flows import FLOWS
+from pyro_nf.neutra import neutra_mcmc, nuts_mcmc
+
+pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
+
+f64 = torch.float64
+SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=f64)
+SCHOOLS_SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=f64)
+
+
+def schools(y=SCHOOLS_Y, sigma=SCHOOLS_SIGMA):
+    """Eight schools, centred."""
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=f64), 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(torch.tensor(5.0, dtype=f64)))
+    with pyro.plate("schools", len(y)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def funnel(dim: int = 3):
+    v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=f64), 3.0))
+    pyro.sample("x", dist.Normal(torch.zeros(dim, dtype=f64), (v / 2).exp()).to_event(1))
+
+
+COUNTS = torch.tensor([3.0, 1.0, 6.0])
+
+
+def constrained(counts=COUNTS):
+    """Positive, interval and simplex sites, one under a plate."""
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("groups", 2):
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+    weights = pyro.sample("weights", dist.Dirichlet(torch.ones(3)))
+    pyro.sample("obs", dist.Normal(p.sum() * scale, 1.0), obs=torch.tensor(1.0))
+    pyro.sample("counts", dist.Multinomial(10, weights), obs=counts)
+
+
+def _perturbed(guide):
+    """A trained-looking flow: every parameter moved off the identity start."""
+    with torch.no_grad():
+        for param in guide.flow.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return guide
+
+
+def _guide(flow, noncentred):
+    # Non-centred schools has a mode (the Laplace start); centred it has none, so the
+    # plain start there.
+    guide = AutoFlow(
+        schools,
+        flow=flow,
+        noncentered=noncentred,
+        warm_start="laplace" if noncentred else None,
+        num_layers=2,
+    )
+    guide()
+    return _perturbed(guide)
+
+
+@pytest.mark.parametrize("noncentred", [True, False], ids=["noncentred", "model-coords"])
+@pytest.mark.parametrize("flow", sorted(FLOWS))
+def test_transform_inverts_and_its_log_det_is_the_autograd_one(flow, noncentred):
+    guide = _guide(flow, noncentred)
+    transform = guide.get_transform()
+    eps = torch.randn(4, guide.latent_dim, dtype=f64)
+    z = transform(eps)
+    assert torch.allclose(transform.inv(z.clone()), eps, atol=1e-6)
+    jacobian = torch.autograd.functional.jacobian(lambda e: transform(e), eps[0])
+    log_det = transform.log_abs_det_jacobian(eps[0].clone(), transform(eps[0]))
+    assert torch.allclose(log_det, torch.linalg.slogdet(jacobian)[1], atol=1e-6)
+    # The guide's posterior is the transform's push-forward of the base.
+    law = dist.TransformedDistribution(guide.get_base_dist(), transform)
+    with torch.no_grad():
+        assert torch.allclose(law.log_prob(z.clone()), guide.get_posterior().log_prob(z.clone()))
+
+
+@pytest.mark.parametrize("flow", sorted(FLOWS))
+def test_pyro_neutra_reparam_runs_with_every_family(flow):
+    guide = AutoFlow(funnel, flow=flow, num_layers=2)
+    guide()
+    neutra = NeuTraReparam(_perturbed(guide))
+    mcmc = MCMC(NUTS(neutra.reparam(funnel)), num_samples=10, warmup_steps=10, disable_progbar=True)
+    mcmc.run()
+    latent = mcmc.get_samples()["v_shared_latent"]
+    draws = neutra.transform_sample(latent)
+    assert latent.shape == (10, 4) and draws["x"].shape == (10, 3)
+    assert torch.isfinite(draws["v"]).all() and torch.isfinite(draws["x"]).all()
+
+
+def test_draws_map_back_to_each_sites_support_and_shape():
+    guide = AutoPlanarFlow(constrained, warm_start=None)
+    guide()
+    result = neutra_mcmc(
+        constrained,
+        _perturbed(guide),
+        num_samples=15,
+        warmup_steps=15,
+        num_chains=2,
+        seed=0,
+        progress=False,
+    )
+    samples = result.samples
+    assert samples["scale"].shape == (30,) and (samples["scale"] > 0).all()
+    assert samples["p"].shape == (30, 2) and ((samples["p"] > 0) & (samples["p"] < 1)).all()
+    assert samples["weights"].shape == (30, 3) and (samples["weights"] > 0).all()
+    assert torch.allclose(samples["weights"].sum(-1), torch.ones(30))
+    posterior = result.inference_data.posterior
+    assert posterior["p"].dims == ("chain", "draw", "groups")
+    assert posterior["weights"].shape == (2, 15, 3)
+    stats = result.inference_data.sample_stats
+    assert set(stats.data_vars) >= {"diverging", "tree_depth", "n_steps", "step_size"}
+    assert int(stats["n_steps"].sum()) <= result.num_gradient_evaluations
+
+
+@pytest.mark.slow
+def test_noncentred_draws_match_the_reference_posterior():
+    """The non-centred map is inside the transform: NeuTra on the centred funnel, whose
+    guide starts exact in non-centred coordinates, gives the funnel's exact marginals."""
+    guide = AutoFlow(funnel)
+    guide()
+    assert guide.noncentering is not None
+    result = neutra_mcmc(funnel, guide, num_samples=400, warmup_steps=200, seed=1, progress=False)
+    v = result.samples["v"]
+    assert abs(float(v.mean())) < 0.5 and abs(float(v.std()) - 3.0) < 0.45
+    assert int(result.inference_data.sample_stats["diverging"].sum()) == 0
+
+
+def test_exact_guide_gives_near_maximal_steps_and_shallow_trees():
+    """On a Gaussian the Laplace start is exact: in the base space the target is N(0, I),
+    where leapfrog is stable up to a step of 2 and NUTS needs one or two doublings."""
+    cov = torch.tensor([[1e4, 0.95 * 100 * 0.01], [0.95 * 100 * 0.01, 1e-4]], dtype=f64)
+    loc = torch.tensor([3.0, -2.0], dtype=f64)
+
+    def gaussian():
+        pyro.sample("z", dist.MultivariateNormal(loc, covariance_matrix=cov))
+
+    guide = AutoFlow(gaussian, flow="iaf")
+    guide()
+    neutra = neutra_mcmc(gaussian, guide, num_samples=100, warmup_steps=100, seed=0, progress=False)
+    plain = nuts_mcmc(gaussian, num_samples=100, warmup_steps=100, seed=0, progress=False)
+    stats, plain_stats = neutra.inference_data.sample_stats, plain.inference_data.sample_stats
+    step = float(stats["step_size"][0, -1])
+    assert 0.8 < step < 2.0
+    assert float(stats["tree_depth"].isin([1, 2]).mean()) > 0.95
+    assert float(plain_stats["tree_depth"].mean()) > float(stats["tree_depth"].mean()) + 1
+    z = neutra.samples["z"]
+    assert ((z.mean(0) - loc).abs() < 0.3 * cov.diag().sqrt()).all()
+
+
+def test_posterior_mean_and_variance_are_monte_carlo_estimates():
+    guide = AutoFlow(schools, flow="planar", warm_start=None, noncentered=False, init_scale=0.5)
+    guide()
+    posterior = guide.get_posterior()
+    loc = guide.loc.detach()
+    assert torch.allclose(posterior.mean, loc, atol=4 * 0.5 / 64 * 3)
+    assert torch.allclose(posterior.variance, torch.full_like(loc, 0.25), rtol=0.1)
+    noncentred = AutoFlow(schools, flow="planar")
+    noncentred()
+    assert noncentred.get_posterior().mean.shape == (10,)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(TypeError, match="pyro_nf flow guide"):
+        neutra_mcmc(schools, AutoNormal(schools), num_samples=5, progress=False)
+    with pytest.raises(ValueError, match="never fitted"):
+        neutra_mcmc(schools, AutoPlanarFlow(schools), num_samples=5, progress=False)
+    with pytest.raises(RuntimeError, match="not set up"):
+        AutoPlanarFlow(schools).get_transform()
+    guide = AutoPlanarFlow(funnel)
+    guide()
+    with pytest.raises(ValueError, match="the model does not sample"):
+        neutra_mcmc(schools, guide, num_samples=5, progress=False)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
+        neutra_mcmc(funnel, guide, num_samples=0, progress=False)
+    with pytest.raises(ValueError, match="num_chains"):
+        nuts_mcmc(funnel, num_samples=5, num_chains=0, progress=False)
+
+
+@pytest.mark.slow
+def test_plain_nuts_on_the_funnel_diverges():
+    plain = nuts_mcmc(funnel, num_samples=200, warmup_steps=200, seed=0, progress=False)
+    assert int(plain.inference_data.sample_stats["diverging"].sum()) > 0
+    assert plain.samples["x"].shape == (200, 3)
+
+
+def test_reparametrised_model_keeps_sites_the_guide_does_not_cover():
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.Normal(a, 1.0))
+
+    guide = AutoPlanarFlow(poutine.block(model, hide=["b"]), warm_start=None)
+    guide()
+    result = neutra_mcmc(model, guide, num_samples=20, warmup_steps=20, seed=0, progress=False)
+    assert set(result.samples) == {"a", "b"}
+    assert result.samples["b"].shape == (20,)
