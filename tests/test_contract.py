@@ -1,0 +1,393 @@
+"""The drop-in contract, in the style of Pyro's tests/infer/test_autoguide.py.
+
+Our guides beside Pyro's AutoDiagonalNormal, AutoMultivariateNormal and AutoIAFNormal as
+controls, crossed with ELBOs, init_loc_fn strategies and model shapes (nested plates,
+masked sites, reparametrised sites, every constraint with a bijection to the real line):
+shapes, finite losses, Predictive, median/quantiles, pickling, state_dict, exactness on
+Gaussian models. Small models and few steps; the full crosses are marked slow.
+"""
+
+import io
+import math
+import pickle
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer import (
+    SVI,
+    JitTrace_ELBO,
+    Predictive,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+    config_enumerate,
+)
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoGuideList,
+    AutoIAFNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    init_to_feasible,
+    init_to_mean,
+    init_to_median,
+    init_to_sample,
+    init_to_value,
+)
+from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.infer.reparam import LocScaleReparam, ProjectedNormalReparam
+
+import pyro_nf.autoguides as autoguides
+
+OURS = [
+    autoguides.AutoSplineFlow,
+    autoguides.AutoIAFFlow,
+    autoguides.AutoPlanarFlow,
+    autoguides.AutoRadialFlow,
+    *[getattr(autoguides, name) for name in ["AutoRealNVPFlow"] if hasattr(autoguides, name)],
+]
+CONTROLS = [AutoDiagonalNormal, AutoMultivariateNormal, AutoIAFNormal]
+GUIDES = OURS + CONTROLS
+#: Every guide, the default one and its control fast, the others marked slow.
+CROSS = [
+    guide
+    if guide in (autoguides.AutoSplineFlow, AutoDiagonalNormal)
+    else pytest.param(guide, marks=pytest.mark.slow)
+    for guide in GUIDES
+]
+#: Pyro's own flow guides have no median or quantiles (NotImplementedError).
+HAS_SUMMARIES = [guide for guide in GUIDES if guide is not AutoIAFNormal]
+
+# torch.jit's own notices under JitTrace_ELBO, for every guide alike (Pyro's too).
+JIT_NOTICES = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+
+pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
+
+
+def _make(guide_class, model, **options):
+    if model is constrained_model:
+        options.setdefault("init_loc_fn", IMPROPER_INIT)
+    if guide_class in OURS:
+        options.setdefault("num_summary_samples", 64)
+    return guide_class(model, **options)
+
+
+# --- models ----------------------------------------------------------------------------
+
+DATA = torch.tensor([[0.3, -1.2, 0.8], [1.5, 0.1, -0.4]])
+
+
+def nested_plates_model(data=DATA):
+    """Global, per-row and per-cell latents under two nested plates, and observations."""
+    loc = pyro.sample("loc", dist.Normal(0.0, 2.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 0.5))
+    with pyro.plate("rows", 2, dim=-2):
+        row = pyro.sample("row", dist.Normal(loc, 1.0))
+        with pyro.plate("cols", 3, dim=-1):
+            cell = pyro.sample("cell", dist.Normal(row, 1.0))
+            pyro.sample("obs", dist.Normal(cell, scale), obs=data)
+
+
+def masked_model(data=DATA[0]):
+    """A site masked out in part (one coordinate has only its prior through the mask)."""
+    mask = torch.tensor([True, False, True])
+    x = pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).mask(mask).to_event(1))
+    pyro.sample("z", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", 3):
+        pyro.sample("obs", dist.Normal(x, 0.5), obs=data)
+
+
+def _centred(data=DATA[0]):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    tau = pyro.sample("tau", dist.LogNormal(0.0, 0.5))
+    with pyro.plate("groups", 3):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("obs", dist.Normal(theta, 1.0), obs=data)
+    direction = pyro.sample("direction", dist.ProjectedNormal(torch.tensor([1.0, 0.5, 0.0])))
+    pyro.sample("angle_obs", dist.Normal(direction, 0.5).to_event(1), obs=torch.ones(3))
+
+
+#: LocScaleReparam on a hierarchical site, ProjectedNormalReparam on a sphere-valued one.
+reparam_model = poutine.reparam(
+    _centred, config={"theta": LocScaleReparam(0.0), "direction": ProjectedNormalReparam()}
+)
+
+
+#: Supports without a Pyro distribution here: improper sites, each given a factor.
+IMPROPER = {
+    "ordered_vector": (constraints.ordered_vector, (3,)),
+    "positive_ordered_vector": (constraints.positive_ordered_vector, (3,)),
+    "softplus_positive": (constraints.softplus_positive, ()),
+    "less_than": (constraints.less_than(1.0), ()),
+    "half_open_interval": (constraints.half_open_interval(0.0, 2.0), ()),
+}
+
+
+def constrained_model():
+    """A site per support that Pyro maps to the real line (biject_to): positive_definite
+    and the lower-Cholesky supports have no such map, so no AutoContinuous takes them."""
+    pyro.sample("real", dist.Normal(0.0, 1.0))
+    pyro.sample("real_vector", dist.MultivariateNormal(torch.zeros(2), torch.eye(2)))
+    pyro.sample("positive", dist.Gamma(3.0, 2.0))
+    pyro.sample("nonnegative", dist.Exponential(2.0))
+    pyro.sample("greater_than", dist.Pareto(1.0, 3.0))
+    pyro.sample("interval", dist.Uniform(-1.0, 2.0))
+    pyro.sample("unit_interval", dist.Beta(2.0, 3.0))
+    pyro.sample("simplex", dist.Dirichlet(torch.ones(3)))
+    pyro.sample("corr_cholesky_2", dist.LKJCholesky(2, 1.0))
+    pyro.sample("corr_cholesky_3", dist.LKJCholesky(3, 2.0))
+    pyro.sample("corr_matrix", dist.LKJ(3, 2.0))
+    for name, (support, event_shape) in IMPROPER.items():
+        value = pyro.sample(name, dist.ImproperUniform(support, (), event_shape))
+        pyro.factor(f"{name}_prior", -0.5 * value.pow(2).sum(tuple(range(-len(event_shape), 0))))
+
+
+#: ImproperUniform sites cannot be drawn from, so init_to_median cannot start them.
+IMPROPER_INIT = init_to_value(
+    values={
+        "ordered_vector": torch.tensor([-1.0, 0.0, 1.0]),
+        "positive_ordered_vector": torch.tensor([0.5, 1.0, 2.0]),
+        "softplus_positive": torch.tensor(1.0),
+        "less_than": torch.tensor(0.0),
+        "half_open_interval": torch.tensor(1.0),
+    },
+    fallback=init_to_median,
+)
+
+
+MODELS = [nested_plates_model, masked_model, reparam_model, constrained_model]
+MODEL_IDS = ["nested_plates", "masked", "reparam", "constrained"]
+
+
+def _shapes(model) -> dict:
+    trace = poutine.trace(InitMessenger(IMPROPER_INIT)(model)).get_trace()
+    return {
+        name: site["value"].shape
+        for name, site in trace.iter_stochastic_nodes()
+        if not site["infer"].get("is_auxiliary") and type(site["fn"]).__name__ != "_Subsample"
+    }
+
+
+def _steps(model, guide, elbo, num_steps=2):
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
+    return [svi.step() for _ in range(num_steps)]
+
+
+# --- guides x ELBOs --------------------------------------------------------------------
+
+ELBOS = [
+    Trace_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+    pytest.param(JitTrace_ELBO, marks=JIT_NOTICES),
+]
+
+
+@pytest.mark.parametrize("elbo", ELBOS)
+@pytest.mark.parametrize("guide_class", CROSS)
+def test_shapes_and_finite_losses(guide_class, elbo):
+    guide = _make(guide_class, nested_plates_model)
+    losses = _steps(nested_plates_model, guide, elbo())
+    assert all(math.isfinite(loss) for loss in losses)
+    expected = _shapes(nested_plates_model)
+    values = guide()
+    assert {name: value.shape for name, value in values.items()} == expected
+
+
+@config_enumerate
+def discrete_model(data=DATA[0]):
+    """A two-component mixture: the assignment is enumerated, the rest is continuous."""
+    locs = pyro.sample("locs", dist.Normal(torch.tensor([-1.0, 1.0]), 1.0).to_event(1))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 0.5))
+    with pyro.plate("data", 3):
+        component = pyro.sample("component", dist.Bernoulli(0.4))
+        pyro.sample("obs", dist.Normal(locs[..., component.long()], scale), obs=data)
+
+
+@pytest.mark.parametrize("composition", ["blocked", "guide_list"])
+@pytest.mark.parametrize("guide_class", CROSS)
+def test_trace_enum_elbo_with_the_discrete_site_blocked(guide_class, composition):
+    continuous = poutine.block(discrete_model, hide=["component"])
+    guide = _make(guide_class, continuous)
+    if composition == "guide_list":
+        guide, part = AutoGuideList(discrete_model), guide
+        guide.append(part)
+    losses = _steps(discrete_model, guide, TraceEnum_ELBO(max_plate_nesting=1))
+    assert all(math.isfinite(loss) for loss in losses)
+    assert set(guide()) == {"locs", "scale"}
+
+
+def test_guide_list_with_a_flow_beside_autonormal_holds_the_other_sites_fixed():
+    from pyro_nf.laplace import unconstrained_log_joint
+
+    guide = AutoGuideList(nested_plates_model)
+    flow = autoguides.AutoSplineFlow(
+        poutine.block(nested_plates_model, hide=["row", "cell"]), num_summary_samples=64
+    )
+    guide.append(flow)
+    guide.append(AutoNormal(poutine.block(nested_plates_model, expose=["row", "cell"])))
+    losses = _steps(nested_plates_model, guide, Trace_ELBO())
+    assert all(math.isfinite(loss) for loss in losses)
+    assert flow.start.laplace is not None  # a fixed objective has a mode
+    log_joint = unconstrained_log_joint(flow)
+    z = torch.randn(4, 2)
+    assert torch.equal(log_joint(z), log_joint(z))  # AutoNormal's sites are not redrawn
+
+
+# --- guides x init_loc_fn --------------------------------------------------------------
+
+INITS = [
+    init_to_median,
+    init_to_sample,
+    init_to_mean,
+    init_to_feasible,
+    init_to_value(values={"loc": torch.tensor(0.5), "scale": torch.tensor(2.0)}),
+]
+INIT_IDS = ["median", "sample", "mean", "feasible", "value"]
+
+
+@pytest.mark.parametrize("init_loc_fn", INITS, ids=INIT_IDS)
+@pytest.mark.parametrize("guide_class", CROSS)
+def test_init_loc_fn(guide_class, init_loc_fn):
+    guide = _make(guide_class, nested_plates_model, init_loc_fn=init_loc_fn)
+    losses = _steps(nested_plates_model, guide, Trace_ELBO())
+    assert all(math.isfinite(loss) for loss in losses)
+    assert guide()["cell"].shape == (2, 3)
+
+
+def test_init_loc_fn_is_where_the_map_search_starts():
+    """Deliberately unlike Pyro: with the warm start, init_loc_fn's point is where the MAP
+    search begins, not the guide's location; without it, it is the location (as Pyro)."""
+
+    def model():
+        pyro.sample("x", dist.Normal(torch.tensor([3.0, -1.0]), 0.5).to_event(1))
+
+    far = init_to_value(values={"x": torch.tensor([-20.0, 20.0])})
+    warm = autoguides.AutoPlanarFlow(model, init_loc_fn=far)
+    warm()
+    assert torch.allclose(warm.laplace.loc, torch.tensor([3.0, -1.0]), atol=1e-4)
+    pyro.clear_param_store()  # the next guide would read this one's loc from the store
+    plain = autoguides.AutoPlanarFlow(model, init_loc_fn=far, warm_start=None)
+    plain()
+    assert torch.equal(plain.loc.detach(), torch.tensor([-20.0, 20.0]))
+    pyros = AutoDiagonalNormal(model, init_loc_fn=far)
+    pyros()
+    assert torch.equal(pyros.loc.detach(), torch.tensor([-20.0, 20.0]))
+
+
+# --- guides x model shapes: the whole drop-in surface ----------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS, ids=MODEL_IDS)
+@pytest.mark.parametrize("guide_class", CROSS)
+def test_drop_in(guide_class, model):
+    pyro.set_rng_seed(0)  # init_loc_fn's draws decide the start: the same for the reload
+    guide = _make(guide_class, model)
+    losses = _steps(model, guide, Trace_ELBO())  # Pyro's LKJ cannot expand over particles
+    assert all(math.isfinite(loss) for loss in losses)
+    expected = _shapes(model)
+    assert {name: value.shape for name, value in guide().items()} == expected
+    if model is not constrained_model:  # Pyro's Predictive draws each site from its prior
+        draws = Predictive(model, guide=guide, num_samples=3)()  # once: not ImproperUniform
+        for name, shape in expected.items():
+            # Predictive keeps the model's plate dimensions, of size 1 outside their plates.
+            assert draws[name].numel() == 3 * math.prod(shape), name
+    if guide_class in HAS_SUMMARIES:
+        median, quantiles = guide.median(), guide.quantiles([0.25, 0.75])
+        assert {name: value.shape for name, value in median.items()} == expected
+        assert all(quantiles[name].shape == (2, *shape) for name, shape in expected.items())
+    _round_trips(guide_class, model, guide)
+
+
+def _round_trips(guide_class, model, guide):
+    pyro.set_rng_seed(5)
+    expected = guide()
+    clone = pickle.loads(pickle.dumps(guide))
+    pyro.set_rng_seed(5)
+    for name, value in clone().items():
+        assert torch.allclose(value, expected[name]), name
+    buffer = io.BytesIO()
+    torch.save(guide.state_dict(), buffer)
+    buffer.seek(0)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    fresh = _make(guide_class, model)
+    fresh()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    pyro.set_rng_seed(5)
+    for name, value in fresh().items():
+        assert torch.allclose(value, expected[name]), name
+
+
+@pytest.mark.parametrize("model", MODELS, ids=MODEL_IDS)
+def test_our_guides_are_quiet_on_ordinary_models(model, recwarn):
+    for guide_class in OURS:
+        pyro.clear_param_store()
+        _make(guide_class, model)()
+    assert not recwarn.list  # warnings are errors anyway; this names the intent
+
+
+# --- exactness on Gaussian models ------------------------------------------------------
+
+CORR = 0.9
+
+
+def gaussian_model():
+    """A correlated 3-D Gaussian away from the origin, written as a chain of sites."""
+    a = pyro.sample("a", dist.Normal(5.0, 2.0))
+    b = pyro.sample("b", dist.Normal(-3.0 + CORR * (a - 5.0) / 2.0, math.sqrt(1 - CORR**2)))
+    pyro.sample("c", dist.Normal(b, 0.3))
+
+
+@pytest.mark.parametrize("guide_class", OURS)
+def test_step_zero_is_the_exact_posterior_on_a_gaussian_model(guide_class):
+    guide = _make(guide_class, gaussian_model)
+    guide()
+    assert guide.start.label == "laplace (model)"
+    with torch.no_grad():
+        z, log_q = guide.get_posterior().rsample_and_log_prob((2000,))
+    trace_log_p = _gaussian_log_density(z)
+    assert (log_q - trace_log_p).abs().max() < 1e-3  # log q = log p: KL(q || p) = 0
+
+
+def _gaussian_log_density(z):
+    a, b, c = z.unbind(-1)
+    return (
+        dist.Normal(5.0, 2.0).log_prob(a)
+        + dist.Normal(-3.0 + CORR * (a - 5.0) / 2.0, math.sqrt(1 - CORR**2)).log_prob(b)
+        + dist.Normal(b, 0.3).log_prob(c)
+    )
+
+
+# --- torch.jit -------------------------------------------------------------------------
+
+FAMILIES = [
+    autoguides.AutoSplineFlow,
+    autoguides.AutoIAFFlow,
+    pytest.param(
+        autoguides.AutoPlanarFlow,
+        marks=pytest.mark.xfail(raises=NotImplementedError, reason="Transform.sign in trace"),
+    ),
+    pytest.param(
+        autoguides.AutoRadialFlow,
+        marks=pytest.mark.xfail(raises=NotImplementedError, reason="Transform.sign in trace"),
+    ),
+]
+
+
+@JIT_NOTICES
+@pytest.mark.parametrize("guide_class", FAMILIES)
+def test_trace_module(guide_class):
+    guide = _make(guide_class, nested_plates_model)
+    guide()
+    traced = torch.jit.trace_module(guide, {"forward": ()}, strict=False, check_trace=False)
+    pyro.set_rng_seed(1)
+    expected = guide()
+    pyro.set_rng_seed(1)
+    for name, value in traced().items():
+        assert torch.allclose(value, expected[name]), name
