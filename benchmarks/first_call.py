@@ -1,0 +1,104 @@
+"""The first call of each default flow guide against 50 SVI steps of the same guide.
+
+The first call sets the guide up: the model's prototype trace, the MAP search and Hessian,
+and the candidate starts scored on common draws (`pyro_nf.starts`). The bar: it costs at
+most what 50 SVI steps of the same guide cost (ratio <= 1), on the README's demo
+regression, the centred eight-schools model and the 25-predictor regression with N = 5000
+of `examples/robust_posteriors.py`. Both are timed in one process, one after the other,
+after one throw-away optimiser is built (the first `torch.optim` optimiser imports
+`torch._dynamo`, seconds that whichever came first would pay).
+
+Usage::
+
+    nice -n 10 python -m benchmarks.first_call --out /tmp/first_call.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from pyro_nf.autoguides import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow
+from pyro_nf.demo import regression_model
+
+GUIDES = (AutoSplineFlow, AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow)
+NUM_STEPS = 50
+
+
+def _examples():
+    path = Path(__file__).resolve().parents[1] / "examples" / "robust_posteriors.py"
+    spec = importlib.util.spec_from_file_location("robust_posteriors", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def problems() -> dict:
+    """Name to ``(model, args)``."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.linspace(5.0, 15.0, 50)
+    y = 1.0 + 0.5 * x + 0.8 * torch.randn(50, generator=generator)
+    examples = _examples()
+    schools, correlated = examples.schools_problem(), examples.correlated_problem()
+    return {
+        "demo regression": (regression_model, (x, y)),
+        "eight schools (centred)": (schools.model, schools.args),
+        "regression, 25 predictors, N=5000": (correlated.model, correlated.args),
+    }
+
+
+def measure(guide_class, model, args, seed: int) -> dict:
+    """Seconds of the guide's first call and of 50 SVI steps after it."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = guide_class(model)
+    start = time.perf_counter()
+    guide(*args)
+    first_call = time.perf_counter() - start
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": guide.default_lr}), Trace_ELBO())
+    svi.step(*args)  # the optimiser's own first step (its state) is not a step's cost
+    start = time.perf_counter()
+    for _ in range(NUM_STEPS):
+        svi.step(*args)
+    steps = time.perf_counter() - start
+    return {
+        "guide": guide_class.__name__,
+        "first_call_s": first_call,
+        "svi_50_steps_s": steps,
+        "ratio": first_call / steps,
+        "start": guide.start.label,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("first_call.json"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch._dynamo imported here
+    rows = []
+    print(f"{'model':36} {'guide':15} {'first call':>10} {'50 steps':>9} {'ratio':>6}  start")
+    for name, (model, model_args) in problems().items():
+        for guide_class in GUIDES:
+            row = {"model": name, **measure(guide_class, model, model_args, args.seed)}
+            rows.append(row)
+            print(
+                f"{name:36} {row['guide']:15} {row['first_call_s']:9.3f}s "
+                f"{row['svi_50_steps_s']:8.3f}s {row['ratio']:6.2f}  {row['start']}",
+                flush=True,
+            )
+    args.out.write_text(json.dumps(rows, indent=2))
+    worst = max(row["ratio"] for row in rows)
+    print(f"worst ratio {worst:.2f} (bar: 1.00); written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
