@@ -273,7 +273,7 @@ def warn_if_large(flow: nn.Module, spec: Any, dim: int) -> int:
     options = getattr(spec, "options", ())
     ways = ["fewer layers (num_layers=1)"]
     if "hidden_dims" in options:
-        ways.append(f"narrower networks (hidden_dims, each width >= the dimension {dim})")
+        ways.append("narrower networks (hidden_dims=(64, 64), say)")
     if "count_bins" in options:
         ways.append("fewer spline bins (count_bins=4)")
     warnings.warn(
