@@ -128,9 +128,9 @@ def test_build_flow_checks_the_dimension(dim, error, message):
 
 def test_a_large_flow_warns_with_its_size_and_how_to_reduce_it():
     with pytest.warns(
-        UserWarning, match=r"'spline' flow on 500 dimensions has ([\d,]+) param"
+        UserWarning, match=r"'spline' flow on 800 dimensions has ([\d,]+) param"
     ) as record:
-        flow = build_flow("spline", 500)
+        flow = build_flow("spline", 800)
     count = sum(parameter.numel() for parameter in flow.parameters())
     assert count > LARGE_FLOW_PARAMETERS
     message = str(record[0].message)
