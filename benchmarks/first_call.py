@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def _examples():
     path = Path(__file__).resolve().parents[1] / "examples" / "robust_posteriors.py"
     spec = importlib.util.spec_from_file_location("robust_posteriors", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

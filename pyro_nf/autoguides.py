@@ -1,14 +1,14 @@
 """Flow autoguides: drop-in replacements for AutoNormal with normalizing-flow posteriors.
 
 All guides share one construction: the model's latent sites are mapped to an
-unconstrained joint vector (Pyro's :class:`~pyro.infer.autoguide.AutoContinuous`), and
+unconstrained joint vector (Pyro's `pyro.infer.autoguide.AutoContinuous`), and
 the posterior over that vector is ``z = loc + scale * f(eps)``, ``eps ~ N(0, I)``, with
 ``loc`` started at ``init_loc_fn``'s point, ``scale`` at ``init_scale`` and the flow ``f``
 at the identity. Step 0 is therefore the AutoNormal guide, and the flow only has to learn
 the posterior's shape, in standardised units, wherever the posterior sits.
 
 With the Laplace warm start (``warm_start="laplace"``, the default) the guide first finds
-the MAP in unconstrained space and the Hessian there (:mod:`pyro_nf.laplace`), and the
+the MAP in unconstrained space and the Hessian there (`pyro_nf.laplace`), and the
 same construction runs in the coordinates this whitens:
 ``z = m + L (loc + scale * f(eps))`` with ``m`` the MAP and ``L L^T`` the inverse Hessian,
 ``loc`` started at 0 and ``scale`` at 1. Step 0 is then the Laplace approximation, and
@@ -74,15 +74,15 @@ class AutoFlow(AutoContinuous):
     r"""Normalizing-flow guide over all continuous latent sites of a model.
 
     The posterior over the unconstrained joint latent vector is
-    :math:`z = m + L(\mu + \sigma \odot f(\varepsilon))`, :math:`\varepsilon \sim N(0, I)`,
-    with the flow :math:`f` (planar, radial, IAF or neural-spline layers) started at the
-    identity. With the Laplace warm start, :math:`m` is the MAP and :math:`L` the Cholesky
-    factor of the inverse Hessian there (fixed; see :func:`pyro_nf.laplace_approximation`),
-    and :math:`\mu = 0`, :math:`\sigma = 1` at the start, so the guide starts at the Laplace
-    approximation and learns in whitened coordinates. Without it, :math:`m = 0`,
-    :math:`L = I`, :math:`\mu` starts at ``init_loc_fn``'s point and :math:`\sigma` at
+    $z = m + L(\mu + \sigma \odot f(\varepsilon))$, $\varepsilon \sim N(0, I)$,
+    with the flow $f$ (planar, radial, IAF or neural-spline layers) started at the
+    identity. With the Laplace warm start, $m$ is the MAP and $L$ the Cholesky
+    factor of the inverse Hessian there (fixed; see `pyro_nf.laplace_approximation`),
+    and $\mu = 0$, $\sigma = 1$ at the start, so the guide starts at the Laplace
+    approximation and learns in whitened coordinates. Without it, $m = 0$,
+    $L = I$, $\mu$ starts at ``init_loc_fn``'s point and $\sigma$ at
     ``init_scale``. The warm start runs on the guide's first call (it needs the model's
-    arguments) and is kept in :attr:`laplace`.
+    arguments) and is kept in `laplace`.
 
     Parameters
     ----------
@@ -96,11 +96,11 @@ class AutoFlow(AutoContinuous):
         other points) or a Pyro `TransformModule`; `num_layers` of its layers are stacked
         (default 1). The named subclasses fix it.
     num_layers : int, optional
-        Number of flow layers; defaults per family (see :data:`pyro_nf.flows.FLOWS`).
+        Number of flow layers; defaults per family (see `pyro_nf.flows.FLOWS`).
     hidden_dims : sequence of int, optional
         Hidden widths of the autoregressive networks (iaf, spline).
     init_loc_fn : callable
-        Per-site initialisation, as in Pyro (default :func:`init_to_median`); with the
+        Per-site initialisation, as in Pyro (default `init_to_median`); with the
         warm start, where the MAP search begins.
     init_scale : float
         Initial posterior scale in unconstrained space without the warm start; with it,
@@ -122,12 +122,12 @@ class AutoFlow(AutoContinuous):
         Coordinates for hierarchical sites, whose location-scale prior depends on other
         latent sites (``theta ~ Normal(mu, tau)``): with ``True`` the flow acts on their
         standardised values ``(theta - mu) / tau``, which removes the funnel such sites
-        make (see :mod:`pyro_nf.noncentering`); with ``"auto"`` (default) the guide
+        make (see `pyro_nf.noncentering`); with ``"auto"`` (default) the guide
         starts in whichever coordinates, these or the model's own, give the start with the
         best ELBO; ``False`` keeps the model's coordinates. The choice is kept in
-        :attr:`noncentering` (None for the model's coordinates).
+        `noncentering` (None for the model's coordinates).
     num_summary_samples : int
-        Monte-Carlo draws used by :meth:`median` and :meth:`quantiles`, which have no
+        Monte-Carlo draws used by `median` and `quantiles`, which have no
         closed form for a flow.
     **flow_options
         Family-specific options, e.g. ``count_bins`` and ``bound`` for splines.
@@ -135,7 +135,7 @@ class AutoFlow(AutoContinuous):
     Attributes
     ----------
     default_lr : float
-        The Adam learning rate that suits this flow family; :func:`pyro_nf.fit` uses it
+        The Adam learning rate that suits this flow family; `pyro_nf.fit` uses it
         when no ``lr`` is given.
     laplace : LaplaceApproximation or None
         The warm start's result (mode, scales, whether it converged), once set up.
@@ -489,9 +489,9 @@ class AutoFlow(AutoContinuous):
 
 
 class AutoPlanarFlow(AutoFlow):
-    """Planar-flow guide (Rezende & Mohamed, 2015): :class:`AutoFlow` with ``flow="planar"``.
+    """Planar-flow guide (Rezende & Mohamed, 2015): `AutoFlow` with ``flow="planar"``.
 
-    Takes the same arguments as :class:`AutoFlow`, except ``flow``.
+    Takes the same arguments as `AutoFlow`, except ``flow``.
 
     Examples
     --------
@@ -506,9 +506,9 @@ class AutoPlanarFlow(AutoFlow):
 
 
 class AutoRadialFlow(AutoFlow):
-    """Radial-flow guide (Rezende & Mohamed, 2015): :class:`AutoFlow` with ``flow="radial"``.
+    """Radial-flow guide (Rezende & Mohamed, 2015): `AutoFlow` with ``flow="radial"``.
 
-    Takes the same arguments as :class:`AutoFlow`, except ``flow``.
+    Takes the same arguments as `AutoFlow`, except ``flow``.
 
     Examples
     --------
@@ -525,7 +525,7 @@ class AutoRadialFlow(AutoFlow):
 class AutoIAFFlow(AutoFlow):
     """Inverse-autoregressive-flow guide (Kingma et al., 2016): ``AutoFlow(flow="iaf")``.
 
-    Takes the same arguments as :class:`AutoFlow`, except ``flow``. Needs at least two
+    Takes the same arguments as `AutoFlow`, except ``flow``. Needs at least two
     latent dimensions.
 
     Examples
@@ -543,7 +543,7 @@ class AutoIAFFlow(AutoFlow):
 class AutoSplineFlow(AutoFlow):
     """Neural-spline-flow guide (Durkan et al., 2019): ``AutoFlow(flow="spline")``.
 
-    Takes the same arguments as :class:`AutoFlow`, except ``flow``; ``count_bins`` and
+    Takes the same arguments as `AutoFlow`, except ``flow``; ``count_bins`` and
     ``bound`` (the spline's tail bound in standardised units, default 3) are options.
 
     Examples

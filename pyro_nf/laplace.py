@@ -1,30 +1,30 @@
 """Laplace approximation in unconstrained space: the warm start of the flow guides.
 
-:func:`laplace_approximation` finds the mode of a log density over a vector (the MAP of a
+`laplace_approximation` finds the mode of a log density over a vector (the MAP of a
 model's log joint in unconstrained coordinates) and the curvature there:
 
 1. **Mode.** ``torch.optim.LBFGS`` with a strong-Wolfe line search, from the given start;
    if it fails (an exception, or a non-finite point or value) Adam takes over from the
    start. The mode is then polished by damped Newton steps while the Hessian is positive
    definite, and declared found when the Newton decrement
-   :math:`\\lambda = \\sqrt{g^\\top H^{-1} g}` is at most ``tol`` (the mode is within
+   $\\lambda = \\sqrt{g^\\top H^{-1} g}$ is at most ``tol`` (the mode is within
    ``tol`` posterior standard deviations, in Mahalanobis distance, of the quadratic
    model's mode). Flat priors on unscaled predictors (correlations near ±1, standard
    deviations spanning orders of magnitude) are what this step is for: quasi-Newton and
    Newton steps are invariant to that scaling, while Adam is not.
-2. **Curvature.** The Hessian :math:`H` of the negative log density at the mode: dense
+2. **Curvature.** The Hessian $H$ of the negative log density at the mode: dense
    (one Hessian-vector product per dimension, through autograd) up to ``max_dense_dim``
    dimensions; above that, only its diagonal, estimated from ``num_probes`` Rademacher
-   Hessian-vector products, :math:`\\mathrm{diag}(H) \\approx \\mathbb{E}[v \\odot Hv]`
+   Hessian-vector products, $\\mathrm{diag}(H) \\approx \\mathbb{E}[v \\odot Hv]$
    (Bekas et al., 2007), so cost and memory stay linear in the dimension.
-3. **Scale.** The lower Cholesky factor :math:`L` of :math:`H^{-1}`, computed in float64
-   after scaling :math:`H` to unit diagonal. ``loc + L @ eps`` with ``eps ~ N(0, I)`` is
+3. **Scale.** The lower Cholesky factor $L$ of $H^{-1}$, computed in float64
+   after scaling $H$ to unit diagonal. ``loc + L @ eps`` with ``eps ~ N(0, I)`` is
    the Laplace approximation; for a diagonal approximation, ``loc + scale * eps``.
 
 If the Hessian is not positive definite, or the mode is not found (an unbounded density,
 such as the funnel of a centered hierarchical model as the group scale goes to zero), a
-:class:`LaplaceWarning` says so and the result falls back to a diagonal scale
-(:math:`1/\\sqrt{H_{ii}}` where that curvature is positive, ``fallback_scale`` elsewhere),
+`LaplaceWarning` says so and the result falls back to a diagonal scale
+($1/\\sqrt{H_{ii}}$ where that curvature is positive, ``fallback_scale`` elsewhere),
 at the mode if one was found and at the start otherwise.
 """
 

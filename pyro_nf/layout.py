@@ -3,7 +3,7 @@
 Pyro's ``AutoContinuous._unpack_latent`` recomputes every site's size, event dimensions
 and broadcast shape on each call, the last with ``torch.broadcast_shapes`` (a Python
 reference implementation, ~25 us per site); a guide unpacks on every SVI step, and the
-non-centring map once more. :class:`LatentLayout` computes the sizes, event dimensions
+non-centring map once more. `LatentLayout` computes the sizes, event dimensions
 and support transforms when the guide is set up and each batch shape's view shapes once,
 and returns the same views as Pyro's method.
 """

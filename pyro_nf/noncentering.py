@@ -144,7 +144,7 @@ class NonCentering:
     guide : AutoContinuous
         A guide whose prototype is set up; the packing is its own.
     sites : sequence of str
-        The hierarchical sites (see :func:`find_hierarchical_sites`).
+        The hierarchical sites (see `find_hierarchical_sites`).
 
     Examples
     --------
@@ -225,7 +225,7 @@ class NonCentering:
 
 
 class NonCenteredDistribution(ScoresOwnDraws, TorchDistribution):
-    """Law of ``g(u)`` for ``u`` from ``base`` and ``g`` a :class:`NonCentering` map.
+    """Law of ``g(u)`` for ``u`` from ``base`` and ``g`` a `NonCentering` map.
 
     Sampling returns the log density from the same pass (``log q(u) - log|det J_g(u)|``);
     any other point is scored through ``g``'s inverse.

@@ -158,8 +158,8 @@ def choose_start(
     >>> guide._setup_prototype()
     >>> start = choose_start(guide, (), {}, warm_start="laplace", noncentered=False,
     ...                      init_scale=0.1)
-    >>> start.label, round(start.elbo, 4)  # exact: the ELBO is log Z = 0
-    ('laplace (model)', 0.0)
+    >>> start.label, abs(start.elbo) < 1e-4  # exact: the ELBO is log Z = 0
+    ('laplace (model)', True)
     """
     log_joint = _log_joint_of(guide, *args, **kwargs)
     init_loc = guide._init_loc().detach()
@@ -256,7 +256,7 @@ def choose(candidates: list[Start]) -> Start:
     Examples
     --------
     >>> wide = Start(torch.zeros(1), None, None, 1.0, log_weights=torch.tensor([-3.0, -1.0]))
-    >>> narrow = Start(torch.zeros(1), None, None, 0.1, log_weights=torch.tensor([-2.1, -1.9]))
+    >>> narrow = Start(torch.zeros(1), None, None, 0.1, log_weights=torch.tensor([-1.6, -1.4]))
     >>> choose([wide, narrow]).label
     'N(init_loc, 0.1^2) (model)'
     """
