@@ -151,7 +151,9 @@ def fit(
         a step (`ParticleEffort`): doubled from 1 (up to 256) while a step costs at most
         twice the one-particle step, the allowed multiple doubling at each learning-rate
         decay; 1 where the model does not vectorise. `FitResult.particle_schedule` says
-        what was drawn when.
+        what was drawn when. Timings vary with the machine's load, so two default fits
+        with the same `seed` may draw different counts; give `num_particles` for a fit
+        that repeats exactly.
     estimator : {"auto", "elbo", "stl"}
         `"elbo"`: the standard reparameterised gradient. `"stl"`: the path-derivative
         ("sticking the landing") gradient, which scores the guide's sample with detached
