@@ -15,7 +15,7 @@ Models (all float64):
 Each model's reference is one seeded NUTS chain, cached under
 ``--cache``, run on the model reparametrised by the affine map of its Laplace
 approximation (the same posterior; it spares NUTS a long warm-up), for the schools on the
-non-centered model. Each guide is fitted by :func:`pyro_nf.infer.fit` with default settings;
+non-centered model. Each guide is fitted by `pyro_nf.infer.fit` with default settings;
 the table reports, over all scalar latent parameters in unconstrained space, the largest
 |mean - NUTS mean| / NUTS sd and |log(sd / NUTS sd)|, and the wall time of the fit
 (warm start included; the setup column is the first step's, which holds it).
