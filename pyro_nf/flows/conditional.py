@@ -94,8 +94,8 @@ def build_conditional_flow(
     num_layers : int
         Number of flow layers (ignored for `"none"`).
     hidden_dims : sequence of int, optional
-        Hidden widths of the layers' networks (IAF, spline, coupling; autoregressive ones
-        need each >= `dim`); defaults to two layers of `dim + 24`, as for the guides.
+        Hidden widths of the layers' networks (IAF, spline, coupling); defaults to two
+        layers of `dim + 24` (`ceil(10 sqrt(dim))` past 36 dimensions), as for the guides.
         Planar and radial stacks have no hidden layer.
 
     Returns
