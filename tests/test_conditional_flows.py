@@ -37,9 +37,10 @@ def test_registry_names():
     assert {"none", "planar", "radial", "iaf", "spline"} <= set(CONDITIONAL_FLOWS)
 
 
-def test_autoregressive_hidden_width_checked():
-    with pytest.raises(ValueError, match="narrower than the latent dimension 5"):
-        build_conditional_flow("iaf", 5, 2, 1, (4,))
+def test_autoregressive_hidden_width_below_the_dimension_starts_at_the_identity():
+    x = torch.randn(3, 5)
+    y, log_det = build_conditional_flow("iaf", 5, 2, 1, (4,))(x, context=torch.randn(3, 2))
+    assert torch.equal(y, x) and torch.equal(log_det, torch.zeros(3))
 
 
 def test_old_argument_name_warns_and_still_works():
