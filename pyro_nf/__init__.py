@@ -46,6 +46,7 @@ _EXPORTS = {
     "LaplaceApproximation": "pyro_nf.laplace",
     "LaplaceWarning": "pyro_nf.laplace",
     "laplace_approximation": "pyro_nf.laplace",
+    "Start": "pyro_nf.starts",
     "MCMCResult": "pyro_nf.neutra",
     "neutra_mcmc": "pyro_nf.neutra",
     "nuts_mcmc": "pyro_nf.neutra",
