@@ -9,9 +9,10 @@ That is what lets the default widths grow as the square root of the dimension
 
 The masks are Pyro's own (`create_mask`) and the layers Pyro's `MaskedLinear`: the
 degree assignment there spaces the hidden units' degrees evenly over `1 ... dim - 1`
-(`0 ... dim - 1` with a context) for any width, and every connection it allows goes from
-a lower degree to a higher one, so the network is autoregressive for every width; only
-Pyro's constructor check assumes `width >= dim`. With fewer hidden units than degrees,
+(`0 ... dim - 1` with a context) for any width; a hidden unit reads units of at most its
+degree and output `i` only units of degree below `i`, so the network is autoregressive
+for every width (tested through the autograd Jacobian); only Pyro's constructor check
+assumes `width >= dim`. With fewer hidden units than degrees,
 some degrees go unassigned: coordinate `i` then reads the coordinates before it only up
 to the largest degree below `i` that a last-layer unit carries.
 """
