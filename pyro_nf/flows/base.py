@@ -404,7 +404,8 @@ True
 """
 
 
-def conditional_builder(builder: Callable[..., FlowStack]) -> Callable[..., FlowStack]:
+@dataclass(frozen=True)
+class conditional_builder:  # noqa: N801 - used as a function; a class so that guides pickle
     """The conditional builder of a family whose plain builder takes `context_dim`.
 
     `conditional(dim, context_dim, num_layers, hidden_dims)` calls
@@ -419,12 +420,16 @@ def conditional_builder(builder: Callable[..., FlowStack]) -> Callable[..., Flow
     torch.Size([4])
     """
 
-    def conditional(
-        dim: int, context_dim: int, num_layers: int, hidden_dims: Sequence[int] | None = None
-    ) -> FlowStack:
-        return builder(dim, num_layers, hidden_dims=hidden_dims, context_dim=context_dim)
+    builder: Callable[..., FlowStack]
 
-    return conditional
+    def __call__(
+        self,
+        dim: int,
+        context_dim: int,
+        num_layers: int,
+        hidden_dims: Sequence[int] | None = None,
+    ) -> FlowStack:
+        return self.builder(dim, num_layers, hidden_dims=hidden_dims, context_dim=context_dim)
 
 
 def register_flow(spec: FlowSpec, replace: bool = False) -> FlowSpec:
