@@ -32,7 +32,7 @@ def plot_elbo(result: FitResult | Sequence[float], ax: Any = None, window: int =
     Parameters
     ----------
     result : FitResult or sequence of float
-        A :func:`pyro_nf.fit` result, or its loss history.
+        A `pyro_nf.fit()` result, or its loss history.
     ax : matplotlib Axes, optional
         Where to draw; default a new figure.
     window : int
@@ -78,7 +78,7 @@ def plot_pair(
     Parameters
     ----------
     approximation : arviz.InferenceData
-        Guide draws, from :func:`pyro_nf.diagnostics.to_inference_data`.
+        Guide draws, from `pyro_nf.diagnostics.to_inference_data()`.
     reference : arviz.InferenceData or dict
         Reference draws: an InferenceData, or a dict of arrays whose first axis indexes
         draws (e.g. ``mcmc.get_samples()``).
@@ -87,7 +87,7 @@ def plot_pair(
     labels : (str, str)
         Legend labels of the two sets of draws.
     **pair_kwargs
-        Passed to :func:`arviz.plot_pair`.
+        Passed to `arviz.plot_pair()`.
 
     Returns
     -------
