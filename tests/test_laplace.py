@@ -189,7 +189,9 @@ def test_flows_keep_float64_precision(flow):
     stack = build_flow(flow, 4).to(f64)
     with torch.no_grad():
         for param in stack.parameters():
-            param.add_(0.3 * torch.randn_like(param))
+            # 0.2, not more: at 0.3 a coupling stack's last scale falls to 5e-10, and its
+            # inverse loses 1e-7 to conditioning, whatever the dtype.
+            param.add_(0.2 * torch.randn_like(param))
     x = torch.randn(16, 4, dtype=f64)
     y, log_det = stack(x)
     back, inv_log_det = stack(y, inverse=True)
