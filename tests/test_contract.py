@@ -49,7 +49,7 @@ OURS = [
     autoguides.AutoIAFFlow,
     autoguides.AutoPlanarFlow,
     autoguides.AutoRadialFlow,
-    *[getattr(autoguides, name) for name in ["AutoRealNVPFlow"] if hasattr(autoguides, name)],
+    autoguides.AutoRealNVPFlow,
 ]
 CONTROLS = [AutoDiagonalNormal, AutoMultivariateNormal, AutoIAFNormal]
 GUIDES = OURS + CONTROLS
@@ -366,18 +366,7 @@ def _gaussian_log_density(z):
 
 # --- torch.jit -------------------------------------------------------------------------
 
-FAMILIES = [
-    autoguides.AutoSplineFlow,
-    autoguides.AutoIAFFlow,
-    pytest.param(
-        autoguides.AutoPlanarFlow,
-        marks=pytest.mark.xfail(raises=NotImplementedError, reason="Transform.sign in trace"),
-    ),
-    pytest.param(
-        autoguides.AutoRadialFlow,
-        marks=pytest.mark.xfail(raises=NotImplementedError, reason="Transform.sign in trace"),
-    ),
-]
+FAMILIES = OURS
 
 
 @JIT_NOTICES

@@ -98,6 +98,9 @@ class OnePassTransform:
     """
 
     _cached_log_det: Tensor | None = None
+    #: Every layer here keeps det J > 0 (its invertibility constraint). Set, not inherited:
+    #: torch's `Transform.sign` raises, and `torch.jit.trace_module` reads every attribute.
+    sign = +1
 
     def _call(self, x: Tensor) -> Tensor:
         y, self._cached_log_det = self.forward_and_log_det(x)
