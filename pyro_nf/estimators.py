@@ -4,6 +4,7 @@ and the path-derivative ("sticking the landing") estimator of Roeder, Wu & Duven
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyro.distributions as dist
@@ -86,8 +87,13 @@ def supports_stl(guide: Callable, args: tuple, kwargs: dict) -> bool:
     return True
 
 
-def make_elbo(estimator: str, num_particles: int, vectorize: bool) -> Trace_ELBO:
+def make_elbo(
+    estimator: str, num_particles: int, vectorize: bool, max_plate_nesting: float = math.inf
+) -> Trace_ELBO:
     """The ELBO of `estimator` (`"elbo"` or `"stl"`) with `num_particles` particles.
+
+    `max_plate_nesting` (Pyro's; guessed from a model run where infinite) is passed on, so
+    that an ELBO rebuilt for another particle count does not guess it again.
 
     Examples
     --------
@@ -95,4 +101,8 @@ def make_elbo(estimator: str, num_particles: int, vectorize: bool) -> Trace_ELBO
     '_PathDerivativeELBO'
     """
     cls = _PathDerivativeELBO if estimator == "stl" else Trace_ELBO
-    return cls(num_particles=num_particles, vectorize_particles=vectorize)
+    return cls(
+        num_particles=num_particles,
+        vectorize_particles=vectorize,
+        max_plate_nesting=max_plate_nesting,
+    )

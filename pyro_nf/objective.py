@@ -3,11 +3,13 @@ parameters it touches, discovered as they appear."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
 import torch
 from pyro import poutine
+from pyro.infer import Trace_ELBO
 from torch import Tensor
 
 from pyro_nf.estimators import make_elbo, supports_stl
@@ -65,7 +67,9 @@ class Objective:
         """Draw `particles` per step from now on (vectorised where the model allows)."""
         self.particles = particles
         vectorize = particles > 1 and self.vectorizes
-        self.elbo = make_elbo(self.estimator, particles, vectorize)
+        # The nesting the last ELBO guessed (Pyro logs each guess): guessed once per fit.
+        nesting = _model_plate_nesting(self.elbo) if hasattr(self, "elbo") else math.inf
+        self.elbo = make_elbo(self.estimator, particles, vectorize, nesting)
 
     def loss(self, step: int) -> Tensor:
         """The differentiable loss of step `step` (parameters discovered on the way)."""
@@ -125,3 +129,9 @@ class Objective:
 
     def _diagnose(self) -> str | None:
         return find_nonfinite_site(self.model, self.guide, self.args, self.kwargs)
+
+
+def _model_plate_nesting(elbo: Trace_ELBO) -> float:
+    """The model's plate nesting as `elbo` knows it (Pyro stores one more where it adds a
+    particle plate; infinite until guessed)."""
+    return elbo.max_plate_nesting - int(elbo.vectorize_particles and elbo.num_particles > 1)

@@ -12,6 +12,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
 from pyro_nf import AutoFlow, AutoIAFFlow, AutoSplineFlow
 from pyro_nf.estimators import make_elbo
 from pyro_nf.infer import FitResult, NonFiniteLossError, Schedule, fit
+from pyro_nf.objective import Objective
 
 DATA = torch.tensor([0.8, 1.9, 1.2, 0.4, 1.6])
 
@@ -266,9 +267,9 @@ def test_auto_estimator_switches_to_stl_at_the_first_decay(monkeypatch):
 
     made = []
 
-    def recording_make_elbo(estimator, num_particles, vectorize):
+    def recording_make_elbo(estimator, num_particles, vectorize, max_plate_nesting):
         made.append((estimator, num_particles))
-        return make_elbo(estimator, num_particles, vectorize)
+        return make_elbo(estimator, num_particles, vectorize, max_plate_nesting)
 
     monkeypatch.setattr(objective, "make_elbo", recording_make_elbo)
     result = fit(
@@ -479,3 +480,11 @@ def test_an_interrupted_update_is_undone():
     assert info.value.fit_result.num_steps == 4
     params = [p for g in optimizers[0].param_groups for p in g["params"]]
     assert all(torch.equal(p, b) for p, b in zip(params, optimizers[0].before, strict=True))
+
+
+def test_a_new_particle_count_keeps_the_guessed_plate_nesting():
+    objective = Objective(normal_model, AutoNormal(normal_model), (), {}, "elbo", particles=2)
+    objective.loss(step=0)
+    guessed = objective.elbo.max_plate_nesting
+    objective.set_particles(8)
+    assert math.isfinite(guessed) and objective.elbo.max_plate_nesting == guessed
