@@ -10,6 +10,7 @@ Gaussian models. Small models and few steps; the full crosses are marked slow.
 import io
 import math
 import pickle
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -72,6 +73,12 @@ pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 def _make(guide_class, model, **options):
     if model is constrained_model:
         options.setdefault("init_loc_fn", IMPROPER_INIT)
+    if guide_class is AutoIAFNormal:
+        # Pyro's AutoIAFNormal says in a FutureWarning that it ignores init_loc_fn (it still
+        # needs one for improper sites).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The `init_loc_fn` argument", FutureWarning)
+            return guide_class(model, **options)
     if guide_class in OURS:
         options.setdefault("num_summary_samples", 64)
     return guide_class(model, **options)
@@ -190,7 +197,10 @@ ELBOS = [
 
 @pytest.mark.parametrize("elbo", ELBOS)
 @pytest.mark.parametrize("guide_class", CROSS)
-def test_shapes_and_finite_losses(guide_class, elbo):
+def test_shapes_and_finite_losses(guide_class, elbo, request):
+    if guide_class is AutoIAFNormal and elbo is JitTrace_ELBO:
+        reason = "Pyro's AutoIAFNormal fails an assertion in pyro/ops/jit.py (a control)"
+        request.applymarker(pytest.mark.xfail(raises=AssertionError, strict=True, reason=reason))
     guide = _make(guide_class, nested_plates_model)
     losses = _steps(nested_plates_model, guide, elbo())
     assert all(math.isfinite(loss) for loss in losses)
@@ -285,7 +295,12 @@ def test_init_loc_fn_is_where_the_map_search_starts():
 
 @pytest.mark.parametrize("model", MODELS, ids=MODEL_IDS)
 @pytest.mark.parametrize("guide_class", CROSS)
-def test_drop_in(guide_class, model):
+def test_drop_in(guide_class, model, request):
+    if guide_class is AutoIAFNormal and model is constrained_model:
+        reason = "Pyro's AutoIAFNormal ignores init_loc_fn, so it samples the improper site"
+        request.applymarker(
+            pytest.mark.xfail(raises=NotImplementedError, strict=True, reason=reason)
+        )
     pyro.set_rng_seed(0)  # init_loc_fn's draws decide the start: the same for the reload
     guide = _make(guide_class, model)
     losses = _steps(model, guide, Trace_ELBO())  # Pyro's LKJ cannot expand over particles

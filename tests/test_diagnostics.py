@@ -64,11 +64,7 @@ def normal_guide(shift=0.0, scale=1.0):
     return AutoNormal(conjugate, init_loc_fn=start, init_scale=scale * sd)
 
 
-pytestmark = [
-    pytest.mark.usefixtures("fresh_pyro_state"),
-    # ArviZ 0.x's plots call a matplotlib helper deprecated in matplotlib 3.11.
-    pytest.mark.filterwarnings("ignore:Passing a dict or None as alias_mapping:DeprecationWarning"),
-]
+pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 
 
 @pytest.fixture(scope="module")
