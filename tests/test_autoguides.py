@@ -62,6 +62,7 @@ def _normal_normal_posterior():
 
 
 @pytest.mark.parametrize("guide_class", [AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow])
+@pytest.mark.slow
 def test_normal_normal_posterior_within_five_percent(guide_class):
     guide = guide_class(normal_normal_model)
     _train(normal_normal_model, guide, 800, DATA)
@@ -79,6 +80,7 @@ def two_normal_means_model(data):
 
 
 @pytest.mark.parametrize("guide_class", [AutoIAFFlow, AutoRealNVPFlow])
+@pytest.mark.slow
 def test_iaf_normal_normal_posterior_within_five_percent(guide_class):
     """IAF and coupling need two dimensions: two independent copies of the conjugate problem."""
     data = torch.stack([DATA, DATA])
@@ -115,6 +117,7 @@ MEAN_FIELD_KL = -0.5 * math.log(1 - CORR**2)  # 1.164 nats, the best any diagona
         (AutoRadialFlow, None),
     ],
 )
+@pytest.mark.slow
 def test_correlated_gaussian_far_from_origin(guide_class, bound):
     guide = guide_class(correlated_far_model)
     _train(correlated_far_model, guide, 1500)
@@ -416,6 +419,7 @@ def test_wide_start_where_the_laplace_start_misses_a_mode():
     assert min(near_each) > 0.02  # step 0 already puts mass near both bumps (Laplace: ~0)
 
 
+@pytest.mark.slow
 def test_funnel_gets_the_plain_start_and_trains_to_a_small_kl():
     from pyro_nf import fit
 

@@ -100,6 +100,7 @@ def test_unknown_target_names_the_choices():
     assert set(TARGETS) >= {"u1", "u2", "u3", "u4", "funnel", "gauss50", "mixture"}
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_table_json_and_figure(tmp_path, capsys):
     argv = ["--targets", "u1", "eight_schools", "--guides", "planar", "pyro-planar", "AutoNormal"]
     argv += ["--steps", "4", "--draws", "300", "--out", str(tmp_path), "--no-progress"]

@@ -295,6 +295,7 @@ def test_init_loc_fn_is_where_the_map_search_starts():
 
 @pytest.mark.parametrize("model", MODELS, ids=MODEL_IDS)
 @pytest.mark.parametrize("guide_class", CROSS)
+@pytest.mark.slow
 def test_drop_in(guide_class, model, request):
     if guide_class is AutoIAFNormal and model is constrained_model:
         reason = "Pyro's AutoIAFNormal ignores init_loc_fn, so it samples the improper site"
@@ -340,6 +341,7 @@ def _round_trips(guide_class, model, guide):
 
 
 @pytest.mark.parametrize("model", MODELS, ids=MODEL_IDS)
+@pytest.mark.slow
 def test_our_guides_are_quiet_on_ordinary_models(model, recwarn):
     for guide_class in OURS:
         pyro.clear_param_store()

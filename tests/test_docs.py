@@ -112,6 +112,7 @@ def test_every_embedded_image_exists():
     assert not missing, f"images not found (regenerate them, see docs/examples.md): {missing}"
 
 
+@pytest.mark.slow
 def test_getting_started_example_runs(capsys):
     text = (DOCS / "index.md").read_text()
     code = next(

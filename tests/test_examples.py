@@ -72,6 +72,7 @@ def test_example_help(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", sorted(name for name, run in SMOKE_RUNS.items() if run))
+@pytest.mark.slow
 def test_example_small_run_writes_its_outputs(script, tmp_path):
     if not (EXAMPLES / script).exists():
         pytest.skip(f"examples/{script} is not in this checkout")
@@ -87,6 +88,7 @@ def test_example_small_run_writes_its_outputs(script, tmp_path):
         assert path.is_file() and path.stat().st_size > 0, f"{script} did not write {name}"
 
 
+@pytest.mark.slow
 def test_notebook_runs_and_is_stored_without_outputs(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
