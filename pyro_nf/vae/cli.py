@@ -91,6 +91,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     commands = vae.add_subparsers(dest="vae_command", required=True)
 
     p = commands.add_parser("train", help="train a flow VAE, then evaluate -log p(x) on test")
+    _architecture_options(p)
+    _recipe_options(p)
+    _common(p)
+    p.set_defaults(func=_train)
+
+    p = commands.add_parser("eval", help="evaluate the checkpoint in --out")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    _common(p)
+    p.set_defaults(func=_eval)
+
+
+def _architecture_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flow", choices=list(CONDITIONAL_FLOWS), default="none")
     p.add_argument("--layers", type=int, default=10, help="flow layers (default: 10)")
     p.add_argument("--latent", type=int, default=40, help="latent size (default: 40)")
@@ -108,6 +120,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=[200, 200],
         help="hidden widths of each flow layer's network (default: 200 200)",
     )
+
+
+def _recipe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=100, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -160,10 +175,3 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="with --resume: continue even if --data, --lr, --batch-size, --seed or another "
         "training setting differs from the checkpoint's",
     )
-    _common(p)
-    p.set_defaults(func=_train)
-
-    p = commands.add_parser("eval", help="evaluate the checkpoint in --out")
-    p.add_argument("--split", choices=["train", "valid", "test"], default="test")
-    _common(p)
-    p.set_defaults(func=_eval)
