@@ -91,6 +91,7 @@ class Start:
     >>> from pyro_nf import AutoPlanarFlow
     >>> def model():
     ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    >>> pyro.clear_param_store()  # a guide reads its parameters from the store by name
     >>> guide = AutoPlanarFlow(model)
     >>> _ = guide()
     >>> guide.start.label, guide.start.coordinates
