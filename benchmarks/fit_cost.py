@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyro
@@ -35,7 +35,6 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_nf.autoguides import AutoSplineFlow
-from pyro_nf.infer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location(
@@ -89,54 +88,13 @@ PROBLEMS = {
 GUIDES = {"AutoNormal": AutoNormal, "AutoSplineFlow": AutoSplineFlow}
 
 
-def errors(problem: robust.Problem, guide, reference: dict, num_draws: int) -> tuple:
-    """Largest mean error in NUTS sds and largest |log sd ratio|, unconstrained space."""
-    supports = robust.latent_supports(problem)
-    ref = robust.flatten(robust.unconstrain(reference["draws"], supports))
-    draws = robust.flatten(robust.guide_draws(guide, supports, num_draws))
-    ref_mean, ref_sd = ref.mean(0), ref.std(0)
-    mean_err = ((draws.mean(0) - ref_mean).abs() / ref_sd).max().item()
-    return mean_err, (draws.std(0) / ref_sd).log().abs().max().item()
-
-
-def run_fit(problem: robust.Problem, label: str, reference: dict, args) -> dict:
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    guide = GUIDES[label](problem.model)
-    start = time.perf_counter()
-    result = fit(problem.model, guide, *problem.args, progress=False, seed=args.seed)
-    seconds = time.perf_counter() - start
-    mean_err, sd_err = errors(problem, guide, reference, args.num_draws)
-    row = {
-        "model": problem.name,
-        "guide": label,
-        "seconds": seconds,
-        "setup_s": getattr(result, "setup_time", float("nan")),
-        "steps": result.num_steps,
-        "particles": result.num_particles,
-        "converged": result.converged,
-        "mean_err": mean_err,
-        "sd_err": sd_err,
-    }
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| model | guide | time (s) | setup (s) | steps | particles | mean err (sd) "
-        "| max abs log sd ratio | time ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def time_ratios(rows: list[dict]) -> list[dict]:
+    """The rows, each with `time_ratio`: its time over AutoNormal's on the same model."""
     normal = {r["model"]: r["seconds"] for r in rows if r["guide"] == "AutoNormal"}
-    for r in rows:
-        ratio = r["seconds"] / normal[r["model"]] if r["model"] in normal else float("nan")
-        lines.append(
-            f"| {r['model']} | {r['guide']} | {r['seconds']:.1f} | {r['setup_s']:.1f} | "
-            f"{r['steps']} | {r['particles']} | {r['mean_err']:.3f} | {r['sd_err']:.3f} | "
-            f"{ratio:.2f} |"
-        )
-    return "\n".join(lines)
+    return [{**r, "time_ratio": r["seconds"] / normal.get(r["model"], math.nan)} for r in rows]
+
+
+COLUMNS = {**robust.COLUMNS, "time ratio": lambda r: f"{r['time_ratio']:.2f}"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,9 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         summary = {k: v for k, v in reference.items() if k != "draws"}
         print(json.dumps({"model": name, "nuts": summary}), flush=True)
         if not args.nuts_only:
-            rows += [run_fit(problem, label, reference, args) for label in GUIDES]
+            rows += [robust.fit_row(problem, *item, reference, args) for item in GUIDES.items()]
+    rows = time_ratios(rows)
     if rows:
-        print(markdown_table(rows))
+        print(robust.markdown_table(rows, COLUMNS))
     if args.out:
         Path(args.out).write_text(json.dumps({"commit": commit, "rows": rows}, indent=1))
 

@@ -290,49 +290,64 @@ GUIDES: dict[str, Callable] = {
 }
 
 
-def compare(problem: Problem, reference: dict, args: argparse.Namespace) -> list[dict]:
+def errors(problem: Problem, guide, reference: dict, num_draws: int) -> tuple[float, float]:
+    """Largest |mean - NUTS mean| / NUTS sd and largest |log(sd / NUTS sd)| over all scalar
+    latent parameters, in unconstrained space, from `num_draws` draws of the fitted guide."""
     supports = latent_supports(problem)
     ref = flatten(unconstrain(reference["draws"], supports))
+    draws = flatten(guide_draws(guide, supports, num_draws))
     ref_mean, ref_sd = ref.mean(0), ref.std(0)
-    rows = []
-    for label, make_guide in GUIDES.items():
-        pyro.clear_param_store()
-        pyro.set_rng_seed(args.seed)
-        guide = make_guide(problem.model)
-        start = time.perf_counter()
-        result = fit(problem.model, guide, *problem.args, progress=False, seed=args.seed)
-        seconds = time.perf_counter() - start
-        draws = flatten(guide_draws(guide, supports, args.num_draws))
-        mean_err = ((draws.mean(0) - ref_mean).abs() / ref_sd).max().item()
-        sd_err = (draws.std(0) / ref_sd).log().abs().max().item()
-        row = {
-            "model": problem.name,
-            "guide": label,
-            "mean_err": mean_err,
-            "sd_err": sd_err,
-            "seconds": seconds,
-            "setup_s": result.setup_time,
-            "steps": result.num_steps,
-            "particles": result.num_particles,
-            "converged": result.converged,
-        }
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+    mean_err = ((draws.mean(0) - ref_mean).abs() / ref_sd).max().item()
+    return mean_err, (draws.std(0) / ref_sd).log().abs().max().item()
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| model | guide | max mean err (sd) | max |log sd ratio| | steps | particles "
-        "| converged | time (s) | setup (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['guide']} | {r['mean_err']:.3f} | {r['sd_err']:.3f} | "
-            f"{r['steps']} | {r['particles']} | {r['converged']} | {r['seconds']:.1f} | "
-            f"{r['setup_s']:.1f} |"
-        )
+def fit_row(
+    problem: Problem, label: str, make_guide: Callable, reference: dict, args: argparse.Namespace
+) -> dict:
+    """Fit one guide by `fit` at its defaults (seeded); its errors and its cost, printed."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    guide = make_guide(problem.model)
+    start = time.perf_counter()
+    result = fit(problem.model, guide, *problem.args, progress=False, seed=args.seed)
+    seconds = time.perf_counter() - start
+    mean_err, sd_err = errors(problem, guide, reference, args.num_draws)
+    chosen = getattr(guide, "start", None)
+    row = {
+        "model": problem.name,
+        "guide": label,
+        "mean_err": mean_err,
+        "sd_err": sd_err,
+        "seconds": seconds,
+        "setup_s": result.setup_time,
+        "steps": result.num_steps,
+        "particles": result.num_particles,
+        "particle_schedule": result.particle_schedule,
+        "stop_reason": result.stop_reason,
+        "start": chosen.label if chosen is not None else None,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+#: The table's columns: header, and how a row's cell is written.
+COLUMNS: dict[str, Callable[[dict], str]] = {
+    "model": lambda r: r["model"],
+    "guide": lambda r: r["guide"],
+    "max mean err (sd)": lambda r: f"{r['mean_err']:.3f}",
+    "max abs log sd ratio": lambda r: f"{r['sd_err']:.3f}",
+    "steps": lambda r: str(r["steps"]),
+    "particles": lambda r: str(r["particles"]),
+    "stop": lambda r: r["stop_reason"],
+    "time (s)": lambda r: f"{r['seconds']:.1f}",
+    "setup (s)": lambda r: f"{r['setup_s']:.1f}",
+}
+
+
+def markdown_table(rows: list[dict], columns: dict[str, Callable[[dict], str]] = COLUMNS) -> str:
+    """The rows as a Markdown table, one column per entry of `columns`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -356,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = {k: v for k, v in reference.items() if k != "draws"}
         print(json.dumps({"model": name, "nuts": summary}), flush=True)
         if not args.nuts_only:
-            rows.extend(compare(problem, reference, args))
+            rows += [fit_row(problem, *item, reference, args) for item in GUIDES.items()]
     if rows:
         print(markdown_table(rows))
     if args.out:

@@ -1,5 +1,7 @@
 """The fit-cost benchmark's ARMA(1,1) likelihood: the matrix form equals the recursion."""
 
+import math
+
 import torch
 
 from benchmarks.fit_cost import _arma_residuals
@@ -18,3 +20,20 @@ def test_arma_residuals_match_the_recursion():
     # batched over particles: one row per parameter draw
     params = [torch.tensor([[v], [v]], dtype=torch.float64) for v in (mu, phi, theta)]
     assert torch.allclose(_arma_residuals(y, *params), torch.stack(expected).expand(2, -1))
+
+
+def test_table_gives_each_guide_its_time_over_autonormals_on_the_same_model():
+    from benchmarks.fit_cost import COLUMNS, robust, time_ratios
+
+    base = {"mean_err": 0.05, "sd_err": 0.02, "steps": 10, "particles": 4}
+    base.update(stop_reason="converged", setup_s=1.0)
+    rows = [
+        {**base, "model": "m", "guide": "AutoNormal", "seconds": 10.0},
+        {**base, "model": "m", "guide": "AutoSplineFlow", "seconds": 15.0},
+        {**base, "model": "other", "guide": "AutoSplineFlow", "seconds": 3.0},
+    ]
+    ratios = [r["time_ratio"] for r in time_ratios(rows)]
+    assert ratios[:2] == [1.0, 1.5] and math.isnan(ratios[2])
+    table = robust.markdown_table(time_ratios(rows), COLUMNS).splitlines()
+    assert table[0].endswith("| time ratio |") and len(table) == 2 + len(rows)
+    assert table[3].split("|")[-2].strip() == "1.50"
