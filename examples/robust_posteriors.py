@@ -351,17 +351,23 @@ def markdown_table(rows: list[dict], columns: dict[str, Callable[[dict], str]] =
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+def argument_parser(description: str, problems: dict, cache: str) -> argparse.ArgumentParser:
+    """The options of this example and of `benchmarks/fit_cost.py`: models, NUTS, fits."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", choices=list(problems), default=list(problems))
     parser.add_argument("--num-warmup", type=int, default=1000)
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--target-accept", type=float, default=0.9)
     parser.add_argument("--num-draws", type=int, default=20000, help="guide draws per fit")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", default="/tmp/pyro_nf_nuts", help="NUTS draws cache")
+    parser.add_argument("--cache", default=cache, help="NUTS draws cache")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--nuts-only", action="store_true", help="only draw the references")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__doc__.split("\n\n")[0], PROBLEMS, "/tmp/pyro_nf_nuts")
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float64)
     rows = []
