@@ -488,90 +488,72 @@ class AutoFlow(AutoContinuous):
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
 
 
-class AutoPlanarFlow(AutoFlow):
-    """Planar-flow guide (Rezende & Mohamed, 2015): `AutoFlow` with ``flow="planar"``.
-
-    Takes the same arguments as `AutoFlow`, except ``flow``.
-
+_NAMED_GUIDE_EXAMPLE = """
     Examples
     --------
     >>> import pyro, pyro.distributions as dist
     >>> def model():
     ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-    >>> AutoPlanarFlow(model)()["x"].shape
+    >>> {name}(model)()["x"].shape
     torch.Size([2])
+    """
+
+
+def _named_guide(cls: type[AutoFlow]) -> type[AutoFlow]:
+    """Class decorator: end a named guide's docstring with the example all of them share."""
+    cls.__doc__ = cls.__doc__ + _NAMED_GUIDE_EXAMPLE.format(name=cls.__name__)
+    return cls
+
+
+@_named_guide
+class AutoPlanarFlow(AutoFlow):
+    """Planar-flow guide (Rezende & Mohamed, 2015): `AutoFlow` with `flow="planar"`.
+
+    Takes the same arguments as `AutoFlow`, except `flow`.
     """
 
     flow_name = "planar"
 
 
+@_named_guide
 class AutoRadialFlow(AutoFlow):
-    """Radial-flow guide (Rezende & Mohamed, 2015): `AutoFlow` with ``flow="radial"``.
+    """Radial-flow guide (Rezende & Mohamed, 2015): `AutoFlow` with `flow="radial"`.
 
-    Takes the same arguments as `AutoFlow`, except ``flow``.
-
-    Examples
-    --------
-    >>> import pyro, pyro.distributions as dist
-    >>> def model():
-    ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-    >>> AutoRadialFlow(model)()["x"].shape
-    torch.Size([2])
+    Takes the same arguments as `AutoFlow`, except `flow`.
     """
 
     flow_name = "radial"
 
 
+@_named_guide
 class AutoIAFFlow(AutoFlow):
-    """Inverse-autoregressive-flow guide (Kingma et al., 2016): ``AutoFlow(flow="iaf")``.
+    """Inverse-autoregressive-flow guide (Kingma et al., 2016): `AutoFlow(flow="iaf")`.
 
-    Takes the same arguments as `AutoFlow`, except ``flow``. Needs at least two
-    latent dimensions.
-
-    Examples
-    --------
-    >>> import pyro, pyro.distributions as dist
-    >>> def model():
-    ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-    >>> AutoIAFFlow(model)()["x"].shape
-    torch.Size([2])
+    Takes the same arguments as `AutoFlow`, except `flow`. Needs at least two latent
+    dimensions.
     """
 
     flow_name = "iaf"
 
 
+@_named_guide
 class AutoSplineFlow(AutoFlow):
-    """Neural-spline-flow guide (Durkan et al., 2019): ``AutoFlow(flow="spline")``.
+    """Neural-spline-flow guide (Durkan et al., 2019): `AutoFlow(flow="spline")`.
 
-    Takes the same arguments as `AutoFlow`, except ``flow``; ``count_bins`` and
-    ``bound`` (the spline's tail bound in standardised units, default 3) are options.
-
-    Examples
-    --------
-    >>> import pyro, pyro.distributions as dist
-    >>> def model():
-    ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-    >>> AutoSplineFlow(model)()["x"].shape
-    torch.Size([2])
+    Takes the same arguments as `AutoFlow`, except `flow`; `count_bins` and `bound` (the
+    spline's tail bound in standardised units, default 3) are options.
     """
 
     flow_name = "spline"
 
 
+@_named_guide
 class AutoRealNVPFlow(AutoFlow):
     """RealNVP affine-coupling guide (Dinh et al., 2017): `AutoFlow(flow="coupling")`.
 
     Takes the same arguments as `AutoFlow`, except `flow`; `hidden_dims` sets the coupling
     networks' widths. Needs at least two latent dimensions. Fast in both directions, so
     scoring other points (`log_prob`, path-derivative gradients) costs what sampling does.
-
-    Examples
-    --------
-    >>> import pyro, pyro.distributions as dist
-    >>> def model():
-    ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-    >>> AutoRealNVPFlow(model)()["x"].shape
-    torch.Size([2])
     """
 
     flow_name = "coupling"
