@@ -17,19 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from pyro.distributions.transforms import AffineAutoregressive
 from torch import Tensor
 
 from .base import (
-    SOFTPLUS_INV_ONE,
-    FlowSpec,
-    FlowStack,
     OnePassTransform,
-    _default_hidden_dims,
     autoregressive_net,
-    conditional_builder,
-    register_flow,
+    register_network_family,
+    softplus_shift_and_scale,
 )
 
 __all__ = ["SoftplusAffineAutoregressive", "iaf_layer"]
@@ -50,15 +45,11 @@ class SoftplusAffineAutoregressive(OnePassTransform, AffineAutoregressive):
     True
     """
 
-    def _mean_and_scale(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        mean, raw_scale = self.arn(x) if context is None else self.arn(x, context)
-        return mean, F.softplus(raw_scale + SOFTPLUS_INV_ONE)
-
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """`(y, log|det J|)` in one network pass."""
-        mean, scale = self._mean_and_scale(x, context)
+        mean, scale = softplus_shift_and_scale(self.arn, x, context)
         return mean + scale * x, scale.log().sum(-1)
 
     def inverse_and_log_det(
@@ -67,7 +58,7 @@ class SoftplusAffineAutoregressive(OnePassTransform, AffineAutoregressive):
         """`(x, log|det J| at x)`: one network pass per coordinate, in the network's order."""
         x = torch.zeros_like(y)
         for idx in self.arn.permutation:
-            mean, scale = self._mean_and_scale(x, context)
+            mean, scale = softplus_shift_and_scale(self.arn, x, context)
             x = x.clone()
             x[..., idx] = (y[..., idx] - mean[..., idx]) / scale[..., idx]
         return x, self.forward_and_log_det(x, context)[1]
@@ -93,26 +84,10 @@ def iaf_layer(
     return SoftplusAffineAutoregressive(net)
 
 
-def _iaf_stack(
-    dim: int,
-    num_layers: int,
-    hidden_dims: Sequence[int] | None = None,
-    context_dim: int = 0,
-) -> FlowStack:
-    hidden_dims = hidden_dims or _default_hidden_dims(dim)
-    return FlowStack(
-        [iaf_layer(dim, hidden_dims, i % 2 == 1, context_dim) for i in range(num_layers)]
-    )
+def _iaf_layers(
+    dim: int, num_layers: int, hidden_dims: Sequence[int], context_dim: int
+) -> list[SoftplusAffineAutoregressive]:
+    return [iaf_layer(dim, hidden_dims, i % 2 == 1, context_dim) for i in range(num_layers)]
 
 
-IAF = register_flow(
-    FlowSpec(
-        "iaf",
-        _iaf_stack,
-        num_layers=2,
-        lr=5e-3,
-        options=("hidden_dims",),
-        conditional=conditional_builder(_iaf_stack),
-        min_dim=2,
-    )
-)
+IAF = register_network_family("iaf", _iaf_layers, num_layers=2, lr=5e-3)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 
@@ -40,10 +41,14 @@ __all__ = [
     "FlowLayer",
     "FlowSpec",
     "FlowStack",
+    "KernelLayer",
     "OnePassTransform",
     "build_flow",
     "get_flow_spec",
+    "network_builder",
     "register_flow",
+    "register_network_family",
+    "softplus_shift_and_scale",
 ]
 
 #: softplus^{-1}(1): the pre-activation whose softplus is exactly one.
@@ -265,6 +270,25 @@ def _default_hidden_dims(dim: int) -> tuple[int, ...]:
     return (width, width)
 
 
+def softplus_shift_and_scale(
+    net: nn.Module, x: Tensor, context: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """A network's `(shift, s)` output of `x` (and `context`), the scale as
+    `softplus(s + softplus^{-1}(1))`: smooth, positive and one at `s = 0`.
+
+    Examples
+    --------
+    >>> from pyro.nn import DenseNN
+    >>> net = DenseNN(2, [4], param_dims=[2, 2])
+    >>> _ = zero_output_layer(net)
+    >>> shift, scale = softplus_shift_and_scale(net, torch.randn(3, 2), None)
+    >>> torch.allclose(scale, torch.ones(3, 2))
+    True
+    """
+    shift, raw_scale = net(x) if context is None else net(x, context)
+    return shift, F.softplus(raw_scale + SOFTPLUS_INV_ONE)
+
+
 def zero_output_layer(net: nn.Module) -> nn.Linear:
     """Zero the weight and bias of `net.layers[-1]` (an identity start); return it.
 
@@ -417,8 +441,7 @@ class conditional_builder:  # noqa: N801 - used as a function; a class so that g
 
     Examples
     --------
-    >>> from pyro_nf.flows.autoregressive import _iaf_stack
-    >>> flow = conditional_builder(_iaf_stack)(3, 2, 1, (8,))
+    >>> flow = conditional_builder(FLOWS["iaf"].builder)(3, 2, 1, (8,))
     >>> flow(torch.randn(4, 3), context=torch.randn(4, 2))[1].shape
     torch.Size([4])
     """
@@ -466,6 +489,97 @@ def register_flow(spec: FlowSpec, replace: bool = False) -> FlowSpec:
     if spec.conditional is not None:
         CONDITIONAL_FLOWS[spec.name] = spec.conditional
     return spec
+
+
+@dataclass(frozen=True)
+class network_builder:  # noqa: N801 - used as a function; a class so that guides pickle
+    """The plain builder of a family of network layers, from its maker of layers.
+
+    `builder(dim, num_layers, hidden_dims=None, context_dim=0, **options)` stacks
+    `make_layers(dim, num_layers, hidden_dims, context_dim, **options)`, with
+    `hidden_dims` defaulting to two layers of `dim + 24` (`ceil(10 sqrt(dim))` past 36
+    dimensions), and `context_dim > 0` making every layer read a context.
+
+    Examples
+    --------
+    >>> from pyro_nf.flows import iaf_layer
+    >>> def iaf_layers(dim, num_layers, hidden_dims, context_dim):
+    ...     return [iaf_layer(dim, hidden_dims, i % 2 == 1, context_dim) for i in range(num_layers)]
+    >>> flow = network_builder(iaf_layers)(3, 2)
+    >>> len(flow.layers), flow.layers[0].arn.hidden_dims
+    (2, [27, 27])
+    """
+
+    make_layers: Callable[..., Sequence[nn.Module]]
+
+    def __call__(
+        self,
+        dim: int,
+        num_layers: int,
+        hidden_dims: Sequence[int] | None = None,
+        context_dim: int = 0,
+        **options: Any,
+    ) -> FlowStack:
+        hidden_dims = hidden_dims or _default_hidden_dims(dim)
+        return FlowStack(self.make_layers(dim, num_layers, hidden_dims, context_dim, **options))
+
+
+def register_network_family(
+    name: str,
+    make_layers: Callable[..., Sequence[nn.Module]],
+    num_layers: int,
+    lr: float,
+    options: tuple[str, ...] = ("hidden_dims",),
+    min_dim: int = 2,
+) -> FlowSpec:
+    """Register a family of network layers, plain and conditional, from its layer maker.
+
+    `make_layers(dim, num_layers, hidden_dims, context_dim, **options) -> layers` builds
+    the layers, reading a context of size `context_dim` when it is positive; the family's
+    builder is `network_builder(make_layers)` and its conditional variant the same layers
+    with a context. The iaf, spline and coupling families are registered this way.
+
+    Parameters
+    ----------
+    name : str
+        Registry key.
+    make_layers : callable
+        The maker of layers.
+    num_layers : int
+        Default number of layers.
+    lr : float
+        Default Adam learning rate.
+    options : tuple of str
+        Keyword options besides `dim` and `num_layers` (`hidden_dims` at least).
+    min_dim : int
+        The least dimension the family acts on.
+
+    Returns
+    -------
+    FlowSpec
+        The registered family.
+
+    Examples
+    --------
+    >>> from pyro_nf.flows import iaf_layer
+    >>> def wide_iaf_layers(dim, num_layers, hidden_dims, context_dim):
+    ...     return [iaf_layer(dim, (64,), False, context_dim) for _ in range(num_layers)]
+    >>> spec = register_network_family("wide-iaf", wide_iaf_layers, num_layers=1, lr=5e-3)
+    >>> build_flow("wide-iaf", dim=3).layers[0].arn.hidden_dims
+    [64]
+    >>> del FLOWS["wide-iaf"], CONDITIONAL_FLOWS["wide-iaf"]
+    """
+    builder = network_builder(make_layers)
+    spec = FlowSpec(
+        name,
+        builder,
+        num_layers=num_layers,
+        lr=lr,
+        options=options,
+        conditional=conditional_builder(builder),
+        min_dim=min_dim,
+    )
+    return register_flow(spec)
 
 
 def get_flow_spec(flow: str | FlowSpec | Callable[[int], nn.Module]) -> FlowSpec:
@@ -625,10 +739,14 @@ class AmortizedLayers(nn.Module):
     def inverse_kernel(self, y: Tensor, *params: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def stacked_params(self, context: Tensor) -> tuple[Tensor, ...]:
+        """The constrained parameters of all K layers, each of shape `(..., K, size)`."""
+        raw = self.params(context).unflatten(-1, (self.num_layers, sum(self.sizes)))
+        return self.constrain(*raw.split(self.sizes, dim=-1))
+
     def layer_params(self, context: Tensor) -> list[tuple[Tensor, ...]]:
         """Each layer's parameters, each of shape `(..., size)`, for a batch of contexts."""
-        raw = self.params(context).unflatten(-1, (self.num_layers, sum(self.sizes)))
-        params = self.constrain(*raw.split(self.sizes, dim=-1))
+        params = self.stacked_params(context)
         return [tuple(p[..., k, :] for p in params) for k in range(self.num_layers)]
 
     def forward_and_log_det(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
@@ -646,3 +764,52 @@ class AmortizedLayers(nn.Module):
             y = self.inverse_kernel(y, *params)
             log_det = log_det + self.kernel(y, *params)[1]
         return y, log_det
+
+
+class KernelLayer(OnePassTransform):
+    """Mixin: a plain layer of `dim` coordinates applied through one-pass kernels.
+
+    The plain counterpart of `AmortizedLayers`, for a Pyro layer whose own parameters
+    feed the kernels: subclasses set `kernel(x, *params) -> (y, log_det)`,
+    `inverse_kernel(y, *params) -> x`, `kernel_params() -> params` and
+    `reset_to_identity()`, which construction calls. Mix it in before the Pyro layer.
+
+    Parameters
+    ----------
+    dim : int
+        Dimension of the vectors (formerly `input_dim`, deprecated).
+
+    Examples
+    --------
+    >>> from pyro_nf.flows import InvertiblePlanar
+    >>> layer = InvertiblePlanar(3)
+    >>> isinstance(layer, KernelLayer), torch.equal(layer(torch.ones(2, 3)), torch.ones(2, 3))
+    (True, True)
+    """
+
+    @renamed_arguments(input_dim="dim")
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.reset_to_identity()
+
+    def reset_to_identity(self) -> None:
+        raise NotImplementedError
+
+    def kernel_params(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def kernel(self, x: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse_kernel(self, y: Tensor, *params: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`(y, log|det J|)` in one pass."""
+        return self.kernel(x, *self.kernel_params())
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """`(x, log|det J| at x)`."""
+        params = self.kernel_params()
+        x = self.inverse_kernel(y, *params)
+        return x, self.kernel(x, *params)[1]

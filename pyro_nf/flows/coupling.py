@@ -18,20 +18,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
 from pyro.nn import ConditionalDenseNN, DenseNN
 from torch import Tensor
 from torch.distributions import constraints
 
 from .base import (
-    SOFTPLUS_INV_ONE,
-    FlowSpec,
-    FlowStack,
     OnePassTransform,
-    _default_hidden_dims,
-    conditional_builder,
-    register_flow,
+    register_network_family,
+    softplus_shift_and_scale,
     zero_output_layer,
 )
 
@@ -89,16 +84,12 @@ class AffineCoupling(OnePassTransform, TransformModule):
             self.net = DenseNN(len(kept), hidden, param_dims=params)
         zero_output_layer(self.net)
 
-    def _shift_and_scale(self, kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        shift, raw_scale = self.net(kept) if context is None else self.net(kept, context)
-        return shift, F.softplus(raw_scale + SOFTPLUS_INV_ONE)
-
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """`(y, log|det J|)` in one network pass."""
         kept = x[..., self.kept]
-        shift, scale = self._shift_and_scale(kept, context)
+        shift, scale = softplus_shift_and_scale(self.net, kept, context)
         y = torch.cat([kept, torch.addcmul(shift, x[..., self.moved], scale)], dim=-1)
         return y[..., self.order], scale.log().sum(-1)
 
@@ -107,7 +98,7 @@ class AffineCoupling(OnePassTransform, TransformModule):
     ) -> tuple[Tensor, Tensor]:
         """`(x, log|det J| at x)` in one network pass."""
         kept = y[..., self.kept]
-        shift, scale = self._shift_and_scale(kept, context)
+        shift, scale = softplus_shift_and_scale(self.net, kept, context)
         x = torch.cat([kept, (y[..., self.moved] - shift) / scale], dim=-1)
         return x[..., self.order], scale.log().sum(-1)
 
@@ -133,29 +124,11 @@ def coupling_masks(dim: int, num_layers: int) -> list[list[int]]:
     return masks[:num_layers]
 
 
-def _coupling_stack(
-    dim: int,
-    num_layers: int,
-    hidden_dims: Sequence[int] | None = None,
-    context_dim: int = 0,
-) -> FlowStack:
-    hidden_dims = hidden_dims or _default_hidden_dims(dim)
-    return FlowStack(
-        [
-            AffineCoupling(dim, kept, hidden_dims, context_dim)
-            for kept in coupling_masks(dim, num_layers)
-        ]
-    )
+def _coupling_layers(
+    dim: int, num_layers: int, hidden_dims: Sequence[int], context_dim: int
+) -> list[AffineCoupling]:
+    masks = coupling_masks(dim, num_layers)
+    return [AffineCoupling(dim, kept, hidden_dims, context_dim) for kept in masks]
 
 
-COUPLING = register_flow(
-    FlowSpec(
-        "coupling",
-        _coupling_stack,
-        num_layers=4,
-        lr=5e-3,
-        options=("hidden_dims",),
-        conditional=conditional_builder(_coupling_stack),
-        min_dim=2,
-    )
-)
+COUPLING = register_network_family("coupling", _coupling_layers, num_layers=4, lr=5e-3)

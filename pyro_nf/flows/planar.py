@@ -25,9 +25,8 @@ from .base import (
     AmortizedLayers,
     FlowSpec,
     FlowStack,
-    OnePassTransform,
+    KernelLayer,
     register_flow,
-    renamed_arguments,
 )
 
 __all__ = ["AmortizedPlanar", "InvertiblePlanar", "planar_forward", "planar_inverse"]
@@ -99,15 +98,11 @@ def planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return y - u_hat * torch.tanh(a)
 
 
-class InvertiblePlanar(OnePassTransform, Planar):
+class InvertiblePlanar(KernelLayer, Planar):
     """Pyro's planar layer `y = x + u_hat tanh(w . x + b)`, one-pass and with an inverse.
 
-    Starts at the identity (`u_hat = 0`).
-
-    Parameters
-    ----------
-    dim : int
-        Dimension of the vectors (formerly `input_dim`, deprecated).
+    Takes `dim`, the dimension of the vectors (see `KernelLayer`). Starts at the identity
+    (`u_hat = 0`); the inverse is the bracketed Newton solve of `planar_inverse`.
 
     Examples
     --------
@@ -117,10 +112,8 @@ class InvertiblePlanar(OnePassTransform, Planar):
     True
     """
 
-    @renamed_arguments(input_dim="dim")
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.reset_to_identity()
+    kernel = staticmethod(planar_forward)
+    inverse_kernel = staticmethod(planar_inverse)
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:
@@ -129,15 +122,9 @@ class InvertiblePlanar(OnePassTransform, Planar):
         # with softplus(c) = 1.
         self.u.copy_(SOFTPLUS_INV_ONE * self.w / self.w.pow(2).sum())
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """`(y, log|det J|)` in one pass."""
-        return planar_forward(x, constrained_u(self.u, self.w), self.w, self.bias)
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """`(x, log|det J| at x)` by the bracketed Newton solve."""
-        params = constrained_u(self.u, self.w), self.w, self.bias
-        x = planar_inverse(y, *params)
-        return x, planar_forward(x, *params)[1]
+    def kernel_params(self) -> tuple[Tensor, Tensor, Tensor]:
+        """`(u_hat, w, b)`, `u` constrained so that the map is invertible."""
+        return constrained_u(self.u, self.w), self.w, self.bias
 
 
 class AmortizedPlanar(AmortizedLayers):
@@ -147,14 +134,7 @@ class AmortizedPlanar(AmortizedLayers):
     parameter). Starts at the identity: the map's weight is zero and its bias holds, per
     layer, a random unit direction `w` and the `u` with `u_hat = 0`.
 
-    Parameters
-    ----------
-    dim : int
-        Dimension of the vectors.
-    context_dim : int
-        Dimension of the context.
-    num_layers : int
-        Number of planar layers K.
+    Takes `dim`, `context_dim` and `num_layers` (K) as `AmortizedLayers` does.
 
     Examples
     --------
@@ -190,9 +170,7 @@ class AmortizedPlanar(AmortizedLayers):
         from 37.8 to 29.1 ms (medians of 40 interleaved repeats, one thread); most of the
         rest is the linear map itself.
         """
-        raw = self.params(context).unflatten(-1, (self.num_layers, 2 * self.dim + 1))
-        u, w, b = raw.split([self.dim, self.dim, 1], dim=-1)
-        u_hat = constrained_u(u, w)
+        u_hat, w, b = self.stacked_params(context)
         tanhs = []
         for u_k, w_k, b_k in zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-2), strict=True):
             tanh = torch.tanh(torch.linalg.vecdot(x, w_k).unsqueeze(-1) + b_k)

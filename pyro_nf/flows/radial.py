@@ -21,10 +21,9 @@ from .base import (
     AmortizedLayers,
     FlowSpec,
     FlowStack,
-    OnePassTransform,
+    KernelLayer,
     inverse_softplus,
     register_flow,
-    renamed_arguments,
 )
 
 __all__ = ["AmortizedRadial", "InvertibleRadial", "radial_forward", "radial_inverse"]
@@ -76,43 +75,31 @@ def radial_inverse(y: Tensor, x0: Tensor, alpha: Tensor, beta: Tensor) -> Tensor
     return x0 + diff / (1 + beta / (alpha + r))
 
 
-class InvertibleRadial(OnePassTransform, Radial):
+class InvertibleRadial(KernelLayer, Radial):
     """Pyro's radial layer `y = x + beta h(alpha, r) (x - x0)`, one-pass, with an inverse.
 
-    Starts at the identity (`beta = 0`).
-
-    Parameters
-    ----------
-    dim : int
-        Dimension of the vectors (formerly `input_dim`, deprecated).
+    Takes `dim`, the dimension of the vectors (see `KernelLayer`). Starts at the identity
+    (`beta = 0`); the inverse is `radial_inverse`'s closed form.
 
     Examples
     --------
     >>> layer = InvertibleRadial(3)
-    >>> x = torch.randn(5, 3)
-    >>> torch.allclose(layer.inv(layer(x)), x, atol=1e-5)
+    >>> y = layer(torch.randn(5, 3))
+    >>> torch.allclose(layer(layer.inv(y)), y, atol=1e-5)
     True
     """
 
-    @renamed_arguments(input_dim="dim")
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.reset_to_identity()
+    kernel = staticmethod(radial_forward)
+    inverse_kernel = staticmethod(radial_inverse)
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:
         """Set `beta'` so that `beta = softplus(beta') - alpha` is zero."""
         self.beta_prime.copy_(inverse_softplus(F.softplus(self.alpha_prime)))
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """`(y, log|det J|)` in one pass."""
-        return radial_forward(x, self.x0, *_alpha_beta(self.alpha_prime, self.beta_prime))
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """`(x, log|det J| at x)` in closed form."""
-        params = self.x0, *_alpha_beta(self.alpha_prime, self.beta_prime)
-        x = radial_inverse(y, *params)
-        return x, radial_forward(x, *params)[1]
+    def kernel_params(self) -> tuple[Tensor, Tensor, Tensor]:
+        """`(x0, alpha, beta)`, with `beta >= -alpha` so that the map is invertible."""
+        return self.x0, *_alpha_beta(self.alpha_prime, self.beta_prime)
 
 
 class AmortizedRadial(AmortizedLayers):
@@ -120,14 +107,7 @@ class AmortizedRadial(AmortizedLayers):
 
     Starts at the identity: the map is zero, so `alpha' = beta' = 0` and `beta = 0`.
 
-    Parameters
-    ----------
-    dim : int
-        Dimension of the vectors.
-    context_dim : int
-        Dimension of the context.
-    num_layers : int
-        Number of radial layers K.
+    Takes `dim`, `context_dim` and `num_layers` (K) as `AmortizedLayers` does.
 
     Examples
     --------

@@ -25,15 +25,11 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .base import (
-    FlowSpec,
-    FlowStack,
     OnePassTransform,
-    _default_hidden_dims,
     autoregressive_net,
     check_at_least_two_dims,
-    conditional_builder,
     inverse_softplus,
-    register_flow,
+    register_network_family,
 )
 
 __all__ = [
@@ -282,29 +278,25 @@ def spline_layer(
     return RationalQuadraticSplineAutoregressive(dim, net, count_bins=count_bins, bound=bound)
 
 
-def _spline_stack(
+def _spline_layers(
     dim: int,
     num_layers: int,
-    hidden_dims: Sequence[int] | None = None,
+    hidden_dims: Sequence[int],
+    context_dim: int,
     count_bins: int = COUNT_BINS,
     bound: float = BOUND,
-    context_dim: int = 0,
-) -> FlowStack:
-    hidden_dims = hidden_dims or _default_hidden_dims(dim)
-    layers = [
+) -> list[TransformModule]:
+    return [
         spline_layer(dim, hidden_dims, count_bins, bound, i % 2 == 1, context_dim)
         for i in range(num_layers)
     ]
-    return FlowStack(layers)
 
 
-SPLINE = register_flow(
-    FlowSpec(
-        "spline",
-        _spline_stack,
-        num_layers=2,
-        lr=5e-3,
-        options=("hidden_dims", "count_bins", "bound"),
-        conditional=conditional_builder(_spline_stack),
-    )
+SPLINE = register_network_family(
+    "spline",
+    _spline_layers,
+    num_layers=2,
+    lr=5e-3,
+    options=("hidden_dims", "count_bins", "bound"),
+    min_dim=1,
 )
