@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from pyro_nf.checks import MAX_FLOW_LAYERS, check_int, check_sizes
 from pyro_nf.distribution import FlowDistribution
 
 from .base import CONDITIONAL_FLOWS, FLOWS, FlowStack, check_min_dim, renamed_arguments
@@ -112,10 +113,11 @@ def build_conditional_flow(
     """
     if name not in CONDITIONAL_FLOWS:
         raise ValueError(f"unknown flow {name!r}; valid flows are: {', '.join(CONDITIONAL_FLOWS)}")
-    if name != "none" and num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1 for flow {name!r}, got {num_layers}")
-    if hidden_dims is not None and not len(hidden_dims):
-        raise ValueError(f"hidden_dims must name at least one width for flow {name!r}")
+    if name == "none":
+        return CONDITIONAL_FLOWS[name](dim, context_dim, num_layers, hidden_dims)
+    num_layers = check_int("num_layers", num_layers, minimum=1, maximum=MAX_FLOW_LAYERS)
+    if hidden_dims is not None:
+        hidden_dims = check_sizes("hidden_dims", hidden_dims)
     if name in FLOWS:
         check_min_dim(FLOWS[name], dim)
     return CONDITIONAL_FLOWS[name](dim, context_dim, num_layers, hidden_dims)
