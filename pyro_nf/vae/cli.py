@@ -38,6 +38,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _common_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `_common` declares, as the keyword arguments of both commands."""
+    return {
+        "data": args.data,
+        "out": args.out,
+        "device": args.device,
+        "seed": args.seed,
+        "eval_subset": args.eval_subset,
+        "eval_samples": args.eval_samples,
+        "progress": not args.no_progress,
+    }
+
+
 def _train(args: argparse.Namespace) -> dict[str, Any] | None:
     config = TrainConfig(
         flow=args.flow,
@@ -53,16 +66,10 @@ def _train(args: argparse.Namespace) -> dict[str, Any] | None:
         warmup=args.warmup,
         warmup_start=args.warmup_start,
         iwae=args.iwae,
-        device=args.device,
-        data=args.data,
-        out=args.out,
-        seed=args.seed,
         resume=args.resume,
         force_resume=args.force_resume,
         train_subset=args.train_subset,
-        eval_subset=args.eval_subset,
-        eval_samples=args.eval_samples,
-        progress=not args.no_progress,
+        **_common_values(args),
     )
     result = train(config)
     if result.rank != 0:  # under torchrun, only rank 0 reports
@@ -71,16 +78,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
-    metrics = evaluate_run(
-        args.out,
-        data=args.data,
-        split=args.split,
-        eval_subset=args.eval_subset,
-        eval_samples=args.eval_samples,
-        device=args.device,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    metrics = evaluate_run(split=args.split, **_common_values(args))
     metrics.pop("config")
     return metrics
 
