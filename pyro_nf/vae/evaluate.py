@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -151,16 +152,12 @@ def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
 
 
 def evaluate(
-    vae: FlowVAE,
-    data: torch.Tensor,
-    num_samples: int = 5000,
-    batch_size: int = 100,
-    chunk_size: int = 250,
-    progress: bool = False,
+    vae: FlowVAE, data: torch.Tensor, num_samples: int = 5000, **options: Any
 ) -> dict[str, float]:
     """Test −log p(x) (importance sampling with K draws) and −ELBO, in nats, with errors.
 
-    Takes the arguments of `image_log_likelihoods`.
+    Takes the arguments of `image_log_likelihoods`: `num_samples` (K per image) and, as
+    `options`, `batch_size`, `chunk_size` and `progress`.
 
     Returns
     -------
@@ -175,7 +172,7 @@ def evaluate(
     >>> m["nll"] <= m["neg_elbo"]
     True
     """
-    log_px, elbo = image_log_likelihoods(vae, data, num_samples, batch_size, chunk_size, progress)
+    log_px, elbo = image_log_likelihoods(vae, data, num_samples, **options)
     nll, nll_se = mean_and_se(-log_px)
     neg_elbo, neg_elbo_se = mean_and_se(-elbo)
     return {
