@@ -159,6 +159,18 @@ class AutoFlow(AutoContinuous):
     >>> loss = svi.step()
     >>> sorted(guide.median())
     ['x']
+
+    The hooks Pyro's tools read: `get_base_dist`, the law `N(0, I)` that `get_transform`
+    maps to the unconstrained latent vector (what `NeuTraReparam` runs HMC through), and
+    the meaning of the parameters saved in `state_dict` (`get_extra_state`):
+
+    >>> guide.get_base_dist().event_shape
+    torch.Size([1])
+    >>> transform, eps = guide.get_transform(), torch.randn(5, 1)
+    >>> bool(torch.allclose(transform.inv(transform(eps)), eps, atol=1e-4))
+    True
+    >>> guide.state_dict()["_extra_state"]["start"]
+    'laplace'
     """
 
     #: The flow family a named subclass is bound to (None: chosen by ``flow``).
@@ -255,15 +267,7 @@ class AutoFlow(AutoContinuous):
         """What the parameters in the guide's ``state_dict`` mean: the coordinates they were
         learned in and the start they were learned from (empty before set-up).
 
-        Examples
-        --------
-        >>> import pyro.distributions as dist
-        >>> def model():
-        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        >>> guide = AutoPlanarFlow(model)
-        >>> _ = guide()
-        >>> guide.state_dict()["_extra_state"]["start"]
-        'laplace'
+        See `AutoFlow`'s example.
         """
         if self.start is None:
             return {}
@@ -377,15 +381,7 @@ class AutoFlow(AutoContinuous):
     def get_base_dist(self) -> dist.Distribution:
         """``N(0, I)`` over the latent vector: the law that `get_transform` maps.
 
-        Examples
-        --------
-        >>> import pyro.distributions as dist
-        >>> def model():
-        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        >>> guide = AutoPlanarFlow(model)
-        >>> _ = guide()
-        >>> guide.get_base_dist().event_shape
-        torch.Size([2])
+        See `AutoFlow`'s example.
         """
         loc = self._setup_loc("get_base_dist")
         return dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
@@ -400,17 +396,7 @@ class AutoFlow(AutoContinuous):
         guide's last call (any arguments give a valid bijection; those the guide learned
         at give NeuTra its best geometry).
 
-        Examples
-        --------
-        >>> import pyro.distributions as dist
-        >>> def model():
-        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        >>> guide = AutoPlanarFlow(model)
-        >>> _ = guide()
-        >>> transform = guide.get_transform()
-        >>> eps = torch.randn(5, 2)
-        >>> bool(torch.allclose(transform.inv(transform(eps)), eps, atol=1e-4))
-        True
+        See `AutoFlow`'s example.
         """
         self._setup_loc("get_transform")
         posterior = self.get_posterior(*args, **kwargs)
