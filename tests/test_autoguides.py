@@ -193,7 +193,11 @@ def test_forward_matches_pyro_autocontinuous(num_particles):
         ], name
 
 
-@pytest.mark.parametrize("guide_class", GUIDES)
+#: One guide fast (IAF, the cheapest); the others in the full run.
+@pytest.mark.parametrize(
+    "guide_class",
+    [g if g is AutoIAFFlow else pytest.param(g, marks=pytest.mark.slow) for g in GUIDES],
+)
 def test_svi_loss_falls(guide_class):
     guide = guide_class(constrained_model)
     losses = _train(constrained_model, guide, 300, num_particles=4)
@@ -442,6 +446,7 @@ def test_funnel_gets_the_plain_start_and_trains_to_a_small_kl():
     assert (log_q - log_density(z)).mean().item() < 2.0
 
 
+@pytest.mark.slow
 def test_without_a_mode_the_isotropic_start_with_the_best_elbo_is_taken():
     # With n coordinates x the density has its mode at v = -4.5 n, x = 0, in a neck of width
     # exp(-2.25 n): the search finds it for n = 2, not in float32 for n = 4.

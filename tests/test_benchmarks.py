@@ -140,7 +140,7 @@ def test_several_seeds_report_medians_and_ranges(tmp_path, capsys):
     assert f"[{kls[0]:.3f}-{kls[2]:.3f}]" in table  # the range of the last guide checked
 
 
-@pytest.mark.parametrize("family", ["iaf", "spline"])
+@pytest.mark.parametrize("family", ["iaf", pytest.param("spline", marks=pytest.mark.slow)])
 def test_pyro_counterpart_has_the_same_network_widths_on_a_model_target(family):
     from benchmarks.guide_specs import get_guide_spec
 

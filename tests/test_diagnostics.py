@@ -75,6 +75,7 @@ def fitted_hierarchical():
     return guide  # a PyroModule: it keeps its parameters when the param store is cleared
 
 
+@pytest.mark.slow
 def test_to_inference_data_groups_dims_and_constraints(fitted_hierarchical):
     guide = fitted_hierarchical
     idata = to_inference_data(hierarchical, guide, num_samples=300, posterior_predictive=True)
@@ -93,6 +94,7 @@ def test_to_inference_data_groups_dims_and_constraints(fitted_hierarchical):
     assert abs(post["mu"].mean().item() - loc) < 4 * scale / math.sqrt(300)
 
 
+@pytest.mark.slow
 def test_arviz_summary_and_plot_posterior_work(fitted_hierarchical):
     guide = fitted_hierarchical
     idata = to_inference_data(hierarchical, guide, num_samples=200)
@@ -185,6 +187,7 @@ def test_compare_to_mcmc_with_an_mcmc_object():
     assert table.loc["mu", "sd_error"] == pytest.approx(1.0, abs=0.4)
 
 
+@pytest.mark.slow
 def test_compare_to_mcmc_flattens_plates(fitted_hierarchical):
     guide = fitted_hierarchical
     reference = to_inference_data(hierarchical, guide, num_samples=4000)
@@ -260,6 +263,7 @@ def two_means(y=Y):
         pyro.sample("y", dist.Normal(nu.mean(), SIGMA), obs=y)
 
 
+@pytest.mark.slow
 def test_diagnostics_work_on_flow_guides():
     guide = AutoIAFFlow(two_means)
     fit(two_means, guide, num_steps=100, progress=False, seed=0)

@@ -125,6 +125,7 @@ def test_getting_started_example_runs(capsys):
     assert 0.3 < slope < 0.8, "the fitted slope should be near the true 0.5"
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings_handlers.python")

@@ -64,7 +64,15 @@ def test_every_example_has_a_smoke_run():
     assert not missing, f"add a smoke run to SMOKE_RUNS for {sorted(missing)}"
 
 
-@pytest.mark.parametrize("script", _scripts())
+#: The script whose --help runs in the fast set; each costs an interpreter start and the
+#: imports (3-18 s on a loaded machine), so the others run in the full run.
+FAST_HELP = "robust_posteriors.py"
+
+
+@pytest.mark.parametrize(
+    "script",
+    [s if s == FAST_HELP else pytest.param(s, marks=pytest.mark.slow) for s in _scripts()],
+)
 def test_example_help(script, tmp_path):
     result = _run([str(EXAMPLES / script), "--help"], tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr

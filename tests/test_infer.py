@@ -31,6 +31,7 @@ POST_SD = (1 / (len(DATA) + 1)) ** 0.5
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 
 
+@pytest.mark.slow
 def test_fit_recovers_conjugate_posterior_and_converges():
     guide = AutoNormal(normal_model)
     result = fit(normal_model, guide, num_steps=4000, progress=False, seed=0)
@@ -86,6 +87,7 @@ def test_schedule_validates():
         Schedule(decay=1.5)
 
 
+@pytest.mark.slow
 def test_vectorised_particles_and_fallback():
     guide = AutoNormal(normal_model)
     result = fit(normal_model, guide, num_steps=200, num_particles=8, progress=False, seed=0)
@@ -243,6 +245,7 @@ def test_stl_gradient_is_unbiased(guide_cls):
     assert torch.allclose(standard, stl, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_stl_fit_matches_the_posterior():
     guide = AutoNormal(normal_model)
     fit(normal_model, guide, num_steps=3000, estimator="stl", progress=False, seed=0)
@@ -262,6 +265,7 @@ def test_stl_rejects_unsupported_guides():
         fit(model, guide, num_steps=5, estimator="stl", progress=False)
 
 
+@pytest.mark.slow
 def test_auto_estimator_switches_to_stl_at_the_first_decay(monkeypatch):
     import pyro_nf.objective as objective
 

@@ -129,6 +129,7 @@ def _fit_year_model(warm_start, num_steps=100):
     return ((draws.mean(0) - mean).abs() / sd).max(), (draws.std(0) / sd).log().abs().max()
 
 
+@pytest.mark.slow
 def test_warm_start_gets_through_an_ill_conditioned_posterior():
     # Intercept and slope on calendar years: correlation -0.99998, scales 2000 apart.
     mean_err, sd_err = _fit_year_model("laplace")
@@ -140,6 +141,7 @@ def test_warm_start_gets_through_an_ill_conditioned_posterior():
     assert cold_mean_err > 10
 
 
+@pytest.mark.slow
 def test_funnel_model_starts_plain_and_says_why_without_a_warning():
     def model():
         tau = pyro.sample("tau", dist.HalfCauchy(torch.tensor(1.0, dtype=f64)))

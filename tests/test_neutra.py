@@ -87,7 +87,14 @@ def test_transform_inverts_and_its_log_det_is_the_autograd_one(flow, noncentred)
         assert torch.allclose(law.log_prob(z.clone()), guide.get_posterior().log_prob(z.clone()))
 
 
-@pytest.mark.parametrize("flow", sorted(FLOWS))
+#: One family fast (planar, the cheapest); the others in the full run.
+@pytest.mark.parametrize(
+    "flow",
+    [
+        name if name == "planar" else pytest.param(name, marks=pytest.mark.slow)
+        for name in sorted(FLOWS)
+    ],
+)
 def test_pyro_neutra_reparam_runs_with_every_family(flow):
     guide = AutoFlow(funnel, flow=flow, num_layers=2)
     guide()
@@ -100,6 +107,7 @@ def test_pyro_neutra_reparam_runs_with_every_family(flow):
     assert torch.isfinite(draws["v"]).all() and torch.isfinite(draws["x"]).all()
 
 
+@pytest.mark.slow
 def test_draws_map_back_to_each_sites_support_and_shape():
     guide = AutoPlanarFlow(constrained, warm_start=None)
     guide()
@@ -138,6 +146,7 @@ def test_noncentred_draws_match_the_reference_posterior():
     assert int(result.inference_data.sample_stats["diverging"].sum()) == 0
 
 
+@pytest.mark.slow
 def test_exact_guide_gives_near_maximal_steps_and_shallow_trees():
     """On a Gaussian the Laplace start is exact: in the base space the target is N(0, I),
     where leapfrog is stable up to a step of 2 and NUTS needs about two doublings."""
@@ -180,6 +189,7 @@ def test_posterior_mean_and_variance_are_monte_carlo_estimates():
     assert noncentred.get_posterior().mean.shape == (10,)
 
 
+@pytest.mark.slow
 def test_errors_name_the_problem():
     with pytest.raises(TypeError, match="pyro_nf flow guide"):
         neutra_mcmc(schools, AutoNormal(schools), num_samples=5, progress=False)
@@ -208,6 +218,7 @@ def test_divergences_are_recorded_where_the_draw_is():
     assert (plain.samples["x"] <= 0.5).all()
 
 
+@pytest.mark.slow
 def test_reparametrised_model_keeps_sites_the_guide_does_not_cover():
     def model():
         a = pyro.sample("a", dist.Normal(0.0, 1.0))

@@ -102,6 +102,7 @@ def test_distribution_scores_its_own_draws_as_other_points(fresh_pyro_state):
     assert torch.allclose(cached, posterior.log_prob(z.clone()), atol=1e-8)
 
 
+@pytest.mark.slow
 def test_funnel_is_exact_at_the_start_in_noncentred_coordinates(fresh_pyro_state):
     """In non-centred coordinates the funnel is N(0, diag(9, 1, ...)): Laplace is exact."""
     guide = AutoFlow(funnel)
@@ -121,6 +122,7 @@ def test_funnel_is_exact_at_the_start_in_noncentred_coordinates(fresh_pyro_state
     assert abs(float(z[:, 0].std()) - 3.0) < 0.15  # the neck and the mouth are both covered
 
 
+@pytest.mark.slow
 def test_model_coordinates_on_request_and_on_rich_data(fresh_pyro_state):
     guide = AutoFlow(funnel, noncentered=False)
     guide()
@@ -148,6 +150,7 @@ def test_model_coordinates_on_request_and_on_rich_data(fresh_pyro_state):
     assert guide.laplace is not None
 
 
+@pytest.mark.slow
 def test_schools_fit_median_quantiles_and_predictive(fresh_pyro_state):
     guide = AutoFlow(schools, flow="iaf", num_layers=2)
     result = fit(schools, guide, num_steps=300, num_particles=4, progress=False, seed=0)
@@ -189,6 +192,7 @@ def test_map_stops_the_model_after_the_last_hierarchical_site():
     assert not likelihood_runs and u.shape == (5, 10)
 
 
+@pytest.mark.slow
 def test_median_and_quantiles_as_the_first_call_on_a_hierarchical_model(fresh_pyro_state):
     median = AutoFlow(schools, flow="planar").median()
     pyro.set_rng_seed(0)  # the same init_loc_fn draws for the second guide

@@ -30,7 +30,14 @@ def _start(guide_model, args, seed, **options):
     return choose_start(guide, args, {}, **options)
 
 
-@pytest.mark.parametrize("seeds", [range(1020, 1030), range(1030, 1040), range(1040, 1050)])
+@pytest.mark.parametrize(
+    "seeds",
+    [
+        pytest.param(range(1020, 1030), marks=pytest.mark.slow),
+        pytest.param(range(1030, 1040), marks=pytest.mark.slow),
+        range(1040, 1050),
+    ],
+)
 def test_demo_regression_start_is_within_one_nat_of_the_best_candidate(seeds):
     # 1029 once made the old rule give up the Laplace start (ELBO -13.6) for N(init, 1)
     # (ELBO -264.6) on one heavy-tailed evidence estimate.

@@ -247,6 +247,7 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+@pytest.mark.slow
 def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_npz):
     # warm-up, lr decay and the IWAE bound all depend on where the run stands
     recipe = {"warmup": 8, "lr_decay": 0.5, "iwae": 2}
@@ -293,6 +294,7 @@ def test_nan_loss_stops_with_last_good_parameters(tmp_path, tiny_npz, monkeypatc
 # --- command line ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_train_then_eval(tmp_path, tiny_npz, capsys):
     out = str(tmp_path / "run")
     args = ["--data", tiny_npz, "--out", out, "--eval-samples", "20", "--no-progress"]
@@ -363,6 +365,7 @@ torch.save({"state": result.vae.state_dict(), "history": result.metrics["history
 """
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_training(tmp_path, tiny_npz):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
@@ -402,6 +405,7 @@ def test_pictures_skipped_with_warning_without_matplotlib(tmp_path, monkeypatch)
 # --- benchmark ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_benchmark_quick_run_through_the_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     argv = ["bench", "vae", "--quick", "--flows", "none", "planar", "iaf"]

@@ -279,6 +279,7 @@ def test_resume_with_fewer_epochs_is_refused(trained, tmp_path, capsys, no_train
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_force_resume_continues_with_the_new_recipe(trained, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
