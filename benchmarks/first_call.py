@@ -4,9 +4,10 @@ The first call sets the guide up: the model's prototype trace, the MAP search an
 and the candidate starts scored on common draws (`pyro_nf.starts`). The bar: it costs at
 most what 50 SVI steps of the same guide cost (ratio <= 1), on the README's demo
 regression, the centred eight-schools model and the 25-predictor regression with N = 5000
-of `examples/robust_posteriors.py`. Both are timed in one process, one after the other,
-after one throw-away optimiser is built (the first `torch.optim` optimiser imports
-`torch._dynamo`, seconds that whichever came first would pay).
+of `examples/robust_posteriors.py`. Both are timed in one process, one after the other
+(the median of ``--repeats`` such pairs), after one throw-away optimiser is built (the
+first `torch.optim` optimiser imports `torch._dynamo`, seconds that whichever came first
+would pay).
 
 Usage::
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,8 +58,8 @@ def problems() -> dict:
     }
 
 
-def measure(guide_class, model, args, seed: int) -> dict:
-    """Seconds of the guide's first call and of 50 SVI steps after it."""
+def _pair(guide_class, model, args, seed: int) -> tuple[float, float, str]:
+    """Seconds of a new guide's first call and of 50 SVI steps after it, and its start."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     guide = guide_class(model)
@@ -69,13 +71,21 @@ def measure(guide_class, model, args, seed: int) -> dict:
     start = time.perf_counter()
     for _ in range(NUM_STEPS):
         svi.step(*args)
-    steps = time.perf_counter() - start
+    return first_call, time.perf_counter() - start, guide.start.label
+
+
+def measure(guide_class, model, args, seed: int, repeats: int) -> dict:
+    """Medians over ``repeats`` pairs (first call, then 50 steps: interleaved, so a
+    machine's load weighs on both alike) of the two times, and their ratio."""
+    pairs = [_pair(guide_class, model, args, seed) for _ in range(repeats)]
+    first_call = statistics.median(pair[0] for pair in pairs)
+    steps = statistics.median(pair[1] for pair in pairs)
     return {
         "guide": guide_class.__name__,
         "first_call_s": first_call,
         "svi_50_steps_s": steps,
         "ratio": first_call / steps,
-        "start": guide.start.label,
+        "start": pairs[0][2],
     }
 
 
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("first_call.json"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="pairs per row (medians)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch._dynamo imported here
@@ -90,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'model':36} {'guide':15} {'first call':>10} {'50 steps':>9} {'ratio':>6}  start")
     for name, (model, model_args) in problems().items():
         for guide_class in GUIDES:
-            row = {"model": name, **measure(guide_class, model, model_args, args.seed)}
+            timing = measure(guide_class, model, model_args, args.seed, args.repeats)
+            row = {"model": name, **timing}
             rows.append(row)
             print(
                 f"{name:36} {row['guide']:15} {row['first_call_s']:9.3f}s "

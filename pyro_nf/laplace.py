@@ -3,15 +3,19 @@
 `laplace_approximation` finds the mode of a log density over a vector (the MAP of a
 model's log joint in unconstrained coordinates) and the curvature there:
 
-1. **Mode.** ``torch.optim.LBFGS`` with a strong-Wolfe line search, from the given start;
-   if it fails (an exception, or a non-finite point or value) Adam takes over from the
-   start. The mode is then polished by damped Newton steps while the Hessian is positive
-   definite, and declared found when the Newton decrement
-   $\\lambda = \\sqrt{g^\\top H^{-1} g}$ is at most ``tol`` (the mode is within
-   ``tol`` posterior standard deviations, in Mahalanobis distance, of the quadratic
-   model's mode). Flat priors on unscaled predictors (correlations near ±1, standard
-   deviations spanning orders of magnitude) are what this step is for: quasi-Newton and
-   Newton steps are invariant to that scaling, while Adam is not.
+1. **Mode.** ``torch.optim.LBFGS`` with a strong-Wolfe line search, from the given start,
+   in coordinates whitened by the curvature there ($|H|^{-1/2}$ from the Hessian's
+   eigenvalues, their absolute values where it is not positive definite; the diagonal
+   above ``max_dense_dim``), until the whitened gradient is below ``tol``; if it fails (an
+   exception, or a non-finite point or value) Adam takes over from the start. The mode is
+   then polished by damped Newton steps while the Hessian is positive definite, and
+   declared found when the Newton decrement $\\lambda = \\sqrt{g^\\top H^{-1} g}$ is at most
+   ``tol`` (the mode is within ``tol`` posterior standard deviations, in Mahalanobis
+   distance, of the quadratic model's mode). Flat priors on unscaled predictors
+   (correlations near ±1, standard deviations spanning orders of magnitude) are what the
+   whitening is for: on the 25-predictor regression of `examples/robust_posteriors.py`
+   (column scales over three decades) L-BFGS took 389 evaluations unwhitened and 83
+   whitened, to a higher mode.
 2. **Curvature.** The Hessian $H$ of the negative log density at the mode: dense
    (one Hessian-vector product per dimension, through autograd) up to ``max_dense_dim``
    dimensions; above that, only its diagonal, estimated from ``num_probes`` Rademacher
@@ -39,7 +43,6 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.block_messenger import BlockMessenger
@@ -47,7 +50,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from pyro_nf.layout import LatentLayout, plate_nesting
+from pyro_nf.layout import LatentLayout
 
 __all__ = [
     "LaplaceApproximation",
@@ -99,6 +102,8 @@ class LaplaceApproximation:
         The log density at ``loc``.
     reason : str
         Why the mode was not used (empty when ``converged``).
+    iterations : int
+        L-BFGS iterations the mode search took (0 where Adam took over).
 
     Examples
     --------
@@ -116,6 +121,7 @@ class LaplaceApproximation:
     optimizer: str
     log_density: float
     reason: str = ""
+    iterations: int = 0
 
 
 def _unwrap(model: Callable, messenger_type: type) -> tuple[Messenger | None, Callable]:
@@ -187,9 +193,9 @@ class LogJoint:
     mode is the MAP in unconstrained space). Built by `unconstrained_log_joint`.
 
     A batch of draws, shape ``(num_draws, dim)``, is scored in one run of the model,
-    inside a plate over the draws left of the model's own plates (as Pyro's
-    ``Trace_ELBO(vectorize_particles=True)`` does); a model that does not broadcast over
-    it (checked once, on two rows) is run once per draw instead.
+    mapped over the draws by ``torch.func.vmap``; a model that vmap cannot batch (one
+    with control flow on its values, or ``.item()``; checked once, on two rows) is run
+    once per draw instead.
 
     Attributes
     ----------
@@ -224,7 +230,6 @@ class LogJoint:
         init, blocks, inner = _peel(guide)
         with poutine.block():
             trace = poutine.trace(init(inner) if init else inner).get_trace(*args, **kwargs)
-        self._nesting = plate_nesting(trace)
         # Inside an AutoGuideList a part's model is poutine.block(model, hide=...): the
         # hidden sites, which other parts guide, would be drawn from the prior at every run
         # and make the log joint random. They are held at init_loc_fn's values, drawn once.
@@ -248,26 +253,26 @@ class LogJoint:
         if self.vectorised is None:
             self.vectorised = self._vectorises(z)
         if self.vectorised:
-            return self._many(z)
+            return self._batched(z)
         return torch.stack([self._one(row) for row in z])
 
     def _vectorises(self, z: Tensor) -> bool:
         rows = z[[0, -1]]
         try:
-            batched = self._many(rows)
-        except (RuntimeError, ValueError, IndexError):
+            batched = self._batched(rows)
+        except (RuntimeError, ValueError, IndexError, NotImplementedError):
             return False
         looped = torch.stack([self._one(row) for row in rows])
         return batched.shape == looped.shape and bool(
             torch.allclose(batched, looped, rtol=1e-4, atol=1e-4, equal_nan=True)
         )
 
-    def _run(self, values: dict[str, Tensor]) -> poutine.Trace:
-        # Unvalidated: the prototype run validated the model; here the search's own points.
-        with poutine.block(), pyro.validation_enabled(False):
-            return poutine.trace(poutine.condition(self._model, values)).get_trace(
-                *self.args, **self.kwargs
-            )
+    def _batched(self, z: Tensor) -> Tensor:
+        # torch.func.vmap runs the model once for the whole batch and, unlike a plate over
+        # the draws, leaves the model's own shapes alone: a model written for one draw
+        # (``x @ beta``) vectorises as it is. On the 25-predictor regression of
+        # examples/robust_posteriors.py, 256 draws take 58 ms this way and 630 ms looped.
+        return torch.func.vmap(self._one, randomness="same")(z)
 
     def _one(self, z: Tensor) -> Tensor:
         values, log_jacobian = {}, z.new_zeros(())
@@ -280,27 +285,13 @@ class LogJoint:
             log_jacobian = (
                 log_jacobian + transform.log_abs_det_jacobian(unconstrained_value, value).sum()
             )
-        return self._run(values).log_prob_sum() + log_jacobian
-
-    def _many(self, z: Tensor) -> Tensor:
-        num_draws, nesting = z.size(0), self._nesting
-        shaped = z.reshape(num_draws, *(1,) * nesting, z.size(-1))
-        values, total = {}, z.new_zeros(num_draws)
-        for name, unconstrained_value in self.layout.unpack(shaped):
-            transform = self.layout.transforms[name]
-            if transform is None:
-                values[name] = unconstrained_value
-                continue
-            value = values[name] = transform(unconstrained_value)
-            log_det = transform.log_abs_det_jacobian(unconstrained_value, value)
-            total = total + log_det.reshape(num_draws, -1).sum(-1)
-        with poutine.block(), pyro.plate("_pyro_nf_draws", num_draws, dim=-nesting - 1):
-            trace = self._run(values)
-        trace.compute_log_prob()
-        for site in trace.nodes.values():
-            if site["type"] == "sample" and "log_prob" in site:
-                total = total + sum_rightmost(site["log_prob"], nesting).expand(num_draws)
-        return total
+        # Unvalidated: the prototype run validated the model; here the search's own points
+        # (and validation's NaN checks are control flow that vmap cannot batch).
+        with poutine.block(), pyro.validation_enabled(False):
+            trace = poutine.trace(poutine.condition(self._model, values)).get_trace(
+                *self.args, **self.kwargs
+            )
+            return trace.log_prob_sum() + log_jacobian
 
 
 def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogJoint:
@@ -343,12 +334,38 @@ def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogJoint:
     return LogJoint(guide, args, kwargs)
 
 
-def _lbfgs_mode(log_density: LogDensity, start: Tensor, max_iter: int) -> Tensor:
-    """L-BFGS in chunks of iterations, until a chunk stops improving the value."""
-    z = start.detach().clone().requires_grad_(True)
-    chunk = 20
+def _whitening(log_density: LogDensity, start: Tensor, probes: _Probes | None) -> Tensor:
+    """A matrix ``W`` (or vector, for a diagonal) with ``W W^T`` near the inverse curvature
+    at ``start``: ``|H|^{-1/2}`` from the eigenvalues of the Hessian there (their absolute
+    values, floored at 1e-10 of the largest, where it is not positive definite), or
+    ``|diag H|^{-1/2}`` estimated from ``probes`` when the dimension is too large for a
+    dense Hessian."""
+    if probes is not None:
+        curvature = _diagonal_hessian(log_density, start, probes.count, probes.generator)
+        return _diagonal_scale(curvature.abs(), 1.0)
+    hessian = _dense_hessian(log_density, start).double()
+    if not bool(torch.isfinite(hessian).all()):
+        return torch.ones_like(start)
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+    magnitude = eigenvalues.abs()
+    floor = max(float(magnitude.max()) * 1e-10, torch.finfo(torch.float64).tiny)
+    return (eigenvectors * magnitude.clamp_min(floor).rsqrt()).to(start)
+
+
+def _lbfgs_mode(
+    log_density: LogDensity, start: Tensor, max_iter: int, whitening: Tensor, tol: float
+) -> tuple[Tensor, int]:
+    """L-BFGS in the coordinates ``u`` of ``z = start + W u`` (``W`` the whitening), in
+    chunks of iterations, until the gradient in ``u`` is below ``tol`` or a chunk stops
+    improving the value. Returns the point and the iterations taken."""
+    if whitening.dim() == 1:
+        density = lambda u: log_density(start + whitening * u)  # noqa: E731
+    else:
+        density = lambda u: log_density(start + whitening @ u)  # noqa: E731
+    u = torch.zeros_like(start, requires_grad=True)
+    chunk = 10
     optimizer = torch.optim.LBFGS(
-        [z],
+        [u],
         lr=1.0,
         max_iter=chunk,
         history_size=50,
@@ -359,23 +376,28 @@ def _lbfgs_mode(log_density: LogDensity, start: Tensor, max_iter: int) -> Tensor
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = -log_density(z)
+        loss = -density(u)
         loss.backward()
         return loss
 
-    # Rounding noise keeps L-BFGS's own absolute tolerances from ever firing in float32;
-    # stop instead when a chunk gains less than a dtype-relative amount. The Newton
-    # polish that follows is what makes the mode precise.
-    rel_tol = 1e3 * torch.finfo(start.dtype).eps
+    # In whitened coordinates the gradient's norm is about the Newton decrement, a distance
+    # to the mode in posterior sds: the stop that means the same on every model. Rounding
+    # noise keeps L-BFGS's own absolute tolerances from firing in float32, hence the second
+    # stop, a chunk that gains nothing beyond a dtype-relative amount.
+    rel_tol = 10 * torch.finfo(start.dtype).eps
     previous = math.inf
     for _ in range(0, max_iter, chunk):
         optimizer.step(closure)
-        with torch.no_grad():
-            loss = -log_density(z).item()
-        if not math.isfinite(loss) or previous - loss <= rel_tol * (1 + abs(loss)):
+        value, grad = _value_and_grad(density, u)
+        loss = -value
+        if not math.isfinite(loss) or float(grad.norm()) <= tol:
+            break
+        if previous - loss <= rel_tol * (1 + abs(loss)):
             break
         previous = loss
-    return z.detach()
+    u = u.detach()
+    iterations = optimizer.state[optimizer.param_groups[0]["params"][0]]["n_iter"]
+    return start + (whitening * u if whitening.dim() == 1 else whitening @ u), iterations
 
 
 def _adam_mode(log_density: LogDensity, start: Tensor, num_steps: int, lr: float) -> Tensor:
@@ -515,15 +537,19 @@ def laplace_approximation(
         raise ValueError(f"start must be a vector, got shape {tuple(start.shape)}")
     start = start.detach()
     with torch.enable_grad():
-        mode, optimizer = _find_mode(log_density, start, max_iter, adam_steps, adam_lr)
         probes = _Probes(num_probes, torch.Generator(device=start.device).manual_seed(seed))
-        if start.numel() <= max_dense_dim:
+        dense = start.numel() <= max_dense_dim
+        search = _Search(max_iter, tol, adam_steps, adam_lr)
+        mode, optimizer, iterations = _find_mode(
+            log_density, start, search, None if dense else probes
+        )
+        if dense:
             approx = _dense_laplace(log_density, mode, newton_steps, tol)
         else:
             approx = _diagonal_laplace(log_density, mode, tol, fallback_scale, probes)
         if isinstance(approx, str):
             approx = _fallback(log_density, start, approx, max_dense_dim, fallback_scale, probes)
-    approx.optimizer = optimizer
+    approx.optimizer, approx.iterations = optimizer, iterations
     if warn and not approx.converged:
         warnings.warn(
             f"Laplace approximation: {approx.reason}; falling back to a diagonal Gaussian at "
@@ -536,6 +562,16 @@ def laplace_approximation(
 
 
 @dataclass
+class _Search:
+    """The mode search's settings, as `laplace_approximation` takes them."""
+
+    max_iter: int
+    tol: float
+    adam_steps: int
+    adam_lr: float
+
+
+@dataclass
 class _Probes:
     """Rademacher probes for diagonal Hessians: how many, and their generator."""
 
@@ -544,17 +580,24 @@ class _Probes:
 
 
 def _find_mode(
-    log_density: LogDensity, start: Tensor, max_iter: int, adam_steps: int, adam_lr: float
-) -> tuple[Tensor, str]:
-    """L-BFGS from ``start``; Adam from ``start`` if L-BFGS fails or ends non-finite."""
+    log_density: LogDensity,
+    start: Tensor,
+    settings: _Search,
+    probes: _Probes | None,
+) -> tuple[Tensor, str, int]:
+    """Whitened L-BFGS from ``start``; Adam from ``start`` if L-BFGS fails or ends
+    non-finite. Returns the point, the optimiser's name and its L-BFGS iterations."""
     try:
-        mode = _lbfgs_mode(log_density, start, max_iter)
+        whitening = _whitening(log_density, start, probes)
+        mode, iterations = _lbfgs_mode(
+            log_density, start, settings.max_iter, whitening, settings.tol
+        )
         value = _value_and_grad(log_density, mode)[0]
         if math.isfinite(value) and bool(torch.isfinite(mode).all()):
-            return mode, "lbfgs"
+            return mode, "lbfgs", iterations
     except (RuntimeError, ValueError):
         pass
-    return _adam_mode(log_density, start, adam_steps, adam_lr), "adam"
+    return _adam_mode(log_density, start, settings.adam_steps, settings.adam_lr), "adam", 0
 
 
 _NO_MODE = "no mode found (the density may be unbounded, e.g. a hierarchical funnel)"

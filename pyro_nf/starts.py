@@ -58,6 +58,14 @@ ISOTROPIC_SCALES = (0.3, 0.5, 1.0)
 EVIDENCE_MARGIN = 0.1
 #: PSIS k-hat below which an importance-sampled evidence is trusted (Vehtari et al.).
 KHAT_RELIABLE = 0.7
+#: L-BFGS iterations of the first Laplace search. A later one (the model's coordinates,
+#: after the non-centred ones) gets twice what the first took, at least
+#: MIN_SEARCH_ITERATIONS: both searches are whitened, so a mode that exists in both is
+#: found about as fast in either, while a funnel, which has no mode in the model's
+#: coordinates, is not chased (centred eight schools: 152 evaluations chasing it, 0.8 s,
+#: against 31 for the non-centred mode).
+MAX_SEARCH_ITERATIONS = 1000
+MIN_SEARCH_ITERATIONS = 20
 #: Log weights whose spread is below this (nats) are those of an exact start.
 EXACT_SPREAD = 1e-3
 
@@ -166,7 +174,8 @@ def choose_start(
     init_loc = guide._init_loc().detach()
     laplace = warm_start is not None and not log_joint.stochastic
     offered: list[tuple[Start, Callable[[Tensor], Tensor]]] = []
-    notes = []
+    notes: list[str] = []
+    budget = MAX_SEARCH_ITERATIONS
     for noncentering in _coordinates(guide, args, kwargs, noncentered):
         loc, density = init_loc, log_joint
         if noncentering is not None:
@@ -175,13 +184,10 @@ def choose_start(
         scales = (init_scale,)
         if laplace:
             scales += tuple(s for s in ISOTROPIC_SCALES if s != init_scale)
-            approx = laplace_approximation(density, loc, fallback_scale=init_scale, warn=False)
-            if approx.converged:
+            approx = _laplace_start(density, loc, init_scale, budget, noncentering, notes)
+            if approx is not None:
                 offered.append((Start(loc, noncentering, approx, 1.0), density))
-            else:
-                notes.append(
-                    f"no Laplace start in {_name(noncentering)} coordinates: {approx.reason}"
-                )
+                budget = max(MIN_SEARCH_ITERATIONS, 2 * approx.iterations)
         offered += [(Start(loc, noncentering, None, scale), density) for scale in scales]
     if len(offered) > 1:
         eps = _base_draws(init_loc)
@@ -190,6 +196,25 @@ def choose_start(
     if warm_start is not None and log_joint.stochastic:
         notes.append(_random_log_joint_note(log_joint))
     return _announce(choose([start for start, _ in offered]), notes)
+
+
+def _laplace_start(
+    density: Callable[[Tensor], Tensor],
+    loc: Tensor,
+    init_scale: float,
+    budget: int,
+    noncentering: NonCentering | None,
+    notes: list[str],
+) -> LaplaceApproximation | None:
+    """The Laplace approximation of ``density`` from ``loc`` in at most ``budget``
+    L-BFGS iterations, or None, with the reason added to ``notes``."""
+    approx = laplace_approximation(
+        density, loc, max_iter=budget, fallback_scale=init_scale, warn=False
+    )
+    if approx.converged:
+        return approx
+    notes.append(f"no Laplace start in {_name(noncentering)} coordinates: {approx.reason}")
+    return None
 
 
 def _coordinates(guide, args: tuple, kwargs: dict, noncentered) -> list[NonCentering | None]:

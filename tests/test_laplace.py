@@ -227,9 +227,9 @@ def test_log_joint_scores_a_batch_in_one_run_as_one_draw_at_a_time():
 
 
 def test_log_joint_falls_back_to_a_loop_for_a_model_that_does_not_vectorise():
-    def model():  # a site reshaped to a scalar: no batch can pass through it
+    def model():  # control flow on a value: vmap cannot batch it
         a = pyro.sample("a", dist.Normal(0.0, 1.0))
-        pyro.sample("b", dist.Normal(a.reshape(()), 1.0))
+        pyro.sample("b", dist.Normal(a if a > 0 else -a, 1.0))
 
     guide = AutoFlow(model, flow="planar", warm_start=None)
     guide._setup_prototype()
@@ -237,8 +237,29 @@ def test_log_joint_falls_back_to_a_loop_for_a_model_that_does_not_vectorise():
     z = torch.randn(4, 2, generator=torch.Generator().manual_seed(2))
     values = log_joint(z)
     assert log_joint.vectorised is False
-    expected = dist.Normal(0.0, 1.0).log_prob(z[:, 0]) + dist.Normal(z[:, 0], 1.0).log_prob(z[:, 1])
+    loc = z[:, 0].abs()
+    expected = dist.Normal(0.0, 1.0).log_prob(z[:, 0]) + dist.Normal(loc, 1.0).log_prob(z[:, 1])
     assert torch.allclose(values, expected, atol=1e-5)
+
+
+def test_log_joint_batches_a_model_written_for_one_draw():
+    x = torch.randn(30, 3, generator=torch.Generator().manual_seed(3))
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+
+    def model(x, y):  # x @ beta: a plate over draws left of the data's would not broadcast
+        beta = pyro.sample("beta", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(x @ beta, 1.0), obs=y)
+
+    guide = AutoFlow(model, flow="planar", warm_start=None)
+    guide._setup_prototype(x, y)
+    log_joint = unconstrained_log_joint(guide, x, y)
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))
+    values = log_joint(z)
+    assert log_joint.vectorised is True
+    prior = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    likelihood = dist.Normal(z @ x.T, 1.0).log_prob(y).sum(-1)
+    assert torch.allclose(values, prior + likelihood, rtol=1e-5)
 
 
 def test_log_joint_holds_the_sites_of_other_guides_fixed():
