@@ -140,7 +140,10 @@ def _run_chain(
     return _Chain(mcmc.get_samples(), stats, sum(kernel.leapfrog_steps))
 
 
-def _check_budget(num_samples: int, warmup_steps: int, num_chains: int) -> None:
+def _budget(num_samples: int, warmup_steps: int | None, num_chains: int) -> tuple[int, int, int]:
+    """``(num_samples, warmup_steps, num_chains)``, checked, warm-up defaulting to
+    ``num_samples``."""
+    warmup_steps = num_samples if warmup_steps is None else warmup_steps
     for name, value, least in (
         ("num_samples", num_samples, 1),
         ("warmup_steps", warmup_steps, 0),
@@ -148,6 +151,7 @@ def _check_budget(num_samples: int, warmup_steps: int, num_chains: int) -> None:
     ):
         if not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return num_samples, warmup_steps, num_chains
 
 
 def _latent_sites(model: Callable, args: tuple, kwargs: dict) -> dict[str, dict]:
@@ -245,10 +249,8 @@ def nuts_mcmc(
     >>> bool((result.samples["scale"] > 0).all())
     True
     """
-    warmup_steps = num_samples if warmup_steps is None else warmup_steps
-    _check_budget(num_samples, warmup_steps, num_chains)
+    budget = _budget(num_samples, warmup_steps, num_chains)
     sites = _latent_sites(model, args, kwargs)
-    budget = (num_samples, warmup_steps, num_chains)
     return _run(model, args, kwargs, budget, progress, seed, nuts_options, dict, sites)
 
 
@@ -368,12 +370,10 @@ def neutra_mcmc(
     >>> result.inference_data.sample_stats["diverging"].shape
     (1, 50)
     """
-    warmup_steps = num_samples if warmup_steps is None else warmup_steps
-    _check_budget(num_samples, warmup_steps, num_chains)
+    budget = _budget(num_samples, warmup_steps, num_chains)
     sites = _latent_sites(model, args, kwargs)
     _check_guide(guide, sites)
     reparametrised = NeuTraReparam(guide).reparam(model)
-    budget = (num_samples, warmup_steps, num_chains)
     # The guide is a constant for NUTS: its parameters detached, each gradient of the
     # potential is taken through the chain's position only.
     with _detached_parameters(guide), _model_arguments(guide, args, kwargs):

@@ -13,27 +13,9 @@ from pyro.infer.reparam import NeuTraReparam
 from pyro_nf.autoguides import AutoFlow, AutoPlanarFlow
 from pyro_nf.flows import FLOWS
 from pyro_nf.neutra import neutra_mcmc, nuts_mcmc
+from tests.models import f64, funnel, schools
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
-
-f64 = torch.float64
-SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=f64)
-SCHOOLS_SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=f64)
-
-
-def schools(y=SCHOOLS_Y, sigma=SCHOOLS_SIGMA):
-    """Eight schools, centred."""
-    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=f64), 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(torch.tensor(5.0, dtype=f64)))
-    with pyro.plate("schools", len(y)):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
-
-
-def funnel(dim: int = 3):
-    v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=f64), 3.0))
-    pyro.sample("x", dist.Normal(torch.zeros(dim, dtype=f64), (v / 2).exp()).to_event(1))
-
 
 COUNTS = torch.tensor([3.0, 1.0, 6.0])
 
@@ -103,7 +85,7 @@ def test_pyro_neutra_reparam_runs_with_every_family(flow):
     mcmc.run()
     latent = mcmc.get_samples()["v_shared_latent"]
     draws = neutra.transform_sample(latent)
-    assert latent.shape == (10, 4) and draws["x"].shape == (10, 3)
+    assert latent.shape == (10, 5) and draws["x"].shape == (10, 4)
     assert torch.isfinite(draws["v"]).all() and torch.isfinite(draws["x"]).all()
 
 
