@@ -31,6 +31,7 @@ import torch
 from eight_schools import SIGMA, Y, centered  # the model of examples/eight_schools.py
 
 import pyro_nf
+from pyro_nf.diagnostics import psis_khat
 
 #: Exact marginals of the funnel: v ~ N(0, 3), and x_i with mean 0 and variance E[e^v].
 FUNNEL_X_SD = math.exp(9 / 4)
@@ -140,6 +141,8 @@ def run_model(name: str, args: argparse.Namespace, seed: int) -> Iterator[tuple[
     fit_seconds = time.perf_counter() - start
     fit_info = {"fit_seconds": fit_seconds, "fit_steps": fitted.num_steps, "elbo": fitted.elbo}
     fit_info["fit_stop"] = fitted.stop_reason
+    fit_info["start"] = guide.start.label
+    fit_info["khat"] = psis_khat(model, guide, num_samples=2000)  # the guide's own quality
     for target in args.target_accept:
         options = {"max_tree_depth": args.max_tree_depth, "target_accept_prob": target}
         neutra = pyro_nf.neutra_mcmc(model, guide, **budget, nuts_options=options)
