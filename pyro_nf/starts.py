@@ -5,7 +5,9 @@ learns the shape from there. The candidates, in the model's unconstrained coordi
 and, for models with hierarchical sites, in non-centred ones (see `pyro_nf.noncentering`):
 
 - the Laplace approximation, where a mode with a positive-definite Hessian is found
-  (`pyro_nf.laplace.laplace_approximation`);
+  (`pyro_nf.laplace.laplace_approximation`; the search in the model's coordinates, after
+  the non-centred one, gets twice the iterations that one took, so that a funnel with no
+  mode is not chased);
 - the isotropic starts ``N(init_loc, s^2 I)`` at ``init_loc_fn``'s point, for ``s`` in
   ``init_scale``, 0.3, 0.5 and 1 (1 is Pyro's flow guides' start).
 
