@@ -45,8 +45,10 @@ __all__ = [
     "OnePassTransform",
     "build_flow",
     "get_flow_spec",
+    "kernel_builders",
     "network_builder",
     "register_flow",
+    "register_kernel_family",
     "register_network_family",
     "softplus_shift_and_scale",
 ]
@@ -184,7 +186,7 @@ class FlowStack(nn.Module):
         # autograd graph of every step.
         log_det = None
         for layer in self.layers:
-            x, layer_log_det = _forward_and_log_det(layer, x, context)
+            x, layer_log_det = _layer_pass(layer, x, context, inverse=False)
             log_det = layer_log_det if log_det is None else log_det + layer_log_det
         return x, x.new_zeros(x.shape[:-1]) if log_det is None else log_det
 
@@ -194,7 +196,7 @@ class FlowStack(nn.Module):
         """The inverse map, with the forward log-det at the returned point."""
         log_det = y.new_zeros(y.shape[:-1])
         for layer in reversed(self.layers):
-            y, layer_log_det = _inverse_and_log_det(layer, y, context)
+            y, layer_log_det = _layer_pass(layer, y, context, inverse=True)
             log_det = log_det + layer_log_det
         return y, log_det
 
@@ -214,37 +216,28 @@ class FlowStack(nn.Module):
         return functools.partial(self, context=context)
 
 
-def _forward_and_log_det(
-    layer: nn.Module, x: Tensor, context: Tensor | None
+def _layer_pass(
+    layer: nn.Module, value: Tensor, context: Tensor | None, inverse: bool
 ) -> tuple[Tensor, Tensor]:
+    """One layer's map (or inverse) of `value`, with the forward log-det at its input."""
     # Our layers compute the map and its log-det in one pass, without Pyro's
     # Transform.__call__ cache bookkeeping and the second log_abs_det_jacobian call: that
     # Python overhead, not arithmetic, is most of a step's cost (measured: see
     # docs/benchmarks.md). Any other Pyro layer goes through its own cache.
-    # hasattr, not isinstance(layer, FlowLayer): a protocol check costs microseconds per
+    # getattr, not isinstance(layer, FlowLayer): a protocol check costs microseconds per
     # layer and step.
-    if hasattr(layer, "forward_and_log_det"):
-        if context is None:
-            return layer.forward_and_log_det(x)
-        return layer.forward_and_log_det(x, context)
-    layer._cached_x_y = (None, None)
-    y = layer(x)
-    return y, _summed_log_det(layer, x, y)
-
-
-def _inverse_and_log_det(
-    layer: nn.Module, y: Tensor, context: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    if hasattr(layer, "inverse_and_log_det"):
-        if context is None:
-            return layer.inverse_and_log_det(y)
-        return layer.inverse_and_log_det(y, context)
+    one_pass = getattr(layer, "inverse_and_log_det" if inverse else "forward_and_log_det", None)
+    if one_pass is not None:
+        return one_pass(value) if context is None else one_pass(value, context)
     # Pyro's layers keep a one-entry cache keyed on the input tensor's identity; a stale
     # entry (same input, parameters since updated) would be returned silently, so every
     # pass starts from an empty cache.
     layer._cached_x_y = (None, None)
-    x = layer.inv(y)
-    return x, _summed_log_det(layer, x, y)
+    if inverse:
+        x = layer.inv(value)
+        return x, _summed_log_det(layer, x, value)
+    y = layer(value)
+    return y, _summed_log_det(layer, value, y)
 
 
 def _summed_log_det(layer: TransformModule, x: Tensor, y: Tensor) -> Tensor:
@@ -578,6 +571,61 @@ def register_network_family(
         options=options,
         conditional=conditional_builder(builder),
         min_dim=min_dim,
+    )
+    return register_flow(spec)
+
+
+@dataclass(frozen=True)
+class kernel_builders:  # noqa: N801 - used as functions; a class so that guides pickle
+    """The builders of a kernel family: `layer` stacked for the guides, `amortized` for the VAE.
+
+    `plain(dim, num_layers)` stacks `num_layers` of `layer(dim)`; `conditional(dim,
+    context_dim, num_layers, hidden_dims=None)` is one `amortized(dim, context_dim,
+    num_layers)`, whose single linear map of the context has no hidden layer
+    (`hidden_dims` does not apply).
+
+    Examples
+    --------
+    >>> from pyro_nf.flows import AmortizedRadial, InvertibleRadial
+    >>> builders = kernel_builders(InvertibleRadial, AmortizedRadial)
+    >>> len(builders.plain(3, 4).layers), len(builders.conditional(3, 2, 4).layers)
+    (4, 1)
+    """
+
+    layer: Callable[[int], nn.Module]
+    amortized: Callable[[int, int, int], nn.Module]
+
+    def plain(self, dim: int, num_layers: int) -> FlowStack:
+        return FlowStack([self.layer(dim) for _ in range(num_layers)])
+
+    def conditional(
+        self, dim: int, context_dim: int, num_layers: int, hidden_dims: object = None
+    ) -> FlowStack:
+        return FlowStack([self.amortized(dim, context_dim, num_layers)])
+
+
+def register_kernel_family(
+    name: str,
+    layer: Callable[[int], nn.Module],
+    amortized: Callable[[int, int, int], nn.Module],
+    num_layers: int,
+    lr: float,
+) -> FlowSpec:
+    """Register a family of kernel layers (a `KernelLayer` and its `AmortizedLayers`).
+
+    The planar and radial families are registered this way; see `kernel_builders`.
+
+    Examples
+    --------
+    >>> from pyro_nf.flows import AmortizedPlanar, InvertiblePlanar
+    >>> spec = register_kernel_family("planar-16", InvertiblePlanar, AmortizedPlanar, 16, 1e-2)
+    >>> len(build_flow("planar-16", dim=2).layers)
+    16
+    >>> del FLOWS["planar-16"], CONDITIONAL_FLOWS["planar-16"]
+    """
+    builders = kernel_builders(layer, amortized)
+    spec = FlowSpec(
+        name, builders.plain, num_layers=num_layers, lr=lr, conditional=builders.conditional
     )
     return register_flow(spec)
 

@@ -23,10 +23,8 @@ from torch import Tensor
 from .base import (
     SOFTPLUS_INV_ONE,
     AmortizedLayers,
-    FlowSpec,
-    FlowStack,
     KernelLayer,
-    register_flow,
+    register_kernel_family,
 )
 
 __all__ = ["AmortizedPlanar", "InvertiblePlanar", "planar_forward", "planar_inverse"]
@@ -182,17 +180,4 @@ class AmortizedPlanar(AmortizedLayers):
         return x, torch.log1p(one_minus_tanh_sq * slopes).sum(-1)
 
 
-def _planar_stack(dim: int, num_layers: int) -> FlowStack:
-    return FlowStack([InvertiblePlanar(dim) for _ in range(num_layers)])
-
-
-def _conditional_planar(
-    dim: int, context_dim: int, num_layers: int, hidden_dims: object = None
-) -> FlowStack:
-    # No hidden layer: one linear map of the context (hidden_dims does not apply).
-    return FlowStack([AmortizedPlanar(dim, context_dim, num_layers)])
-
-
-PLANAR = register_flow(
-    FlowSpec("planar", _planar_stack, num_layers=8, lr=1e-2, conditional=_conditional_planar)
-)
+PLANAR = register_kernel_family("planar", InvertiblePlanar, AmortizedPlanar, num_layers=8, lr=1e-2)

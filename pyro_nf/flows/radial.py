@@ -19,11 +19,9 @@ from torch import Tensor
 
 from .base import (
     AmortizedLayers,
-    FlowSpec,
-    FlowStack,
     KernelLayer,
     inverse_softplus,
-    register_flow,
+    register_kernel_family,
 )
 
 __all__ = ["AmortizedRadial", "InvertibleRadial", "radial_forward", "radial_inverse"]
@@ -131,17 +129,4 @@ class AmortizedRadial(AmortizedLayers):
         return x0, *_alpha_beta(alpha_prime, beta_prime)
 
 
-def _radial_stack(dim: int, num_layers: int) -> FlowStack:
-    return FlowStack([InvertibleRadial(dim) for _ in range(num_layers)])
-
-
-def _conditional_radial(
-    dim: int, context_dim: int, num_layers: int, hidden_dims: object = None
-) -> FlowStack:
-    # No hidden layer: one linear map of the context (hidden_dims does not apply).
-    return FlowStack([AmortizedRadial(dim, context_dim, num_layers)])
-
-
-RADIAL = register_flow(
-    FlowSpec("radial", _radial_stack, num_layers=8, lr=1e-2, conditional=_conditional_radial)
-)
+RADIAL = register_kernel_family("radial", InvertibleRadial, AmortizedRadial, num_layers=8, lr=1e-2)
