@@ -17,6 +17,9 @@ The rule, `choose`:
    random numbers), drawn from a generator of its own, so that the choice is
    deterministic and does not touch Pyro's random state: draw ``i`` of each candidate is
    ``m + L eps_i``, with log weight ``log p(x, z_i) - log q(z_i)``; the ELBO is their mean.
+   A candidate all of whose first `SCREEN_DRAWS` log weights lie more than
+   `SCREEN_MARGIN` nats below the best candidate's mean over those draws is not scored
+   further (it could not win by any step below).
 2. The candidates whose ELBO is within noise of the best (below it by at most two paired
    standard errors of the per-draw difference, or exact: constant log weights) are the
    contenders; a Laplace start among them is preferred (it whitens the coordinates the
@@ -68,6 +71,14 @@ KHAT_RELIABLE = 0.7
 #: against 31 for the non-centred mode).
 MAX_SEARCH_ITERATIONS = 1000
 MIN_SEARCH_ITERATIONS = 20
+#: Draws every candidate is scored on first, and the margin (nats) below the best
+#: candidate's mean there that all of a candidate's log weights must fall under for it to
+#: be scored no further: such a start can be no contender (its ELBO is lower still) and
+#: has no reliable evidence estimate. On the 25-predictor regression of
+#: examples/robust_posteriors.py the isotropic starts are ~1e8 nats below the Laplace one,
+#: and scoring them on all draws was 60% of the scoring time.
+SCREEN_DRAWS = 32
+SCREEN_MARGIN = 100.0
 #: Log weights whose spread is below this (nats) are those of an exact start.
 EXACT_SPREAD = 1e-3
 
@@ -93,7 +104,8 @@ class Start:
     reason : str
         Why this start was taken (set on the chosen one).
     scores : dict
-        Every candidate's label and ELBO (set on the chosen one).
+        Every candidate's label and ELBO (set on the chosen one; for a candidate screened
+        out, its ELBO on the first `SCREEN_DRAWS` draws).
 
     Examples
     --------
@@ -191,13 +203,16 @@ def choose_start(
                 offered.append((Start(loc, noncentering, approx, 1.0), density))
                 budget = max(MIN_SEARCH_ITERATIONS, 2 * approx.iterations)
         offered += [(Start(loc, noncentering, None, scale), density) for scale in scales]
+    candidates, screened = [start for start, _ in offered], {}
     if len(offered) > 1:
-        eps = _base_draws(init_loc)
-        for start, density in offered:
-            start.log_weights = _log_weights(start, density, eps)
+        candidates, screened = _score(offered, _base_draws(init_loc))
+    if screened:
+        notes.append(f"screened out on {SCREEN_DRAWS} draws: {', '.join(screened)}")
     if warm_start is not None and log_joint.stochastic:
         notes.append(_random_log_joint_note(log_joint))
-    return _announce(choose([start for start, _ in offered]), notes)
+    chosen = choose(candidates)
+    chosen.scores.update(screened)
+    return _announce(chosen, notes)
 
 
 def _laplace_start(
@@ -255,6 +270,29 @@ def _base_draws(like: Tensor) -> Tensor:
     return eps.to(like.dtype)
 
 
+def _score(
+    offered: list[tuple[Start, Callable[[Tensor], Tensor]]], eps: Tensor
+) -> tuple[list[Start], dict[str, float]]:
+    """Set each candidate's log weights on the common draws ``eps``, screening first.
+
+    Every candidate is scored on the first `SCREEN_DRAWS` draws; one none of whose log
+    weights there comes within `SCREEN_MARGIN` nats of the best candidate's mean over them
+    is scored no further. Returns the candidates kept, and the screened ones' labels with
+    their ELBOs on those draws."""
+    for start, density in offered:
+        start.log_weights = _log_weights(start, density, eps[:SCREEN_DRAWS])
+    best = max(float(start.log_weights.mean()) for start, _ in offered)
+    kept, screened = [], {}
+    for start, density in offered:
+        if float(start.log_weights.max()) < best - SCREEN_MARGIN:
+            screened[start.label] = float(start.log_weights.mean())
+            continue
+        rest = _log_weights(start, density, eps[SCREEN_DRAWS:])
+        start.log_weights = torch.cat([start.log_weights, rest])
+        kept.append(start)
+    return kept, screened
+
+
 @torch.no_grad()
 def _log_weights(start: Start, density: Callable[[Tensor], Tensor], eps: Tensor) -> Tensor:
     """``log p(x, z_i) - log q(z_i)`` for ``z_i = m + L eps_i``, NaN read as -inf."""
@@ -269,8 +307,8 @@ def _log_weights(start: Start, density: Callable[[Tensor], Tensor], eps: Tensor)
 def choose(candidates: list[Start]) -> Start:
     """The start the rule picks among scored candidates (see the module docstring).
 
-    Sets ``elbo``, ``reason`` and ``scores`` on the one it returns; a single candidate is
-    returned unscored.
+    Sets ``elbo``, ``reason`` and ``scores`` on the one it returns; a single candidate
+    without log weights is returned unscored.
 
     Parameters
     ----------
@@ -288,7 +326,7 @@ def choose(candidates: list[Start]) -> Start:
     >>> choose([wide, narrow]).label
     'N(init_loc, 0.1^2) (model)'
     """
-    if len(candidates) == 1:
+    if len(candidates) == 1 and candidates[0].log_weights is None:
         candidates[0].reason = "the only start on offer"
         return candidates[0]
     for start in candidates:
@@ -329,8 +367,11 @@ def _within_noise(start: Start, best: Start) -> bool:
 
 def _mass_elsewhere(chosen: Start, candidates: list[Start]) -> Start | None:
     """The widest isotropic start, where its reliable evidence clearly beats ``chosen``'s."""
-    widest = max(start.scale for start in candidates if start.laplace is None)
-    wide = [s for s in candidates if s.laplace is None and s.scale == widest]
+    isotropic = [start for start in candidates if start.laplace is None]
+    if not isotropic:
+        return None
+    widest = max(start.scale for start in isotropic)
+    wide = [start for start in isotropic if start.scale == widest]
     mine, my_error = _log_evidence(chosen.log_weights)
     for start in sorted(wide, key=lambda s: -_log_evidence(s.log_weights)[0]):
         khat = _khat(start.log_weights)

@@ -11,7 +11,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal
 
 from pyro_nf import AutoPlanarFlow
 from pyro_nf.demo import regression_model
-from pyro_nf.starts import NUM_DRAWS, Start, choose, choose_start
+from pyro_nf.starts import NUM_DRAWS, SCREEN_DRAWS, SCREEN_MARGIN, Start, choose, choose_start
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 
@@ -46,6 +46,20 @@ def test_demo_regression_start_is_within_one_nat_of_the_best_candidate(seeds):
         start = _start(regression_model, args, seed)
         assert start.elbo >= max(start.scores.values()) - 1.0, (seed, start.scores)
         assert start.laplace is not None, (seed, start.reason)
+
+
+def test_hopeless_starts_are_screened_out_and_still_reported():
+    def model(x, y):  # 200 sharp observations: N(init_loc, s^2) is far off for every s
+        slope = pyro.sample("slope", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(slope * x, 0.01), obs=y)
+
+    x = torch.linspace(-1.0, 1.0, 200)
+    start = _start(model, (x, 3.0 * x), seed=0)
+    isotropic = [label for label in start.scores if label.startswith("N(")]
+    assert start.laplace is not None and len(isotropic) == 4
+    assert f"screened out on {SCREEN_DRAWS} draws: {', '.join(isotropic)}" in start.reason
+    assert all(start.scores[label] < start.elbo - SCREEN_MARGIN for label in isotropic)
 
 
 def test_the_choice_is_deterministic_under_a_seed():
