@@ -147,10 +147,9 @@ def model_without_init(guide: AutoContinuous) -> Callable:
     Examples
     --------
     >>> import pyro, pyro.distributions as dist
-    >>> from pyro.infer.autoguide import AutoDiagonalNormal
-    >>> def model():
-    ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
-    >>> model_without_init(AutoDiagonalNormal(model)) is model
+    >>> from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+    >>> model = lambda: pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> model_without_init(AutoLowRankMultivariateNormal(model)) is model
     True
     """
     return _unwrap(guide.model, InitMessenger)[1]
