@@ -19,7 +19,8 @@ class ParticleEffort:
     multiple doubles and the doubling resumes (after `probe_steps` steps timing one
     particle again, since a shared machine's load drifts): at a small learning rate the
     gradient noise, not the step size, limits accuracy, and that is where particles pay.
-    The probe steps are ordinary training steps. With `fixed`, the count never changes.
+    The probe steps are ordinary training steps. With `fixed`, the count never changes
+    (a model that does not vectorise then draws that many particles one at a time).
 
     Why cost, not trace size: where the model's arithmetic is cheap a step is Python
     overhead and particles come almost free; where it is not, each one costs. Measured
@@ -52,6 +53,7 @@ class ParticleEffort:
     probing: bool = True
     base: float | None = None
     vectorizes: bool = True
+    adaptive: bool = True
     history: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])
     _times: list[float] = field(default_factory=list, repr=False)
     _remeasure: bool = field(default=False, repr=False)
@@ -63,15 +65,17 @@ class ParticleEffort:
 
         Examples
         --------
-        >>> ParticleEffort.fixed(8).update(1.0, step=1) is None
+        >>> ParticleEffort.fixed(8).update(1.0, step=1, vectorizes=False) is None
         True
         """
-        return cls(particles=particles, probing=False, history=[(0, particles)])
+        return cls(particles=particles, probing=False, adaptive=False, history=[(0, particles)])
 
     def update(self, seconds: float, step: int, vectorizes: bool = True) -> int | None:
         """Record the time of step `step`; the count from the next step on, or None to
         keep it. `vectorizes=False` (no particle dimension in the model) ends the search
         at one particle."""
+        if not self.adaptive:
+            return None
         if not vectorizes:
             if not self.vectorizes:
                 return None

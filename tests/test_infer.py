@@ -368,6 +368,19 @@ def test_default_particles_are_one_where_the_model_does_not_vectorise(fresh_pyro
     assert result.num_particles == 1 and len(result.losses) == 5
 
 
+def test_a_given_count_is_drawn_one_at_a_time_where_the_model_does_not_vectorise(
+    fresh_pyro_state,
+):
+    def unbatched():
+        v = pyro.sample("v", dist.Normal(0.0, 1.0))
+        pyro.sample("u", dist.Normal(torch.zeros(3), v.exp()).to_event(1))
+
+    guide = AutoNormal(unbatched)
+    with pytest.warns(UserWarning, match="drawing the 2 particles one at a time"):
+        result = fit(unbatched, guide, num_steps=5, num_particles=2, progress=False, seed=0)
+    assert result.num_particles == 2 and result.particle_schedule == [(0, 2)]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [

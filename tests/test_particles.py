@@ -67,3 +67,8 @@ def test_fixed_counts_never_change():
     assert all(effort.update(s, i) is None for i, s in enumerate([0.01, 1.0, 0.01] * 5))
     effort.raise_limit()
     assert effort.particles == 16 and effort.history == [(0, 16)]
+
+
+def test_a_fixed_count_stays_where_the_model_does_not_vectorise():
+    effort = ParticleEffort.fixed(4)  # drawn one at a time, as asked
+    assert effort.update(0.01, 1, vectorizes=False) is None and effort.particles == 4
