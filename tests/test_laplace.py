@@ -167,6 +167,35 @@ def test_warm_start_gets_through_an_ill_conditioned_posterior():
     assert cold_mean_err > 10
 
 
+def test_mode_is_found_when_the_noise_scale_starts_far_from_its_own():
+    # Unknown noise on calendar years, from init_to_median's draw of a slope of ~120 (true
+    # 0.02): the start's curvature is 1e7 times the mode's, so a search whitened once, at
+    # the start, stopped at a log density of -168 on a gradient that only looked small.
+    x, y = _year_data(40)
+
+    def model(x, y):
+        a = pyro.sample("a", dist.Normal(torch.tensor(0.0, dtype=f64), 1000.0))
+        b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=f64), 1000.0))
+        sigma = pyro.sample("sigma", dist.HalfCauchy(torch.tensor(1.0, dtype=f64)))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(a + b * x, sigma), obs=y)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(model, flow="planar")
+    guide(x, y)
+    assert guide.start.label == "laplace (model)"
+    design = torch.stack([torch.ones_like(x), x], -1)
+    least_squares = torch.linalg.lstsq(design, y[:, None]).solution.squeeze(-1)
+    residual = y - design @ least_squares
+    mode = guide.start.laplace.loc
+    # a and b at least squares (flat priors), within 0.05 of their sds; sigma's mode
+    # (unconstrained, with the Jacobian) at sqrt(SSR / (N - 1)) up to the prior's pull.
+    assert ((mode[:2] - least_squares).abs() / guide.start.laplace.scale[:2]).max() < 0.05
+    sigma_mode = residual.pow(2).sum().div(len(x) - 1).sqrt()
+    assert float(mode[2].exp() / sigma_mode) == pytest.approx(1.0, abs=0.01)
+
+
 @pytest.mark.slow
 def test_funnel_model_starts_plain_and_says_why_without_a_warning():
     def model():
