@@ -9,10 +9,13 @@ tau, where the rest is conjugate) with their Monte-Carlo standard errors, bulk E
 gradient evaluation and per second (guide training included for NeuTra) and R-hat, from
 ArviZ. The eight-schools model is the one of examples/eight_schools.py.
 
-The defaults are a smoke run of seconds; the table in docs/neutra.md came from
+The defaults are a smoke run of seconds; the eight-schools table in docs/neutra.md came
+from (and ``--models funnel --target-accept 0.8 --seeds 0 1`` for the funnel's)
 
     python examples/neutra.py --models schools --fit-steps 1500 --warmup 300 \\
-        --samples 600 --chains 2 --target-accept 0.8 0.9 --seeds 0 1 2 --json neutra.json
+        --samples 600 --chains 2 --target-accept 0.8 0.9 --seeds 0 --json seed0.json
+    python examples/neutra.py --models schools --fit-steps 1500 --warmup 300 \\
+        --samples 600 --chains 2 --target-accept 0.8 --seeds 1 2 --json seeds12.json
 """
 
 from __future__ import annotations
