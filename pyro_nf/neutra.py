@@ -337,6 +337,9 @@ def neutra_mcmc(
     fewer divergences, larger steps, shallower trees. The guide's parameters are held
     fixed (detached: the gradient graph is the chain's position only). In non-centred
     coordinates the map reads the model's prior parameters at ``*args, **kwargs``.
+    Pyro's NUTS settings are kept (target acceptance 0.8): on centred eight schools a
+    target of 0.9 still left divergences, at 2.4 times the gradients and half the ESS
+    (docs/neutra.md); where NeuTra NUTS diverges, a better guide is the cure.
 
     Parameters
     ----------
