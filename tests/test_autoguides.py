@@ -437,8 +437,9 @@ def test_funnel_gets_the_plain_start_and_trains_to_a_small_kl():
         return dist.Normal(0.0, 3.0).log_prob(v) + dist.Normal(0.0, scale).log_prob(x).sum(-1)
 
     guide = AutoSplineFlow(funnel, noncentered=False)  # in the model's own coordinates
-    guide()  # quiet: no mode in these coordinates is not the user's error
-    assert guide.laplace is None and "no Laplace start" in guide.start.reason
+    guide()  # quiet: a mode in the neck, or none found, is not the user's error
+    # The mode (v = -18, in a neck of width e^-9) is a poor start: an isotropic one wins.
+    assert guide.laplace is None and guide.start.label.startswith("N(init_loc")
     fit(funnel, guide, num_steps=1000, num_particles=8, progress=False, seed=0)
     with torch.no_grad():
         z, log_q = guide.get_posterior().rsample_and_log_prob((10000,))
@@ -449,7 +450,8 @@ def test_funnel_gets_the_plain_start_and_trains_to_a_small_kl():
 @pytest.mark.slow
 def test_without_a_mode_the_isotropic_start_with_the_best_elbo_is_taken():
     # With n coordinates x the density has its mode at v = -4.5 n, x = 0, in a neck of width
-    # exp(-2.25 n): the search finds it for n = 2, not in float32 for n = 4.
+    # exp(-2.25 n): a Laplace start there, where the search reaches it in float32, is far
+    # worse than an isotropic start at init_loc_fn's point.
     def funnel():
         v = pyro.sample("v", dist.Normal(0.0, 3.0))
         pyro.sample("x", dist.Normal(torch.zeros(4), torch.exp(v / 2)).to_event(1))
@@ -458,7 +460,8 @@ def test_without_a_mode_the_isotropic_start_with_the_best_elbo_is_taken():
     guide()
     assert guide.laplace is None
     scores = guide.start.scores
-    assert len(scores) == 4 and not any(label.startswith("laplace") for label in scores)
+    isotropic = [label for label in scores if label.startswith("N(init_loc")]
+    assert len(isotropic) == 4 and guide.start.label in isotropic
     assert guide.start.elbo == max(scores.values())
     assert torch.allclose(guide.scale, torch.full((5,), guide.start.scale))
 
