@@ -387,10 +387,13 @@ def _lbfgs_mode(
     chunks of iterations, until the gradient in ``u`` is below ``tol`` (checked at the
     start too) or a chunk stops improving the value. Returns the point, the iterations
     taken and whether it stopped on the gradient."""
-    if whitening.dim() == 1:
-        density = lambda u: log_density(start + whitening * u)  # noqa: E731
-    else:
-        density = lambda u: log_density(start + whitening @ u)  # noqa: E731
+
+    def point_of(u: Tensor) -> Tensor:
+        return start + (whitening * u if whitening.dim() == 1 else whitening @ u)
+
+    def density(u: Tensor) -> Tensor:
+        return log_density(point_of(u))
+
     u = torch.zeros_like(start, requires_grad=True)
     chunk = 10
     optimizer = torch.optim.LBFGS(
@@ -424,10 +427,7 @@ def _lbfgs_mode(
         if previous - loss <= rel_tol * (1 + abs(loss)):
             break
         previous = loss
-    u = u.detach()
-    iterations = _iterations(optimizer)
-    point = start + (whitening * u if whitening.dim() == 1 else whitening @ u)
-    return point, iterations, small_gradient
+    return point_of(u.detach()), _iterations(optimizer), small_gradient
 
 
 def _iterations(optimizer: torch.optim.LBFGS) -> int:
