@@ -146,11 +146,13 @@ def fit(
         Initial learning rate; defaults to `guide.default_lr` where the guide has one
         (pyro_nf's flow guides), else to the `lr` of a Pyro `optimizer`, else 1e-2.
     num_particles : int, optional
-        Monte-Carlo samples per gradient estimate; vectorised when the model allows it,
-        else drawn one at a time (with a warning). Default: chosen by the measured cost of
-        a step (`ParticleEffort`): doubled from 1 (up to 256) while a step costs at most
-        twice the one-particle step, the allowed multiple doubling at each learning-rate
-        decay; 1 where the model does not vectorise. `FitResult.particle_schedule` says
+        Monte-Carlo samples per gradient estimate; vectorised in a particle plate where
+        the model allows it, else batched by `torch.func.vmap` (a model written for one
+        draw, such as `x @ beta`), else drawn one at a time (with a warning). Default:
+        chosen by the measured cost of a step (`ParticleEffort`): doubled from 1 (up to
+        256, 8 when batched by vmap) while a step costs at most twice the one-particle
+        step, the allowed multiple doubling at each learning-rate decay; 1 where the model
+        cannot be batched. `FitResult.particle_schedule` says
         what was drawn when. Timings vary with the machine's load, so two default fits
         with the same `seed` may draw different counts; give `num_particles` for a fit
         that repeats exactly.
@@ -304,7 +306,8 @@ class _Loop:
             self.setup_time = seconds
             return
         self.step_times.append(seconds)
-        count = self.effort.update(seconds, step, self.objective.vectorizes)
+        objective = self.objective
+        count = self.effort.update(seconds, step, objective.vectorizes, objective.vmap)
         if count is not None:
             self.objective.set_particles(count)
 

@@ -23,10 +23,11 @@ class Objective:
 
     `params` maps the name of every parameter seen in a loss evaluation to its
     unconstrained tensor; a parameter first seen after the optimiser was attached
-    (`optimizer`) is added to it as a new group. Vectorised particles fall back to
-    particles drawn one at a time where the model cannot take a particle dimension:
-    silently, at one particle, for `warn=False` (counts chosen by `fit`), with a warning
-    and the same count otherwise. `guard` (a `NonFiniteGuard` over `params` and
+    (`optimizer`) is added to it as a new group. Particles are batched in a plate; where
+    the model cannot take a particle dimension, by ``torch.func.vmap`` (`vmap` turns
+    True); where that fails too, they are drawn one at a time: silently, at one particle,
+    for `warn=False` (counts chosen by `fit`), with a warning and the same count
+    otherwise. `guard` (a `NonFiniteGuard` over `params` and
     `losses`) turns a failed evaluation with non-finite values into `NonFiniteLossError`.
 
     Examples
@@ -60,16 +61,17 @@ class Objective:
         self.switch = estimator == "auto"
         self.estimator = "elbo" if self.switch else estimator
         self.warn = warn
-        self.vectorizes = True
+        self.vectorizes, self.vmap = True, False
         self.set_particles(particles)
 
     def set_particles(self, particles: int) -> None:
         """Draw `particles` per step from now on (vectorised where the model allows)."""
         self.particles = particles
-        vectorize = particles > 1 and self.vectorizes
+        batched = particles > 1 and self.vectorizes
         # The nesting the last ELBO guessed (Pyro logs each guess): guessed once per fit.
         nesting = _model_plate_nesting(self.elbo) if hasattr(self, "elbo") else math.inf
-        self.elbo = make_elbo(self.estimator, particles, vectorize, nesting)
+        plate, vmap = batched and not self.vmap, batched and self.vmap
+        self.elbo = make_elbo(self.estimator, particles, plate, nesting, vmap=vmap)
 
     def loss(self, step: int) -> Tensor:
         """The differentiable loss of step `step` (parameters discovered on the way)."""
@@ -78,10 +80,10 @@ class Objective:
         except NonFiniteLossError:
             raise
         except Exception as error:  # noqa: BLE001 - retried without vectorisation, or re-raised
-            if not self.elbo.vectorize_particles:
+            if not (self.vectorizes and self.particles > 1):
                 raise
             self._unvectorise(error)
-            return self._guarded_loss(step)
+            return self.loss(step)
 
     def switch_estimator(self) -> None:
         """At the first lr decay, "auto" turns to the path derivative where it applies.
@@ -116,6 +118,10 @@ class Objective:
         return loss
 
     def _unvectorise(self, error: Exception) -> None:
+        if not self.vmap:  # no particle plate: torch.func.vmap next, then one at a time
+            self.vmap = True
+            self.set_particles(self.particles)
+            return
         self.vectorizes = False
         if self.warn:
             warnings.warn(

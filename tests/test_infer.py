@@ -7,9 +7,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
 
-from pyro_nf import AutoFlow, AutoIAFFlow, AutoSplineFlow
+from pyro_nf import AutoFlow, AutoIAFFlow, AutoPlanarFlow, AutoSplineFlow
 from pyro_nf.estimators import make_elbo
 from pyro_nf.infer import FitResult, NonFiniteLossError, Schedule, fit
 from pyro_nf.objective import Objective
@@ -271,9 +272,9 @@ def test_auto_estimator_switches_to_stl_at_the_first_decay(monkeypatch):
 
     made = []
 
-    def recording_make_elbo(estimator, num_particles, vectorize, max_plate_nesting):
+    def recording_make_elbo(estimator, num_particles, vectorize, max_plate_nesting, **options):
         made.append((estimator, num_particles))
-        return make_elbo(estimator, num_particles, vectorize, max_plate_nesting)
+        return make_elbo(estimator, num_particles, vectorize, max_plate_nesting, **options)
 
     monkeypatch.setattr(objective, "make_elbo", recording_make_elbo)
     result = fit(
@@ -357,10 +358,32 @@ def test_default_particles_follow_the_effort_rule(fresh_pyro_state):
     assert counts[-1] == result.num_particles
 
 
-def test_default_particles_are_one_where_the_model_does_not_vectorise(fresh_pyro_state):
-    def unbatched():  # ``torch.zeros(3)`` does not broadcast with a particle dimension on v
+def _unbatchable():  # control flow on a value: neither a plate nor vmap can batch it
+    v = pyro.sample("v", dist.Normal(0.0, 1.0))
+    scale = v.exp() if v < 10 else torch.tensor(1.0)
+    pyro.sample("u", dist.Normal(torch.zeros(3), scale).to_event(1))
+
+
+def test_particles_are_batched_by_vmap_where_no_particle_plate_fits(fresh_pyro_state):
+    def unplated():  # ``torch.zeros(3)`` does not broadcast with a particle dimension on v
         v = pyro.sample("v", dist.Normal(0.0, 1.0))
-        pyro.sample("u", dist.Normal(torch.zeros(3), v.exp()).to_event(1))
+        pyro.sample("u", dist.Normal(torch.zeros(3), v.exp()).to_event(1), obs=torch.ones(3))
+
+    guide = AutoPlanarFlow(unplated)
+    objective = Objective(unplated, guide, (), {}, "elbo", particles=4, warn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # still batched: nothing to warn of
+        batched = torch.stack([objective.loss(step=0) for _ in range(300)]).detach()
+    assert objective.vmap and objective.vectorizes
+    # The same loss as particles drawn one at a time (Pyro's Trace_ELBO), within noise.
+    elbo = Trace_ELBO(num_particles=4)
+    looped = torch.tensor([elbo.loss(unplated, guide) for _ in range(300)])
+    error = math.hypot(batched.std(), looped.std()) / math.sqrt(300)
+    assert abs(float(batched.mean() - looped.mean())) < 4 * error
+
+
+def test_default_particles_are_one_where_the_model_does_not_vectorise(fresh_pyro_state):
+    unbatched = _unbatchable
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback to one particle is silent
@@ -371,10 +394,7 @@ def test_default_particles_are_one_where_the_model_does_not_vectorise(fresh_pyro
 def test_a_given_count_is_drawn_one_at_a_time_where_the_model_does_not_vectorise(
     fresh_pyro_state,
 ):
-    def unbatched():
-        v = pyro.sample("v", dist.Normal(0.0, 1.0))
-        pyro.sample("u", dist.Normal(torch.zeros(3), v.exp()).to_event(1))
-
+    unbatched = _unbatchable
     guide = AutoNormal(unbatched)
     with pytest.warns(UserWarning, match="drawing the 2 particles one at a time"):
         result = fit(unbatched, guide, num_steps=5, num_particles=2, progress=False, seed=0)

@@ -5,11 +5,11 @@ import pytest
 from pyro_nf.particles import ParticleEffort
 
 
-def feed(effort, seconds_of, steps, start=1):
+def feed(effort, seconds_of, steps, start=1, vmap=False):
     """Step times from ``seconds_of(particles)``; the counts after each step."""
     counts = []
     for step in range(start, start + steps):
-        effort.update(seconds_of(effort.particles), step)
+        effort.update(seconds_of(effort.particles), step, vmap=vmap)
         counts.append(effort.particles)
     return counts
 
@@ -18,6 +18,16 @@ def test_overhead_dominated_steps_get_the_most_particles():
     effort = ParticleEffort()
     feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40)
     assert effort.particles == 256 and not effort.probing
+
+
+def test_vmapped_particles_stop_at_their_cap_even_after_decays():
+    effort = ParticleEffort()
+    feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40, vmap=True)
+    assert effort.particles == effort.max_vmap_particles == 8 and not effort.probing
+    effort.raise_limit()  # nothing left to probe: the count stays, no re-timing
+    assert not effort.probing
+    feed(effort, lambda p: 0.010 + 1e-5 * p, steps=20, start=41, vmap=True)
+    assert max(count for _, count in effort.history) == 8
 
 
 @pytest.mark.parametrize("per_particle, expected", [(0.001, 8), (0.003, 4), (0.1, 2)])
