@@ -150,10 +150,10 @@ def fit(
         the model allows it, else batched by `torch.func.vmap` (a model written for one
         draw, such as `x @ beta`), else drawn one at a time (with a warning). Default:
         chosen by the measured cost of a step (`ParticleEffort`): doubled from 1 (up to
-        256, 8 when batched by vmap) while a step costs at most twice the one-particle
-        step, the allowed multiple doubling at each learning-rate decay; 1 where the model
-        cannot be batched. `FitResult.particle_schedule` says
-        what was drawn when. Timings vary with the machine's load, so two default fits
+        256) while a step costs at most twice the one-particle step, the allowed multiple
+        doubling at each learning-rate decay; batched by vmap, one particle until the
+        first decay and at most 8; 1 where the model cannot be batched.
+        `FitResult.particle_schedule` says what was drawn when. Timings vary with the machine's load, so two default fits
         with the same `seed` may draw different counts; give `num_particles` for a fit
         that repeats exactly.
     estimator : {"auto", "elbo", "stl"}

@@ -23,14 +23,15 @@ class ParticleEffort:
     (a model that does not vectorise then draws that many particles one at a time).
 
     Where particles are batched by `torch.func.vmap` (a model that takes no particle
-    plate, `update(..., vmap=True)`), at most `max_vmap_particles`: there the one-particle
-    step is the guide's unbatched step, cheaper than any batched one, so the multiple
-    buys little accuracy for its time. Measured on the 25-predictor regression of
-    `examples/robust_posteriors.py` (seed 0, float64; AutoNormal's fit 19.6 s): 1 / 2 /
-    4 / 8 vmapped particles gave 15.8 / 20.5 / 22.2 / 22.7 ms a step, fits of 20.0 /
-    27.5 / 31.5 / 35.0 s and largest sd errors (log) of 0.083 / 0.065 / 0.073 / 0.059;
-    uncapped, the rule went to 256 particles (63.6 ms a step, a fit of 165.6 s, 8.4
-    times AutoNormal's).
+    plate, `update(..., vmap=True)`), the one-particle step is the guide's unbatched step,
+    and any batched one costs a fixed premium over it whatever the count: the search
+    goes back to one particle until the first decay, where gradient noise starts to
+    matter, then doubles as above up to `max_vmap_particles`. Measured on the
+    25-predictor regression of `examples/robust_posteriors.py` (seed 0, float64;
+    AutoNormal's fit 19.6 s): 1 / 2 / 4 / 8 vmapped particles all along gave 15.8 / 20.5
+    / 22.2 / 22.7 ms a step, fits of 20.0 / 27.5 / 31.5 / 35.0 s and largest sd errors
+    (log) of 0.083 / 0.065 / 0.073 / 0.059; uncapped, the rule went to 256 particles
+    (63.6 ms a step, a fit of 165.6 s, 8.4 times AutoNormal's).
 
     Why cost, not trace size: where the model's arithmetic is cheap a step is Python
     overhead and particles come almost free; where it is not, each one costs. Measured
@@ -65,6 +66,7 @@ class ParticleEffort:
     base: float | None = None
     vectorizes: bool = True
     vmap: bool = False
+    decays: int = 0
     adaptive: bool = True
     history: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])
     _times: list[float] = field(default_factory=list, repr=False)
@@ -91,7 +93,8 @@ class ParticleEffort:
         `max_vmap_particles`."""
         if not self.adaptive:
             return None
-        self.vmap = vmap
+        if vmap and not self.vmap:
+            return self._batch_by_vmap(step)
         if not vectorizes:
             if not self.vectorizes:
                 return None
@@ -114,6 +117,7 @@ class ParticleEffort:
         """A learning-rate decay: double the allowed cost multiple and probe upwards,
         from a fresh timing of the cheapest step (the machine's load may have changed)."""
         self.cost_ratio *= 2
+        self.decays += 1
         if self.vectorizes and self.base is not None and self.particles < self.limit:
             self.probing, self._remeasure = True, True
 
@@ -130,6 +134,16 @@ class ParticleEffort:
         else:
             self.probing = False
             return None
+        return self._record(step + 1)
+
+    def _batch_by_vmap(self, step: int) -> int | None:
+        """Batched by vmap from now on: one particle until the next decay, unless one
+        has passed (then the search goes on, within the cap)."""
+        self.vmap = True
+        if self.decays:
+            self.particles = min(self.particles, self.limit)
+            return self._record(step + 1)
+        self.particles, self.probing, self._times = 1, False, []
         return self._record(step + 1)
 
     @property

@@ -20,13 +20,17 @@ def test_overhead_dominated_steps_get_the_most_particles():
     assert effort.particles == 256 and not effort.probing
 
 
-def test_vmapped_particles_stop_at_their_cap_even_after_decays():
+def test_vmapped_particles_wait_for_the_first_decay_then_stop_at_their_cap():
     effort = ParticleEffort()
-    feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40, vmap=True)
+    counts = feed(effort, lambda p: 0.010 + 1e-5 * p, steps=3)
+    assert counts == [1, 1, 2]  # the plate is tried at 2, fails, and vmap batches it
+    counts = feed(effort, lambda p: 0.010 + 1e-5 * p, steps=37, start=4, vmap=True)
+    assert counts == [1] * 37 and effort.vmap and not effort.probing
+    effort.raise_limit()
+    feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40, start=41, vmap=True)
     assert effort.particles == effort.max_vmap_particles == 8 and not effort.probing
-    effort.raise_limit()  # nothing left to probe: the count stays, no re-timing
+    effort.raise_limit()  # at the cap: nothing left to probe
     assert not effort.probing
-    feed(effort, lambda p: 0.010 + 1e-5 * p, steps=20, start=41, vmap=True)
     assert max(count for _, count in effort.history) == 8
 
 
