@@ -30,7 +30,7 @@ def test_vmapped_particles_wait_for_the_first_decay_then_stop_at_their_cap():
     feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40, start=41, vmap=True)
     assert effort.particles == effort.max_vmap_particles == 8 and not effort.probing
     effort.raise_limit()  # at the cap: nothing left to probe
-    assert not effort.probing
+    assert not effort.probing and effort.cost_ratio == 2.0
     assert max(count for _, count in effort.history) == 8
 
 
