@@ -309,7 +309,7 @@ class _Loop:
         objective = self.objective
         count = self.effort.update(seconds, step, objective.vectorizes, objective.vmap)
         if count is not None:
-            self.objective.set_particles(count)
+            objective.set_particles(count)
 
     def show(self, bar: tqdm, step: int) -> None:
         if bar.disable:

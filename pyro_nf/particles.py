@@ -30,12 +30,12 @@ class ParticleEffort:
     at `cost_ratio` (a vmapped particle can cost a whole model run: on the GARCH(1,1) of
     1000 returns in `examples/robust_posteriors.py`, a multiple doubled at each decay
     made the fit 2.6 times AutoNormal's time, for errors of 0.086 / 0.058 against 0.067 /
-    0.066 at one particle). Measured on the
-    25-predictor regression of `examples/robust_posteriors.py` (seed 0, float64;
-    AutoNormal's fit 19.6 s): 1 / 2 / 4 / 8 vmapped particles all along gave 15.8 / 20.5
-    / 22.2 / 22.7 ms a step, fits of 20.0 / 27.5 / 31.5 / 35.0 s and largest sd errors
-    (log) of 0.083 / 0.065 / 0.073 / 0.059; uncapped, the rule went to 256 particles
-    (63.6 ms a step, a fit of 165.6 s, 8.4 times AutoNormal's).
+    0.066 at one particle). Measured on the 25-predictor regression of
+    `examples/robust_posteriors.py` (seed 0, float64; AutoNormal's fit 19.6 s): 1 / 2 /
+    4 / 8 vmapped particles all along gave 15.8 / 20.5 / 22.2 / 22.7 ms a step, fits of
+    20.0 / 27.5 / 31.5 / 35.0 s and largest sd errors (log) of 0.083 / 0.065 / 0.073 /
+    0.059; uncapped, the rule went to 256 particles (63.6 ms a step, a fit of 165.6 s,
+    8.4 times AutoNormal's).
 
     Why cost, not trace size: where the model's arithmetic is cheap a step is Python
     overhead and particles come almost free; where it is not, each one costs. Measured
@@ -93,8 +93,8 @@ class ParticleEffort:
     ) -> int | None:
         """Record the time of step `step`; the count from the next step on, or None to
         keep it. `vectorizes=False` (no particle dimension in the model) ends the search
-        at one particle; `vmap=True` (batched by `torch.func.vmap`) caps it at
-        `max_vmap_particles`."""
+        at one particle; `vmap=True` (batched by `torch.func.vmap`) holds it at one
+        particle until the first decay and caps it at `max_vmap_particles`."""
         if not self.adaptive:
             return None
         if vmap and not self.vmap:
@@ -143,13 +143,13 @@ class ParticleEffort:
         return self._record(step + 1)
 
     def _batch_by_vmap(self, step: int) -> int | None:
-        """Batched by vmap from now on: one particle until the next decay, unless one
+        """Batched by vmap from now on: one particle until the first decay, unless one
         has passed (then the search goes on, within the cap)."""
         self.vmap = True
         if self.decays:
             self.particles = min(self.particles, self.limit)
-            return self._record(step + 1)
-        self.particles, self.probing, self._times = 1, False, []
+        else:
+            self.particles, self.probing, self._times = 1, False, []
         return self._record(step + 1)
 
     @property
