@@ -128,7 +128,8 @@ def summarise(result: pyro_nf.MCMCResult, seconds: float, moments: dict, sd_chec
 
 def run_model(name: str, args: argparse.Namespace, seed: int) -> Iterator[tuple[str, dict]]:
     """Fit the default spline guide, then NeuTra NUTS (at each target acceptance) and
-    plain NUTS (at Pyro's default 0.8), same budget; yield each row when it is done."""
+    plain NUTS (at Pyro's defaults, and with `--plain-matched` at NeuTra's settings too),
+    same budget; yield each row when it is done."""
     model, moments, sd_checked = MODELS[name]
     budget = dict(
         num_samples=args.samples,
@@ -153,8 +154,15 @@ def run_model(name: str, args: argparse.Namespace, seed: int) -> Iterator[tuple[
         row = summarise(neutra, fit_seconds + neutra.seconds, moments, sd_checked)
         mass = "dense" if args.full_mass else "diagonal"
         yield f"{name} seed {seed} NeuTra NUTS {target} {mass}", {**row, **fit_info}
-    plain = pyro_nf.nuts_mcmc(model, **budget, nuts_options={"max_tree_depth": args.max_tree_depth})
-    yield f"{name} seed {seed} plain NUTS 0.8", summarise(plain, plain.seconds, moments, sd_checked)
+    settings = [(0.8, False)]  # Pyro's defaults
+    if args.plain_matched:
+        settings += [(target, args.full_mass) for target in args.target_accept]
+    for target, full_mass in dict.fromkeys(settings):
+        options = {"max_tree_depth": args.max_tree_depth, "target_accept_prob": target}
+        plain = pyro_nf.nuts_mcmc(model, **budget, nuts_options={**options, "full_mass": full_mass})
+        mass = "dense" if full_mass else "diagonal"
+        row = summarise(plain, plain.seconds, moments, sd_checked)
+        yield f"{name} seed {seed} plain NUTS {target} {mass}", row
 
 
 #: Per model: the model, its exact moments, the variables whose sd is checked. The sd
@@ -198,6 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--full-mass", action="store_true", help="dense mass matrix for NeuTra NUTS"
+    )
+    parser.add_argument(
+        "--plain-matched",
+        action="store_true",
+        help="also run plain NUTS at NeuTra's settings (besides Pyro's defaults)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
