@@ -1,6 +1,8 @@
-"""ELBO gradient estimators of `fit`: the standard reparameterised one (Pyro's `Trace_ELBO`)
-and the path-derivative ("sticking the landing") estimator of Roeder, Wu & Duvenaud
-(2017), whose variance vanishes as the guide approaches the posterior."""
+"""Objectives and gradient estimators of `fit`: the ELBO with the standard reparameterised
+gradient (Pyro's `Trace_ELBO`) or the path-derivative ("sticking the landing") one of Roeder,
+Wu & Duvenaud (2017), whose variance vanishes as the guide approaches the posterior; and the
+importance-weighted bound (Burda, Grosse & Salakhutdinov 2016) over a step's particles with
+the doubly reparameterised gradient of Tucker et al. (2019)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pyro_nf.noncentering import NonCenteredDistribution
 
 __all__ = ["ESTIMATORS", "make_elbo", "supports_stl"]
 
-ESTIMATORS = ("auto", "elbo", "stl")
+ESTIMATORS = ("auto", "elbo", "stl", "iw")
 
 
 class _PathDerivativeELBO(Trace_ELBO):
@@ -58,7 +60,7 @@ def _detach_distribution(fn: dist.Distribution, site: str) -> dist.Distribution:
     if isinstance(fn, dist.MultivariateNormal):
         return dist.MultivariateNormal(fn.loc.detach(), scale_tril=fn.scale_tril.detach())
     raise NotImplementedError(
-        f"estimator='stl' cannot detach the parameters of guide site {site!r} "
+        f"estimator='stl' or 'iw' cannot detach the parameters of guide site {site!r} "
         f"({type(fn).__name__}); it supports pyro_nf's flow guides and Normal or "
         "multivariate-normal guide sites (AutoNormal, AutoDiagonalNormal, "
         "AutoMultivariateNormal). Use estimator='elbo' for this guide."
@@ -89,6 +91,29 @@ def supports_stl(guide: Callable, args: tuple, kwargs: dict) -> bool:
     return True
 
 
+def _log_weight(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dict) -> Tensor:
+    """One particle's `log p(x, z) - log q(z)`, its guide sites all reparameterised."""
+    model_trace, guide_trace = elbo._get_trace(model, guide, args, kwargs)
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site["is_observed"]:
+            if not site["fn"].has_rsample:
+                raise NotImplementedError(f"site {site['name']!r} has no rsample")
+    return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+
+
+def _vmapped_log_weights(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dict) -> Tensor:
+    """`elbo.num_particles` log weights batched by ``torch.func.vmap``, shape `(K,)`."""
+    # Unvalidated: validation's NaN checks are control flow vmap cannot batch (a
+    # non-finite loss is caught by fit's guard all the same).
+    with pyro.validation_enabled(False):
+        batch = torch.arange(elbo.num_particles)
+
+        def particle(_: Tensor) -> Tensor:
+            return _log_weight(elbo, model, guide, args, kwargs)
+
+        return torch.func.vmap(particle, randomness="different")(batch)
+
+
 class _VmappedParticles:
     """An ELBO whose particles are batched by ``torch.func.vmap`` rather than a plate.
 
@@ -101,19 +126,7 @@ class _VmappedParticles:
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        def particle(_: Tensor) -> Tensor:
-            model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-            for site in guide_trace.nodes.values():
-                if site["type"] == "sample" and not site["is_observed"]:
-                    if not site["fn"].has_rsample:
-                        raise NotImplementedError(f"site {site['name']!r} has no rsample")
-            return guide_trace.log_prob_sum() - model_trace.log_prob_sum()
-
-        # Unvalidated: validation's NaN checks are control flow vmap cannot batch (a
-        # non-finite loss is caught by fit's guard all the same).
-        with pyro.validation_enabled(False):
-            batch = torch.arange(self.num_particles)
-            return torch.func.vmap(particle, randomness="different")(batch).mean()
+        return -_vmapped_log_weights(self, model, guide, args, kwargs).mean()
 
 
 class _VmappedELBO(_VmappedParticles, Trace_ELBO):
@@ -124,6 +137,74 @@ class _VmappedPathDerivativeELBO(_VmappedParticles, _PathDerivativeELBO):
     """The path-derivative ELBO with vmap-batched particles."""
 
 
+class _ImportanceWeightedELBO(_PathDerivativeELBO):
+    r"""Negative importance-weighted bound over the step's $K$ particles, DReG gradient.
+
+    The bound $\log \frac1K \sum_k w_k$, $w_k = p(x, z_k) / q(z_k)$ (Burda et al. 2016),
+    lies between the ELBO ($K = 1$) and the log evidence, and its optimal guide covers the
+    posterior's mass rather than hiding in its mode: it is the objective for heavy tails,
+    which the ELBO's guide cuts short. Its gradient here is doubly reparameterised (Tucker
+    et al. 2019): $-\sum_k \tilde w_k^2 \nabla \log w_k$ with normalised weights
+    $\tilde w_k$ held fixed and $\log q$ scored with detached parameters (as for
+    `"stl"`), unbiased for the bound's gradient and exactly zero at a guide equal to the
+    posterior. Pyro's `RenyiELBO(alpha=0)` is the same bound with the plain
+    reparameterised gradient, whose signal-to-noise ratio for the guide falls like
+    $1 / \sqrt{K}$ (Rainforth et al. 2018), and takes no vmap batching. On the 200-step
+    GARCH(1,1) of `benchmarks/fit_cost.py` (seed 0, 8 particles, default spline guide),
+    the largest mean error and log sd ratio against NUTS were 0.055 sd / 0.130 with this
+    gradient, 0.129 / 0.159 with the plain one, and 0.145 / 0.380 for the ELBO at
+    `fit`'s defaults (64 ELBO particles: 0.048 / 0.157 at twice this one's time).
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        log_weights = self._log_weights(model, guide, args, kwargs)
+        normalised = torch.softmax(log_weights.detach(), dim=0)
+        bound = torch.logsumexp(log_weights.detach(), dim=0) - math.log(len(log_weights))
+        surrogate = (normalised.square() * log_weights).sum()
+        return -bound - (surrogate - surrogate.detach())  # the bound's value, DReG's gradient
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def _log_weights(self, model, guide, args: tuple, kwargs: dict) -> Tensor:
+        """The particles' log weights, shape `(K,)`: from one plated trace or one by one."""
+        if not (self.vectorize_particles and self.num_particles > 1):
+            draws = [
+                _log_weight(self, model, guide, args, kwargs) for _ in range(self.num_particles)
+            ]
+            return torch.stack(draws)
+        model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
+        return _particle_sums(model_trace, self.num_particles) - _particle_sums(
+            guide_trace, self.num_particles
+        )
+
+
+class _VmappedImportanceWeightedELBO(_ImportanceWeightedELBO):
+    """The importance-weighted bound with vmap-batched particles."""
+
+    def _log_weights(self, model, guide, args: tuple, kwargs: dict) -> Tensor:
+        return _vmapped_log_weights(self, model, guide, args, kwargs)
+
+
+def _particle_sums(trace: poutine.Trace, num_particles: int) -> Tensor:
+    """Each particle's summed log density in a trace whose leftmost dimension is the
+    particle plate (every site sits inside it), shape `(K,)`."""
+    return sum(
+        site["log_prob"].reshape(num_particles, -1).sum(-1)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    )
+
+
+#: Per estimator, its ELBO class and that class with vmap-batched particles.
+_CLASSES = {
+    "elbo": (Trace_ELBO, _VmappedELBO),
+    "stl": (_PathDerivativeELBO, _VmappedPathDerivativeELBO),
+    "iw": (_ImportanceWeightedELBO, _VmappedImportanceWeightedELBO),
+}
+
+
 def make_elbo(
     estimator: str,
     num_particles: int,
@@ -131,7 +212,7 @@ def make_elbo(
     max_plate_nesting: float = math.inf,
     vmap: bool = False,
 ) -> Trace_ELBO:
-    """The ELBO of `estimator` (`"elbo"` or `"stl"`) with `num_particles` particles.
+    """The objective of `estimator` (`"elbo"`, `"stl"` or `"iw"`) with `num_particles` particles.
 
     Particles are batched in a plate with ``vectorize``, by ``torch.func.vmap`` with
     ``vmap`` (see `_VmappedParticles`), and drawn one at a time with neither.
@@ -144,12 +225,12 @@ def make_elbo(
     '_PathDerivativeELBO'
     >>> type(make_elbo("elbo", 8, vectorize=False, vmap=True)).__name__
     '_VmappedELBO'
+    >>> type(make_elbo("iw", 8, vectorize=True)).__name__
+    '_ImportanceWeightedELBO'
     """
-    if vmap and num_particles > 1:
-        cls = _VmappedPathDerivativeELBO if estimator == "stl" else _VmappedELBO
-        vectorize = False
-    else:
-        cls = _PathDerivativeELBO if estimator == "stl" else Trace_ELBO
+    plain, vmapped = _CLASSES[estimator]
+    cls = vmapped if vmap and num_particles > 1 else plain
+    vectorize = vectorize and cls is plain
     return cls(
         num_particles=num_particles,
         vectorize_particles=vectorize,
