@@ -18,6 +18,7 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer import Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.trace_struct import Trace
@@ -25,6 +26,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from pyro_nf.checks import check_int
+from pyro_nf.estimators import vmapped_log_weights
 
 __all__ = [
     "LogEvidence",
@@ -106,6 +108,30 @@ def _vectorisation_warning(function: str, error: Exception) -> None:
     )
 
 
+#: Draws per vmap pass where the model takes no particle plate: a vmapped draw is a whole
+#: model run (the 200-step GARCH of `benchmarks/fit_cost.py` holds a 200 x 200 matrix).
+_VMAP_DRAWS = 256
+
+
+def _batched_log_weights(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, size: int, nesting: float
+) -> Tensor:
+    """`size` log weights batched in a particle plate or, where the model takes none (one
+    written for one draw), by ``torch.func.vmap`` as `fit` batches its particles."""
+    try:
+        log_w, _, _ = vectorized_importance_weights(
+            model, guide, *args, num_samples=size, max_plate_nesting=nesting, **kwargs
+        )
+        return log_w.reshape(size)
+    except Exception:  # noqa: BLE001 - no particle plate fits: vmap next
+        elbo = Trace_ELBO(max_plate_nesting=nesting)
+        chunks = []
+        for draws in _batches(size, _VMAP_DRAWS):
+            elbo.num_particles = draws
+            chunks.append(vmapped_log_weights(elbo, model, guide, args, kwargs))
+        return torch.cat(chunks)
+
+
 @torch.no_grad()
 def log_importance_weights(
     model: Callable,
@@ -116,6 +142,10 @@ def log_importance_weights(
     **kwargs,
 ) -> Tensor:
     """``log p(x, z_k) - log q(z_k)`` for ``num_samples`` draws ``z_k`` of the guide.
+
+    The draws are batched in a particle plate where the model takes one, else by
+    ``torch.func.vmap`` (a model written for one draw, such as ``x @ beta``), else drawn
+    one at a time with a warning.
 
     Parameters
     ----------
@@ -151,10 +181,7 @@ def log_importance_weights(
     for size in _batches(num_samples, batch_size):
         if vectorise:
             try:
-                log_w, _, _ = vectorized_importance_weights(
-                    model, guide, *args, num_samples=size, max_plate_nesting=nesting, **kwargs
-                )
-                chunks.append(log_w.reshape(size))
+                chunks.append(_batched_log_weights(model, guide, args, kwargs, size, nesting))
                 continue
             except Exception as error:  # noqa: BLE001 - fall back to one draw at a time
                 _vectorisation_warning("log_importance_weights", error)

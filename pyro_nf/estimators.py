@@ -19,7 +19,7 @@ from torch import Tensor
 from pyro_nf.distribution import FlowDistribution
 from pyro_nf.noncentering import NonCenteredDistribution
 
-__all__ = ["ESTIMATORS", "make_elbo", "supports_stl"]
+__all__ = ["ESTIMATORS", "make_elbo", "supports_stl", "vmapped_log_weights"]
 
 ESTIMATORS = ("auto", "elbo", "stl", "iw")
 
@@ -101,8 +101,20 @@ def _log_weight(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dict) -> Te
     return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
 
 
-def _vmapped_log_weights(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dict) -> Tensor:
-    """`elbo.num_particles` log weights batched by ``torch.func.vmap``, shape `(K,)`."""
+def vmapped_log_weights(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dict) -> Tensor:
+    """`elbo.num_particles` log weights `log p(x, z) - log q(z)` batched by
+    ``torch.func.vmap`` (for a model that takes no particle plate), shape `(K,)`.
+
+    Examples
+    --------
+    >>> from pyro_nf import AutoSplineFlow
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    >>> guide = AutoSplineFlow(model)
+    >>> _ = guide()  # parameters are made outside vmap
+    >>> vmapped_log_weights(Trace_ELBO(num_particles=3), model, guide, (), {}).shape
+    torch.Size([3])
+    """
     # Unvalidated: validation's NaN checks are control flow vmap cannot batch (a
     # non-finite loss is caught by fit's guard all the same).
     with pyro.validation_enabled(False):
@@ -126,7 +138,7 @@ class _VmappedParticles:
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        return -_vmapped_log_weights(self, model, guide, args, kwargs).mean()
+        return -vmapped_log_weights(self, model, guide, args, kwargs).mean()
 
 
 class _VmappedELBO(_VmappedParticles, Trace_ELBO):
@@ -184,7 +196,7 @@ class _VmappedImportanceWeightedELBO(_ImportanceWeightedELBO):
     """The importance-weighted bound with vmap-batched particles."""
 
     def _log_weights(self, model, guide, args: tuple, kwargs: dict) -> Tensor:
-        return _vmapped_log_weights(self, model, guide, args, kwargs)
+        return vmapped_log_weights(self, model, guide, args, kwargs)
 
 
 def _particle_sums(trace: poutine.Trace, num_particles: int) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoNormal, init_to_value
 
-from pyro_nf import AutoIAFFlow
+from pyro_nf import AutoIAFFlow, AutoSplineFlow
 from pyro_nf.diagnostics import (
     compare_to_mcmc,
     khat_from_log_weights,
@@ -285,3 +285,40 @@ def test_plots():
     with pytest.raises(ValueError, match="no variable in common"):
         plot_pair(idata, {"sigma": np.ones(10)})
     matplotlib.pyplot.close("all")
+
+
+DESIGN = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+RESPONSE = torch.tensor([0.5, -0.3, 0.2])
+
+
+def regression():  # ``DESIGN @ z`` takes no sample dimension on z: a model for one draw
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(DESIGN @ z, 1.0).to_event(1), obs=RESPONSE)
+
+
+def test_log_weights_of_a_model_written_for_one_draw_are_batched_by_vmap():
+    # The posterior is Gaussian, so the Laplace-started guide is exact: every log weight
+    # is the log evidence, log N(y; 0, I + X X^T).
+    guide = AutoSplineFlow(regression)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched: nothing to warn of
+        log_w = log_importance_weights(regression, guide, num_samples=300, batch_size=200)
+    evidence = dist.MultivariateNormal(torch.zeros(3), torch.eye(3) + DESIGN @ DESIGN.T)
+    assert log_w.shape == (300,)
+    assert torch.allclose(log_w, evidence.log_prob(RESPONSE).expand(300), atol=1e-4)
+    # An inexact guide: the draws differ across the batch.
+    with torch.no_grad():
+        guide.loc.add_(0.5)
+    assert log_importance_weights(regression, guide, num_samples=300).std() > 0.05
+
+
+def test_log_weights_fall_back_to_one_draw_at_a_time_with_a_warning():
+    def branching():  # control flow on a value: neither a plate nor vmap batches it
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        scale = x.exp() if x < 10 else torch.tensor(1.0)
+        pyro.sample("obs", dist.Normal(0.0, scale), obs=torch.tensor(0.5))
+
+    guide = AutoNormal(branching)
+    with pytest.warns(UserWarning, match="one sample at a time"):
+        log_w = log_importance_weights(branching, guide, num_samples=20)
+    assert log_w.shape == (20,) and torch.isfinite(log_w).all()
