@@ -26,7 +26,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from pyro_nf.checks import check_int
-from pyro_nf.estimators import vmapped_log_weights
+from pyro_nf.estimators import vmap_draws, vmapped_log_weights
 
 __all__ = [
     "LogEvidence",
@@ -371,6 +371,17 @@ def _draw_one(model, guide, args, kwargs, predictive):
     return poutine.trace(poutine.replay(run, trace=guide_trace)).get_trace(*args, **kwargs)
 
 
+def _draw_vmapped(model, guide, args, kwargs, names, num_samples, predictive):
+    """Draws of the named sites batched by `vmap_draws`, `_VMAP_DRAWS` at a time."""
+
+    def draw(_: Tensor) -> dict[str, Tensor]:
+        trace = _draw_one(model, guide, args, kwargs, predictive)
+        return {name: trace.nodes[name]["value"] for name in names}
+
+    chunks = [vmap_draws(draw, size) for size in _batches(num_samples, _VMAP_DRAWS)]
+    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in names}
+
+
 @torch.no_grad()
 def _draw(model, guide, args, kwargs, names, shapes, num_samples, nesting, predictive):
     """Draws of the named sites, each of shape ``(num_samples, *site_shape)``."""
@@ -383,6 +394,10 @@ def _draw(model, guide, args, kwargs, names, shapes, num_samples, nesting, predi
             draws[name] = value.expand(shape) if value.numel() < math.prod(shape) else value
             draws[name] = draws[name].reshape(shape)
         return draws
+    except Exception:  # noqa: BLE001 - no sample plate fits: vmap next
+        pass
+    try:
+        return _draw_vmapped(model, guide, args, kwargs, names, num_samples, predictive)
     except Exception as error:  # noqa: BLE001 - fall back to one draw at a time
         _vectorisation_warning("to_inference_data", error)
     traces = [_draw_one(model, guide, args, kwargs, predictive) for _ in range(num_samples)]
@@ -405,6 +420,9 @@ def to_inference_data(
     **kwargs,
 ) -> az.InferenceData:
     """Draws from a fitted guide as an `arviz.InferenceData`.
+
+    Batched as in `log_importance_weights`: in a sample plate, else by vmap (pyro_nf's
+    flow guides on a model written for one draw), else one at a time with a warning.
 
     Parameters
     ----------

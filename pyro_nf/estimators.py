@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -19,7 +20,7 @@ from torch import Tensor
 from pyro_nf.distribution import FlowDistribution
 from pyro_nf.noncentering import NonCenteredDistribution
 
-__all__ = ["ESTIMATORS", "make_elbo", "supports_stl", "vmapped_log_weights"]
+__all__ = ["ESTIMATORS", "make_elbo", "supports_stl", "vmap_draws", "vmapped_log_weights"]
 
 ESTIMATORS = ("auto", "elbo", "stl", "iw")
 
@@ -101,9 +102,28 @@ def _log_weight(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dict) -> Te
     return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
 
 
+def vmap_draws(draw: Callable[[Tensor], Any], num_draws: int) -> Any:
+    """`draw(i)` for `i` in `range(num_draws)`, batched by ``torch.func.vmap``, each draw
+    with its own randomness: a tensor or a dict of tensors, the draws along dimension 0.
+
+    For models that take no particle plate (one written for one draw, such as
+    ``x @ beta``): vmap leaves the model's shapes alone. Validation is off inside:
+    its NaN checks are control flow vmap cannot batch (a non-finite loss is caught by
+    `fit`'s guard all the same). Pyro's own distributions draw in place, which vmap
+    refuses, so this batches what pyro_nf's flow guides draw (an `AutoNormal` raises).
+
+    Examples
+    --------
+    >>> vmap_draws(lambda _: torch.randn(2), 3).shape
+    torch.Size([3, 2])
+    """
+    with pyro.validation_enabled(False):
+        return torch.func.vmap(draw, randomness="different")(torch.arange(num_draws))
+
+
 def vmapped_log_weights(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dict) -> Tensor:
-    """`elbo.num_particles` log weights `log p(x, z) - log q(z)` batched by
-    ``torch.func.vmap`` (for a model that takes no particle plate), shape `(K,)`.
+    """`elbo.num_particles` log weights `log p(x, z) - log q(z)` batched by `vmap_draws`,
+    shape `(K,)`.
 
     Examples
     --------
@@ -115,15 +135,11 @@ def vmapped_log_weights(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dic
     >>> vmapped_log_weights(Trace_ELBO(num_particles=3), model, guide, (), {}).shape
     torch.Size([3])
     """
-    # Unvalidated: validation's NaN checks are control flow vmap cannot batch (a
-    # non-finite loss is caught by fit's guard all the same).
-    with pyro.validation_enabled(False):
-        batch = torch.arange(elbo.num_particles)
 
-        def particle(_: Tensor) -> Tensor:
-            return _log_weight(elbo, model, guide, args, kwargs)
+    def particle(_: Tensor) -> Tensor:
+        return _log_weight(elbo, model, guide, args, kwargs)
 
-        return torch.func.vmap(particle, randomness="different")(batch)
+    return vmap_draws(particle, elbo.num_particles)
 
 
 class _VmappedParticles:

@@ -322,3 +322,17 @@ def test_log_weights_fall_back_to_one_draw_at_a_time_with_a_warning():
     with pytest.warns(UserWarning, match="one sample at a time"):
         log_w = log_importance_weights(branching, guide, num_samples=20)
     assert log_w.shape == (20,) and torch.isfinite(log_w).all()
+
+
+def test_inference_data_of_a_model_written_for_one_draw_is_batched_by_vmap():
+    guide = AutoSplineFlow(regression)  # exact, as above
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched: nothing to warn of
+        idata = to_inference_data(regression, guide, num_samples=2000)
+    draws = torch.as_tensor(idata.posterior["z"].values[0])
+    precision = torch.eye(2) + DESIGN.T @ DESIGN
+    assert draws.shape == (2000, 2)
+    assert torch.allclose(
+        draws.mean(0), torch.linalg.solve(precision, DESIGN.T @ RESPONSE), atol=0.06
+    )
+    assert torch.allclose(draws.T.cov(), torch.linalg.inv(precision), atol=0.04)
