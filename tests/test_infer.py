@@ -254,7 +254,8 @@ def test_stl_fit_matches_the_posterior():
     assert abs(guide.scales.x.item() - POST_SD) < 0.05
 
 
-def test_stl_rejects_unsupported_guides():
+@pytest.mark.parametrize("estimator", ["stl", "iw"])
+def test_stl_and_iw_reject_unsupported_guides(estimator):
     def model():
         pyro.sample("rate", dist.Gamma(2.0, 1.0))
 
@@ -263,7 +264,7 @@ def test_stl_rejects_unsupported_guides():
         pyro.sample("rate", dist.Gamma(a, 1.0))
 
     with pytest.raises(NotImplementedError, match="'rate'.*Gamma"):
-        fit(model, guide, num_steps=5, estimator="stl", progress=False)
+        fit(model, guide, num_steps=5, estimator=estimator, progress=False)
 
 
 @pytest.mark.slow
