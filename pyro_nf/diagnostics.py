@@ -109,7 +109,7 @@ def _vectorisation_warning(function: str, error: Exception) -> None:
 
 
 #: Draws per vmap pass where the model takes no particle plate: a vmapped draw is a whole
-#: model run (the 200-step GARCH of `benchmarks/fit_cost.py` holds a 200 x 200 matrix).
+#: model run (garch200 of `benchmarks/fit_cost.py`, 200 observations, holds a 200 x 200 matrix).
 _VMAP_DRAWS = 256
 
 

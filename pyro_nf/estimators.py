@@ -177,11 +177,12 @@ class _ImportanceWeightedELBO(_PathDerivativeELBO):
     `"stl"`), unbiased for the bound's gradient and exactly zero at a guide equal to the
     posterior. Pyro's `RenyiELBO(alpha=0)` is the same bound with the plain
     reparameterised gradient, whose signal-to-noise ratio for the guide falls like
-    $1 / \sqrt{K}$ (Rainforth et al. 2018), and takes no vmap batching. On the 200-step
-    GARCH(1,1) of `benchmarks/fit_cost.py` (seed 0, 8 particles, default spline guide),
-    the largest mean error and log sd ratio against NUTS were 0.055 sd / 0.130 with this
-    gradient, 0.129 / 0.159 with the plain one, and 0.145 / 0.380 for the ELBO at
-    `fit`'s defaults (64 ELBO particles: 0.048 / 0.157 at twice this one's time).
+    $1 / \sqrt{K}$ (Rainforth et al. 2018), and takes no vmap batching. On the GARCH(1,1)
+    of 200 observations (garch200 of `benchmarks/fit_cost.py`; seed 0, 8 particles,
+    default spline guide), the largest mean error and log sd ratio against NUTS were
+    0.055 sd / 0.130 with this gradient, 0.129 / 0.159 with the plain one, and
+    0.145 / 0.380 for the ELBO at `fit`'s defaults (64 ELBO particles: 0.048 / 0.157 at
+    twice this one's time).
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
