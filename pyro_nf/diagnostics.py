@@ -113,23 +113,32 @@ def _vectorisation_warning(function: str, error: Exception) -> None:
 _VMAP_DRAWS = 256
 
 
-def _batched_log_weights(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, size: int, nesting: float
-) -> Tensor:
-    """`size` log weights batched in a particle plate or, where the model takes none (one
-    written for one draw), by ``torch.func.vmap`` as `fit` batches its particles."""
-    try:
-        log_w, _, _ = vectorized_importance_weights(
-            model, guide, *args, num_samples=size, max_plate_nesting=nesting, **kwargs
+def _plate_log_weights(model, guide, args, kwargs, size: int, nesting: float) -> Tensor:
+    """`size` log weights batched in a particle plate."""
+    log_w, _, _ = vectorized_importance_weights(
+        model, guide, *args, num_samples=size, max_plate_nesting=nesting, **kwargs
+    )
+    return log_w.reshape(size)
+
+
+def _vmapped_log_weights(model, guide, args, kwargs, size: int, nesting: float) -> Tensor:
+    """`size` log weights batched by vmap (a model written for one draw), as `fit` batches
+    its particles, `_VMAP_DRAWS` at a time."""
+    elbos = (
+        Trace_ELBO(num_particles=n, max_plate_nesting=nesting) for n in _batches(size, _VMAP_DRAWS)
+    )
+    return torch.cat([vmapped_log_weights(elbo, model, guide, args, kwargs) for elbo in elbos])
+
+
+def _looped_log_weights(model, guide, args, kwargs, size: int, nesting: float) -> Tensor:
+    """`size` log weights drawn one at a time."""
+    draws = []
+    for _ in range(size):
+        model_trace, guide_trace = get_importance_trace(
+            "flat", math.inf, model, guide, args, kwargs
         )
-        return log_w.reshape(size)
-    except Exception:  # noqa: BLE001 - no particle plate fits: vmap next
-        elbo = Trace_ELBO(max_plate_nesting=nesting)
-        chunks = []
-        for draws in _batches(size, _VMAP_DRAWS):
-            elbo.num_particles = draws
-            chunks.append(vmapped_log_weights(elbo, model, guide, args, kwargs))
-        return torch.cat(chunks)
+        draws.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
+    return torch.stack(draws)
 
 
 @torch.no_grad()
@@ -176,22 +185,25 @@ def log_importance_weights(
     (torch.Size([5]), True)
     """
     _, nesting = _prototype(model, guide, args, kwargs)
+    # The ways still open, best first; one that fails is dropped for the later batches.
+    batchers = [_plate_log_weights, _vmapped_log_weights, _looped_log_weights]
     chunks = []
-    vectorise = True
     for size in _batches(num_samples, batch_size):
-        if vectorise:
-            try:
-                chunks.append(_batched_log_weights(model, guide, args, kwargs, size, nesting))
-                continue
-            except Exception as error:  # noqa: BLE001 - fall back to one draw at a time
-                _vectorisation_warning("log_importance_weights", error)
-                vectorise = False
-        for _ in range(size):
-            model_trace, guide_trace = get_importance_trace(
-                "flat", math.inf, model, guide, args, kwargs
-            )
-            chunks.append((model_trace.log_prob_sum() - guide_trace.log_prob_sum()).reshape(1))
+        chunks.append(_first_that_works(batchers, (model, guide, args, kwargs, size, nesting)))
     return torch.cat(chunks).detach()
+
+
+def _first_that_works(batchers: list[Callable], arguments: tuple) -> Tensor:
+    """The result of the first of `batchers` that does not raise; those that raise are
+    removed from the list, with a warning (naming the error) when one at a time is left."""
+    while len(batchers) > 1:
+        try:
+            return batchers[0](*arguments)
+        except Exception as error:  # noqa: BLE001 - the next way of batching
+            batchers.pop(0)
+            if len(batchers) == 1:
+                _vectorisation_warning("log_importance_weights", error)
+    return batchers[0](*arguments)
 
 
 def psis_khat(
