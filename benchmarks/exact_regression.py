@@ -69,25 +69,36 @@ def exact_moments(
     return mean, sd, u_mean, math.sqrt(float(weights @ grid**2) - u_mean**2)
 
 
+#: The regressions of `examples/robust_posteriors.py`: coefficient site, prior sd, scale prior.
+REGRESSIONS = {
+    "years": ("slope", 1000.0, dist.HalfCauchy(torch.tensor(1.0))),
+    "correlated": ("beta", 100.0, dist.HalfNormal(10.0)),
+}
+
+
+def problem_moments(name: str, problem) -> tuple[Tensor, Tensor]:
+    """Exact means and sds of one of `REGRESSIONS` in unconstrained coordinates, in
+    `robust_posteriors.flatten`'s (sorted-site) order."""
+    coefficients, tau, prior = REGRESSIONS[name]
+    x, y = problem.args
+    W = torch.cat([torch.ones(len(y), 1, dtype=y.dtype), x.reshape(len(y), -1)], -1)
+    mean, sd, u_mean, u_sd = exact_moments(W, y, tau, prior)
+    sites = {
+        "intercept": (mean[:1], sd[:1]),
+        coefficients: (mean[1:], sd[1:]),
+        "sigma": (torch.tensor([u_mean]), torch.tensor([u_sd])),
+    }
+    mean = torch.cat([sites[site][0] for site in sorted(sites)])
+    return mean, torch.cat([sites[site][1] for site in sorted(sites)])
+
+
 def main() -> None:
     from benchmarks.fit_cost import PROBLEMS, ROOT, robust
 
     torch.set_default_dtype(torch.float64)
-    for name, coefficients, tau, prior in (
-        ("years", "slope", 1000.0, dist.HalfCauchy(torch.tensor(1.0))),
-        ("correlated", "beta", 100.0, dist.HalfNormal(10.0)),
-    ):
+    for name in REGRESSIONS:
         problem = PROBLEMS[name]()
-        x, y = problem.args
-        W = torch.cat([torch.ones(len(y), 1), x.reshape(len(y), -1)], -1)
-        mean, sd, u_mean, u_sd = exact_moments(W, y, tau, prior)
-        sites = {
-            "intercept": (mean[:1], sd[:1]),
-            coefficients: (mean[1:], sd[1:]),
-            "sigma": (torch.tensor([u_mean]), torch.tensor([u_sd])),
-        }
-        mean = torch.cat([sites[site][0] for site in sorted(sites)])  # `flatten`'s order
-        sd = torch.cat([sites[site][1] for site in sorted(sites)])
+        mean, sd = problem_moments(name, problem)
         cache = ROOT / "benchmarks" / "nuts_cache" / f"{name}_1000_2000.pt"
         draws = torch.load(cache)["draws"]
         ref = robust.flatten(robust.unconstrain(draws, robust.latent_supports(problem)))

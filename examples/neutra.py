@@ -35,6 +35,7 @@ from eight_schools import SIGMA, Y, centered  # the model of examples/eight_scho
 
 import pyro_nf
 from pyro_nf.diagnostics import psis_khat
+from pyro_nf.estimators import ESTIMATORS
 
 #: Exact marginals of the funnel: v ~ N(0, 3), and x_i with mean 0 and variance E[e^v].
 FUNNEL_X_SD = math.exp(9 / 4)
@@ -141,7 +142,9 @@ def run_model(name: str, args: argparse.Namespace, seed: int) -> Iterator[tuple[
     pyro.clear_param_store()
     start = time.perf_counter()
     guide = pyro_nf.AutoSplineFlow(model)
-    fitted = pyro_nf.fit(model, guide, num_steps=args.fit_steps, seed=seed, progress=False)
+    fitted = pyro_nf.fit(
+        model, guide, num_steps=args.fit_steps, seed=seed, estimator=args.estimator, progress=False
+    )
     fit_seconds = time.perf_counter() - start
     fit_info = {"fit_seconds": fit_seconds, "fit_steps": fitted.num_steps, "elbo": fitted.elbo}
     fit_info["fit_stop"] = fitted.stop_reason
@@ -200,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="NUTS warm-up per chain")
     parser.add_argument("--samples", type=int, default=20, help="NUTS draws per chain")
     parser.add_argument("--chains", type=int, default=2, help="chains, run in turn")
+    parser.add_argument(
+        "--estimator", choices=ESTIMATORS, default="elbo", help="fit()'s objective for the guide"
+    )
     parser.add_argument("--max-tree-depth", type=int, default=10, help="NUTS's, as Pyro's")
     parser.add_argument(
         "--target-accept", type=float, nargs="+", default=[0.8], help="NeuTra NUTS's, each"
