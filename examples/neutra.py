@@ -150,8 +150,9 @@ def run_model(name: str, args: argparse.Namespace, seed: int) -> Iterator[tuple[
     fit_info["fit_stop"] = fitted.stop_reason
     fit_info["start"] = guide.start.label
     fit_info["khat"] = psis_khat(model, guide, num_samples=2000)  # the guide's own quality
+    jit = {"jit_compile": True, "ignore_jit_warnings": True} if args.jit else {}
     for target in args.target_accept:
-        options = {"max_tree_depth": args.max_tree_depth, "target_accept_prob": target}
+        options = {"max_tree_depth": args.max_tree_depth, "target_accept_prob": target, **jit}
         options["full_mass"] = args.full_mass
         neutra = pyro_nf.neutra_mcmc(model, guide, **budget, nuts_options=options)
         row = summarise(neutra, fit_seconds + neutra.seconds, moments, sd_checked)
@@ -161,7 +162,7 @@ def run_model(name: str, args: argparse.Namespace, seed: int) -> Iterator[tuple[
     if args.plain_matched:
         settings += [(target, args.full_mass) for target in args.target_accept]
     for target, full_mass in dict.fromkeys(settings):
-        options = {"max_tree_depth": args.max_tree_depth, "target_accept_prob": target}
+        options = {"max_tree_depth": args.max_tree_depth, "target_accept_prob": target, **jit}
         plain = pyro_nf.nuts_mcmc(model, **budget, nuts_options={**options, "full_mass": full_mass})
         mass = "dense" if full_mass else "diagonal"
         row = summarise(plain, plain.seconds, moments, sd_checked)
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         "--plain-matched",
         action="store_true",
         help="also run plain NUTS at NeuTra's settings (besides Pyro's defaults)",
+    )
+    parser.add_argument(
+        "--jit", action="store_true", help="compile the potential (Pyro's jit_compile), both NUTS"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))

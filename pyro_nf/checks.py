@@ -20,6 +20,7 @@ from torch import Tensor, nn
 __all__ = [
     "LARGE_FLOW_PARAMETERS",
     "MAX_FLOW_LAYERS",
+    "SPLINE_TAILS",
     "check_flow_arguments",
     "check_int",
     "check_positive",
@@ -194,11 +195,23 @@ def _check_count_bins(name: str, value: object) -> int:
     return check_int(name, value, minimum=2)
 
 
+#: The spline's tail forms (`pyro_nf.flows.spline`): Durkan et al.'s identity tails, and
+#: linear tails past a learned output interval.
+SPLINE_TAILS = ("identity", "linear")
+
+
+def _check_tails(name: str, value: object) -> str:
+    if value not in SPLINE_TAILS:
+        raise ValueError(f"{name} must be one of {SPLINE_TAILS}, got {value!r}")
+    return value
+
+
 #: Validators of the flow options, by name: one vocabulary across families.
 _FLOW_OPTION_CHECKS: dict[str, Callable[[str, object], object]] = {
     "hidden_dims": check_sizes,
     "count_bins": _check_count_bins,
     "bound": check_positive,
+    "tails": _check_tails,
 }
 
 
@@ -210,7 +223,7 @@ def check_flow_arguments(
     Checks what can be checked before the dimension is known (so a guide can refuse bad
     options when it is constructed): ``num_layers`` an int from 1 to `MAX_FLOW_LAYERS`,
     option names among ``spec.options``, and the values of the options every family
-    shares (``hidden_dims``, ``count_bins``, ``bound``). None means the default and is
+    shares (``hidden_dims``, ``count_bins``, ``bound``, ``tails``). None means the default and is
     left out.
 
     Parameters

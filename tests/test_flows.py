@@ -6,8 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd.functional import jacobian
 
+from pyro_nf.checks import SPLINE_TAILS
 from pyro_nf.flows import FLOWS, build_flow, get_flow_spec
-from pyro_nf.flows.spline import _identity_spline_params, _rational_quadratic_spline, _spline_table
+from pyro_nf.flows.spline import (
+    _identity_spline_params,
+    _rational_quadratic_spline,
+    _spline_table,
+    num_spline_params,
+)
 
 
 def _perturbed_flow(name: str, dim: int, seed: int, scale: float = 0.15):
@@ -195,65 +201,94 @@ def test_iaf_gradient_is_the_derivative_of_the_map_where_pyro_clamps():
 BOUND = 3.0
 
 
-def _random_spline(seed: int, count_bins: int = 8, dim: int = 3, batch=(4,), scale=1.5):
-    """Raw spline parameters of shape (*batch, 3K - 1, dim), float64, far from identity."""
+def _random_spline(
+    seed: int, count_bins: int = 8, dim: int = 3, batch=(4,), scale=1.5, tails="identity"
+):
+    """Raw spline parameters of shape (*batch, P, dim), float64, far from identity."""
     generator = torch.Generator().manual_seed(seed)
-    shape = (*batch, 3 * count_bins - 1, dim)
+    shape = (*batch, num_spline_params(count_bins, tails), dim)
     return scale * torch.randn(shape, dtype=torch.float64, generator=generator)
 
 
-def _spline(x, raw, inverse=False):
-    return _rational_quadratic_spline(x, raw, BOUND, inverse=inverse)
+def _spline(x, raw, inverse=False, tails="identity"):
+    return _rational_quadratic_spline(x, raw, BOUND, inverse=inverse, tails=tails)
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), count_bins=st.integers(2, 10))
-def test_spline_kernel_log_det_matches_autograd_jacobian(seed, count_bins):
-    raw = _random_spline(seed, count_bins, batch=())
+@given(
+    seed=st.integers(0, 10_000),
+    count_bins=st.integers(2, 10),
+    tails=st.sampled_from(SPLINE_TAILS),
+)
+def test_spline_kernel_log_det_matches_autograd_jacobian(seed, count_bins, tails):
+    raw = _random_spline(seed, count_bins, batch=(), tails=tails)
     generator = torch.Generator().manual_seed(seed)
     x = 2.5 * BOUND * (2 * torch.rand(3, dtype=torch.float64, generator=generator) - 1)
-    y, log_det = _spline(x, raw)
-    jac = jacobian(lambda v: _spline(v, raw)[0], x)
+    y, log_det = _spline(x, raw, tails=tails)
+    jac = jacobian(lambda v: _spline(v, raw, tails=tails)[0], x)
     assert torch.equal(jac, torch.diag(torch.diagonal(jac)))  # element-wise
     assert torch.allclose(log_det, torch.diagonal(jac).log().sum(), atol=1e-10)
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), count_bins=st.integers(2, 10))
-def test_spline_kernel_inverse_round_trip_inside_outside_and_at_knots(seed, count_bins):
-    raw = _random_spline(seed, count_bins)
-    table = _spline_table(raw, BOUND)  # (4, 3, K + 1, 3): x knots, y knots, derivatives
-    x_knots, y_knots = table[:, 0], table[:, 1]
+@given(
+    seed=st.integers(0, 10_000),
+    count_bins=st.integers(2, 10),
+    tails=st.sampled_from(SPLINE_TAILS),
+)
+def test_spline_kernel_inverse_round_trip_inside_outside_and_at_knots(seed, count_bins, tails):
+    raw = _random_spline(seed, count_bins, tails=tails)
+    table = _spline_table(raw, BOUND, tails)  # (4, 3, K + 1, 3): x knots, y knots, derivatives
+    x_knots, y_knots, derivatives = table.unbind(1)
     generator = torch.Generator().manual_seed(seed)
     x_random = 2 * BOUND * torch.randn(4, 20, 3, dtype=torch.float64, generator=generator)
     raw_points = raw.unsqueeze(1).expand(4, 20 + count_bins + 1, -1, -1)
     # every knot, both ends of the interval included, and points far outside it
     x = torch.cat([x_random, x_knots], dim=1)
-    y, log_det = _spline(x, raw_points)
+    y, log_det = _spline(x, raw_points, tails=tails)
     assert torch.allclose(y[:, 20:], y_knots, atol=1e-12)  # knots map onto knots
-    outside = x.abs() > BOUND
-    assert outside.any() and torch.equal(y[outside], x[outside])  # identity in the tails
-    x_back, log_det_back = _spline(y, raw_points, inverse=True)
+    # past each end: linear at that end's knot derivative (identity tails: y = x)
+    above, below = x > BOUND, x < -BOUND
+    assert above.any() and below.any()
+    end = {"above": (x_knots[:, -1], y_knots[:, -1], derivatives[:, -1]), "below": ()}
+    end["below"] = (x_knots[:, 0], y_knots[:, 0], derivatives[:, 0])
+    for side, mask in (("above", above), ("below", below)):
+        end_x, end_y, slope = (value.unsqueeze(1).expand_as(x) for value in end[side])
+        expected = end_y + (x - end_x) * slope
+        assert torch.allclose(y[mask], expected[mask], atol=1e-12)
+    if tails == "identity":
+        outside = above | below
+        assert torch.allclose(y[outside], x[outside], atol=1e-12)
+    x_back, log_det_back = _spline(y, raw_points, inverse=True, tails=tails)
     assert torch.allclose(x_back, x, atol=1e-10)
     assert torch.allclose(log_det_back, log_det, atol=1e-9)
     # the inverse at the y knots hits the x knots
-    x_at_knots, _ = _spline(y_knots, raw.unsqueeze(1).expand_as(raw_points[:, 20:]), True)
+    at_knots = raw.unsqueeze(1).expand_as(raw_points[:, 20:])
+    x_at_knots, _ = _spline(y_knots, at_knots, inverse=True, tails=tails)
     assert torch.allclose(x_at_knots, x_knots, atol=1e-10)
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), count_bins=st.integers(2, 10))
-def test_spline_kernel_is_increasing_and_continuous(seed, count_bins):
-    raw = _random_spline(seed, count_bins, batch=(), dim=1, scale=2.0)
+@given(
+    seed=st.integers(0, 10_000),
+    count_bins=st.integers(2, 10),
+    tails=st.sampled_from(SPLINE_TAILS),
+)
+def test_spline_kernel_is_increasing_and_continuous(seed, count_bins, tails):
+    raw = _random_spline(seed, count_bins, batch=(), dim=1, scale=2.0, tails=tails)
     x = torch.linspace(-1.5 * BOUND, 1.5 * BOUND, 20_001, dtype=torch.float64).unsqueeze(-1)
-    y, log_det = _spline(x, raw.expand(len(x), -1, -1))
+    y, log_det = _spline(x, raw.expand(len(x), -1, -1), tails=tails)
     assert (y.squeeze(-1).diff() > 0).all() and torch.isfinite(log_det).all()
-    # continuous at every knot: the left bin's formula meets the right bin's value
-    knots = _spline_table(raw, BOUND)[0].squeeze(-1)  # x knots, including both ends
-    just_below = torch.nextafter(knots, torch.tensor(-torch.inf, dtype=torch.float64))
-    at_and_below = torch.stack([knots, just_below], dim=-1).unsqueeze(-1)
-    y_pair, _ = _spline(at_and_below, raw.expand(len(knots), 2, -1, -1))
-    assert torch.allclose(y_pair[:, 0], y_pair[:, 1], atol=1e-12)
+    # continuous at every knot: the left bin's formula meets the right bin's value, and
+    # the slope too at both ends of the interval (the map is C1 into its tails)
+    knots = _spline_table(raw, BOUND, tails)[0].squeeze(-1)  # x knots, including both ends
+    infinity = torch.tensor(torch.inf, dtype=torch.float64)
+    around = [knots, torch.nextafter(knots, -infinity), torch.nextafter(knots, infinity)]
+    around = torch.stack(around, dim=-1).unsqueeze(-1)  # (K + 1, 3, 1)
+    y_near, log_slope_near = _spline(around, raw.expand(len(knots), 3, -1, -1), tails=tails)
+    assert torch.allclose(y_near, y_near[:, :1], atol=1e-12)
+    ends = log_slope_near[[0, -1]]
+    assert torch.allclose(ends, ends[:, :1], atol=1e-9)
 
 
 def test_spline_kernel_agrees_with_pyro_quadratic_order_in_interior_bins():
@@ -289,18 +324,19 @@ def test_spline_kernel_gradients_forward_and_inverse():
     assert torch.autograd.gradcheck(lambda v, r: _spline(v, r, inverse=True), (x, raw))
 
 
+@pytest.mark.parametrize("tails", SPLINE_TAILS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_spline_identity_start_is_the_identity(dtype):
-    raw = _identity_spline_params(8, 5).to(dtype)
+def test_spline_identity_start_is_the_identity(dtype, tails):
+    raw = _identity_spline_params(8, 5, tails).to(dtype)
     x = 2 * BOUND * torch.randn(100, 5, dtype=dtype)
-    y, log_det = _spline(x, raw.expand(100, -1, -1))
-    x_back, _ = _spline(x, raw.expand(100, -1, -1), inverse=True)
+    y, log_det = _spline(x, raw.expand(100, -1, -1), tails=tails)
+    x_back, _ = _spline(x, raw.expand(100, -1, -1), inverse=True, tails=tails)
     # parameters are float32 values (also after .double()): knot slopes are 1 within ~1e-7
     tol = 1e-5
     assert torch.allclose(y, x, atol=tol) and torch.allclose(x_back, x, atol=tol)
     assert log_det.abs().max() < tol * 5
     # and a fresh layer of either kind carries exactly these parameters
-    flow = build_flow("spline", 5, num_layers=2).to(dtype)
+    flow = build_flow("spline", 5, num_layers=2, tails=tails).to(dtype)
     y_flow, log_det_flow = flow(x)
     assert torch.allclose(y_flow, x, atol=tol) and log_det_flow.abs().max() < tol * 10
 

@@ -24,6 +24,8 @@ from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from pyro_nf.checks import SPLINE_TAILS
+
 from .base import (
     OnePassTransform,
     autoregressive_net,
@@ -46,37 +48,61 @@ _MIN_DERIVATIVE = 1e-3
 #: Default number of bins and tail bound (standardised units; see the module docstring).
 COUNT_BINS = 8
 BOUND = 3.0
+#: A layer's default tail form (of `SPLINE_TAILS`; see `_rational_quadratic_spline`):
+#: Durkan et al.'s.
+TAILS = "identity"
 
 
-def _spline_table(raw: Tensor, bound: float) -> Tensor:
-    """Knots and knot derivatives from raw parameters `(..., 3K - 1, D)`.
+def num_spline_params(count_bins: int, tails: str = "identity") -> int:
+    """Raw parameters per coordinate: `K` widths, `K` heights, the knot derivatives
+    (`K - 1` interior ones; with linear tails all `K + 1`, and a shift and a log-scale of
+    the output interval)."""
+    return 3 * count_bins - 1 if tails == "identity" else 3 * count_bins + 3
+
+
+def _spline_table(raw: Tensor, bound: float, tails: str = "identity") -> Tensor:
+    """Knots and knot derivatives from raw parameters `(..., P, D)` (`num_spline_params`).
 
     Returns shape `(..., 3, K + 1, D)`: the x positions of the knots, their y positions,
-    and the derivatives there (1 at both ends).
+    and the derivatives there. With identity tails the y knots span `[-bound, bound]` and
+    both end derivatives are 1; with linear tails the y interval is `shift + scale *
+    [-bound, bound]` and the end derivatives are learned.
     """
-    num_bins = (raw.size(-2) + 1) // 3
+    linear = tails == "linear"
+    num_bins = (raw.size(-2) - 3) // 3 if linear else (raw.size(-2) + 1) // 3
     # Widths and heights together, shape (..., 2, K, D): a softmax over each row of K
     # bins, floored, then cumulated and mapped onto [-bound, bound].
     sizes = raw[..., : 2 * num_bins, :].unflatten(-2, (2, num_bins))
     sizes = torch.softmax(sizes, dim=-2) * (1 - _MIN_BIN_SIZE * num_bins) + _MIN_BIN_SIZE
     knots = F.pad(torch.cumsum(sizes, dim=-2), (0, 0, 1, 0)) * (2 * bound) - bound
-    derivatives = F.pad(
-        F.softplus(raw[..., 2 * num_bins :, :]) + _MIN_DERIVATIVE, (0, 0, 1, 1), value=1.0
-    )
+    if linear:
+        derivatives = F.softplus(raw[..., 2 * num_bins : 3 * num_bins + 1, :]) + _MIN_DERIVATIVE
+        shift, log_scale = raw[..., 3 * num_bins + 1, :], raw[..., 3 * num_bins + 2, :]
+        y_knots = shift.unsqueeze(-2) + log_scale.exp().unsqueeze(-2) * knots[..., 1, :, :]
+        knots = torch.stack([knots[..., 0, :, :], y_knots], dim=-3)
+    else:
+        derivatives = F.pad(
+            F.softplus(raw[..., 2 * num_bins :, :]) + _MIN_DERIVATIVE, (0, 0, 1, 1), value=1.0
+        )
     return torch.cat([knots, derivatives.unsqueeze(-3)], dim=-3)
 
 
 def _rational_quadratic_spline(
-    x: Tensor, raw: Tensor, bound: float, inverse: bool = False
+    x: Tensor, raw: Tensor, bound: float, inverse: bool = False, tails: str = "identity"
 ) -> tuple[Tensor, Tensor]:
     r"""Monotone rational-quadratic spline (Durkan et al. 2019) on `[-bound, bound]`.
 
-    Acts element-wise on `x` of shape `(..., D)`; identity outside the interval, with
-    unit slope at both ends so that the map and its slope are continuous there. `raw`
-    of shape `(..., 3K - 1, D)` (batch shape that of `x`) holds each coordinate's
+    Acts element-wise on `x` of shape `(..., D)`. With ``tails="identity"`` (Durkan et
+    al.) the spline maps the interval onto itself and is the identity outside it, with
+    unit slope at both ends so that the map and its slope are continuous there; `raw` of
+    shape `(..., 3K - 1, D)` (batch shape that of `x`) holds each coordinate's
     unconstrained parameters: `K` bin widths and `K` bin heights (softmax-normalised)
-    then the `K - 1` interior knot derivatives (softplus). All-zero widths and heights
-    with derivatives `softplus^{-1}(1 - 1e-3)` give the identity map.
+    then the `K - 1` interior knot derivatives (softplus). With ``tails="linear"`` the
+    output interval is `shift + exp(log_scale) * [-bound, bound]` and the map continues
+    linearly past each end at that end's derivative; `raw` is `(..., 3K + 3, D)`: the
+    widths, the heights, all `K + 1` knot derivatives, then `shift` and `log_scale`.
+    All-zero widths, heights (and shift and log-scale) with derivatives
+    `softplus^{-1}(1 - 1e-3)` give the identity map (`_identity_spline_params`).
 
     Returns the output and log|det J| of the *forward* map summed over the last dimension
     (for `inverse=True`, evaluated at the returned point). Inside a bin of width
@@ -91,10 +117,11 @@ def _rational_quadratic_spline(
     and the inverse takes the root of the quadratic in $\theta$ in its stable form
     $\theta = 2c / (-b - \sqrt{b^2 - 4ac})$.
     """
-    table = _spline_table(raw, bound)
-    clamped = x.clamp(-bound, bound)
-    # Bin index: the number of interior knots (on the input's axis) at or below the input.
+    table = _spline_table(raw, bound, tails)
+    # The input's axis of the table: x knots forward, y knots for the inverse.
     axis = 1 if inverse else 0
+    clamped = torch.clamp(x, table[..., axis, 0, :], table[..., axis, -1, :])
+    # Bin index: the number of interior knots (on the input's axis) at or below the input.
     index = (clamped.unsqueeze(-2) >= table[..., axis, 1:-1, :]).sum(-2, keepdim=True)
     index = torch.cat([index, index + 1], dim=-2).unsqueeze(-3).expand_as(table[..., :2, :])
     left, right = table.gather(-2, index).unbind(-2)  # each (..., 3, D)
@@ -121,16 +148,27 @@ def _rational_quadratic_spline(
     # dy/dx = s^2 (d1 θ^2 + 2 s θ(1-θ) + d0 (1-θ)^2) / denominator^2
     slope_numerator = d1 * theta_sq + 2 * slope * theta_1m + d0 * one_minus.square()
     log_slope = torch.log(slope.square() * slope_numerator / denominator.square())
+    # Beyond an end the map is linear at that end's knot derivative (for identity tails
+    # the identity: the end knots lie on the diagonal with derivative 1).
+    above = x > clamped
+    end = torch.where(above.unsqueeze(-2), table[..., -1, :], table[..., 0, :])  # (..., 3, D)
+    end_x, end_y, end_slope = end.unbind(-2)
+    if inverse:
+        tail = end_x + (x - end_y) / end_slope
+    else:
+        tail = end_y + (x - end_x) * end_slope
     is_inside = clamped == x
-    out = torch.where(is_inside, out, x)
-    log_det = torch.where(is_inside, log_slope, 0.0).sum(-1)
+    out = torch.where(is_inside, out, tail)
+    log_det = torch.where(is_inside, log_slope, end_slope.log()).sum(-1)
     return out, log_det
 
 
-def _identity_spline_params(count_bins: int, dim: int) -> Tensor:
-    """Raw spline parameters, shape `(3K - 1, dim)`, of the identity map."""
-    raw = torch.zeros(3 * count_bins - 1, dim)
-    raw[2 * count_bins :] = inverse_softplus(torch.tensor(1 - _MIN_DERIVATIVE))
+def _identity_spline_params(count_bins: int, dim: int, tails: str = "identity") -> Tensor:
+    """Raw spline parameters, shape `(num_spline_params(K, tails), dim)`, of the identity
+    map."""
+    raw = torch.zeros(num_spline_params(count_bins, tails), dim)
+    derivatives = slice(2 * count_bins, 3 * count_bins + (1 if tails == "linear" else -1))
+    raw[derivatives] = inverse_softplus(torch.tensor(1 - _MIN_DERIVATIVE))
     return raw
 
 
@@ -143,25 +181,31 @@ class _RationalQuadraticSplineBase(OnePassTransform, TransformModule):
     bijective = True
     sign = +1
 
-    def __init__(self, dim: int, count_bins: int, bound: float):
+    def __init__(self, dim: int, count_bins: int, bound: float, tails: str):
+        if tails not in SPLINE_TAILS:
+            raise ValueError(f"tails must be one of {SPLINE_TAILS}, got {tails!r}")
         super().__init__(cache_size=1)
-        self.dim, self.count_bins, self.bound = dim, count_bins, bound
+        self.dim, self.count_bins, self.bound, self.tails = dim, count_bins, bound, tails
 
     def _raw(self, x: Tensor, context: Tensor | None) -> Tensor:
-        """Unconstrained parameters for input `x`, shape `(*x.shape[:-1], 3K - 1, D)`."""
+        """Unconstrained parameters for input `x`, shape
+        `(*x.shape[:-1], num_spline_params(K, tails), D)`."""
         raise NotImplementedError
+
+    def _spline(self, x: Tensor, raw: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
+        return _rational_quadratic_spline(x, raw, self.bound, inverse, self.tails)
 
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """`(y, log|det J|)` in one pass."""
-        return _rational_quadratic_spline(x, self._raw(x, context), self.bound)
+        return self._spline(x, self._raw(x, context))
 
     def inverse_and_log_det(
         self, y: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """`(x, log|det J| at x)`."""
-        return _rational_quadratic_spline(y, self._raw(y, context), self.bound, inverse=True)
+        return self._spline(y, self._raw(y, context), inverse=True)
 
 
 class RationalQuadraticSpline(_RationalQuadraticSplineBase):
@@ -179,9 +223,11 @@ class RationalQuadraticSpline(_RationalQuadraticSplineBase):
     (True, True)
     """
 
-    def __init__(self, dim: int, count_bins: int = COUNT_BINS, bound: float = BOUND):
-        super().__init__(dim, count_bins, bound)
-        self.unnormalized = nn.Parameter(_identity_spline_params(count_bins, dim))
+    def __init__(
+        self, dim: int, count_bins: int = COUNT_BINS, bound: float = BOUND, tails: str = TAILS
+    ):
+        super().__init__(dim, count_bins, bound, tails)
+        self.unnormalized = nn.Parameter(_identity_spline_params(count_bins, dim, tails))
 
     def _raw(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.unnormalized.expand(*x.shape[:-1], -1, -1)
@@ -213,8 +259,9 @@ class RationalQuadraticSplineAutoregressive(_RationalQuadraticSplineBase):
         arn: AutoRegressiveNN | ConditionalAutoRegressiveNN,
         count_bins: int = COUNT_BINS,
         bound: float = BOUND,
+        tails: str = TAILS,
     ):
-        super().__init__(dim, count_bins, bound)
+        super().__init__(dim, count_bins, bound, tails)
         self.arn = arn
 
     def _raw(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -230,8 +277,8 @@ class RationalQuadraticSplineAutoregressive(_RationalQuadraticSplineBase):
         # strictly triangular, so the dependence on the zero start vanishes).
         x = torch.zeros_like(y)
         for _ in range(self.dim - 1):
-            x, _ = _rational_quadratic_spline(y, self._raw(x, context), self.bound, True)
-        return _rational_quadratic_spline(y, self._raw(x, context), self.bound, inverse=True)
+            x, _ = self._spline(y, self._raw(x, context), inverse=True)
+        return self._spline(y, self._raw(x, context), inverse=True)
 
 
 def spline_layer(
@@ -241,6 +288,7 @@ def spline_layer(
     bound: float = BOUND,
     reverse: bool = False,
     context_dim: int = 0,
+    tails: str = TAILS,
 ) -> TransformModule:
     """One rational-quadratic spline layer (autoregressive; element-wise on one dimension).
 
@@ -267,15 +315,16 @@ def spline_layer(
     torch.Size([23, 1])
     """
     if dim == 1 and not context_dim:
-        return RationalQuadraticSpline(1, count_bins=count_bins, bound=bound)
+        return RationalQuadraticSpline(1, count_bins=count_bins, bound=bound, tails=tails)
     if context_dim:
         check_at_least_two_dims("spline", dim)
-    net = autoregressive_net(dim, hidden_dims, [3 * count_bins - 1], reverse, context_dim)
-    with torch.no_grad():  # rows 2K .. 3K-2 of the output are the knot derivatives
-        net.layers[-1].bias.view(3 * count_bins - 1, dim).copy_(
-            _identity_spline_params(count_bins, dim)
+    num_params = num_spline_params(count_bins, tails)
+    net = autoregressive_net(dim, hidden_dims, [num_params], reverse, context_dim)
+    with torch.no_grad():  # the output's bias: the identity spline's parameters
+        net.layers[-1].bias.view(num_params, dim).copy_(
+            _identity_spline_params(count_bins, dim, tails)
         )
-    return RationalQuadraticSplineAutoregressive(dim, net, count_bins=count_bins, bound=bound)
+    return RationalQuadraticSplineAutoregressive(dim, net, count_bins, bound, tails)
 
 
 def _spline_layers(
@@ -285,9 +334,11 @@ def _spline_layers(
     context_dim: int,
     count_bins: int = COUNT_BINS,
     bound: float = BOUND,
+    tails: str | None = None,
 ) -> list[TransformModule]:
+    tails = tails or (TAILS if context_dim else "linear")
     return [
-        spline_layer(dim, hidden_dims, count_bins, bound, i % 2 == 1, context_dim)
+        spline_layer(dim, hidden_dims, count_bins, bound, i % 2 == 1, context_dim, tails)
         for i in range(num_layers)
     ]
 
@@ -297,6 +348,6 @@ SPLINE = register_network_family(
     _spline_layers,
     num_layers=2,
     lr=5e-3,
-    options=("hidden_dims", "count_bins", "bound"),
+    options=("hidden_dims", "count_bins", "bound", "tails"),
     min_dim=1,
 )
