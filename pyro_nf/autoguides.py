@@ -130,7 +130,8 @@ class AutoFlow(AutoContinuous):
         Monte-Carlo draws used by `median` and `quantiles`, which have no
         closed form for a flow.
     **flow_options
-        Family-specific options, e.g. ``count_bins`` and ``bound`` for splines.
+        Family-specific options, e.g. ``count_bins``, ``bound`` and ``tails`` for
+        splines.
 
     Attributes
     ----------
@@ -526,8 +527,10 @@ class AutoIAFFlow(AutoFlow):
 class AutoSplineFlow(AutoFlow):
     """Neural-spline-flow guide (Durkan et al., 2019): `AutoFlow(flow="spline")`.
 
-    Takes the same arguments as `AutoFlow`, except `flow`; `count_bins` and `bound` (the
-    spline's tail bound in standardised units, default 3) are options.
+    Takes the same arguments as `AutoFlow`, except `flow`; `count_bins`, `bound` (the
+    spline's interval in standardised units, default 3) and `tails` (``"linear"``, the
+    default: past a learned output interval the map is linear at learned slopes;
+    ``"identity"``: Durkan et al.'s, the identity outside `[-bound, bound]`) are options.
     """
 
     flow_name = "spline"

@@ -55,6 +55,7 @@ GUIDE_ARGUMENTS = [
     ({"bound": 0}, ValueError, f"{BOUND}, got 0"),
     ({"bound": math.inf}, ValueError, f"{BOUND}, got inf"),
     ({"bound": "3"}, TypeError, f"{BOUND}, got '3' (str)"),
+    ({"tails": "linaer"}, ValueError, "tails must be one of ('identity', 'linear'), got 'linaer'"),
     ({"num_summary_samples": 0}, ValueError, f"{SUMMARY}, got 0"),
     ({"num_summary_samples": 100.0}, TypeError, f"{SUMMARY}, got 100.0 (float)"),
     ({"num_bins": 4}, ValueError, "does not take option(s) num_bins; it accepts: hidden_dims, "),
@@ -87,11 +88,17 @@ def test_model_must_be_callable():
 
 
 def test_good_arguments_are_kept_as_given():
-    guide = AutoSplineFlow(model, num_layers=1, hidden_dims=(8, 8), count_bins=4, bound=5)
+    guide = AutoSplineFlow(
+        model, num_layers=1, hidden_dims=(8, 8), count_bins=4, bound=5, tails="identity"
+    )
     guide()
     assert len(guide.flow.layers) == 1
-    assert [layer.out_features for layer in guide.flow.layers[0].arn.layers[:-1]] == [8, 8]
-    assert guide.flow.layers[0].count_bins == 4 and guide.flow.layers[0].bound == 5.0
+    layer = guide.flow.layers[0]
+    assert [linear.out_features for linear in layer.arn.layers[:-1]] == [8, 8]
+    assert layer.count_bins == 4 and layer.bound == 5.0 and layer.tails == "identity"
+    default = AutoSplineFlow(model, num_layers=1)
+    default()
+    assert default.flow.layers[0].tails == "linear"  # the guides' default
 
 
 QUANTILES = [

@@ -1,5 +1,7 @@
 """Flow layers: exact log-determinants, inverses, identity initialisation, registry errors."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from torch.autograd.functional import jacobian
 
 from pyro_nf.checks import SPLINE_TAILS
 from pyro_nf.flows import FLOWS, build_flow, get_flow_spec
+from pyro_nf.flows.base import inverse_softplus
 from pyro_nf.flows.spline import (
     _identity_spline_params,
     _rational_quadratic_spline,
@@ -322,6 +325,22 @@ def test_spline_kernel_gradients_forward_and_inverse():
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda v, r: _spline(v, r), (x, raw))
     assert torch.autograd.gradcheck(lambda v, r: _spline(v, r, inverse=True), (x, raw))
+
+
+def test_linear_tails_carry_a_learned_interval_and_slope_past_the_ends():
+    """With linear tails a spline can be `y = 1 + x / 2` everywhere, tails included: the
+    output interval and the end slopes are parameters, where identity tails pin the ends
+    to `(+-bound, +-bound)` with slope 1, so such a map must bend back inside the interval."""
+    count_bins = 5
+    raw = _identity_spline_params(count_bins, 1, "linear").double()
+    raw[2 * count_bins : 3 * count_bins + 1] = inverse_softplus(torch.tensor(0.5 - 1e-3))
+    raw[3 * count_bins + 1], raw[3 * count_bins + 2] = 1.0, math.log(0.5)
+    x = torch.linspace(-3 * BOUND, 3 * BOUND, 601, dtype=torch.float64).unsqueeze(-1)
+    y, log_det = _spline(x, raw.expand(len(x), -1, -1), tails="linear")
+    assert torch.allclose(y, 1 + x / 2, atol=1e-12)
+    assert torch.allclose(log_det, torch.full_like(log_det, math.log(0.5)), atol=1e-12)
+    x_back, _ = _spline(y, raw.expand(len(x), -1, -1), inverse=True, tails="linear")
+    assert torch.allclose(x_back, x, atol=1e-12)
 
 
 @pytest.mark.parametrize("tails", SPLINE_TAILS)

@@ -697,8 +697,8 @@ def build_flow(
         widths. Defaults to two layers of `dim + 24` up to 36 dimensions and of
         `ceil(10 sqrt(dim))` above. Planar and radial have none.
     **options
-        Family-specific options: `count_bins` and `bound` (tail bound, in standardised
-        units) for splines.
+        Family-specific options: `count_bins`, `bound` (the interval, in standardised
+        units) and `tails` (``"linear"`` or ``"identity"``) for splines.
 
     Examples
     --------
