@@ -40,7 +40,7 @@ SMOKE_RUNS: dict[str, tuple[list[str], list[str]] | None] = {
     ),
     "neutra.py": (
         ["--fit-steps", "20", "--warmup", "10", "--samples", "10", "--max-tree-depth", "4"]
-        + ["--full-mass", "--plain-matched", "--json", "{out}/neutra.json"],
+        + ["--full-mass", "--plain-matched", "--jit", "--json", "{out}/neutra.json"],
         ["neutra.json"],
     ),
     "robust_posteriors.py": None,  # NUTS references for four models: minutes at the least
