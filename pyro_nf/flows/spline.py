@@ -313,7 +313,8 @@ def spline_layer(
     and backward, and it was most of a spline layer's cost. Forward plus backward of the
     spline op alone at batch (8, 50) with 8 bins (medians of interleaved repeats, one
     thread): Pyro's rational-linear 1.7 ms, Pyro's rational-quadratic order 1.2 ms, this
-    kernel 0.7 ms. On the 50-D Gaussian benchmark the guide's SVI step went from 5.6-7.1x
+    kernel 0.7 ms (with linear tails about 10% more: 1.00 against 0.92 ms, interleaved,
+    on a loaded machine). On the 50-D Gaussian benchmark the guide's SVI step went from 5.6-7.1x
     an AutoNormal step to 4.1x with this kernel, and to 2.6-3.0x with the narrower default
     networks of `_default_hidden_dims` as well. Fidelity: Pyro's default order is the
     rational-*linear* spline (4K - 1 parameters per coordinate, end slopes 0.999), while
