@@ -26,6 +26,7 @@ __all__ = [
     "check_positive",
     "check_probabilities",
     "check_sizes",
+    "check_tails",
     "warn_if_large",
 ]
 
@@ -200,7 +201,18 @@ def _check_count_bins(name: str, value: object) -> int:
 SPLINE_TAILS = ("identity", "linear")
 
 
-def _check_tails(name: str, value: object) -> str:
+def check_tails(name: str, value: object) -> str:
+    """``value`` if it is one of `SPLINE_TAILS`, or an error naming ``name``.
+
+    Examples
+    --------
+    >>> check_tails("tails", "linear")
+    'linear'
+    >>> check_tails("tails", "flat")
+    Traceback (most recent call last):
+    ...
+    ValueError: tails must be one of ('identity', 'linear'), got 'flat'
+    """
     if value not in SPLINE_TAILS:
         raise ValueError(f"{name} must be one of {SPLINE_TAILS}, got {value!r}")
     return value
@@ -211,7 +223,7 @@ _FLOW_OPTION_CHECKS: dict[str, Callable[[str, object], object]] = {
     "hidden_dims": check_sizes,
     "count_bins": _check_count_bins,
     "bound": check_positive,
-    "tails": _check_tails,
+    "tails": check_tails,
 }
 
 

@@ -253,10 +253,9 @@ def test_spline_kernel_inverse_round_trip_inside_outside_and_at_knots(seed, coun
     # past each end: linear at that end's knot derivative (identity tails: y = x)
     above, below = x > BOUND, x < -BOUND
     assert above.any() and below.any()
-    end = {"above": (x_knots[:, -1], y_knots[:, -1], derivatives[:, -1]), "below": ()}
-    end["below"] = (x_knots[:, 0], y_knots[:, 0], derivatives[:, 0])
-    for side, mask in (("above", above), ("below", below)):
-        end_x, end_y, slope = (value.unsqueeze(1).expand_as(x) for value in end[side])
+    for knot, mask in ((-1, above), (0, below)):
+        ends = (x_knots[:, knot], y_knots[:, knot], derivatives[:, knot])
+        end_x, end_y, slope = (value.unsqueeze(1).expand_as(x) for value in ends)
         expected = end_y + (x - end_x) * slope
         assert torch.allclose(y[mask], expected[mask], atol=1e-12)
     if tails == "identity":

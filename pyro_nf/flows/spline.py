@@ -33,7 +33,7 @@ from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from pyro_nf.checks import SPLINE_TAILS
+from pyro_nf.checks import check_tails
 
 from .base import (
     OnePassTransform,
@@ -57,7 +57,7 @@ _MIN_DERIVATIVE = 1e-3
 #: Default number of bins and tail bound (standardised units; see the module docstring).
 COUNT_BINS = 8
 BOUND = 3.0
-#: A layer's default tail form (of `SPLINE_TAILS`; see `_rational_quadratic_spline`):
+#: A layer's default tail form (of `pyro_nf.checks.SPLINE_TAILS`; see `_rational_quadratic_spline`):
 #: Durkan et al.'s.
 TAILS = "identity"
 
@@ -191,10 +191,9 @@ class _RationalQuadraticSplineBase(OnePassTransform, TransformModule):
     sign = +1
 
     def __init__(self, dim: int, count_bins: int, bound: float, tails: str):
-        if tails not in SPLINE_TAILS:
-            raise ValueError(f"tails must be one of {SPLINE_TAILS}, got {tails!r}")
         super().__init__(cache_size=1)
-        self.dim, self.count_bins, self.bound, self.tails = dim, count_bins, bound, tails
+        self.dim, self.count_bins, self.bound = dim, count_bins, bound
+        self.tails = check_tails("tails", tails)
 
     def _raw(self, x: Tensor, context: Tensor | None) -> Tensor:
         """Unconstrained parameters for input `x`, shape
