@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd.functional import jacobian
 
-from pyro_nf.checks import SPLINE_TAILS
 from pyro_nf.flows import FLOWS, build_flow, get_flow_spec
-from pyro_nf.flows.base import inverse_softplus
+from pyro_nf.flows.core import inverse_softplus
 from pyro_nf.flows.spline import (
+    SPLINE_TAILS,
     _identity_spline_params,
     _rational_quadratic_spline,
     _spline_table,
