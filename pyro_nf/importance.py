@@ -150,14 +150,15 @@ def khat_from_log_weights(log_weights: Tensor) -> float:
     ----------
     log_weights : Tensor
         ``log p(x, z) - log q(z)`` for draws ``z ~ q``, shape ``(num_draws,)`` with at
-        least 21 draws; ``-inf`` is a weight of zero.
+        least 21 draws.
 
     Returns
     -------
     float
         k-hat; ``-inf`` when the log weights span less than `EQUAL_SPREAD` (no tail to
-        fit); ``inf`` when a weight is infinite, all are zero, or fewer than 5 hold the
-        tail; NaN when one is NaN (a guide that produced non-finite draws).
+        fit); ``inf`` when one is infinite (the guide draws where the model has no
+        density, or the reverse: the weights are not to be trusted) or fewer than 5 hold
+        the tail; NaN when one is NaN (a guide that produced non-finite draws).
 
     Examples
     --------
@@ -175,9 +176,9 @@ def khat_from_log_weights(log_weights: Tensor) -> float:
     check_psis_draws("len(log_weights)", log_weights.numel())
     if torch.isnan(log_weights).any():
         return math.nan
-    ordered = torch.sort(log_weights.double())[0]
-    if not math.isfinite(float(ordered[-1])):
+    if not torch.isfinite(log_weights).all():
         return math.inf
+    ordered = torch.sort(log_weights.double())[0]
     if float(ordered[-1] - ordered[0]) < EQUAL_SPREAD:
         return -math.inf
     return _pareto_shape(ordered - ordered[-1])

@@ -30,8 +30,8 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from pyro_nf.distribution import ScoresOwnDraws
-from pyro_nf.laplace import model_without_init
 from pyro_nf.layout import LatentLayout
+from pyro_nf.log_joint import model_without_init
 
 __all__ = ["NonCenteredDistribution", "NonCentering", "find_hierarchical_sites"]
 

@@ -57,8 +57,7 @@ def test_khat_of_non_finite_weights():
     with_nan[3], with_inf[3], with_zero[3] = math.nan, math.inf, -math.inf
     assert math.isnan(khat_from_log_weights(with_nan))
     assert khat_from_log_weights(with_inf) == math.inf
-    assert math.isfinite(khat_from_log_weights(with_zero))  # a weight of zero is a weight
-    assert khat_from_log_weights(torch.full((100,), -math.inf)) == math.inf
+    assert khat_from_log_weights(with_zero) == math.inf  # the guide draws off the model
 
 
 def test_khat_needs_a_vector_of_enough_draws():
