@@ -13,9 +13,7 @@ model's log joint in unconstrained coordinates) and the curvature there:
    ``tol`` (the mode is within ``tol`` posterior standard deviations, in Mahalanobis
    distance, of the quadratic model's mode). Flat priors on unscaled predictors
    (correlations near ±1, standard deviations spanning orders of magnitude) are what the
-   whitening is for: on the 25-predictor regression of `examples/robust_posteriors.py`
-   (column scales over three decades) L-BFGS took 389 evaluations unwhitened and 83
-   whitened, to a higher mode.
+   whitening is for (measurements in docs/robust.md).
 2. **Curvature.** The Hessian $H$ of the negative log density at the mode: dense
    (one Hessian-vector product per dimension, through autograd) up to ``max_dense_dim``
    dimensions; above that, only its diagonal, estimated from ``num_probes`` Rademacher
@@ -139,9 +137,7 @@ def _whitened_search(
     (a noise scale far from its mode at the start), a whitened gradient that looks small
     is not. So a round that ends on a small whitened gradient is followed by another,
     whitened afresh there, until one finds its start's gradient already small, stops
-    gaining, or the iterations run out. (Years regression of examples/robust_posteriors.py:
-    one round stopped at a log density of -168 with the curvature of the start, 1e7 times
-    the mode's.)"""
+    gaining, or the iterations run out (the case that needs it: docs/robust.md)."""
     point, iterations = start, 0
     for _ in range(MAX_ROUNDS):
         whitening = _whitening(log_density, point, probes)
