@@ -491,3 +491,50 @@ def test_spline_layer_state_dict_dtype_and_inverse_through_the_stack():
     x_back, log_det_back = one_d(y, inverse=True)
     assert torch.allclose(x_back, x[:, :1], atol=1e-10)
     assert torch.allclose(log_det_back, log_det, atol=1e-10)
+
+
+# --- one rule for the error's type, whatever the entry point --------------------------
+
+
+def _model():
+    import pyro
+    import pyro.distributions as dist
+
+    pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "guide_argument", "fit_argument"),
+    [
+        ("3", TypeError, "num_layers", "num_steps"),
+        (True, TypeError, "num_layers", "num_steps"),
+        (2.0, TypeError, "num_layers", "num_particles"),
+        (0, ValueError, "num_layers", "num_particles"),
+        ("0.1", TypeError, "init_scale", "lr"),
+        (-1.0, ValueError, "init_scale", "lr"),
+    ],
+)
+def test_the_same_bad_value_raises_the_same_error_in_autoflow_and_fit(
+    value, error, guide_argument, fit_argument
+):
+    """A TypeError for a value of the wrong kind, a ValueError for one of the right kind
+    outside what is accepted: in `AutoFlow` and in `fit` alike."""
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_nf import AutoFlow, fit
+
+    with pytest.raises(error, match=guide_argument):
+        AutoFlow(_model, **{guide_argument: value})
+    with pytest.raises(error, match=fit_argument):
+        fit(_model, AutoNormal(_model), progress=False, **{fit_argument: value})
+
+
+@pytest.mark.parametrize(("widths", "error"), [([0], ValueError), (["3"], TypeError)])
+def test_bad_widths_raise_the_same_error_for_a_guide_and_for_the_vae(widths, error):
+    from pyro_nf import AutoFlow
+    from pyro_nf.vae import FlowVAE
+
+    with pytest.raises(error, match="hidden_dims must be a non-empty sequence of ints"):
+        AutoFlow(_model, flow="iaf", hidden_dims=widths)
+    with pytest.raises(error, match="hidden_dims must be a non-empty sequence of ints"):
+        FlowVAE(latent_dim=2, hidden_dims=[8], flow="iaf", flow_hidden_dims=widths)
