@@ -11,6 +11,7 @@ naming the layer and what is wrong.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
@@ -74,13 +75,15 @@ def probe_flow(flow: FlowStack, dim: int, *, context_dim: int = 0, name: str = "
     ValueError: layer 0 (Doubling) of flow 'flow': its log-det -2.079 ... sign flipped?)...
     """
     _check_layer_kinds(flow, name)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # on the CPU: the caller's stream untouched
     probe = _perturbed_float64_copy(flow, generator)
-    x = torch.randn(PROBE_POINTS, dim, dtype=torch.float64, generator=generator)
+    tensors = itertools.chain(probe.parameters(), probe.buffers())
+    device = next(tensors, torch.empty(0)).device  # where the builder put the layers
+    x = torch.randn(PROBE_POINTS, dim, dtype=torch.float64, generator=generator).to(device)
     context = None
     if context_dim:
         shape = (PROBE_POINTS, context_dim)
-        context = torch.randn(shape, dtype=torch.float64, generator=generator)
+        context = torch.randn(shape, dtype=torch.float64, generator=generator).to(device)
     for index, layer in enumerate(probe.layers):
         where = f"layer {index} ({type(layer).__name__}) of flow {name!r}"
         x = _probe_layer(layer, x, context, where)
@@ -101,7 +104,7 @@ def _perturbed_float64_copy(flow: FlowStack, generator: torch.Generator) -> Flow
     with torch.no_grad():
         for parameter in probe.parameters():
             noise = torch.randn(parameter.shape, dtype=parameter.dtype, generator=generator)
-            parameter.add_(PARAMETER_NOISE * noise)
+            parameter.add_(PARAMETER_NOISE * noise.to(parameter.device))
     return probe
 
 
