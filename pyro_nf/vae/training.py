@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pyro_nf.infer import NonFiniteLossError
 
 from ..checks import check_int
-from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .checkpoint import WriteError, load_checkpoint, save_checkpoint, write_json
 from .data import SPLITS, load_binarized_mnist
 from .distributed import DistContext, init_distributed, resolve_device
 from .evaluate import evaluate
@@ -27,7 +27,14 @@ from .model import FlowVAE
 from .plots import save_image_grid
 from .recipe import TrainConfig, Trainer, option
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "evaluate_run", "train"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "WriteError",
+    "evaluate_run",
+    "train",
+]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -168,7 +175,12 @@ def train(config: TrainConfig) -> TrainResult:
     ------
     NonFiniteLossError
         If a loss or gradient is NaN/inf; the update is not applied (the model keeps the
-        last good parameters) and the last checkpoint, if any, is left as it was.
+        last good parameters) and the last checkpoint, if any, is left as it was. The
+        message names the epoch and step, the checkpoint kept and a smaller ``--lr``.
+    WriteError
+        If a checkpoint cannot be written (full disk, read-only directory): the previous
+        checkpoint is left as it was and the message says which epoch it holds. If the
+        final outputs cannot be written, the error's ``result`` holds the metrics.
 
     Examples
     --------
@@ -186,8 +198,10 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
+    # The checkpoint is read before --out is created, so that a wrong --resume leaves
+    # no empty directory behind.
+    state = _resume_state(config, Path(config.out) / CHECKPOINT, ctx.device)
     out = _writable_dir(config.out)
-    state = _resume_state(config, out / CHECKPOINT, ctx.device)
     data = load_binarized_mnist(config.data)
     train_x = _subset(data["train"], config.train_subset).to(ctx.device)
     trainer = _setup(config, ctx, state, out / CHECKPOINT, train_x)
@@ -203,17 +217,7 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
     for epoch in range(len(history), config.epochs):
         history.append(_run_epoch(trainer, train_x, epoch, sampler, ctx, history, out))
         if ctx.is_main:
-            save_checkpoint(
-                {
-                    "model": trainer.vae.state_dict(),
-                    "optimizer": trainer.optimizer.state_dict(),
-                    "config": config.to_dict(),
-                    "epoch": epoch + 1,
-                    "updates": trainer.updates,
-                    "history": history,
-                },
-                out / CHECKPOINT,
-            )
+            _save(trainer, history, out / CHECKPOINT)
     metrics: dict[str, Any] = {
         "config": config.to_dict(),
         "history": history,
@@ -222,6 +226,30 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
     if ctx.is_main:
         _finish(trainer.vae, config, _subset(data["test"], config.eval_subset), metrics, out)
     return TrainResult(trainer.vae, metrics, ctx.rank)
+
+
+def _save(trainer: Trainer, history: list[dict[str, Any]], path: Path) -> None:
+    """Save the checkpoint after epoch ``len(history)``; if that fails, say what is kept."""
+    epoch = len(history)
+    state = {
+        "model": trainer.vae.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "config": trainer.config.to_dict(),
+        "epoch": epoch,
+        "updates": trainer.updates,
+        "history": history,
+    }
+    try:
+        save_checkpoint(state, path)
+    except WriteError as err:
+        if epoch > 1:
+            kept = (
+                f"it still holds epoch {epoch - 1} (epoch {epoch} was not saved): "
+                f"{err.remedy}, or copy {path.parent} elsewhere, and continue with --resume"
+            )
+        else:
+            kept = f"no epoch was saved: {err.remedy}, or pass another --out, and train again"
+        raise WriteError(path, err, advice=kept) from err
 
 
 def _setup(
@@ -266,7 +294,7 @@ def _run_epoch(
         try:
             total -= trainer.step(x, ctx.all_true)
         except NonFiniteLossError as err:
-            raise _diverged(err, epoch, step, history, out) from None
+            raise _diverged(err, epoch, step, history, config.lr, out) from None
         count += len(x)
         bar.set_postfix(bound=f"{total / count:.2f}", refresh=False)
     seconds = time.perf_counter() - start
@@ -282,16 +310,28 @@ def _run_epoch(
 
 
 def _diverged(
-    err: NonFiniteLossError, epoch: int, step: int, history: list[dict[str, Any]], out: Path
+    err: NonFiniteLossError,
+    epoch: int,
+    step: int,
+    history: list[dict[str, Any]],
+    lr: float,
+    out: Path,
 ) -> NonFiniteLossError:
-    """The error for a diverged run, saying truly what the run directory holds."""
+    """The error for a diverged run: where, what the run directory still holds, what to try."""
+    half = f"{lr / 2:.3g} (half of {lr:g})"
     if history:
-        saved = f"{out / CHECKPOINT} still holds epoch {len(history)}"
+        kept = (
+            f"{out / CHECKPOINT} still holds epoch {len(history)}, from before the "
+            f"divergence: continue from it with a smaller --lr, e.g. --resume --force-resume "
+            f"--lr {half}"
+        )
     else:
-        saved = f"no checkpoint was written to {out} (the run diverged in its first epoch)"
+        kept = (
+            f"no checkpoint was written to {out} (the run diverged in its first epoch): "
+            f"train again with a smaller --lr, e.g. --lr {half}"
+        )
     return NonFiniteLossError(
-        f"training diverged at epoch {epoch + 1}, step {step + 1}: {err}; {saved}. "
-        "Try a smaller --lr or a longer --warmup.",
+        f"training diverged at epoch {epoch + 1}, step {step + 1}: {err}; {kept}",
         step=step,
         site=None,
         parameters=err.parameters,
@@ -302,18 +342,26 @@ def _diverged(
 def _finish(
     vae: FlowVAE, config: TrainConfig, test_x: torch.Tensor, metrics: dict[str, Any], out: Path
 ) -> None:
-    """Evaluate on test (unless `eval_samples` is 0), draw the pictures, write the metrics."""
+    """Evaluate on test (unless `eval_samples` is 0), draw the pictures, write the metrics.
+
+    Everything is computed before anything is written, the metrics first, so that a failed
+    write loses none of it: the `WriteError` carries the metrics.
+    """
     if config.eval_samples > 0:
         torch.manual_seed(config.seed)
         metrics["test"] = evaluate(
             vae, test_x, num_samples=config.eval_samples, progress=config.progress
         )
-    param = next(vae.parameters())
-    save_image_grid(vae.sample(50), out / "samples.png", "samples from the model")
-    x = test_x[:25].to(param)
+    samples = vae.sample(50)
+    x = test_x[:25].to(samples)
     pairs = torch.stack([x, vae.reconstruct(x)], dim=1).reshape(-1, x.shape[-1])
-    save_image_grid(pairs, out / "reconstructions.png", "test images | reconstructions")
-    write_json(metrics, out / METRICS)
+    try:
+        write_json(metrics, out / METRICS)
+        save_image_grid(samples, out / "samples.png", "samples from the model")
+        save_image_grid(pairs, out / "reconstructions.png", "test images | reconstructions")
+    except WriteError as err:
+        kept = f"{err.remedy}; the trained model is safe in {out / CHECKPOINT}"
+        raise WriteError(err.filename, err, advice=kept, result=metrics) from err
 
 
 def evaluate_run(
@@ -330,6 +378,12 @@ def evaluate_run(
     """Evaluate the checkpoint in `out` and write ``eval_<split>.json`` there.
 
     Returns the metrics of `pyro_nf.vae.evaluate` plus the run's config.
+
+    Raises
+    ------
+    WriteError
+        If ``eval_<split>.json`` cannot be written (a read-only run directory, a full
+        disk); the error's ``result`` holds the metrics, so nothing computed is lost.
 
     Examples
     --------
@@ -354,5 +408,10 @@ def evaluate_run(
         "epoch": state["epoch"],
         "config": state["config"],
     }
-    write_json(metrics, out / f"eval_{split}.json")
+    path = out / f"eval_{split}.json"
+    try:
+        write_json(metrics, path)
+    except WriteError as err:
+        advice = f"{err.remedy}, or evaluate a writable copy of {out}; the metrics were not saved"
+        raise WriteError(path, err, advice=advice, result=metrics) from err
     return metrics
