@@ -155,8 +155,8 @@ def test_diverged_resumed_run_keeps_its_checkpoint(run, trained, capsys, monkeyp
     _fails(
         _resume(run, trained[1], "--epochs", "2"),
         r"training diverged at epoch 2, step 1: non-finite loss \(nan\); .*checkpoint.pt "
-        r"still holds epoch 1, from before the divergence: continue from it with a smaller "
-        r"--lr, e.g. --resume --force-resume --lr 0.0005 \(half of 0.001\)$",
+        r"still holds epoch 1, the last good state: continue from it with a smaller --lr, "
+        r"e.g. --resume --force-resume --lr 0.0005 \(half of 0.001\)$",
         capsys,
     )
 
@@ -169,7 +169,7 @@ def test_diverged_new_run_says_no_checkpoint_was_written(
     argv = ["vae", "train", *NET, "--data", str(trained[1]), "--out", str(new)]
     _fails(
         argv,
-        r"no checkpoint was written to .*new \(the run diverged in its first epoch\): train "
+        r"no checkpoint was written to .*new \(the run stopped in its first epoch\): train "
         r"again with a smaller --lr, e.g. --lr 0.0005 \(half of 0.001\)$",
         capsys,
     )
@@ -190,30 +190,50 @@ def test_huge_lr_diverges_with_one_line_not_a_tensor_dump(run, trained, capsys):
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
-# --- --out ------------------------------------------------------------------------------
+def test_out_of_memory_names_the_step_and_a_smaller_batch(run, trained, capsys, monkeypatch):
+    def forward(self, x, **kwargs):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 74.51 GiB. GPU 0 has a total capacity of "
+            "79.19 GiB of which 78.62 GiB is free. See documentation for Memory Management"
+        )
+
+    monkeypatch.setattr(FlowVAE, "forward", forward)
+    _fails(
+        _resume(run, trained[1], "--epochs", "2", "--iwae", "4", "--force-resume"),
+        r"out of memory at epoch 2, step 1 \(CUDA out of memory. Tried to allocate 74.51 GiB\); "
+        r".*checkpoint.pt still holds epoch 1, the last good state: continue from it with a "
+        r"smaller --batch-size, e.g. --resume --force-resume --batch-size 25 \(half of 50\) "
+        r"\(or a smaller --iwae\)$",
+        capsys,
+    )
 
 
-def test_out_is_a_file(run, trained, capsys, no_training):
-    argv = ["vae", "train", *NET, "--data", str(trained[1]), "--out", str(run / "checkpoint.pt")]
-    _fails(argv, "--out .*checkpoint.pt' is a file, not a directory", capsys)
+def _interrupt(monkeypatch):
+    """Ctrl-C in the first training step."""
+
+    def forward(self, x, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FlowVAE, "forward", forward)
 
 
-def test_out_below_a_file(run, trained, capsys, no_training):
-    argv = ["vae", "train", *NET, "--data", str(trained[1]), "--out", str(run / "checkpoint.pt/x")]
-    _fails(argv, r"--out .* is not a writable directory \(Not a directory\)", capsys)
+def _interrupted(argv: list[str], message: str, capsys) -> None:
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"pyro-nf: interrupted: {message}\n", err), err
 
 
-def test_out_not_writable(run, trained, capsys, no_training):
-    if Path("/sys").is_dir():  # refuses writes even to root, unlike a chmod-ed directory
-        out = "/sys/pyro-nf-run"
-    else:
-        out = str(run)
-        run.chmod(0o500)
-    try:
-        argv = ["vae", "train", *NET, "--data", str(trained[1]), "--out", out]
-        _fails(argv, "--out .* is not a writable directory", capsys)
-    finally:
-        run.chmod(0o755)
+def test_interrupted_resumed_run_says_what_it_kept(run, trained, capsys, monkeypatch):
+    _interrupt(monkeypatch)
+    message = ".*checkpoint.pt holds epoch 1 of 2: --resume continues from there"
+    _interrupted(_resume(run, trained[1], "--epochs", "2"), message, capsys)
+
+
+def test_interrupted_new_run_says_nothing_was_saved(trained, tmp_path, capsys, monkeypatch):
+    _interrupt(monkeypatch)
+    argv = ["vae", "train", *NET, "--data", str(trained[1]), "--out", str(tmp_path / "new")]
+    message = "no epoch was finished, so no checkpoint was written to .*new"
+    _interrupted(argv, message, capsys)
 
 
 # --- a full disk, a read-only directory ------------------------------------------------

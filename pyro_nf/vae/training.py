@@ -177,6 +177,11 @@ def train(config: TrainConfig) -> TrainResult:
         If a loss or gradient is NaN/inf; the update is not applied (the model keeps the
         last good parameters) and the last checkpoint, if any, is left as it was. The
         message names the epoch and step, the checkpoint kept and a smaller ``--lr``.
+    KeyboardInterrupt
+        On Ctrl-C, with a message saying which epoch the checkpoint holds.
+    MemoryError
+        If a training step does not fit in the device's memory; the message names the
+        epoch and step, the checkpoint kept and a smaller ``--batch-size``.
     WriteError
         If a checkpoint cannot be written (full disk, read-only directory): the previous
         checkpoint is left as it was and the message says which epoch it holds. If the
@@ -214,18 +219,33 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
         seed=config.seed,
         drop_last=ctx.world_size > 1,
     )
-    for epoch in range(len(history), config.epochs):
-        history.append(_run_epoch(trainer, train_x, epoch, sampler, ctx, history, out))
+    saved = len(history)  # epochs the checkpoint holds
+    try:
+        for epoch in range(len(history), config.epochs):
+            history.append(_run_epoch(trainer, train_x, epoch, sampler, ctx, history))
+            if ctx.is_main:
+                _save(trainer, history, out / CHECKPOINT)
+            saved = len(history)
+        metrics: dict[str, Any] = {
+            "config": config.to_dict(),
+            "history": history,
+            "world_size": ctx.world_size,
+        }
         if ctx.is_main:
-            _save(trainer, history, out / CHECKPOINT)
-    metrics: dict[str, Any] = {
-        "config": config.to_dict(),
-        "history": history,
-        "world_size": ctx.world_size,
-    }
-    if ctx.is_main:
-        _finish(trainer.vae, config, _subset(data["test"], config.eval_subset), metrics, out)
+            _finish(trainer.vae, config, _subset(data["test"], config.eval_subset), metrics, out)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted(saved, config)) from None
     return TrainResult(trainer.vae, metrics, ctx.rank)
+
+
+def _interrupted(saved: int, config: TrainConfig) -> str:
+    """What an interrupted run leaves behind, and how to go on from it."""
+    path = Path(config.out) / CHECKPOINT
+    if saved == 0:
+        return f"no epoch was finished, so no checkpoint was written to {config.out}"
+    if saved < config.epochs:
+        return f"{path} holds epoch {saved} of {config.epochs}: --resume continues from there"
+    return f"{path} holds all {saved} epochs: pyro-nf vae eval --out {config.out} evaluates it"
 
 
 def _save(trainer: Trainer, history: list[dict[str, Any]], path: Path) -> None:
@@ -277,7 +297,6 @@ def _run_epoch(
     sampler: DistributedSampler,
     ctx: DistContext,
     history: list[dict[str, Any]],
-    out: Path,
 ) -> dict[str, Any]:
     """One pass over the (shuffled) training images; returns the epoch's history entry."""
     config = trainer.config
@@ -294,7 +313,9 @@ def _run_epoch(
         try:
             total -= trainer.step(x, ctx.all_true)
         except NonFiniteLossError as err:
-            raise _diverged(err, epoch, step, history, config.lr, out) from None
+            raise _diverged(err, epoch, step, history, trainer) from None
+        except torch.OutOfMemoryError as err:
+            raise _out_of_memory(err, epoch, step, history, trainer) from None
         count += len(x)
         bar.set_postfix(bound=f"{total / count:.2f}", refresh=False)
     seconds = time.perf_counter() - start
@@ -310,32 +331,48 @@ def _run_epoch(
 
 
 def _diverged(
-    err: NonFiniteLossError,
-    epoch: int,
-    step: int,
-    history: list[dict[str, Any]],
-    lr: float,
-    out: Path,
+    err: NonFiniteLossError, epoch: int, step: int, history: list[dict[str, Any]], trainer: Trainer
 ) -> NonFiniteLossError:
     """The error for a diverged run: where, what the run directory still holds, what to try."""
-    half = f"{lr / 2:.3g} (half of {lr:g})"
-    if history:
-        kept = (
-            f"{out / CHECKPOINT} still holds epoch {len(history)}, from before the "
-            f"divergence: continue from it with a smaller --lr, e.g. --resume --force-resume "
-            f"--lr {half}"
-        )
-    else:
-        kept = (
-            f"no checkpoint was written to {out} (the run diverged in its first epoch): "
-            f"train again with a smaller --lr, e.g. --lr {half}"
-        )
+    lr = trainer.config.lr
+    retry = _retry(history, trainer.config.out, "--lr", f"{lr / 2:.3g} (half of {lr:g})")
     return NonFiniteLossError(
-        f"training diverged at epoch {epoch + 1}, step {step + 1}: {err}; {kept}",
+        f"training diverged at epoch {epoch + 1}, step {step + 1}: {err}; {retry}",
         step=step,
         site=None,
         parameters=err.parameters,
         losses=[],
+    )
+
+
+def _out_of_memory(
+    err: torch.OutOfMemoryError,
+    epoch: int,
+    step: int,
+    history: list[dict[str, Any]],
+    trainer: Trainer,
+) -> MemoryError:
+    """The error for a step that did not fit in the device's memory, and what to try."""
+    size = trainer.config.batch_size
+    half = f"{max(size // 2, 1)} (half of {size})"
+    cause = ". ".join(str(err).split(". ")[:2])  # "CUDA out of memory. Tried to allocate ..."
+    retry = _retry(history, trainer.config.out, "--batch-size", half)
+    if trainer.config.iwae > 1:
+        retry += " (or a smaller --iwae)"
+    return MemoryError(f"out of memory at epoch {epoch + 1}, step {step + 1} ({cause}); {retry}")
+
+
+def _retry(history: list[dict[str, Any]], out: str, option: str, value: str) -> str:
+    """What the run directory still holds after a failed step, and how to go on."""
+    if history:
+        return (
+            f"{Path(out) / CHECKPOINT} still holds epoch {len(history)}, the last good state: "
+            f"continue from it with a smaller {option}, e.g. --resume --force-resume "
+            f"{option} {value}"
+        )
+    return (
+        f"no checkpoint was written to {out} (the run stopped in its first epoch): train "
+        f"again with a smaller {option}, e.g. {option} {value}"
     )
 
 
