@@ -16,6 +16,7 @@ import torch
 from pyro_nf.cli import main
 from pyro_nf.vae import FlowVAE, load_binarized_mnist
 from pyro_nf.vae import checkpoint as checkpoint_module
+from pyro_nf.vae import training as training_module
 from pyro_nf.vae.checkpoint import FORMAT, load_checkpoint
 
 NET = ["--flow", "planar", "--layers", "2", "--latent", "8", "--hidden", "32"]
@@ -233,6 +234,16 @@ def test_interrupted_new_run_says_nothing_was_saved(trained, tmp_path, capsys, m
     _interrupt(monkeypatch)
     argv = ["vae", "train", *NET, "--data", str(trained[1]), "--out", str(tmp_path / "new")]
     message = "no epoch was finished, so no checkpoint was written to .*new"
+    _interrupted(argv, message, capsys)
+
+
+def test_interrupted_final_evaluation_points_to_vae_eval(run, trained, capsys, monkeypatch):
+    def evaluate(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_module, "evaluate", evaluate)
+    argv = _resume(run, trained[1], "--epochs", "1", "--eval-samples", "5")
+    message = ".*checkpoint.pt holds epoch 1 of 1, the finished run: pyro-nf vae eval --out .*"
     _interrupted(argv, message, capsys)
 
 

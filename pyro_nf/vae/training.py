@@ -245,7 +245,10 @@ def _interrupted(saved: int, config: TrainConfig) -> str:
         return f"no epoch was finished, so no checkpoint was written to {config.out}"
     if saved < config.epochs:
         return f"{path} holds epoch {saved} of {config.epochs}: --resume continues from there"
-    return f"{path} holds all {saved} epochs: pyro-nf vae eval --out {config.out} evaluates it"
+    return (
+        f"{path} holds epoch {saved} of {config.epochs}, the finished run: "
+        f"pyro-nf vae eval --out {config.out} evaluates it"
+    )
 
 
 def _save(trainer: Trainer, history: list[dict[str, Any]], path: Path) -> None:
