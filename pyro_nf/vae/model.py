@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from ..flows import ConditionalFlowPosterior
+from ..importance import log_mean_exp
 from .nets import Decoder, Encoder
 
 __all__ = ["FlowVAE"]
@@ -146,7 +146,7 @@ class FlowVAE(nn.Module):
         log_w = log_lik + beta * log_ratio
         if num_samples == 1:
             return -log_w.sum()
-        return -(torch.logsumexp(log_w, dim=0) - math.log(num_samples)).sum()
+        return -log_mean_exp(log_w).sum()
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
