@@ -9,8 +9,10 @@ arma), three ways of training `AutoSplineFlow(model)` at its defaults:
   (5000): a constant learning rate to the end.
 - ``recipe``: the same loop with Pyro's `ClippedAdam` decaying the learning rate
   geometrically from `default_lr` to `--final-lr` times it over `--steps` steps
-  (`"lrd": final_lr ** (1 / steps)`), one particle.
-- ``fit``: `pyro_nf.fit` at its defaults.
+  (`"lrd": final_lr ** (1 / steps)`), and `Trace_ELBO(num_particles=--particles,
+  vectorize_particles=True)` where the model takes a particle plate (`Trace_ELBO()`
+  where it does not: the correlated regression's `x @ beta`, both GARCHs).
+- ``fit``: `pyro_nf.fit` at its defaults (`num_steps=5000` an upper bound).
 
 The methods of one model run one after the other in one process, each timed end to end
 (the guide's warm start included), so their times compare. Errors are over every scalar
@@ -40,7 +42,7 @@ from pathlib import Path
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoDiagonalNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch import Tensor
 
 from benchmarks import exact_garch, exact_regression
@@ -66,8 +68,10 @@ def recipe_optimizer(lr: float, num_steps: int, final_lr: float = 0.01) -> pyro.
     return pyro.optim.ClippedAdam({"lr": lr, "lrd": final_lr ** (1 / num_steps)})
 
 
-def svi_loop(problem: robust.Problem, guide, optim, num_steps: int) -> dict:
-    """Train `guide` by `num_steps` steps of Pyro's `SVI` with `Trace_ELBO()`.
+def svi_loop(
+    problem: robust.Problem, guide, optim, num_steps: int, elbo: Trace_ELBO | None = None
+) -> dict:
+    """Train `guide` by `num_steps` steps of Pyro's `SVI` with `elbo` (`Trace_ELBO()`).
 
     Examples
     --------
@@ -80,7 +84,7 @@ def svi_loop(problem: robust.Problem, guide, optim, num_steps: int) -> dict:
     >>> svi_loop(problem, guide, pyro.optim.Adam({"lr": 1e-2}), 5)["steps"]
     5
     """
-    svi = SVI(problem.model, guide, optim, Trace_ELBO())
+    svi = SVI(problem.model, guide, optim, elbo or Trace_ELBO())
     losses = [svi.step(*problem.args) for _ in range(num_steps)]
     return {"steps": num_steps, "final_loss": sum(losses[-100:]) / len(losses[-100:])}
 
@@ -91,15 +95,48 @@ def run_snippet(problem: robust.Problem, guide, args: argparse.Namespace) -> dic
     return svi_loop(problem, guide, optim, args.snippet_steps)
 
 
+def takes_particle_plate(problem: robust.Problem) -> bool:
+    """Whether Pyro's `Trace_ELBO(vectorize_particles=True)` runs on the model (it does
+    where the model broadcasts over a leading particle dimension; `x @ beta` does not).
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> takes_particle_plate(robust.Problem("normal", model, ()))
+    True
+    """
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True)
+    with pyro.poutine.block(), pyro.get_param_store().scope():
+        try:
+            elbo.loss(problem.model, AutoNormal(problem.model), *problem.args)
+        except (RuntimeError, ValueError, IndexError):
+            return False
+    return True
+
+
 def run_recipe(problem: robust.Problem, guide, args: argparse.Namespace) -> dict:
-    """The recipe: `ClippedAdam` from `guide.default_lr` down to `final_lr` times it."""
+    """The recipe: `ClippedAdam` from `guide.default_lr` down to `final_lr` times it, and
+    `args.particles` particles vectorised where the model takes a particle plate (one
+    particle elsewhere)."""
     optim = recipe_optimizer(guide.default_lr, args.steps, args.final_lr)
-    return svi_loop(problem, guide, optim, args.steps)
+    particles = args.particles if args.vectorize else 1
+    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=args.vectorize)
+    details = svi_loop(problem, guide, optim, args.steps, elbo)
+    return {**details, "particles": particles}
 
 
 def run_fit(problem: robust.Problem, guide, args: argparse.Namespace) -> dict:
     """`pyro_nf.fit` at its defaults."""
-    result = fit(problem.model, guide, *problem.args, progress=False, seed=args.seed)
+    result = fit(
+        problem.model,
+        guide,
+        *problem.args,
+        num_steps=args.fit_steps,
+        progress=False,
+        seed=args.seed,
+    )
     return {
         "steps": result.num_steps,
         "final_loss": -result.elbo,
@@ -222,7 +259,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--steps", type=int, default=3000, help="the recipe's steps")
     parser.add_argument("--final-lr", type=float, default=0.01, help="the recipe's last rate")
+    parser.add_argument("--particles", type=int, default=32, help="the recipe's particles")
     parser.add_argument("--snippet-steps", type=int, default=5000)
+    parser.add_argument("--fit-steps", type=int, default=5000, help="fit's num_steps")
     parser.set_defaults(num_draws=10000)
     return parser
 
@@ -238,13 +277,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.models:
         problem = PROBLEMS[name]()
         ref = reference(name, problem, args)
+        args.vectorize = takes_particle_plate(problem)
         for seed in args.seeds:
             for method in args.methods:
                 args.seed = seed
                 rows.append(run_method(problem, method, ref, args)[0])
     print(robust.markdown_table(rows, COLUMNS))
     if args.out:
-        settings = {k: getattr(args, k) for k in ("steps", "final_lr", "snippet_steps")}
+        keys = ("steps", "final_lr", "particles", "snippet_steps")
+        settings = {k: getattr(args, k) for k in keys}
         out = {"commit": commit, "threads": torch.get_num_threads(), **settings, "rows": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))

@@ -19,8 +19,7 @@ The added time of each correction is reported as a multiple of the first fit's t
 
 Usage::
 
-    nice -n 5 python -m benchmarks.tail_correction --seeds 0 \
-        --out benchmarks/results/tail_correction.json
+    nice -n 5 python -m benchmarks.tail_correction --seeds 0 --out /tmp/tail.json
 """
 
 from __future__ import annotations
@@ -125,7 +124,14 @@ def study(name: str, ref: dict, args: argparse.Namespace) -> list[dict]:
     pyro.set_rng_seed(args.seed)
     guide = AutoSplineFlow(problem.model)
     start = time.perf_counter()
-    first = fit(problem.model, guide, *problem.args, progress=False, seed=args.seed)
+    first = fit(
+        problem.model,
+        guide,
+        *problem.args,
+        num_steps=args.fit_steps,
+        progress=False,
+        seed=args.seed,
+    )
     fit_s = time.perf_counter() - start
     rows = corrections(problem, guide, ref, args, "raw")
     start = time.perf_counter()
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iw-lr", type=float, default=0.1, help="times default_lr")
     parser.add_argument("--iw-particles", type=int, default=8)
     parser.add_argument("--iw-steps", type=int, default=1000)
+    parser.add_argument("--fit-steps", type=int, default=5000, help="the first fit's bound")
     parser.add_argument("--chunk", type=int, default=32, help="draws per vmap pass")
     parser.set_defaults(num_draws=4000)
     args = parser.parse_args(argv)
