@@ -10,8 +10,11 @@ arma), three ways of training `AutoSplineFlow(model)` at its defaults:
 - ``recipe``: the same loop with Pyro's `ClippedAdam` decaying the learning rate
   geometrically from `default_lr` to `--final-lr` times it over `--steps` steps
   (`"lrd": final_lr ** (1 / steps)`), and `Trace_ELBO(num_particles=--particles,
-  vectorize_particles=True)` where the model takes a particle plate (`Trace_ELBO()`
-  where it does not: the correlated regression's `x @ beta`, both GARCHs).
+  vectorize_particles=True)` where the model takes a particle plate and a step is
+  overhead rather than arithmetic (schools, years), `Trace_ELBO()` elsewhere (arma,
+  `--single-particle`, whose particle costs a 200 x 200 matrix: 32 would make a step
+  about 30 times dearer; the correlated regression's `x @ beta` and both GARCHs, which
+  take no particle plate).
 - ``fit``: `pyro_nf.fit` at its defaults (`num_steps=5000` an upper bound).
 
 The methods of one model run one after the other in one process, each timed end to end
@@ -118,11 +121,10 @@ def takes_particle_plate(problem: robust.Problem) -> bool:
 
 def run_recipe(problem: robust.Problem, guide, args: argparse.Namespace) -> dict:
     """The recipe: `ClippedAdam` from `guide.default_lr` down to `final_lr` times it, and
-    `args.particles` particles vectorised where the model takes a particle plate (one
-    particle elsewhere)."""
+    `args.recipe_particles` particles, vectorised where more than one."""
     optim = recipe_optimizer(guide.default_lr, args.steps, args.final_lr)
-    particles = args.particles if args.vectorize else 1
-    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=args.vectorize)
+    particles = args.recipe_particles
+    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1)
     details = svi_loop(problem, guide, optim, args.steps, elbo)
     return {**details, "particles": particles}
 
@@ -260,6 +262,12 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=3000, help="the recipe's steps")
     parser.add_argument("--final-lr", type=float, default=0.01, help="the recipe's last rate")
     parser.add_argument("--particles", type=int, default=32, help="the recipe's particles")
+    parser.add_argument(
+        "--single-particle",
+        nargs="*",
+        default=["arma"],
+        help="models the recipe gives one particle although they take a particle plate",
+    )
     parser.add_argument("--snippet-steps", type=int, default=5000)
     parser.add_argument("--fit-steps", type=int, default=5000, help="fit's num_steps")
     parser.set_defaults(num_draws=10000)
@@ -277,7 +285,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.models:
         problem = PROBLEMS[name]()
         ref = reference(name, problem, args)
-        args.vectorize = takes_particle_plate(problem)
+        many = takes_particle_plate(problem) and name not in args.single_particle
+        args.recipe_particles = args.particles if many else 1
         for seed in args.seeds:
             for method in args.methods:
                 args.seed = seed
