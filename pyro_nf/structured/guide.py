@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.checks import check_int, check_positive, check_probabilities
-from pyro_nf.log_joint import model_without_init
 from pyro_nf.noncentering import _loc_scale_prior, find_hierarchical_sites
 
 from .layout import LocalPlate, LocalSite, local_site
@@ -150,6 +149,7 @@ class AutoStructuredFlow(AutoGuide):
         )
         self.local_plates: dict[str, LocalPlate] = {}
         self.global_guide: AutoFlow | None = None
+        self._raw_model = (model,)  # a tuple: not registered as a submodule
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
 
     # ---- set-up -------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class AutoStructuredFlow(AutoGuide):
     def _setup_global_guide(self, local_names: list[str]) -> None:
         if not self._global_sites:
             return
-        hidden = poutine.block(model_without_init(self), hide=local_names)
+        hidden = poutine.block(self._raw_model[0], hide=local_names)
         # No warm start: with the locals hidden, the model's log joint at the globals is
         # a random function (the locals redrawn from their prior on every call).
         self.global_guide = AutoFlow(
@@ -305,7 +305,7 @@ class AutoStructuredFlow(AutoGuide):
         if missing:
             placeholders = self._placeholders(global_values)
             indices.update(
-                find_subsamples(model_without_init(self), missing, placeholders, args, kwargs)
+                find_subsamples(self._raw_model[0], missing, placeholders, args, kwargs)
             )
         return indices
 
@@ -397,7 +397,7 @@ class AutoStructuredFlow(AutoGuide):
                 members = self._member_rows(index, plate, loc, scale, context)
             for site in plate.sites:
                 rows[site.name] = (site, members[:, plate.columns[site.name]])
-        return local_values(model_without_init(self), global_values, indices, rows, args, kwargs)
+        return local_values(self._raw_model[0], global_values, indices, rows, args, kwargs)
 
     def _draw_every_member(self, args: tuple, kwargs: dict) -> dict[str, Tensor]:
         """One draw of every site over the whole plates, in chunks of the model's own
