@@ -75,8 +75,12 @@ def test_member_draw_is_the_same_in_a_minibatch_and_in_the_full_plate():
 def _flat_grad(guide, loss):
     params = [p for p in guide.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, params)])
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
 
 
 def test_subsampled_elbo_gradient_is_unbiased():
@@ -94,9 +98,7 @@ def test_subsampled_elbo_gradient_is_unbiased():
 
     full = gradient()
     generator = torch.Generator().manual_seed(1)
-    grads = torch.stack(
-        [gradient(torch.randperm(J, generator=generator)[:5]) for _ in range(400)]
-    )
+    grads = torch.stack([gradient(torch.randperm(J, generator=generator)[:5]) for _ in range(400)])
     mean, se = grads.mean(0), grads.std(0) / math.sqrt(len(grads))
     varying = se > 1e-6
     assert varying.sum() > 10  # the minibatch gradient is noisy: the test has teeth
@@ -155,7 +157,9 @@ def test_plate_size_change_and_indices_outside_the_plate_are_refused():
     guide(YBAR, SE)
     with pytest.raises(ValueError, match="plate 'groups' has 25 members"):
         guide(torch.zeros(25), torch.ones(25))
-    with pytest.raises(IndexError, match=r"plate 'groups': subsample indices must lie in \[0, 20\)"):
+    with pytest.raises(
+        IndexError, match=r"plate 'groups': subsample indices must lie in \[0, 20\)"
+    ):
         guide(YBAR, SE, torch.tensor([0, 20]))
     guide = AutoStructuredFlow(model)
     guide(YBAR, SE, None, 5)

@@ -135,7 +135,7 @@ class AutoStructuredFlow(AutoGuide):
         num_summary_samples: int = 500,
         create_plates: Callable | None = None,
         **flow_options: object,
-    ):
+    ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         self.init_loc_fn = init_loc_fn
@@ -186,13 +186,18 @@ class AutoStructuredFlow(AutoGuide):
             site.name: site for plate in self.local_plates.values() for site in plate.sites
         }
         self._setup_global_guide(list(plate_of))
-        context = self._global_context({n: s["value"] for n, s in self._global_sites.items()})
-        self.register_buffer("context_centre", context.detach().clone())
-        self._setup_members(sites, context.numel())
+        context_dim = sum(
+            self._global_transforms[name].inv(site["value"]).numel()
+            for name, site in self._global_sites.items()
+        )
+        self._setup_members(sites, context_dim)
         logger.info(
             "AutoStructuredFlow: global sites %s; local plates %s; non-centred local sites %s",
             list(self._global_sites),
-            {name: [site.name for site in plate.sites] for name, plate in self.local_plates.items()},
+            {
+                name: [site.name for site in plate.sites]
+                for name, plate in self.local_plates.items()
+            },
             sorted(hierarchical & set(plate_of)),
         )
 
@@ -245,7 +250,7 @@ class AutoStructuredFlow(AutoGuide):
         )
 
     def _setup_members(self, sites: dict, context_dim: int) -> None:
-        self.locs, self.scales = PyroModule(), PyroModule()
+        self.locs, self.scales, self.slopes = PyroModule(), PyroModule(), PyroModule()
         self.member_flows = nn.ModuleList()
         for plate in self.local_plates.values():
             init = torch.cat([_initial_rows(site, sites[site.name]) for site in plate.sites])
@@ -257,6 +262,8 @@ class AutoStructuredFlow(AutoGuide):
                 plate.name,
                 PyroParam(scale, constraints.softplus_positive, event_dim=1),
             )
+            slopes = loc.new_zeros(plate.param_shape[:-1] + (plate.dim_total * context_dim,))
+            deep_setattr(self.slopes, plate.name, PyroParam(slopes, event_dim=1))
             flow = member_flow(
                 plate.dim_total,
                 context_dim + 2 * plate.dim_total,
@@ -267,14 +274,19 @@ class AutoStructuredFlow(AutoGuide):
 
     # ---- a draw -------------------------------------------------------------------------
 
-    def _global_context(self, values: dict) -> Tensor:
+    def _global_context(self, values: dict, args: tuple, kwargs: dict) -> Tensor:
+        """The members' context: the global draw, unconstrained and standardised by the
+        globals' posterior location and scale (the flow's own coordinates, where every
+        coordinate varies on a unit scale, so that the members' slopes and networks
+        learn at one rate whatever the posterior's scales)."""
+        if self.global_guide is None:
+            return torch.zeros(0)
         parts = [
             self._global_transforms[name].inv(values[name]).reshape(-1)
             for name in self._global_sites
         ]
-        if not parts:
-            return torch.zeros(0)
-        return torch.cat(parts)
+        posterior = self.global_guide.get_posterior(*args, **kwargs)
+        return (torch.cat(parts) - posterior.loc) / posterior.scale
 
     def _create_plates(self, *args: Any, **kwargs: Any) -> dict:
         """The model's plates other than the local ones (created per call, as Pyro does),
@@ -304,9 +316,7 @@ class AutoStructuredFlow(AutoGuide):
         missing = {name: p for name, p in self.local_plates.items() if name not in indices}
         if missing:
             placeholders = self._placeholders(global_values)
-            indices.update(
-                find_subsamples(self._raw_model[0], missing, placeholders, args, kwargs)
-            )
+            indices.update(find_subsamples(self._raw_model[0], missing, placeholders, args, kwargs))
         return indices
 
     def _placeholders(self, global_values: dict) -> dict[str, Callable]:
@@ -320,12 +330,17 @@ class AutoStructuredFlow(AutoGuide):
                 placeholders[site.name] = _zero_value
         return placeholders
 
-    def _member_params(self, plate: LocalPlate, members: Tensor) -> tuple[Tensor, Tensor]:
-        """The ``members``' rows of the plate's location and scale: read outside the plate
-        (so that Pyro does not subsample them again), only those rows get gradients."""
-        loc = _deep_getattr(self.locs, plate.name).reshape(plate.size, -1)
-        scale = _deep_getattr(self.scales, plate.name).reshape(plate.size, -1)
-        return loc[members], scale[members]
+    def _member_params(
+        self, plate: LocalPlate, members: Tensor, context: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The ``members``' location (their own plus their slopes times the centred global
+        draw) and scale. Read outside the plate (so that Pyro does not subsample them
+        again); only those rows get gradients."""
+        loc = _deep_getattr(self.locs, plate.name).reshape(plate.size, -1)[members]
+        scale = _deep_getattr(self.scales, plate.name).reshape(plate.size, -1)[members]
+        slopes = _deep_getattr(self.slopes, plate.name).reshape(plate.size, -1)[members]
+        slopes = slopes.reshape(len(members), plate.dim_total, context.numel())
+        return loc + (slopes @ context.unsqueeze(-1)).squeeze(-1), scale
 
     def _member_rows(
         self, index: int, plate: LocalPlate, loc: Tensor, scale: Tensor, context: Tensor
@@ -343,19 +358,17 @@ class AutoStructuredFlow(AutoGuide):
             [context.expand(members, context.numel()), loc, log_scale], dim=-1
         )
         y, log_det = self.member_flows[index](eps, context=member_context)
-        rows = loc + scale * y
-        log_det = log_det + log_scale.sum(-1)
         pyro.sample(
             f"_{self._pyro_name}_{plate.name}_rows",
             dist.Delta(
-                plate.batch_view(rows),
+                plate.batch_view(y),
                 log_density=-log_det.reshape(zeros.shape[:-1]),
                 event_dim=1,
                 validate_args=False,
             ),
             infer={"is_auxiliary": True},
         )
-        return rows
+        return y
 
     def forward(self, *args: Any, **kwargs: Any) -> dict:
         """Draw the globals, then each local plate's members; return every site's value."""
@@ -385,18 +398,19 @@ class AutoStructuredFlow(AutoGuide):
         self, plates: dict, global_values: dict, indices: dict, args: tuple, kwargs: dict
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """The members' rows at ``indices``, mapped to the local sites' values."""
-        context = self._global_context(global_values) - self.context_centre
+        context = self._global_context(global_values, args, kwargs)
         rows = {}
         for index, plate in enumerate(self.local_plates.values()):
             if plate.name not in plates:
                 plates[plate.name] = pyro.plate(
                     plate.name, plate.size, dim=plate.dim, subsample=indices[plate.name]
                 )
-            loc, scale = self._member_params(plate, indices[plate.name])
+            loc, scale = self._member_params(plate, indices[plate.name], context)
             with plates[plate.name]:
-                members = self._member_rows(index, plate, loc, scale, context)
+                y = self._member_rows(index, plate, loc, scale, context)
             for site in plate.sites:
-                rows[site.name] = (site, members[:, plate.columns[site.name]])
+                columns = plate.columns[site.name]
+                rows[site.name] = (site, (loc[:, columns], scale[:, columns], y[:, columns]))
         return local_values(self._raw_model[0], global_values, indices, rows, args, kwargs)
 
     def _draw_every_member(self, args: tuple, kwargs: dict) -> dict[str, Tensor]:
@@ -481,15 +495,13 @@ class AutoStructuredFlow(AutoGuide):
 
 
 def _initial_rows(site: LocalSite, traced: dict) -> Tensor:
-    """A member's initial unconstrained row: the mean over the prototype's members of
-    the initial value (non-centred for non-centred sites)."""
+    """A member's initial row: the mean over the prototype's members of the initial value,
+    unconstrained (non-centred for a non-centred site)."""
     value = traced["value"].detach()
     if site.noncentred:
         prior = _loc_scale_prior(traced["fn"])
-        unconstrained = ((value - prior.loc) / prior.scale).detach()
-    else:
-        unconstrained = site.transform.inv(value)
-    return site.pack(unconstrained).mean(0)
+        return site.pack((value - prior.loc.detach()) / prior.scale.detach()).mean(0)
+    return site.pack(site.transform.inv(value)).mean(0)
 
 
 def _zero_value(msg: dict) -> Tensor:

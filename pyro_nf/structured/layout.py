@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
-from pyro.distributions import constraints
 from pyro.distributions.transforms import Transform, biject_to
 from torch import Tensor
 
@@ -41,6 +39,8 @@ class LocalSite:
 
     Examples
     --------
+    >>> import torch
+    >>> from pyro.distributions import constraints
     >>> site = LocalSite("a", biject_to(constraints.real), 0, -1, (), False)
     >>> u = site.unpack(torch.arange(3.0).reshape(3, 1))
     >>> u.tolist(), site.pack(u).shape
@@ -86,6 +86,7 @@ class LocalPlate:
 
     Examples
     --------
+    >>> from pyro.distributions import constraints
     >>> real = biject_to(constraints.real)
     >>> plate = LocalPlate("g", -1, 5, [LocalSite("a", real, 0, -1, (), False),
     ...                                 LocalSite("b", real, 1, -2, (2,), False)])
@@ -128,7 +129,7 @@ def local_site(name: str, site: dict, plate_dim: int, noncentred: bool) -> Local
 
     Examples
     --------
-    >>> import pyro.distributions as dist
+    >>> import torch, pyro.distributions as dist
     >>> site = {"fn": dist.LogNormal(0.0, 1.0).expand([4, 3]), "value": torch.ones(4, 3)}
     >>> local_site("s", site, -2, False).member_shape
     (3,)
@@ -139,4 +140,3 @@ def local_site(name: str, site: dict, plate_dim: int, noncentred: bool) -> Local
     axis = plate_dim - transform.domain.event_dim
     shape = tuple(unconstrained.movedim(axis, 0).shape[1:])
     return LocalSite(name, transform, fn.event_dim, axis, shape, noncentred)
-

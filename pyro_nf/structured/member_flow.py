@@ -48,7 +48,7 @@ class ConditionalAffine(nn.Module):
     ([1.0, 1.0], 0.0)
     """
 
-    def __init__(self, dim: int, context_dim: int, hidden_dim: int = 32):
+    def __init__(self, dim: int, context_dim: int, hidden_dim: int = 32) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(context_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, 2 * dim)

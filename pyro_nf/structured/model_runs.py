@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
 from pyro.poutine.messenger import Messenger
@@ -26,6 +25,9 @@ from .layout import LocalPlate, LocalSite
 
 __all__ = ["find_subsamples", "local_values"]
 
+#: A site's columns of the members' ``(loc, scale, y)`` rows.
+MemberRows = tuple[Tensor, Tensor, Tensor]
+
 
 class _Done(Exception):
     """Ends a model run once it has what it needs."""
@@ -36,6 +38,7 @@ def check_indices(plate: LocalPlate, indices: Tensor) -> Tensor:
 
     Examples
     --------
+    >>> import torch
     >>> from pyro_nf.structured.layout import LocalPlate
     >>> check_indices(LocalPlate("g", -1, 3), torch.tensor([0, 2])).tolist()
     [0, 2]
@@ -63,7 +66,7 @@ def check_size(plate: LocalPlate, size: int) -> None:
 class _FindSubsamples(Messenger):
     """Record each local plate's subsample; give every latent site a placeholder."""
 
-    def __init__(self, plates: dict[str, LocalPlate], placeholders: dict[str, Callable]):
+    def __init__(self, plates: dict[str, LocalPlate], placeholders: dict[str, Callable]) -> None:
         super().__init__()
         self.plates, self.placeholders = plates, placeholders
         self.indices: dict[str, Tensor] = {}
@@ -126,7 +129,9 @@ def find_subsamples(
 class _LocalValues(Messenger):
     """Fix the globals and the plates' subsamples; map each local row to its site's value."""
 
-    def __init__(self, values: dict, indices: dict, rows: dict[str, tuple[LocalSite, Tensor]]):
+    def __init__(
+        self, values: dict, indices: dict, rows: dict[str, tuple[LocalSite, MemberRows]]
+    ) -> None:
         super().__init__()
         self.values, self.indices, self.rows = values, indices, rows
         self.outputs: dict[str, tuple[Tensor, Tensor]] = {}
@@ -137,7 +142,7 @@ class _LocalValues(Messenger):
             msg["value"] = self.indices.get(name, msg["value"])
         elif name in self.rows:
             site, rows = self.rows[name]
-            value, log_density = _site_value(site, msg["fn"], site.unpack(rows))
+            value, log_density = _site_value(site, msg["fn"], rows)
             self.outputs[name] = value, log_density
             msg["value"] = value
             if len(self.outputs) == len(self.rows):
@@ -146,23 +151,33 @@ class _LocalValues(Messenger):
             msg["value"] = self.values[name]
 
 
-def _site_value(site: LocalSite, fn: Any, unconstrained: Tensor) -> tuple[Tensor, Tensor]:
-    """The site's value and the guide's log-density term ``-log|d value / d u|``."""
+def _site_value(site: LocalSite, fn: Any, rows: MemberRows) -> tuple[Tensor, Tensor]:
+    """The site's value and the guide's log-density term ``-log|d value / d y|``.
+
+    The member's unconstrained value is ``u = loc + scale * y``; a non-centred site's
+    value is ``prior.loc + prior.scale * u`` with the prior's parameters at this run's
+    values (so its spread follows the population scale's draw), any other site's is
+    ``u`` mapped to its support.
+    """
+    loc, scale, y = (site.unpack(part) for part in rows)
+    unconstrained = loc + scale * y
+    log_scale = sum_rightmost(scale.log(), site.transform.domain.event_dim)
     if site.noncentred:
         prior = _loc_scale_prior(fn)
         value = prior.loc + prior.scale * unconstrained
-        log_scale = prior.scale.log().expand(value.shape)
-        return value, -sum_rightmost(log_scale, site.event_dim)
+        log_det = sum_rightmost(prior.scale.log().expand(value.shape), site.event_dim)
+        return value, -log_det - log_scale
     value = site.transform(unconstrained)
     log_det = site.transform.log_abs_det_jacobian(unconstrained, value)
-    return value, -sum_rightmost(log_det, log_det.dim() - value.dim() + site.event_dim)
+    log_det = sum_rightmost(log_det, log_det.dim() - value.dim() + site.event_dim)
+    return value, -log_det - log_scale
 
 
 def local_values(
     model: Callable,
     global_values: dict,
     indices: dict,
-    rows: dict[str, tuple[LocalSite, Tensor]],
+    rows: dict[str, tuple[LocalSite, MemberRows]],
     args: tuple,
     kwargs: dict,
 ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -177,17 +192,18 @@ def local_values(
     indices : dict
         Plate name -> the members drawn (as `find_subsamples` returns).
     rows : dict
-        Local site name -> (its `LocalSite`, the members' unconstrained rows).
+        Local site name -> (its `LocalSite`, the members' ``(loc, scale, y)`` rows: their
+        parameters and the shared flow's output).
     args, kwargs
         The model's arguments.
 
     Returns
     -------
     dict
-        Site name -> ``(value, log_density)``: a non-centred site's value is
-        ``loc + scale * u`` with its prior's parameters at this run's values, others the
-        support transform of ``u``; ``log_density`` is ``-log|d value / d u|`` summed
-        over the site's event dimensions.
+        Site name -> ``(value, log_density)``: with ``u = loc + scale * y``, a
+        non-centred site's value is ``prior.loc + prior.scale * u`` at this run's values,
+        another's is ``u`` mapped to its support; ``log_density`` is
+        ``-log|d value / d y|`` summed over the site's event dimensions.
     """
     runner = _LocalValues(global_values, indices, rows)
     with poutine.block(), runner:
