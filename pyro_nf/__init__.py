@@ -25,6 +25,7 @@ _EXPORTS = {
     "AutoRadialFlow": "pyro_nf.autoguides",
     "AutoRealNVPFlow": "pyro_nf.autoguides",
     "AutoSplineFlow": "pyro_nf.autoguides",
+    "AutoStructuredFlow": "pyro_nf.structured",
     "CONDITIONAL_FLOWS": "pyro_nf.flows.base",
     "ConditionalFlowPosterior": "pyro_nf.flows.conditional",
     "build_conditional_flow": "pyro_nf.flows.conditional",
