@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyro_nf.flows import FlowStack, build_conditional_flow
+from pyro_nf.flows import FlowStack, build_flow
 
 __all__ = ["ConditionalAffine", "member_flow"]
 
@@ -75,7 +75,8 @@ def _conditional_flow(
     flow: str, dim: int, context_dim: int, num_layers: int, hidden_dims: Sequence[int] | None
 ) -> FlowStack:
     """A registered family's conditional stack (the one place that calls the builder)."""
-    return build_conditional_flow(flow, dim, context_dim, num_layers, hidden_dims)
+    options = {} if hidden_dims is None else {"hidden_dims": hidden_dims}
+    return build_flow(flow, dim, context_dim=context_dim, num_layers=num_layers, **options)
 
 
 def member_flow(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..flows import CONDITIONAL_FLOWS
+from ..flows import FLOWS
 from .training import TrainConfig, evaluate_run, train
 
 __all__ = ["add_parser"]
@@ -120,7 +120,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _architecture_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--flow", choices=list(CONDITIONAL_FLOWS), default="none")
+    p.add_argument("--flow", choices=list(FLOWS), default="none")
     p.add_argument("--layers", type=int, default=10, help="flow layers (default: 10)")
     p.add_argument("--latent", type=int, default=40, help="latent size (default: 40)")
     p.add_argument(
