@@ -122,8 +122,29 @@ def exact_moments(
     }
 
 
+def autonormal_moments(guide: AutoNormal) -> dict:
+    """AutoNormal's exact means and sds (its ``tau`` is log-normal: ``log tau`` Gaussian).
+
+    Read from its parameters: its plates are its prototype's, so under subsampling its
+    draws hold one minibatch of groups, never all of them.
+    """
+    with torch.no_grad():
+        loc = {name: getattr(guide.locs, name).double() for name in ("mu", "tau", "a")}
+        scale = {name: getattr(guide.scales, name).double() for name in ("mu", "tau", "a")}
+    return {
+        "mu_mean": loc["mu"],
+        "mu_sd": scale["mu"],
+        "log_tau_mean": loc["tau"],
+        "log_tau_sd": scale["tau"],
+        "a_mean": loc["a"],
+        "a_sd": scale["a"],
+    }
+
+
 def guide_moments(guide: object, ybar: Tensor, se: Tensor, num_samples: int) -> dict:
     """Monte-Carlo means and sds of the guide's ``mu``, ``log tau`` and every ``a_j``."""
+    if isinstance(guide, AutoNormal):
+        return autonormal_moments(guide)
     with torch.no_grad():
         pyro.set_rng_seed(123)
         draws = Predictive(
