@@ -2,25 +2,25 @@
 
 All guides share one construction: the model's latent sites are mapped to an
 unconstrained joint vector (Pyro's `pyro.infer.autoguide.AutoContinuous`), and
-the posterior over that vector is ``z = loc + scale * f(eps)``, ``eps ~ N(0, I)``, with
-``loc`` started at ``init_loc_fn``'s point, ``scale`` at ``init_scale`` and the flow ``f``
-at the identity. Step 0 is therefore the AutoNormal guide, and the flow only has to learn
-the posterior's shape, in standardised units, wherever the posterior sits.
+the posterior over that vector is ``z = W(loc + scale * f(eps))``, ``eps ~ N(0, I)``, with
+the flow ``f`` started at the identity and ``W`` the fixed whitening map of the start
+(`pyro_nf.whitening.Whitening`). Without a warm start ``W`` is the identity, ``loc`` starts
+at ``init_loc_fn``'s point and ``scale`` at ``init_scale``: step 0 is the AutoNormal
+guide, and the flow only has to learn the posterior's shape, in standardised units.
 
 With the Laplace warm start (``warm_start="laplace"``, the default) the guide first finds
-the MAP in unconstrained space and the Hessian there (`pyro_nf.laplace`), and the
-same construction runs in the coordinates this whitens:
-``z = m + L (loc + scale * f(eps))`` with ``m`` the MAP and ``L L^T`` the inverse Hessian,
-``loc`` started at 0 and ``scale`` at 1. Step 0 is then the Laplace approximation, and
-every learnable parameter lives on the posterior's own scale, which is what lets Adam
-fit posteriors whose scales and correlations are far from unit (flat priors on unscaled
-predictors, say).
+the MAP in unconstrained space and the Hessian there (`pyro_nf.laplace`), and
+``W(x) = m + L x`` with ``m`` the MAP and ``L L^T`` the inverse Hessian, ``loc`` started at
+0 and ``scale`` at 1. Step 0 is then the Laplace approximation, and every learnable
+parameter lives on the posterior's own scale, which is what lets Adam fit posteriors whose
+scales and correlations are far from unit (flat priors on unscaled predictors, say).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import pyro
 import pyro.distributions as dist
@@ -32,15 +32,18 @@ from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
+from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 
 from pyro_nf.checks import check_flow_arguments, check_int, check_positive, check_probabilities
 from pyro_nf.distribution import FlowDistribution, FlowTransform
-from pyro_nf.flows import FlowSpec, build_flow, get_flow_spec
+from pyro_nf.flows import FlowSpec, FlowStack, build_flow, get_flow_spec
 from pyro_nf.laplace import LaplaceApproximation
 from pyro_nf.layout import LatentLayout
-from pyro_nf.noncentering import NonCenteredDistribution, NonCentering
+from pyro_nf.noncentering import NonCenteredDistribution, NonCentering, find_hierarchical_sites
+from pyro_nf.saved_state import GuideState
 from pyro_nf.starts import Start, choose_start
+from pyro_nf.whitening import Whitening
 
 __all__ = [
     "AutoFlow",
@@ -70,19 +73,33 @@ def _check_no_subsampled_locals(trace, guide_name: str) -> None:
                 )
 
 
+def _bind_flow(
+    flow: str | FlowSpec | Callable[[int], nn.Module],
+    num_layers: int | None,
+    hidden_dims: Sequence[int] | None,
+    options: dict,
+) -> Callable[[int], FlowStack]:
+    """``dim -> FlowStack`` for the family and options given, checked now."""
+    check_flow_arguments(get_flow_spec(flow), num_layers, hidden_dims, options)
+    return functools.partial(
+        build_flow, flow, num_layers=num_layers, hidden_dims=hidden_dims, **options
+    )
+
+
 class AutoFlow(AutoContinuous):
     r"""Normalizing-flow guide over all continuous latent sites of a model.
 
     The posterior over the unconstrained joint latent vector is
-    $z = m + L(\mu + \sigma \odot f(\varepsilon))$, $\varepsilon \sim N(0, I)$,
-    with the flow $f$ (planar, radial, IAF or neural-spline layers) started at the
-    identity. With the Laplace warm start, $m$ is the MAP and $L$ the Cholesky
-    factor of the inverse Hessian there (fixed; see `pyro_nf.laplace_approximation`),
-    and $\mu = 0$, $\sigma = 1$ at the start, so the guide starts at the Laplace
-    approximation and learns in whitened coordinates. Without it, $m = 0$,
-    $L = I$, $\mu$ starts at ``init_loc_fn``'s point and $\sigma$ at
-    ``init_scale``. The warm start runs on the guide's first call (it needs the model's
-    arguments) and is kept in `laplace`.
+    $z = W(\mu + \sigma \odot f(\varepsilon))$, $\varepsilon \sim N(0, I)$,
+    with the flow $f$ (planar, radial, IAF, neural-spline or coupling layers) started at
+    the identity and $W$ the fixed whitening map of the start (`whitening`). With the
+    Laplace warm start, $W(x) = m + L x$ with $m$ the MAP and $L$ the Cholesky factor of
+    the inverse Hessian there (see `pyro_nf.laplace_approximation`), and $\mu = 0$,
+    $\sigma = 1$ at the start, so the guide starts at the Laplace approximation and
+    learns in whitened coordinates. Without it, $W$ is the identity, $\mu$ starts at
+    ``init_loc_fn``'s point and $\sigma$ at ``init_scale``. The start is chosen on the
+    guide's first call (it needs the model's arguments), unless Pyro's param store holds
+    this guide's saved fit (see the docs' page on saving and loading guides).
 
     Parameters
     ----------
@@ -138,15 +155,16 @@ class AutoFlow(AutoContinuous):
     default_lr : float
         The Adam learning rate that suits this flow family; `pyro_nf.fit` uses it
         when no ``lr`` is given.
+    start : Start or None
+        The start taken, once set up: its label, ELBO, reason and every candidate's ELBO
+        (see `pyro_nf.starts.Start`).
     laplace : LaplaceApproximation or None
         The warm start's result (mode, scales, whether it converged), once set up.
     noncentering : NonCentering or None
         The map from the non-centred coordinates the guide learns in to the model's
         unconstrained ones, once set up; None when it learns in the model's coordinates.
-    start : Start or None
-        The start taken, once set up: its label, ELBO, reason and every candidate's ELBO
-        (see `pyro_nf.starts.Start`). ``state_dict`` records its kind and coordinates, and
-        loading a state learned from another refuses, naming the difference.
+    whitening : Whitening or None
+        The start's whitening map $W$, once set up.
 
     Examples
     --------
@@ -155,6 +173,7 @@ class AutoFlow(AutoContinuous):
     >>> def model():
     ...     x = pyro.sample("x", dist.Normal(10.0, 1.0))
     ...     pyro.sample("y", dist.Normal(x, 1.0), obs=torch.tensor(12.0))
+    >>> pyro.clear_param_store()  # a guide takes a fit under its name from the store
     >>> guide = AutoFlow(model, flow="planar", num_layers=2)
     >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": guide.default_lr}), Trace_ELBO())
     >>> loss = svi.step()
@@ -162,15 +181,16 @@ class AutoFlow(AutoContinuous):
     ['x']
 
     The hooks Pyro's tools read: `get_base_dist`, the law `N(0, I)` that `get_transform`
-    maps to the unconstrained latent vector (what `NeuTraReparam` runs HMC through), and
-    the meaning of the parameters saved in `state_dict` (`get_extra_state`):
+    maps to the unconstrained latent vector (what `NeuTraReparam` runs HMC through),
+    `_loc_scale`, and the description of the parameters saved in `state_dict`
+    (`get_extra_state`, checked on load):
 
     >>> guide.get_base_dist().event_shape
     torch.Size([1])
     >>> transform, eps = guide.get_transform(), torch.randn(5, 1)
     >>> bool(torch.allclose(transform.inv(transform(eps)), eps, atol=1e-4))
     True
-    >>> guide.state_dict()["_extra_state"]["start"]
+    >>> guide.state_dict()["_extra_state"]["start"]["kind"]
     'laplace'
     """
 
@@ -189,7 +209,7 @@ class AutoFlow(AutoContinuous):
         warm_start: str | None = "laplace",
         noncentered: str | bool = "auto",
         **flow_options: object,
-    ):
+    ) -> None:
         if flow is not None and self.flow_name is not None and flow != self.flow_name:
             raise ValueError(
                 f"{type(self).__name__} always uses flow={self.flow_name!r}; use "
@@ -198,113 +218,161 @@ class AutoFlow(AutoContinuous):
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         self.flow_spec: FlowSpec = get_flow_spec(flow or self.flow_name or "spline")
-        flow_kwargs = check_flow_arguments(self.flow_spec, num_layers, hidden_dims, flow_options)
+        self._flow_builder = _bind_flow(self.flow_spec, num_layers, hidden_dims, flow_options)
+        # Every option that shapes a parameter, recorded in the saved state.
+        self.flow_options = {"num_layers": num_layers or self.flow_spec.num_layers}
+        self.flow_options |= {"hidden_dims": hidden_dims, **flow_options}
         # Wider starts overflow float32 log densities (and any exp-transformed site first).
-        init_scale = check_positive("init_scale", init_scale, maximum=1e6)
-        num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
+        self._init_scale = check_positive("init_scale", init_scale, maximum=1e6)
+        self.num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
         if warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be 'laplace' or None, got {warm_start!r}")
         if not (isinstance(noncentered, bool) or noncentered == "auto"):
             raise ValueError(f"noncentered must be 'auto', True or False, got {noncentered!r}")
-        self.warm_start = warm_start
-        self.noncentered = noncentered
-        self.laplace: LaplaceApproximation | None = None
-        self.noncentering: NonCentering | None = None
+        self.warm_start, self.noncentered = warm_start, noncentered
         self.start: Start | None = None
-        self._model_args: tuple[tuple, dict] = ((), {})
-        self._init_scale = init_scale
-        self._flow_kwargs = flow_kwargs
-        self.num_summary_samples = num_summary_samples
+        self.whitening: Whitening | None = None
+        self._arguments: tuple[tuple, dict] | None = None  # set by model_arguments only
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     @property
     def default_lr(self) -> float:
         return self.flow_spec.lr
 
+    @property
+    def laplace(self) -> LaplaceApproximation | None:
+        return None if self.start is None else self.start.laplace
+
+    @property
+    def noncentering(self) -> NonCentering | None:
+        return None if self.start is None else self.start.noncentering
+
     def _setup_prototype(self, *args, **kwargs) -> None:
-        guide_name = type(self).__name__
-        try:
-            super()._setup_prototype(*args, **kwargs)
-            _check_no_subsampled_locals(self.prototype_trace, guide_name)
-            self._latent_layout = LatentLayout(self)
+        # In the module's context, parameters already in Pyro's param store are taken.
+        with self._pyro_context:
             try:
-                flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_kwargs)
-            except ValueError as error:
-                sites = ", ".join(repr(name) for name in self._unconstrained_shapes)
-                raise ValueError(
-                    f"{guide_name} on latent site(s) {sites} "
-                    f"({self.latent_dim} unconstrained dimension(s)): {error}"
-                ) from None
-            self._model_args = (args, kwargs)
-            with torch.enable_grad():  # the MAP search, also from median() under no_grad
-                start = choose_start(
-                    self,
-                    args,
-                    kwargs,
-                    warm_start=self.warm_start,
-                    noncentered=self.noncentered,
-                    init_scale=self._init_scale,
-                )
-        except Exception:
-            self.prototype_trace = None  # a failed setup leaves the guide as it was
-            raise
-        self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
-        self.start = start
-        self.noncentering = start.noncentering
-        self.laplace = start.laplace
-        self.scale = PyroParam(
-            torch.full_like(start.loc, start.scale), constraints.softplus_positive
-        )
-        if start.laplace is None:
-            self.loc = nn.Parameter(start.loc)
-            return
-        # Buffers, so that they follow the guide across devices and into its state_dict.
-        self.register_buffer("laplace_loc", start.laplace.loc)
-        self.register_buffer("laplace_scale", start.laplace.scale)
-        self.register_buffer("laplace_scale_tril", start.laplace.scale_tril)
-        self.loc = nn.Parameter(torch.zeros_like(start.loc))
+                super()._setup_prototype(*args, **kwargs)
+                _check_no_subsampled_locals(self.prototype_trace, type(self).__name__)
+                self._latent_layout = LatentLayout(self)
+                flow = self._build_flow()
+                start = self._saved_start(args, kwargs) or self._new_start(args, kwargs)
+            except Exception:
+                self.prototype_trace = None  # a failed setup leaves the guide as it was
+                raise
+            self._adopt(start)
+            self.loc = nn.Parameter(start.base_loc)
+            self.scale = PyroParam(
+                torch.full_like(start.loc, start.scale), constraints.softplus_positive
+            )
+            to_pyro_module_(flow)  # its parameters are the guide's own, under its name
+            self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
+            GuideState.take_parameters(self._pyro_name, "flow", self.flow)
+
+    def _build_flow(self) -> FlowStack:
+        try:
+            return self._flow_builder(self.latent_dim)
+        except ValueError as error:
+            sites = ", ".join(repr(name) for name in self._unconstrained_shapes)
+            raise ValueError(
+                f"{type(self).__name__} on latent site(s) {sites} "
+                f"({self.latent_dim} unconstrained dimension(s)): {error}"
+            ) from None
+
+    def _new_start(self, args: tuple, kwargs: dict) -> Start:
+        with torch.enable_grad():  # the MAP search, also from median() under no_grad
+            return choose_start(
+                self,
+                args,
+                kwargs,
+                warm_start=self.warm_start,
+                noncentered=self.noncentered,
+                init_scale=self._init_scale,
+            )
+
+    def _saved_start(self, args: tuple, kwargs: dict) -> Start | None:
+        """The start of this guide's fit in Pyro's param store, checked, or None."""
+        saved = GuideState.read(self._pyro_name)
+        if saved is not None:
+            self._check_saved(saved, "set-up from Pyro's param store", args, kwargs)
+            return saved.restore_start(self)
+        return None
+
+    def _adopt(self, start: Start) -> None:
+        self.start, self.whitening = start, start.whitening
+        GuideState.of(self).write(self._pyro_name)
+
+    def _check_saved(self, saved: GuideState, how: str, args: tuple, kwargs: dict) -> None:
+        """Refuse a saved state of another model or flow, or one this guide's options
+        rule out, with one error naming every difference."""
+        differences = saved.differences(GuideState.signature_of(self))
+        differences += _start_differences(self, saved.start, args, kwargs)
+        if differences:
+            raise ValueError(
+                f"{type(self).__name__} {how}: the saved state is of another guide "
+                f"({'; '.join(differences)}). Build the guide for the same model (sites, "
+                "shapes, supports, in the same order), with the same flow options and "
+                "noncentered= / warm_start= choices, as the saved one; to fit another "
+                "model instead, call pyro.clear_param_store() first"
+            )
 
     def get_extra_state(self) -> dict:
-        """What the parameters in the guide's ``state_dict`` mean: the coordinates they were
-        learned in and the start they were learned from (empty before set-up).
+        """What the parameters in the guide's ``state_dict`` mean (see
+        `pyro_nf.saved_state.GuideState`): checked and restored by ``load_state_dict``,
+        which refuses a state of another model, flow or set-up, naming the difference.
 
         See `AutoFlow`'s example.
         """
-        if self.start is None:
-            return {}
-        return {
-            "latent_dim": self.latent_dim,
-            "coordinates": self.start.coordinates,
-            "noncentred_sites": list(self.noncentering.sites) if self.noncentering else [],
-            "start": "laplace" if self.laplace is not None else "isotropic",
-        }
+        return {} if self.start is None else GuideState.of(self).as_dict()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Checked before any tensor is copied, and before torch compares shapes.
+        state = state_dict.get(prefix + "_extra_state")
+        if state is not None:
+            if self.start is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.load_state_dict: the guide is not set up yet; "
+                    "call it once on the model's arguments, then load"
+                )
+            self._check_saved(GuideState.from_dict(state), "load_state_dict", (), {})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: dict) -> None:
-        """Refuse a saved state learned in other coordinates or from another start.
+        """Take the saved start (whitening and coordinates), checked by then.
 
-        Parameters of the same shapes mean different posteriors there (non-centred values
-        read as the model's own, say), so a load would otherwise succeed silently wrong.
+        See `AutoFlow`'s example.
         """
-        mine = self.get_extra_state()
-        if not mine:
-            raise RuntimeError(
-                f"{type(self).__name__}.load_state_dict: the guide is not set up yet; call "
-                "it once on the model's arguments, then load"
-            )
-        differences = [
-            f"{key}: saved {state.get(key)!r}, this guide {mine.get(key)!r}"
-            for key in sorted(mine.keys() | state.keys())
-            if state.get(key) != mine.get(key)
-        ]
-        if differences:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the saved state was learned in "
-                f"another set-up ({'; '.join(differences)}); build the guide with the same "
-                "noncentered= and warm_start= options, and call it on the same model "
-                "arguments, before loading"
-            )
+        self._adopt(GuideState.from_dict(state).restore_start(self))
 
-    def _unpack_latent(self, latent: Tensor):
+    @contextmanager
+    def model_arguments(self, *args, **kwargs) -> Iterator[None]:
+        """Within the block, calls given no model arguments use ``*args, **kwargs``.
+
+        For tools that call `get_transform` or `get_posterior` without arguments (Pyro's
+        `NeuTraReparam`): in non-centred coordinates these read the model's prior
+        parameters at the model's arguments. Outside such a block, a call without
+        arguments runs the model without any.
+
+        Examples
+        --------
+        >>> import pyro, pyro.distributions as dist
+        >>> def model(scale):
+        ...     tau = pyro.sample("tau", dist.LogNormal(0.0, 1.0))
+        ...     pyro.sample("theta", dist.Normal(0.0, scale * tau))
+        >>> pyro.clear_param_store()
+        >>> guide = AutoFlow(model, flow="planar", noncentered=True)
+        >>> _ = guide(2.0)
+        >>> with guide.model_arguments(2.0):
+        ...     transform = guide.get_transform()
+        >>> transform(torch.zeros(2)).shape
+        torch.Size([2])
+        """
+        saved, self._arguments = self._arguments, (args, kwargs)
+        try:
+            yield
+        finally:
+            self._arguments = saved
+
+    def _unpack_latent(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
         # Pyro's version recomputes the packing on every call (see pyro_nf.layout).
         for name, unconstrained_value in self._latent_layout.unpack(latent):
             yield self._latent_layout.sites[name], unconstrained_value
@@ -317,66 +385,45 @@ class AutoFlow(AutoContinuous):
         line skip the transform and its zero log-det, and the site distributions are not
         validated.
         """
-        self._model_args = (args, kwargs)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
-        layout, masked = self._latent_layout, poutine.get_mask() is False
         result = {}
-        for name, unconstrained_value in layout.unpack(latent):
-            event_dim = layout.sites[name]["fn"].event_dim
-            transform = layout.transforms[name]
-            value, log_density = unconstrained_value, 0.0
-            if transform is not None:
-                value = transform(unconstrained_value)
-                if not masked:
-                    log_density = transform.inv.log_abs_det_jacobian(value, unconstrained_value)
-                    log_density = sum_rightmost(
-                        log_density, log_density.dim() - value.dim() + event_dim
-                    )
-            # Not validated: the value is the guide's own draw (a Delta does not check it)
-            # and the log-density our own transform's, which the loss would show as NaN.
-            delta = dist.Delta(
-                value, log_density=log_density, event_dim=event_dim, validate_args=False
-            )
+        for name, unconstrained_value in self._latent_layout.unpack(latent):
             with ExitStack() as stack:
                 for frame in self._cond_indep_stacks[name]:
                     stack.enter_context(plates[frame.name])
-                result[name] = pyro.sample(name, delta)
+                result[name] = pyro.sample(name, self._site_delta(name, unconstrained_value))
         return result
 
-    def get_posterior(self, *args, **kwargs) -> FlowDistribution | NonCenteredDistribution:
-        """The flow distribution over the unconstrained joint latent vector.
+    def _site_delta(self, name: str, unconstrained_value: Tensor) -> dist.Delta:
+        """Site ``name``'s value as a Delta with the support transform's log-density."""
+        event_dim = self._latent_layout.sites[name]["fn"].event_dim
+        transform = self._latent_layout.transforms[name]
+        value, log_density = unconstrained_value, 0.0
+        if transform is not None:
+            value = transform(unconstrained_value)
+            if poutine.get_mask() is not False:
+                log_density = transform.inv.log_abs_det_jacobian(value, unconstrained_value)
+                log_density = sum_rightmost(
+                    log_density, log_density.dim() - value.dim() + event_dim
+                )
+        # Not validated: the value is the guide's own draw (a Delta does not check it)
+        # and the log-density our own transform's, which the loss would show as NaN.
+        return dist.Delta(value, log_density=log_density, event_dim=event_dim, validate_args=False)
 
-        With non-centred coordinates it needs the model's arguments; without them, those of
-        the guide's last call are used.
-        """
-        # Each attribute read once: inside a trace, a PyroModule attribute is a param
-        # statement (and the flow a pyro.module call over all its parameters).
-        loc, scale, flow = self.loc, self.scale, self.flow
-        if self.laplace is None:
-            posterior = FlowDistribution(loc, scale, flow, validate_args=False)
-        elif (scale_tril := self.laplace_scale_tril) is None:  # a diagonal warm start
-            base_scale = self.laplace_scale
-            posterior = FlowDistribution(
-                self.laplace_loc + base_scale * loc,
-                base_scale * scale,
-                flow,
-                validate_args=False,
-            )
-        else:
-            posterior = FlowDistribution(
-                self.laplace_loc + scale_tril @ loc,
-                scale,
-                flow,
-                validate_args=False,
-                scale_tril=scale_tril,
-            )
+    def get_posterior(self, *args, **kwargs) -> FlowDistribution | NonCenteredDistribution:
+        """The flow distribution over the unconstrained joint latent vector: base, flow,
+        whitening and, in non-centred coordinates, the map to the model's coordinates at
+        the model's arguments (see `model_arguments`)."""
+        posterior = FlowDistribution(
+            self.loc, self.scale, self.flow, validate_args=False, whitening=self.whitening
+        )
         if self.noncentering is None:
             return posterior
-        if not args and not kwargs:
-            args, kwargs = self._model_args
+        if not args and not kwargs and self._arguments is not None:
+            args, kwargs = self._arguments
         return NonCenteredDistribution(posterior, self.noncentering, args, kwargs)
 
     def get_base_dist(self) -> dist.Distribution:
@@ -393,24 +440,22 @@ class AutoFlow(AutoContinuous):
         `get_posterior` is this map's push-forward of ``N(0, I)``; as a Pyro `Transform`,
         with its inverse and log-determinant, it is what Pyro's `NeuTraReparam` runs HMC
         through. In non-centred coordinates the map ends with the non-centring map, which
-        reads the model's prior parameters at the arguments given, else at those of the
-        guide's last call (any arguments give a valid bijection; those the guide learned
-        at give NeuTra its best geometry).
+        reads the model's prior parameters at the arguments given (or those of
+        `model_arguments`).
 
         See `AutoFlow`'s example.
         """
         self._setup_loc("get_transform")
-        posterior = self.get_posterior(*args, **kwargs)
-        if self.noncentering is None:
-            return posterior.as_transform()
-        noncentering, args, kwargs = self.noncentering, posterior.args, posterior.kwargs
+        return _as_transform(self.get_posterior(*args, **kwargs))
 
-        def to_noncentred(z: Tensor) -> tuple[Tensor, Tensor]:
-            u, log_det_inverse = noncentering(z, *args, inverse=True, **kwargs)
-            return u, -log_det_inverse
+    def _loc_scale(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Location and marginal scale of the base Gaussian ``W(loc + scale * eps)``: the
+        posterior without its flow, in the coordinates the guide learns in.
 
-        to_model = FlowTransform(lambda u: noncentering(u, *args, **kwargs), to_noncentred)
-        return ComposeTransform([posterior.base.as_transform(), to_model])
+        See `AutoFlow`'s example.
+        """
+        loc = self._setup_loc("_loc_scale")
+        return self.whitening(loc)[0], self.whitening.marginal_scale(self.scale)
 
     def _setup_loc(self, method: str) -> Tensor:
         if self.prototype_trace is None:
@@ -420,18 +465,6 @@ class AutoFlow(AutoContinuous):
             )
         return self.loc
 
-    @torch.no_grad()
-    def _sample_unconstrained(self, num_samples: int, *args, **kwargs) -> Tensor:
-        """The summary draws: the same ones on every call (``median()`` is then exactly
-        ``quantiles([0.5])``), from a fixed seed in a forked random state, so that the
-        caller's random stream is left as it was."""
-        device = self.loc.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.random.default_generator.manual_seed(0)
-            if device.type == "cuda":
-                torch.cuda.manual_seed(0)
-            return self.get_posterior(*args, **kwargs).rsample((num_samples,))
-
     def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict:
         """Posterior quantiles of each latent site, estimated by Monte Carlo.
 
@@ -440,13 +473,15 @@ class AutoFlow(AutoContinuous):
         AutoNormal does with its exact quantiles). For element-wise monotone supports
         (real, positive, intervals) these are the marginal quantiles; for simplex or
         Cholesky-factor sites they are points in the support, not marginal quantiles.
+        The draws are the same on every call, from a fixed seed in a forked random state.
 
         Parameters
         ----------
         quantiles : sequence of float
             Probabilities in [0, 1].
         *args, **kwargs
-            The model's arguments (needed only before the guide's first call).
+            The model's arguments (needed before the guide's first call, and in
+            non-centred coordinates).
 
         Returns
         -------
@@ -456,8 +491,8 @@ class AutoFlow(AutoContinuous):
         probs = check_probabilities("quantiles", quantiles)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        with torch.no_grad():
-            samples = self._sample_unconstrained(self.num_summary_samples, *args, **kwargs)
+        posterior = self.get_posterior(*args, **kwargs)
+        samples = _summary_draws(posterior, self.num_summary_samples, self.loc.device)
         probs = probs.to(dtype=samples.dtype, device=samples.device)
         result = {}
         # One quantile at a time: a batch dimension would not broadcast with plated sites.
@@ -473,6 +508,50 @@ class AutoFlow(AutoContinuous):
         Exactly ``quantiles([0.5])``, from the same draws; see `quantiles`.
         """
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+@torch.no_grad()
+def _summary_draws(
+    posterior: torch.distributions.Distribution, num_samples: int, device: torch.device
+) -> Tensor:
+    """The summary draws: the same ones on every call (``median()`` is then exactly
+    ``quantiles([0.5])``), from a fixed seed in a forked random state, so that the
+    caller's random stream is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.random.default_generator.manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(0)
+        return posterior.rsample((num_samples,))
+
+
+def _as_transform(posterior: FlowDistribution | NonCenteredDistribution) -> Transform:
+    """A posterior's map from ``N(0, I)``, as a Pyro `Transform` (`FlowTransform`)."""
+    if isinstance(posterior, FlowDistribution):
+        return posterior.as_transform()
+    noncentering, args, kwargs = posterior.noncentering, posterior.args, posterior.kwargs
+
+    def to_noncentred(z: Tensor) -> tuple[Tensor, Tensor]:
+        u, log_det_inverse = noncentering(z, *args, inverse=True, **kwargs)
+        return u, -log_det_inverse
+
+    to_model = FlowTransform(lambda u: noncentering(u, *args, **kwargs), to_noncentred)
+    return ComposeTransform([posterior.base.as_transform(), to_model])
+
+
+def _start_differences(guide: AutoFlow, saved: dict, args: tuple, kwargs: dict) -> list[str]:
+    """How a saved start contradicts the guide's ``noncentered=`` and ``warm_start=``."""
+    differences = []
+    if guide.noncentered != "auto":
+        mine = "model"
+        if guide.start is not None:
+            mine = guide.start.coordinates
+        elif guide.noncentered and find_hierarchical_sites(guide, *args, **kwargs):
+            mine = "non-centred"
+        if saved["coordinates"] != mine:
+            differences.append(f"coordinates: saved {saved['coordinates']!r}, this guide {mine!r}")
+    if guide.warm_start is None and saved["kind"] != "isotropic":
+        differences.append(f"start: saved {saved['kind']!r}, this guide 'isotropic'")
+    return differences
 
 
 _NAMED_GUIDE_EXAMPLE = """

@@ -47,6 +47,7 @@ from torch import Tensor
 from pyro_nf.laplace import LaplaceApproximation, LogJoint, laplace_approximation
 from pyro_nf.laplace import unconstrained_log_joint as _log_joint_of
 from pyro_nf.noncentering import NonCentering, find_hierarchical_sites
+from pyro_nf.whitening import Whitening
 
 __all__ = ["Start", "choose", "choose_start"]
 
@@ -139,13 +140,16 @@ class Start:
         kind = "laplace" if self.laplace is not None else f"N(init_loc, {self.scale:g}^2)"
         return f"{kind} ({self.coordinates})"
 
-    def gaussian(self) -> tuple[Tensor, Tensor]:
-        """Mean and lower Cholesky factor of the start's Gaussian in its coordinates."""
-        if self.laplace is None:
-            return self.loc, torch.diag(torch.full_like(self.loc, self.scale))
-        if self.laplace.scale_tril is None:
-            return self.laplace.loc, torch.diag(self.laplace.scale)
-        return self.laplace.loc, self.laplace.scale_tril
+    @property
+    def base_loc(self) -> Tensor:
+        """The base Gaussian's location: 0 in the coordinates a Laplace start whitens,
+        ``loc`` otherwise."""
+        return self.loc if self.laplace is None else torch.zeros_like(self.loc)
+
+    @property
+    def whitening(self) -> Whitening:
+        """The start's whitening map (the identity without a Laplace approximation)."""
+        return Whitening.of(self.laplace)
 
 
 def choose_start(
@@ -295,11 +299,11 @@ def _score(
 
 @torch.no_grad()
 def _log_weights(start: Start, density: Callable[[Tensor], Tensor], eps: Tensor) -> Tensor:
-    """``log p(x, z_i) - log q(z_i)`` for ``z_i = m + L eps_i``, NaN read as -inf."""
-    center, scale_tril = start.gaussian()
-    z = center + eps @ scale_tril.T
-    log_q = -0.5 * eps.pow(2).sum(-1) - scale_tril.diagonal().log().sum()
-    log_q = log_q - 0.5 * eps.size(-1) * math.log(2 * math.pi)
+    """``log p(x, z_i) - log q(z_i)`` for ``z_i = W(base_loc + scale eps_i)``, NaN read as
+    -inf."""
+    z, log_det = start.whitening(start.base_loc + start.scale * eps)
+    log_q = -0.5 * eps.pow(2).sum(-1) - 0.5 * eps.size(-1) * math.log(2 * math.pi)
+    log_q = log_q - eps.size(-1) * math.log(start.scale) - log_det
     log_weights = density(z) - log_q
     return torch.nan_to_num(log_weights, nan=-math.inf)
 

@@ -1,0 +1,242 @@
+"""What a flow guide's saved parameters mean, and the check that they are loaded into the same.
+
+A flow guide's parameters are numbers in a packing of the model's latent sites (their
+order, shapes and supports), shaped by the flow's family and options, and learned in the
+coordinates its start chose (non-centred or not, whitened by a Laplace start or not). The
+same tensors loaded into a guide of another model, flow or start have the right shapes
+often enough and a wrong meaning (two sites swapped, a spline's interval rescaled), so a
+guide saves a description of itself beside its tensors, `GuideState`: the signature
+(sites and flow), which must match on load, and the start, which the load restores.
+
+Both ways Pyro saves a guide carry it: the guide's ``state_dict`` (its ``_extra_state``
+and the whitening's buffers) and Pyro's param store (as ``<guide name>.state``, the
+signature encoded in a tensor, beside ``<guide name>.whitening.*``), which
+``pyro.get_param_store().save`` writes and ``load`` reads back. A guide set up while the
+store holds its name takes its start and parameters from there instead of computing them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor, nn
+
+from pyro_nf.laplace import LaplaceApproximation
+from pyro_nf.noncentering import NonCentering
+from pyro_nf.starts import Start
+from pyro_nf.whitening import Whitening
+
+__all__ = ["GuideState", "site_signature"]
+
+
+def site_signature(trace: Any) -> dict[str, dict[str, Any]]:
+    """Name, shape and support of each latent site of a trace, in the trace's order.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro import poutine
+    >>> def model():
+    ...     pyro.sample("s", dist.HalfNormal(2.0))
+    >>> site_signature(poutine.trace(model).get_trace())
+    {'s': {'shape': [], 'support': 'GreaterThanEq(lower_bound=0.0)'}}
+    """
+    return {
+        name: {"shape": list(site["value"].shape), "support": repr(site["fn"].support)}
+        for name, site in trace.iter_stochastic_nodes()
+        if not site["infer"].get("is_auxiliary")
+    }
+
+
+def _plain(value: object) -> Any:
+    """``value`` as JSON reads it back (tuples as lists), so saved and computed compare."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+@dataclass
+class GuideState:
+    """A flow guide's description of its parameters: what must match, and its start.
+
+    Attributes
+    ----------
+    signature : dict
+        ``sites`` (`site_signature` of the guide's prototype), ``flow`` (the family's
+        name) and ``flow_options`` (every option that shapes a parameter).
+    start : dict
+        The start's ``coordinates``, ``noncentred_sites``, ``kind`` (``"laplace"`` or
+        ``"isotropic"``), ``scale`` and the Laplace approximation's ``laplace`` record
+        (or None).
+    whitening : dict of str to Tensor
+        The start's whitening map's tensors (none for the identity).
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro_nf import AutoPlanarFlow
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> pyro.clear_param_store()
+    >>> guide = AutoPlanarFlow(model)
+    >>> _ = guide()
+    >>> state = GuideState.of(guide)
+    >>> list(state.signature["sites"]), state.start["kind"], sorted(state.whitening)
+    (['x'], 'laplace', ['scale', 'shift'])
+    >>> GuideState.read(guide._pyro_name).start == state.start  # the store holds it too
+    True
+    >>> pyro.clear_param_store()
+    """
+
+    signature: dict[str, Any]
+    start: dict[str, Any]
+    whitening: dict[str, Tensor]
+
+    @staticmethod
+    def signature_of(guide: Any) -> dict[str, Any]:
+        """The signature of a guide whose prototype is set up."""
+        return _plain(
+            {
+                "sites": site_signature(guide.prototype_trace),
+                "flow": guide.flow_spec.name,
+                "flow_options": {k: v for k, v in guide.flow_options.items() if v is not None},
+            }
+        )
+
+    @classmethod
+    def of(cls, guide: Any) -> GuideState:
+        """The state of a set-up flow guide."""
+        start: Start = guide.start
+        laplace, noncentering = start.laplace, start.noncentering
+        record = None
+        if laplace is not None:
+            record = {
+                "hessian": laplace.hessian,
+                "optimizer": laplace.optimizer,
+                "log_density": laplace.log_density,
+                "iterations": laplace.iterations,
+            }
+        return cls(
+            cls.signature_of(guide),
+            _plain(
+                {
+                    "coordinates": start.coordinates,
+                    "noncentred_sites": list(noncentering.sites) if noncentering else [],
+                    "kind": "laplace" if laplace is not None else "isotropic",
+                    "scale": start.scale,
+                    "laplace": record,
+                }
+            ),
+            dict(guide.whitening.named_buffers()),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The state as plain data and tensors (what ``state_dict``'s ``_extra_state``
+        holds)."""
+        return {"signature": self.signature, "start": self.start, "whitening": self.whitening}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> GuideState:
+        """The state saved by `as_dict`."""
+        return cls(state["signature"], state["start"], state["whitening"])
+
+    def differences(self, signature: dict[str, Any]) -> list[str]:
+        """How a guide's ``signature`` differs from the saved one, as ``what: saved ...,
+        this guide ...`` phrases."""
+        saved = self.signature
+        return _site_differences(saved["sites"], signature["sites"]) + [
+            f"{what}: saved {saved[key]!r}, this guide {signature[key]!r}"
+            for key, what in (("flow", "flow"), ("flow_options", "flow options"))
+            if saved[key] != signature[key]
+        ]
+
+    def restore_start(self, guide: Any) -> Start:
+        """The saved start, in the coordinates and with the whitening it was learned in."""
+        start, sites = self.start, self.start["noncentred_sites"]
+        whitening = Whitening(**self.whitening)
+        laplace = None
+        if start["kind"] == "laplace":
+            dense = whitening.kind == "dense"
+            laplace = LaplaceApproximation(
+                loc=whitening.shift,
+                scale=whitening.scale
+                if not dense
+                else whitening.marginal_scale(torch.ones_like(whitening.shift)),
+                scale_tril=whitening.scale if dense else None,
+                converged=True,
+                **start["laplace"],
+            )
+        noncentering = NonCentering(guide, sites) if sites else None
+        restored = Start(guide._init_loc(), noncentering, laplace, start["scale"])
+        restored.reason = f"{restored.label}: restored from a saved state"
+        return restored
+
+    def write(self, name: str) -> None:
+        """Put the state and the whitening's tensors in Pyro's param store under ``name``.
+
+        The tensors are the whitening's own buffers; none is a parameter any optimiser
+        sees (no guide reads them through ``pyro.param``).
+        """
+        plain = {"signature": self.signature, "start": self.start}
+        codes = torch.tensor(list(json.dumps(plain).encode()), dtype=torch.float64)
+        tensors = {"state": codes} | {f"whitening.{k}": v for k, v in self.whitening.items()}
+        store = pyro.get_param_store()
+        for key in [key for key in store.keys() if key.startswith(f"{name}.whitening.")]:
+            del store[key]  # a restored start may have another kind of whitening
+        for key, tensor in tensors.items():
+            store[f"{name}.{key}"] = tensor
+            tensor.requires_grad_(False)  # the store marks what it holds as trainable
+
+    @classmethod
+    def read(cls, name: str) -> GuideState | None:
+        """The state in Pyro's param store under ``name``, or None."""
+        store = pyro.get_param_store()
+        if f"{name}.state" not in store:
+            return None
+        codes = store.get_param(f"{name}.state").detach()
+        plain = json.loads(bytes(codes.to(torch.uint8).tolist()).decode())
+        prefix = f"{name}.whitening."
+        whitening = {
+            key[len(prefix) :]: store.get_param(key).detach()
+            for key in store.keys()
+            if key.startswith(prefix)
+        }
+        return cls(plain["signature"], plain["start"], whitening)
+
+    @staticmethod
+    def take_parameters(name: str, attribute: str, module: nn.Module) -> None:
+        """Give ``module`` (held as ``attribute`` by the guide named ``name``) the values
+        Pyro's param store holds for its parameters, and the store these parameters.
+
+        What `pyro.nn.PyroParam` does for one parameter, for a submodule's: a guide set up
+        after ``pyro.get_param_store().load`` continues from the loaded fit.
+        """
+        store = pyro.get_param_store()
+        for path, param in module.named_parameters(prefix=attribute):
+            fullname = f"{name}.{path}"
+            if fullname in store:
+                saved = store.get_param(fullname).detach()
+                if saved.shape != param.shape:
+                    raise ValueError(
+                        f"Pyro's param store holds {fullname!r} with shape "
+                        f"{tuple(saved.shape)}, this guide's has {tuple(param.shape)}; call "
+                        "pyro.clear_param_store() before fitting another guide under this name"
+                    )
+                with torch.no_grad():
+                    param.copy_(saved)
+            store[fullname] = param
+
+
+def _site_differences(saved: dict, mine: dict) -> list[str]:
+    if list(saved) != list(mine):
+        if set(saved) == set(mine):
+            return [f"site order: saved {list(saved)}, this guide {list(mine)}"]
+        return [f"latent sites: saved {list(saved)}, this guide {list(mine)}"]
+    return [
+        f"site {name!r} {key}: saved {saved[name][key]}, this guide {mine[name][key]}"
+        for name in saved
+        for key in ("shape", "support")
+        if saved[name][key] != mine[name][key]
+    ]
