@@ -19,19 +19,18 @@ scales and correlations are far from unit (flat priors on unscaled predictors, s
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ComposeTransform, Transform
-from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.nn import PyroParam
+from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 
@@ -40,8 +39,8 @@ from pyro_nf.distribution import FlowDistribution, FlowTransform
 from pyro_nf.flows import FlowSpec, FlowStack, build_flow, get_flow_spec
 from pyro_nf.laplace import LaplaceApproximation
 from pyro_nf.layout import LatentLayout
-from pyro_nf.noncentering import NonCenteredDistribution, NonCentering, find_hierarchical_sites
-from pyro_nf.saved_state import GuideState
+from pyro_nf.noncentering import NonCenteredDistribution, NonCentering
+from pyro_nf.saved_state import GuideState, check_saved, saved_start
 from pyro_nf.starts import Start, choose_start
 from pyro_nf.whitening import Whitening
 
@@ -71,6 +70,14 @@ def _check_no_subsampled_locals(trace, guide_name: str) -> None:
                     f"    guide.append({guide_name}(poutine.block(model, hide=[{name!r}])))\n"
                     f"    guide.append(AutoNormal(poutine.block(model, expose=[{name!r}])))"
                 )
+
+
+def _check_choices(warm_start: str | None, noncentered: str | bool) -> tuple:
+    if warm_start not in WARM_STARTS:
+        raise ValueError(f"warm_start must be 'laplace' or None, got {warm_start!r}")
+    if not (isinstance(noncentered, bool) or noncentered == "auto"):
+        raise ValueError(f"noncentered must be 'auto', True or False, got {noncentered!r}")
+    return warm_start, noncentered
 
 
 def _bind_flow(
@@ -225,11 +232,7 @@ class AutoFlow(AutoContinuous):
         # Wider starts overflow float32 log densities (and any exp-transformed site first).
         self._init_scale = check_positive("init_scale", init_scale, maximum=1e6)
         self.num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
-        if warm_start not in WARM_STARTS:
-            raise ValueError(f"warm_start must be 'laplace' or None, got {warm_start!r}")
-        if not (isinstance(noncentered, bool) or noncentered == "auto"):
-            raise ValueError(f"noncentered must be 'auto', True or False, got {noncentered!r}")
-        self.warm_start, self.noncentered = warm_start, noncentered
+        self.warm_start, self.noncentered = _check_choices(warm_start, noncentered)
         self.start: Start | None = None
         self.whitening: Whitening | None = None
         self._arguments: tuple[tuple, dict] | None = None  # set by model_arguments only
@@ -255,7 +258,7 @@ class AutoFlow(AutoContinuous):
                 _check_no_subsampled_locals(self.prototype_trace, type(self).__name__)
                 self._latent_layout = LatentLayout(self)
                 flow = self._build_flow()
-                start = self._saved_start(args, kwargs) or self._new_start(args, kwargs)
+                start = saved_start(self, args, kwargs) or self._new_start(args, kwargs)
             except Exception:
                 self.prototype_trace = None  # a failed setup leaves the guide as it was
                 raise
@@ -264,7 +267,7 @@ class AutoFlow(AutoContinuous):
             self.scale = PyroParam(
                 torch.full_like(start.loc, start.scale), constraints.softplus_positive
             )
-            to_pyro_module_(flow)  # its parameters are the guide's own, under its name
+            _to_pyro_module(flow, _shared_modules(flow))  # parameters of the guide's own
             self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
             GuideState.take_parameters(self._pyro_name, "flow", self.flow)
 
@@ -279,41 +282,13 @@ class AutoFlow(AutoContinuous):
             ) from None
 
     def _new_start(self, args: tuple, kwargs: dict) -> Start:
+        options = {"warm_start": self.warm_start, "noncentered": self.noncentered}
         with torch.enable_grad():  # the MAP search, also from median() under no_grad
-            return choose_start(
-                self,
-                args,
-                kwargs,
-                warm_start=self.warm_start,
-                noncentered=self.noncentered,
-                init_scale=self._init_scale,
-            )
-
-    def _saved_start(self, args: tuple, kwargs: dict) -> Start | None:
-        """The start of this guide's fit in Pyro's param store, checked, or None."""
-        saved = GuideState.read(self._pyro_name)
-        if saved is not None:
-            self._check_saved(saved, "set-up from Pyro's param store", args, kwargs)
-            return saved.restore_start(self)
-        return None
+            return choose_start(self, args, kwargs, init_scale=self._init_scale, **options)
 
     def _adopt(self, start: Start) -> None:
         self.start, self.whitening = start, start.whitening
         GuideState.of(self).write(self._pyro_name)
-
-    def _check_saved(self, saved: GuideState, how: str, args: tuple, kwargs: dict) -> None:
-        """Refuse a saved state of another model or flow, or one this guide's options
-        rule out, with one error naming every difference."""
-        differences = saved.differences(GuideState.signature_of(self))
-        differences += _start_differences(self, saved.start, args, kwargs)
-        if differences:
-            raise ValueError(
-                f"{type(self).__name__} {how}: the saved state is of another guide "
-                f"({'; '.join(differences)}). Build the guide for the same model (sites, "
-                "shapes, supports, in the same order), with the same flow options and "
-                "noncentered= / warm_start= choices, as the saved one; to fit another "
-                "model instead, call pyro.clear_param_store() first"
-            )
 
     def get_extra_state(self) -> dict:
         """What the parameters in the guide's ``state_dict`` mean (see
@@ -328,12 +303,7 @@ class AutoFlow(AutoContinuous):
         # Checked before any tensor is copied, and before torch compares shapes.
         state = state_dict.get(prefix + "_extra_state")
         if state is not None:
-            if self.start is None:
-                raise RuntimeError(
-                    f"{type(self).__name__}.load_state_dict: the guide is not set up yet; "
-                    "call it once on the model's arguments, then load"
-                )
-            self._check_saved(GuideState.from_dict(state), "load_state_dict", (), {})
+            check_saved(self, GuideState.from_dict(state), "load_state_dict", (), {})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: dict) -> None:
@@ -381,9 +351,7 @@ class AutoFlow(AutoContinuous):
         """Draw the joint latent vector and return each site's value (as AutoContinuous).
 
         Pyro's ``AutoContinuous.forward``, except that each site's support transform is
-        looked up once (Pyro calls ``biject_to`` per site and step), sites on the real
-        line skip the transform and its zero log-det, and the site distributions are not
-        validated.
+        looked up once (see `pyro_nf.layout.LatentLayout.delta`).
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
@@ -394,24 +362,9 @@ class AutoFlow(AutoContinuous):
             with ExitStack() as stack:
                 for frame in self._cond_indep_stacks[name]:
                     stack.enter_context(plates[frame.name])
-                result[name] = pyro.sample(name, self._site_delta(name, unconstrained_value))
+                delta = self._latent_layout.delta(name, unconstrained_value)
+                result[name] = pyro.sample(name, delta)
         return result
-
-    def _site_delta(self, name: str, unconstrained_value: Tensor) -> dist.Delta:
-        """Site ``name``'s value as a Delta with the support transform's log-density."""
-        event_dim = self._latent_layout.sites[name]["fn"].event_dim
-        transform = self._latent_layout.transforms[name]
-        value, log_density = unconstrained_value, 0.0
-        if transform is not None:
-            value = transform(unconstrained_value)
-            if poutine.get_mask() is not False:
-                log_density = transform.inv.log_abs_det_jacobian(value, unconstrained_value)
-                log_density = sum_rightmost(
-                    log_density, log_density.dim() - value.dim() + event_dim
-                )
-        # Not validated: the value is the guide's own draw (a Delta does not check it)
-        # and the log-density our own transform's, which the loss would show as NaN.
-        return dist.Delta(value, log_density=log_density, event_dim=event_dim, validate_args=False)
 
     def get_posterior(self, *args, **kwargs) -> FlowDistribution | NonCenteredDistribution:
         """The flow distribution over the unconstrained joint latent vector: base, flow,
@@ -494,13 +447,9 @@ class AutoFlow(AutoContinuous):
         posterior = self.get_posterior(*args, **kwargs)
         samples = _summary_draws(posterior, self.num_summary_samples, self.loc.device)
         probs = probs.to(dtype=samples.dtype, device=samples.device)
-        result = {}
         # One quantile at a time: a batch dimension would not broadcast with plated sites.
-        for latent in torch.quantile(samples, probs, dim=0):
-            for name, unconstrained_value in self._latent_layout.unpack(latent):
-                value = self._latent_layout.constrain(name, unconstrained_value)
-                result.setdefault(name, []).append(value)
-        return {name: torch.stack(values) for name, values in result.items()}
+        values = [self._latent_layout.constrain_all(z) for z in torch.quantile(samples, probs, 0)]
+        return {name: torch.stack([value[name] for value in values]) for name in values[0]}
 
     def median(self, *args, **kwargs) -> dict:
         """Posterior median of each latent site, estimated by Monte Carlo.
@@ -508,6 +457,25 @@ class AutoFlow(AutoContinuous):
         Exactly ``quantiles([0.5])``, from the same draws; see `quantiles`.
         """
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+def _shared_modules(module: nn.Module) -> set[int]:
+    """Ids of the submodules held more than once (a network's activation, say)."""
+    counts = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
+    return {key for key, count in counts.items() if count > 1}
+
+
+def _to_pyro_module(module: nn.Module, shared: set[int]) -> None:
+    """Make ``module`` and its submodules `PyroModule` s in place, as Pyro's
+    ``to_pyro_module_``, except those held more than once: a `PyroModule` has one name."""
+    if id(module) in shared:
+        return
+    if not isinstance(module, PyroModule):
+        to_pyro_module_(module, recurse=False)
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            _to_pyro_module(child, shared)
+            setattr(module, name, child)
 
 
 @torch.no_grad()
@@ -536,22 +504,6 @@ def _as_transform(posterior: FlowDistribution | NonCenteredDistribution) -> Tran
 
     to_model = FlowTransform(lambda u: noncentering(u, *args, **kwargs), to_noncentred)
     return ComposeTransform([posterior.base.as_transform(), to_model])
-
-
-def _start_differences(guide: AutoFlow, saved: dict, args: tuple, kwargs: dict) -> list[str]:
-    """How a saved start contradicts the guide's ``noncentered=`` and ``warm_start=``."""
-    differences = []
-    if guide.noncentered != "auto":
-        mine = "model"
-        if guide.start is not None:
-            mine = guide.start.coordinates
-        elif guide.noncentered and find_hierarchical_sites(guide, *args, **kwargs):
-            mine = "non-centred"
-        if saved["coordinates"] != mine:
-            differences.append(f"coordinates: saved {saved['coordinates']!r}, this guide {mine!r}")
-    if guide.warm_start is None and saved["kind"] != "isotropic":
-        differences.append(f"start: saved {saved['kind']!r}, this guide 'isotropic'")
-    return differences
 
 
 _NAMED_GUIDE_EXAMPLE = """

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from pyro_nf.laplace import LaplaceApproximation
-from pyro_nf.noncentering import NonCentering
+from pyro_nf.noncentering import NonCentering, find_hierarchical_sites
 from pyro_nf.starts import Start
 from pyro_nf.whitening import Whitening
 
-__all__ = ["GuideState", "site_signature"]
+__all__ = ["GuideState", "check_saved", "saved_start", "site_signature"]
 
 
 def site_signature(trace: Any) -> dict[str, dict[str, Any]]:
@@ -227,6 +227,89 @@ class GuideState:
                 with torch.no_grad():
                     param.copy_(saved)
             store[fullname] = param
+
+
+def check_saved(guide: Any, saved: GuideState, how: str, args: tuple, kwargs: dict) -> None:
+    """Refuse a saved state of another model or flow, or one the guide's options rule out,
+    with one error naming every difference.
+
+    Parameters
+    ----------
+    guide : AutoFlow
+        The guide loading, its prototype set up.
+    saved : GuideState
+        What is loaded.
+    how : str
+        The way it is loaded, for the message.
+    args, kwargs
+        The model's arguments (read where the guide's coordinates are not chosen yet).
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro_nf import AutoPlanarFlow
+    >>> def model():
+    ...     pyro.sample("a", dist.Normal(0.0, 1.0))
+    ...     pyro.sample("b", dist.Normal(0.0, 1.0))
+    >>> def swapped():
+    ...     pyro.sample("b", dist.Normal(0.0, 1.0))
+    ...     pyro.sample("a", dist.Normal(0.0, 1.0))
+    >>> pyro.clear_param_store()
+    >>> guide = AutoPlanarFlow(model)
+    >>> _ = guide()
+    >>> saved = GuideState.of(guide)
+    >>> pyro.clear_param_store()
+    >>> other = AutoPlanarFlow(swapped)
+    >>> _ = other()
+    >>> check_saved(other, saved, "load_state_dict", (), {})
+    Traceback (most recent call last):
+    ...
+    ValueError: ... (site order: saved ['a', 'b'], this guide ['b', 'a']). ...
+    >>> pyro.clear_param_store()
+    """
+    if guide.prototype_trace is None:
+        raise RuntimeError(
+            f"{type(guide).__name__}.{how}: the guide is not set up yet; call it once on "
+            "the model's arguments, then load"
+        )
+    differences = saved.differences(GuideState.signature_of(guide))
+    differences += _start_differences(guide, saved.start, args, kwargs)
+    if differences:
+        raise ValueError(
+            f"{type(guide).__name__} {how}: the saved state is of another guide "
+            f"({'; '.join(differences)}). Build the guide for the same model (sites, "
+            "shapes, supports, in the same order), with the same flow options and "
+            "noncentered= / warm_start= choices, as the saved one; to fit another "
+            "model instead, call pyro.clear_param_store() first"
+        )
+
+
+def saved_start(guide: Any, args: tuple, kwargs: dict) -> Start | None:
+    """The start of the guide's fit in Pyro's param store, checked, or None.
+
+    See `GuideState`'s example.
+    """
+    saved = GuideState.read(guide._pyro_name)
+    if saved is None:
+        return None
+    check_saved(guide, saved, "set-up from Pyro's param store", args, kwargs)
+    return saved.restore_start(guide)
+
+
+def _start_differences(guide: Any, saved: dict, args: tuple, kwargs: dict) -> list[str]:
+    """How a saved start contradicts the guide's ``noncentered=`` and ``warm_start=``."""
+    differences = []
+    if guide.noncentered != "auto":
+        mine = "model"
+        if guide.start is not None:
+            mine = guide.start.coordinates
+        elif guide.noncentered and find_hierarchical_sites(guide, *args, **kwargs):
+            mine = "non-centred"
+        if saved["coordinates"] != mine:
+            differences.append(f"coordinates: saved {saved['coordinates']!r}, this guide {mine!r}")
+    if guide.warm_start is None and saved["kind"] != "isotropic":
+        differences.append(f"start: saved {saved['kind']!r}, this guide 'isotropic'")
+    return differences
 
 
 def _site_differences(saved: dict, mine: dict) -> list[str]:
