@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import arviz as az
@@ -33,9 +32,11 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.reparam import NeuTraReparam
 from torch import Tensor
 
+from pyro_nf import autoguides
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.diagnostics import _site_dims
 from pyro_nf.distribution import _detached_parameters
+from pyro_nf.saved_state import site_signature
 
 __all__ = ["MCMCResult", "neutra_mcmc", "nuts_mcmc"]
 
@@ -258,7 +259,7 @@ def _check_guide(guide: object, sites: dict[str, dict]) -> None:
     if not isinstance(guide, AutoFlow):
         raise TypeError(
             "neutra_mcmc: guide must be a fitted pyro_nf flow guide (AutoFlow or one of "
-            f"AutoSplineFlow, AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow), got "
+            f"{', '.join(name for name in autoguides.__all__ if name != 'AutoFlow')}), got "
             f"{type(guide).__name__}; for Pyro's own AutoContinuous guides use "
             "pyro.infer.reparam.NeuTraReparam directly"
         )
@@ -275,22 +276,39 @@ def _check_guide(guide: object, sites: dict[str, dict]) -> None:
             f"sample (the model's latent sites: {sorted(sites)}); pass the model the guide "
             "was fitted to"
         )
+    differences = _site_differences(guide, sites)
+    if differences:
+        raise ValueError(
+            f"neutra_mcmc: the guide was fitted to another model ({'; '.join(differences)}): "
+            "its draws would be mapped through the supports it was fitted with, not the "
+            "model's. Fit the guide to this model first, e.g. pyro_nf.fit(model, guide, *args)"
+        )
 
 
-@contextmanager
-def _model_arguments(guide: AutoFlow, args: tuple, kwargs: dict) -> Iterator[None]:
-    """Within the block, the guide's arguments of its last call are ``args, kwargs``.
+def _site_differences(guide: AutoFlow, sites: dict[str, dict]) -> list[str]:
+    """How the guide's sites differ from the model's in shape, support or transform."""
+    theirs = site_signature(sites.items())
+    differences = []
+    for name, mine in site_signature(guide.prototype_trace.iter_stochastic_nodes()).items():
+        transforms = [
+            _transform_name(biject_to(site["fn"].support))
+            for site in (guide.prototype_trace.nodes[name], sites[name])
+        ]
+        mine["transform"], theirs[name]["transform"] = transforms
+        differences += [
+            f"site {name!r} {key}: the guide's {mine[key]}, the model's {theirs[name][key]}"
+            for key in ("shape", "support", "transform")
+            if mine[key] != theirs[name][key]
+        ]
+    return differences
 
-    `NeuTraReparam` calls ``guide.get_transform()`` without arguments, which in
-    non-centred coordinates reads them from the guide's last call; the chain and the map
-    back to the model must use the same map, at the arguments the chain runs with.
-    """
-    saved = guide._model_args
-    guide._model_args = (args, kwargs)
-    try:
-        yield
-    finally:
-        guide._model_args = saved
+
+def _transform_name(transform: object) -> str:
+    """``"ExpTransform"``, or a composition's parts in order (``"A then B"``)."""
+    parts = getattr(transform, "parts", None)
+    if parts is None:
+        return type(transform).__name__
+    return " then ".join(_transform_name(part) for part in parts) or "identity"
 
 
 def _from_base(guide: AutoFlow) -> Callable[[dict], dict]:
@@ -382,7 +400,7 @@ def neutra_mcmc(
     reparametrised = NeuTraReparam(guide).reparam(model)
     # The guide is a constant for NUTS: its parameters detached, each gradient of the
     # potential is taken through the chain's position only.
-    with _detached_parameters(guide), _model_arguments(guide, args, kwargs):
+    with _detached_parameters(guide), guide.model_arguments(*args, **kwargs):
         to_model = _from_base(guide)
         return _run(
             reparametrised, args, kwargs, budget, progress, seed, nuts_options, to_model, sites

@@ -18,6 +18,7 @@ store holds its name takes its start and parameters from there instead of comput
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,13 @@ from pyro_nf.whitening import Whitening
 __all__ = ["GuideState", "check_saved", "saved_start", "site_signature"]
 
 
-def site_signature(trace: Any) -> dict[str, dict[str, Any]]:
-    """Name, shape and support of each latent site of a trace, in the trace's order.
+def site_signature(sites: Iterable[tuple[str, dict]]) -> dict[str, dict[str, Any]]:
+    """Shape and support of each latent site, by name, in the order given.
+
+    Parameters
+    ----------
+    sites : iterable of (str, dict)
+        Sample sites, as a trace's ``iter_stochastic_nodes()`` gives them.
 
     Examples
     --------
@@ -42,12 +48,12 @@ def site_signature(trace: Any) -> dict[str, dict[str, Any]]:
     >>> from pyro import poutine
     >>> def model():
     ...     pyro.sample("s", dist.HalfNormal(2.0))
-    >>> site_signature(poutine.trace(model).get_trace())
+    >>> site_signature(poutine.trace(model).get_trace().iter_stochastic_nodes())
     {'s': {'shape': [], 'support': 'GreaterThanEq(lower_bound=0.0)'}}
     """
     return {
         name: {"shape": list(site["value"].shape), "support": repr(site["fn"].support)}
-        for name, site in trace.iter_stochastic_nodes()
+        for name, site in sites
         if not site["infer"].get("is_auxiliary")
     }
 
@@ -99,7 +105,7 @@ class GuideState:
         """The signature of a guide whose prototype is set up."""
         return _plain(
             {
-                "sites": site_signature(guide.prototype_trace),
+                "sites": site_signature(guide.prototype_trace.iter_stochastic_nodes()),
                 "flow": guide.flow_spec.name,
                 "flow_options": {k: v for k, v in guide.flow_options.items() if v is not None},
             }
