@@ -18,6 +18,7 @@ store holds its name takes its start and parameters from there instead of comput
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -194,6 +195,9 @@ class GuideState:
         for key, tensor in tensors.items():
             store[f"{name}.{key}"] = tensor
             tensor.requires_grad_(False)  # the store marks what it holds as trainable
+        for key in [key for key, ref in _WRITTEN.items() if ref() is None]:
+            del _WRITTEN[key]
+        _WRITTEN[id(codes)] = weakref.ref(codes)
 
     @classmethod
     def read(cls, name: str) -> GuideState | None:
@@ -291,11 +295,22 @@ def check_saved(guide: Any, saved: GuideState, how: str, args: tuple, kwargs: di
 
 
 def saved_start(guide: Any, args: tuple, kwargs: dict) -> Start | None:
-    """The start of the guide's fit in Pyro's param store, checked, or None.
+    """The start of a fit loaded into Pyro's param store under the guide's name, checked;
+    None where there is none.
+
+    A state another guide wrote in this process (not loaded) is a leftover of that guide:
+    the new guide replaces it and its parameters, as it replaces its own on a second
+    set-up, and starts afresh.
 
     See `GuideState`'s example.
     """
-    saved = GuideState.read(guide._pyro_name)
+    name = guide._pyro_name
+    if _written_here(name):
+        store = pyro.get_param_store()
+        for key in [key for key in store.keys() if key.startswith(f"{name}.")]:
+            del store[key]
+        return None
+    saved = GuideState.read(name)
     if saved is None:
         return None
     check_saved(guide, saved, "set-up from Pyro's param store", args, kwargs)
@@ -316,6 +331,21 @@ def _start_differences(guide: Any, saved: dict, args: tuple, kwargs: dict) -> li
     if guide.warm_start is None and saved["kind"] != "isotropic":
         differences.append(f"start: saved {saved['kind']!r}, this guide 'isotropic'")
     return differences
+
+
+#: The state tensors guides wrote in this process, by id (a tensor's == is elementwise).
+_WRITTEN: dict[int, weakref.ref] = {}
+
+
+def _written_here(name: str) -> bool:
+    """Whether the state in Pyro's param store under ``name`` was written by a guide in
+    this process (rather than loaded, e.g. by ``pyro.get_param_store().load``)."""
+    store = pyro.get_param_store()
+    if f"{name}.state" not in store:
+        return False
+    codes = store.get_param(f"{name}.state").unconstrained()
+    written = _WRITTEN.get(id(codes))
+    return written is not None and written() is codes
 
 
 def _site_differences(saved: dict, mine: dict) -> list[str]:

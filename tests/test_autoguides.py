@@ -500,7 +500,7 @@ def test_param_store_save_and_load_restores_the_fit(tmp_path):
     pyro.get_param_store().load(path)
 
     fresh = AutoSplineFlow(schools)
-    fresh(SCHOOLS_Y, SCHOOLS_SIGMA)
+    fresh(SCHOOLS_Y, SCHOOLS_SIGMA)  # takes the loaded fit, as Pyro's own guides do
     assert fresh.start.reason.endswith("restored from a saved state")  # no new search
     assert fresh.start.label == guide.start.label
     for name, value in fresh.median(SCHOOLS_Y, SCHOOLS_SIGMA).items():
@@ -522,7 +522,6 @@ def _ab_model():
 
 
 def _set_up(guide_class, model, **options):
-    pyro.clear_param_store()  # each guide its own fit, not the store's
     guide = guide_class(model, **options)
     guide()
     return guide
@@ -572,9 +571,11 @@ def test_a_state_dict_of_another_guide_is_refused_naming_the_difference(saved, l
             assert torch.equal(value, before[name]), name
 
 
-def test_a_param_store_of_another_model_is_refused_at_set_up():
-    _ab_model_guide = AutoPlanarFlow(_ab_model)
-    _ab_model_guide()
+def test_a_param_store_of_another_model_is_refused_at_set_up(tmp_path):
+    AutoPlanarFlow(_ab_model)()
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
     guide = AutoPlanarFlow(_swapped_order_model)
     with pytest.raises(
         ValueError, match=r"set-up from Pyro's param store: .*site order.*clear_param_store"
@@ -605,3 +606,14 @@ def test_a_plain_guide_refuses_a_laplace_start():
     guide = _set_up(AutoPlanarFlow, _ab_model, warm_start=None)
     with pytest.raises(ValueError, match="start: saved 'laplace', this guide 'isotropic'"):
         guide.load_state_dict(state)
+
+
+def test_a_guide_set_up_after_another_in_the_same_process_starts_afresh():
+    """Pyro's param store holds every guide's parameters by name; a new guide replaces
+    another's (one not loaded from a file) rather than take it or refuse it."""
+    first = AutoPlanarFlow(_ab_model)
+    _train(_ab_model, first, 10, num_particles=1)
+    second = AutoPlanarFlow(_swapped_order_model)
+    second()
+    assert not second.start.reason.endswith("restored from a saved state")
+    assert torch.equal(second.loc, torch.zeros(4))  # the Laplace start's, not the first's

@@ -446,7 +446,6 @@ def test_flow_of_the_wrong_type_is_refused():
 
 def test_old_names_warn_and_still_work():
     import pyro_nf.flows as flows
-    from pyro_nf.distribution import FlowDistribution
     from pyro_nf.flows import FlowStack, InvertiblePlanar, InvertibleRadial
 
     with pytest.warns(DeprecationWarning, match="input_dim= is deprecated; use dim="):
@@ -455,10 +454,6 @@ def test_old_names_warn_and_still_work():
         assert InvertibleRadial(input_dim=3).x0.shape == (3,)
     with pytest.warns(DeprecationWarning, match="ConditionalFlow is deprecated; use .*FlowStack"):
         assert flows.ConditionalFlow is FlowStack
-    q = FlowDistribution(torch.zeros(2), torch.ones(2), build_flow("planar", 2))
-    with pytest.warns(DeprecationWarning, match="use rsample_and_log_prob"):
-        z, log_q = q.rsample_with_log_prob((3,))
-    assert z.shape == (3, 2) and log_q.shape == (3,)
 
 
 def test_new_names_do_not_warn():

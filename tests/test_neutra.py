@@ -166,7 +166,6 @@ def test_posterior_mean_and_variance_are_monte_carlo_estimates():
     loc = guide.loc.detach()
     assert torch.allclose(posterior.mean, loc, atol=0.05)  # 6 standard errors
     assert torch.allclose(posterior.variance, torch.full_like(loc, 0.25), rtol=0.1)
-    pyro.clear_param_store()  # a guide set up later would take the fit from the store
     noncentred = AutoFlow(schools, flow="planar", noncentered=True)
     noncentred()
     assert noncentred.get_posterior().mean.shape == (10,)
