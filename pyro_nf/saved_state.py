@@ -8,11 +8,12 @@ often enough and a wrong meaning (two sites swapped, a spline's interval rescale
 guide saves a description of itself beside its tensors, `GuideState`: the signature
 (sites and flow), which must match on load, and the start, which the load restores.
 
-Both ways Pyro saves a guide carry it: the guide's ``state_dict`` (its ``_extra_state``
-and the whitening's buffers) and Pyro's param store (as ``<guide name>.state``, the
-signature encoded in a tensor, beside ``<guide name>.whitening.*``), which
-``pyro.get_param_store().save`` writes and ``load`` reads back. A guide set up while the
-store holds its name takes its start and parameters from there instead of computing them.
+Both ways Pyro saves a guide carry it: the guide's ``state_dict`` (its ``_extra_state``)
+and Pyro's param store, as ``<guide name>.state`` (the description encoded in a tensor)
+beside ``<guide name>.whitening.*``, which ``pyro.get_param_store().save`` writes and
+``load`` reads back. A guide set up while the store holds a loaded fit under its name
+takes its start and parameters from there instead of computing them. With
+``pyro.settings`` ``module_local_params`` a guide keeps nothing in the store.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ class GuideState:
         The tensors are the whitening's own buffers; none is a parameter any optimiser
         sees (no guide reads them through ``pyro.param``).
         """
+        if not _uses_param_store():
+            return
         plain = {"signature": self.signature, "start": self.start}
         codes = torch.tensor(list(json.dumps(plain).encode()), dtype=torch.float64)
         tensors = {"state": codes} | {f"whitening.{k}": v for k, v in self.whitening.items()}
@@ -223,6 +226,8 @@ class GuideState:
         What `pyro.nn.PyroParam` does for one parameter, for a submodule's: a guide set up
         after ``pyro.get_param_store().load`` continues from the loaded fit.
         """
+        if not _uses_param_store():
+            return
         store = pyro.get_param_store()
         for path, param in module.named_parameters(prefix=attribute):
             fullname = f"{name}.{path}"
@@ -305,6 +310,8 @@ def saved_start(guide: Any, args: tuple, kwargs: dict) -> Start | None:
     See `GuideState`'s example.
     """
     name = guide._pyro_name
+    if not _uses_param_store():
+        return None
     if _written_here(name):
         store = pyro.get_param_store()
         for key in [key for key in store.keys() if key.startswith(f"{name}.")]:
@@ -331,6 +338,11 @@ def _start_differences(guide: Any, saved: dict, args: tuple, kwargs: dict) -> li
     if guide.warm_start is None and saved["kind"] != "isotropic":
         differences.append(f"start: saved {saved['kind']!r}, this guide 'isotropic'")
     return differences
+
+
+def _uses_param_store() -> bool:
+    """Whether guides keep their parameters in Pyro's param store (not module-local)."""
+    return not pyro.settings.get("module_local_params")
 
 
 #: The state tensors guides wrote in this process, by id (a tensor's == is elementwise).
