@@ -32,6 +32,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import to_pyro_module_
+from pyro.poutine import Trace
 from torch import Tensor, nn
 
 from pyro_nf.checks import check_flow_arguments, check_int, check_positive, check_probabilities
@@ -56,7 +57,7 @@ __all__ = [
 WARM_STARTS = ("laplace", None)
 
 
-def _check_no_subsampled_locals(trace, guide_name: str) -> None:
+def _check_no_subsampled_locals(trace: Trace, guide_name: str) -> None:
     for name, site in trace.iter_stochastic_nodes():
         for frame in site["cond_indep_stack"]:
             if frame.full_size is not None and frame.size != frame.full_size:
@@ -250,7 +251,7 @@ class AutoFlow(AutoContinuous):
     def noncentering(self) -> NonCentering | None:
         return None if self.start is None else self.start.noncentering
 
-    def _setup_prototype(self, *args, **kwargs) -> None:
+    def _setup_prototype(self, *args: object, **kwargs: object) -> None:
         # In the module's context, parameters already in Pyro's param store are taken.
         with self._pyro_context:
             try:
@@ -299,7 +300,9 @@ class AutoFlow(AutoContinuous):
         """
         return {} if self.start is None else GuideState.of(self).as_dict()
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, *args: object, **kwargs: object
+    ) -> None:
         # Checked before any tensor is copied, and before torch compares shapes.
         state = state_dict.get(prefix + "_extra_state")
         if state is not None:
@@ -314,7 +317,7 @@ class AutoFlow(AutoContinuous):
         self._adopt(GuideState.from_dict(state).restore_start(self))
 
     @contextmanager
-    def model_arguments(self, *args, **kwargs) -> Iterator[None]:
+    def model_arguments(self, *args: object, **kwargs: object) -> Iterator[None]:
         """Within the block, calls given no model arguments use ``*args, **kwargs``.
 
         For tools that call `get_transform` or `get_posterior` without arguments (Pyro's
@@ -347,7 +350,7 @@ class AutoFlow(AutoContinuous):
         for name, unconstrained_value in self._latent_layout.unpack(latent):
             yield self._latent_layout.sites[name], unconstrained_value
 
-    def forward(self, *args, **kwargs) -> dict:
+    def forward(self, *args: object, **kwargs: object) -> dict:
         """Draw the joint latent vector and return each site's value (as AutoContinuous).
 
         Pyro's ``AutoContinuous.forward``, except that each site's support transform is
@@ -366,7 +369,9 @@ class AutoFlow(AutoContinuous):
                 result[name] = pyro.sample(name, delta)
         return result
 
-    def get_posterior(self, *args, **kwargs) -> FlowDistribution | NonCenteredDistribution:
+    def get_posterior(
+        self, *args: object, **kwargs: object
+    ) -> FlowDistribution | NonCenteredDistribution:
         """The flow distribution over the unconstrained joint latent vector: base, flow,
         whitening and, in non-centred coordinates, the map to the model's coordinates at
         the model's arguments (see `model_arguments`)."""
@@ -387,7 +392,7 @@ class AutoFlow(AutoContinuous):
         loc = self._setup_loc("get_base_dist")
         return dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
 
-    def get_transform(self, *args, **kwargs) -> Transform:
+    def get_transform(self, *args: object, **kwargs: object) -> Transform:
         """The map from `get_base_dist`'s draws to the unconstrained latent vector.
 
         `get_posterior` is this map's push-forward of ``N(0, I)``; as a Pyro `Transform`,
@@ -401,7 +406,7 @@ class AutoFlow(AutoContinuous):
         self._setup_loc("get_transform")
         return _as_transform(self.get_posterior(*args, **kwargs))
 
-    def _loc_scale(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    def _loc_scale(self, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
         """Location and marginal scale of the base Gaussian ``W(loc + scale * eps)``: the
         posterior without its flow, in the coordinates the guide learns in.
 
@@ -418,7 +423,9 @@ class AutoFlow(AutoContinuous):
             )
         return self.loc
 
-    def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict:
+    def quantiles(
+        self, quantiles: Sequence[float] | Tensor, *args: object, **kwargs: object
+    ) -> dict:
         """Posterior quantiles of each latent site, estimated by Monte Carlo.
 
         Quantiles are taken coordinate-wise in unconstrained space from
@@ -451,7 +458,7 @@ class AutoFlow(AutoContinuous):
         values = [self._latent_layout.constrain_all(z) for z in torch.quantile(samples, probs, 0)]
         return {name: torch.stack([value[name] for value in values]) for name in values[0]}
 
-    def median(self, *args, **kwargs) -> dict:
+    def median(self, *args: object, **kwargs: object) -> dict:
         """Posterior median of each latent site, estimated by Monte Carlo.
 
         Exactly ``quantiles([0.5])``, from the same draws; see `quantiles`.

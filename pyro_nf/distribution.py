@@ -289,7 +289,7 @@ class FlowTransform(Transform):
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, forward: MapWithLogDet, inverse: MapWithLogDet, cache_size: int = 1):
+    def __init__(self, forward: MapWithLogDet, inverse: MapWithLogDet, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
         self._forward, self._backward = forward, inverse
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (x, y, log|det|)

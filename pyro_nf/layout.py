@@ -24,6 +24,7 @@ from pyro.distributions.transforms import (
     biject_to,
 )
 from pyro.distributions.util import sum_rightmost
+from pyro.poutine import Trace
 from torch import Tensor
 
 __all__ = ["LatentLayout", "plate_nesting"]
@@ -125,18 +126,19 @@ class LatentLayout:
         return dist.Delta(value, log_density=log_density, event_dim=event_dim, validate_args=False)
 
 
-def plate_nesting(trace) -> int:
+def plate_nesting(trace: Trace) -> int:
     """How many dimensions, counted from the right, the vectorised plates of a trace take.
 
-    Examples
-    --------
-    >>> import pyro, pyro.distributions as dist
-    >>> from pyro import poutine
-    >>> def model():
-    ...     with pyro.plate("a", 2, dim=-2):
-    ...         pyro.sample("x", dist.Normal(0.0, 1.0))
-    >>> plate_nesting(poutine.trace(model).get_trace())
-    2
+        Examples
+        --------
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro import poutine
+    from pyro.poutine import Trace
+        >>> def model():
+        ...     with pyro.plate("a", 2, dim=-2):
+        ...         pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> plate_nesting(poutine.trace(model).get_trace())
+        2
     """
     return max(
         (

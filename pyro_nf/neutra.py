@@ -83,18 +83,27 @@ class _RecordingNUTS(NUTS):
     top-level ``_build_tree`` calls pass depths 0, 1, ..., so their largest plus one.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.tree_depths: list[int] = []
         self.leapfrog_steps: list[int] = []
         self.step_sizes: list[float] = []
         self._depth = self._steps = 0
 
-    def _build_basetree(self, *args, **kwargs):
+    def _build_basetree(self, *args: object, **kwargs: object) -> tuple:
         self._steps += 1
         return super()._build_basetree(*args, **kwargs)
 
-    def _build_tree(self, z, r, z_grads, log_slice, direction, tree_depth, energy_current):
+    def _build_tree(
+        self,
+        z: dict,
+        r: dict,
+        z_grads: dict,
+        log_slice: Tensor,
+        direction: int,
+        tree_depth: int,
+        energy_current: Tensor,
+    ) -> tuple:
         self._depth = max(self._depth, tree_depth + 1)
         return super()._build_tree(z, r, z_grads, log_slice, direction, tree_depth, energy_current)
 
@@ -205,14 +214,14 @@ def _run(
 
 def nuts_mcmc(
     model: Callable,
-    *args,
+    *args: object,
     num_samples: int = 1000,
     warmup_steps: int | None = None,
     num_chains: int = 1,
     progress: bool = True,
     seed: int | None = None,
     nuts_options: dict | None = None,
-    **kwargs,
+    **kwargs: object,
 ) -> MCMCResult:
     """Pyro's NUTS on ``model`` as written, with the diagnostics of `neutra_mcmc`.
 
@@ -336,14 +345,14 @@ def _from_base(guide: AutoFlow) -> Callable[[dict], dict]:
 def neutra_mcmc(
     model: Callable,
     guide: AutoFlow,
-    *args,
+    *args: object,
     num_samples: int = 1000,
     warmup_steps: int | None = None,
     num_chains: int = 1,
     progress: bool = True,
     seed: int | None = None,
     nuts_options: dict | None = None,
-    **kwargs,
+    **kwargs: object,
 ) -> MCMCResult:
     """NUTS in a fitted flow guide's base space (NeuTra), draws in the model's coordinates.
 

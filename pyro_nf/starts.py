@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from pyro.infer.autoguide import AutoContinuous
 from pyro.ops.stats import fit_generalized_pareto
 from torch import Tensor
 
@@ -153,7 +154,13 @@ class Start:
 
 
 def choose_start(
-    guide, args: tuple, kwargs: dict, *, warm_start: str | None, noncentered, init_scale: float
+    guide: AutoContinuous,
+    args: tuple,
+    kwargs: dict,
+    *,
+    warm_start: str | None,
+    noncentered: str | bool,
+    init_scale: float,
 ) -> Start:
     """The start of a flow guide whose prototype is set up (see the module docstring).
 
@@ -238,7 +245,9 @@ def _laplace_start(
     return None
 
 
-def _coordinates(guide, args: tuple, kwargs: dict, noncentered) -> list[NonCentering | None]:
+def _coordinates(
+    guide: AutoContinuous, args: tuple, kwargs: dict, noncentered: str | bool
+) -> list[NonCentering | None]:
     """The coordinate systems on offer: non-centred (where the model has hierarchical
     sites and ``noncentered`` allows), and the model's own (unless ``noncentered=True``)."""
     coordinates: list[NonCentering | None] = []
