@@ -540,3 +540,40 @@ def test_median(flow, elbo):
     assert median["x"].item() == pytest.approx(0.0, abs=0.1)
     assert median["y"].item() == pytest.approx(1.0, abs=0.1)
     assert median["z"].item() == pytest.approx(0.5, abs=0.1)
+
+
+def serialization_model():
+    pyro.sample("x", dist.Normal(0.0, 1.0))
+    with pyro.plate("plate", 2):
+        pyro.sample("y", dist.LogNormal(0.0, 1.0))
+        pyro.sample("z", dist.Beta(2.0, 2.0))
+
+
+# torch announces TorchScript's retirement on every save and load (a third-party notice).
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@JIT_NOTICES
+@pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
+@pytest.mark.parametrize("flow", _families())
+def test_serialization(flow, jit):
+    guide = autoguides.AutoFlow(serialization_model, flow=flow)
+    guide()
+    pyro.set_rng_seed(0)
+    expected = guide.call()
+    expected_params = {name: value.data for name, value in guide.named_parameters()}
+    buffer = io.BytesIO()
+    if jit:
+        torch.jit.save(torch.jit.trace_module(guide, {"call": ()}, check_trace=False), buffer)
+    else:
+        torch.save(guide, buffer)
+    del guide
+    pyro.clear_param_store()
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer) if jit else torch.load(buffer, weights_only=False)
+    pyro.set_rng_seed(0)
+    for actual, value in zip(loaded.call(), expected, strict=True):
+        torch.testing.assert_close(actual, value)
+    actual_params = dict(loaded.named_parameters())
+    assert set(actual_params) == set(expected_params)
+    for name, value in expected_params.items():
+        assert torch.equal(actual_params[name].data, value), name
