@@ -365,11 +365,12 @@ def neutra_mcmc(
     fixed (detached: the gradient graph is the chain's position only). In non-centred
     coordinates the map reads the model's prior parameters at ``*args, **kwargs``.
     Pyro's NUTS settings are kept (diagonal mass matrix, target acceptance 0.8): with
-    the default spline guide they left no divergence on the 10-D funnel and one in
-    12 000 draws over ten seeds of centred eight schools, where plain NUTS diverged 10-33
-    times per seed (docs/neutra.md).
+    the default spline guide they leave NUTS nearly free of divergences on funnels and
+    centred eight schools, where plain NUTS diverges (docs/neutra.md).
     ``nuts_options={"jit_compile": True, "ignore_jit_warnings": True}`` compiles the
-    potential, about half the cost of a gradient there.
+    potential, a large part of the cost of a gradient there. The guide is checked
+    against the model first: every site it covers must have the same shape, support and
+    transform there.
 
     Parameters
     ----------

@@ -57,9 +57,7 @@ logger = logging.getLogger(__name__)
 #: Base draws every candidate is scored on.
 NUM_DRAWS = 256
 #: Scales of the isotropic starts at init_loc_fn's point scored besides init_scale. No 0.7:
-#: on eight schools (non-centred, 256 particles) a spline started at 0.7 or 1 kept too
-#: short a left tail of log tau on some init points (sd 14-21% small); from 0.1-0.5,
-#: 6-12% small over seeds 0-2.
+#: from it a spline keeps too short a tail where a narrower start grows one (docs/robust.md).
 ISOTROPIC_SCALES = (0.3, 0.5, 1.0)
 #: Evidence gain (nats) the widest start needs over a Laplace pick, besides two errors.
 EVIDENCE_MARGIN = 0.1
@@ -69,16 +67,14 @@ KHAT_RELIABLE = 0.7
 #: after the non-centred ones) gets twice what the first took, at least
 #: MIN_SEARCH_ITERATIONS: both searches are whitened, so a mode that exists in both is
 #: found about as fast in either, while a funnel, which has no mode in the model's
-#: coordinates, is not chased (centred eight schools: 152 evaluations chasing it, 0.8 s,
-#: against 31 for the non-centred mode).
+#: coordinates, is not chased (docs/robust.md).
 MAX_SEARCH_ITERATIONS = 1000
 MIN_SEARCH_ITERATIONS = 20
 #: Draws every candidate is scored on first, and the margin (nats) below the best
 #: candidate's mean there that all of a candidate's log weights must fall under for it to
 #: be scored no further: such a start can be no contender (its ELBO is lower still) and
-#: has no reliable evidence estimate. On the 25-predictor regression of
-#: examples/robust_posteriors.py the isotropic starts are ~1e8 nats below the Laplace one,
-#: and scoring them on all draws was 60% of the scoring time.
+#: has no reliable evidence estimate; hopeless starts are most of the scoring time
+#: otherwise (docs/robust.md).
 SCREEN_DRAWS = 32
 SCREEN_MARGIN = 100.0
 #: Log weights whose spread is below this (nats) are those of an exact start.
