@@ -2,11 +2,11 @@
 
 Pyro's ``AutoContinuous._unpack_latent`` recomputes every site's size, event dimensions
 and broadcast shape on each call, the last with ``torch.broadcast_shapes`` (a Python
-reference implementation; its cost is in docs/benchmarks.md); a guide unpacks on every SVI step, and the
-non-centring map once more; its ``forward`` looks each site's support transform up on
-every call. `LatentLayout` computes the sizes, event dimensions and support transforms
-when the guide is set up and each batch shape's view shapes once, and returns the same
-views and site laws as Pyro's methods.
+reference implementation; its cost is in docs/benchmarks.md); a guide unpacks on every
+SVI step, and the non-centring map once more; its ``forward`` looks each site's support
+transform up on every call. `LatentLayout` computes the sizes, event dimensions and
+support transforms when the guide is set up and each batch shape's view shapes once, and
+returns the same views and site laws as Pyro's methods.
 """
 
 from __future__ import annotations
