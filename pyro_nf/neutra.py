@@ -296,9 +296,10 @@ def _check_guide(guide: object, sites: dict[str, dict]) -> None:
 
 def _site_differences(guide: AutoFlow, sites: dict[str, dict]) -> list[str]:
     """How the guide's sites differ from the model's in shape, support or transform."""
-    theirs = site_signature(sites.items())
+    signature = site_signature(guide.prototype_trace.iter_stochastic_nodes())
+    theirs = site_signature((name, sites[name]) for name in signature)
     differences = []
-    for name, mine in site_signature(guide.prototype_trace.iter_stochastic_nodes()).items():
+    for name, mine in signature.items():
         transforms = [
             _transform_name(biject_to(site["fn"].support))
             for site in (guide.prototype_trace.nodes[name], sites[name])

@@ -26,6 +26,7 @@ from typing import Any
 
 import pyro
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from pyro_nf.laplace import LaplaceApproximation
@@ -37,7 +38,7 @@ __all__ = ["GuideState", "check_saved", "saved_start", "site_signature"]
 
 
 def site_signature(sites: Iterable[tuple[str, dict]]) -> dict[str, dict[str, Any]]:
-    """Shape and support of each latent site, by name, in the order given.
+    """Shape and support of each latent site (not a plate's subsample site), by name, in order.
 
     Parameters
     ----------
@@ -56,7 +57,7 @@ def site_signature(sites: Iterable[tuple[str, dict]]) -> dict[str, dict[str, Any
     return {
         name: {"shape": list(site["value"].shape), "support": repr(site["fn"].support)}
         for name, site in sites
-        if not site["infer"].get("is_auxiliary")
+        if not site["infer"].get("is_auxiliary") and not site_is_subsample(site)
     }
 
 
