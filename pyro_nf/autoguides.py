@@ -18,7 +18,6 @@ scales and correlations are far from unit (flat priors on unscaled predictors, s
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -35,9 +34,9 @@ from pyro.nn.module import to_pyro_module_
 from pyro.poutine import Trace
 from torch import Tensor, nn
 
-from pyro_nf.checks import check_flow_arguments, check_int, check_positive, check_probabilities
+from pyro_nf.checks import check_int, check_positive, check_probabilities
 from pyro_nf.distribution import FlowDistribution, FlowTransform
-from pyro_nf.flows import FlowSpec, FlowStack, build_flow, get_flow_spec
+from pyro_nf.flows import FlowSpec, FlowStack, get_flow_spec
 from pyro_nf.laplace import LaplaceApproximation
 from pyro_nf.layout import LatentLayout
 from pyro_nf.noncentering import NonCenteredDistribution, NonCentering
@@ -81,33 +80,20 @@ def _check_choices(warm_start: str | None, noncentered: str | bool) -> tuple:
     return warm_start, noncentered
 
 
-def _bind_flow(
-    flow: str | FlowSpec | Callable[[int], nn.Module],
-    num_layers: int | None,
-    hidden_dims: Sequence[int] | None,
-    options: dict,
-) -> Callable[[int], FlowStack]:
-    """``dim -> FlowStack`` for the family and options given, checked now."""
-    check_flow_arguments(get_flow_spec(flow), num_layers, hidden_dims, options)
-    return functools.partial(
-        build_flow, flow, num_layers=num_layers, hidden_dims=hidden_dims, **options
-    )
-
-
 class AutoFlow(AutoContinuous):
     r"""Normalizing-flow guide over all continuous latent sites of a model.
 
     The posterior over the unconstrained joint latent vector is
     $z = W(\mu + \sigma \odot f(\varepsilon))$, $\varepsilon \sim N(0, I)$,
-    with the flow $f$ (planar, radial, IAF, neural-spline or coupling layers) started at
-    the identity and $W$ the fixed whitening map of the start (`whitening`). With the
-    Laplace warm start, $W(x) = m + L x$ with $m$ the MAP and $L$ the Cholesky factor of
-    the inverse Hessian there (see `pyro_nf.laplace_approximation`), and $\mu = 0$,
-    $\sigma = 1$ at the start, so the guide starts at the Laplace approximation and
-    learns in whitened coordinates. Without it, $W$ is the identity, $\mu$ starts at
-    ``init_loc_fn``'s point and $\sigma$ at ``init_scale``. The start is chosen on the
-    guide's first call (it needs the model's arguments), unless Pyro's param store holds
-    this guide's saved fit (see the docs' page on saving and loading guides).
+    with the flow $f$ (any family of `pyro_nf.flows.FLOWS`) started at the identity and
+    $W$ the fixed whitening map of the start (`whitening`). With the Laplace warm start,
+    $W(x) = m + L x$ with $m$ the MAP and $L$ the Cholesky factor of the inverse Hessian
+    there (see `pyro_nf.laplace_approximation`), and $\mu = 0$, $\sigma = 1$ at the
+    start, so the guide starts at the Laplace approximation and learns in whitened
+    coordinates. Without it, $W$ is the identity, $\mu$ starts at ``init_loc_fn``'s point
+    and $\sigma$ at ``init_scale``. The start is chosen on the guide's first call (it needs
+    the model's arguments), unless Pyro's param store holds a loaded fit of this guide
+    (see the docs' page on saving and loading guides).
 
     Parameters
     ----------
@@ -123,7 +109,7 @@ class AutoFlow(AutoContinuous):
     num_layers : int, optional
         Number of flow layers; defaults per family (see `pyro_nf.flows.FLOWS`).
     hidden_dims : sequence of int, optional
-        Hidden widths of the autoregressive networks (iaf, spline).
+        Hidden widths of the flow's networks (iaf, spline, coupling).
     init_loc_fn : callable
         Per-site initialisation, as in Pyro (default `init_to_median`); with the
         warm start, where the MAP search begins.
@@ -226,10 +212,12 @@ class AutoFlow(AutoContinuous):
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         self.flow_spec: FlowSpec = get_flow_spec(flow or self.flow_name or "spline")
-        self._flow_builder = _bind_flow(self.flow_spec, num_layers, hidden_dims, flow_options)
+        self._flow_builder = self.flow_spec.bind(
+            num_layers=num_layers, hidden_dims=hidden_dims, **flow_options
+        )
         # Every option that shapes a parameter, recorded in the saved state.
-        self.flow_options = {"num_layers": num_layers or self.flow_spec.num_layers}
-        self.flow_options |= {"hidden_dims": hidden_dims, **flow_options}
+        self.flow_options = {"num_layers": self._flow_builder.num_layers}
+        self.flow_options |= self._flow_builder.options
         # Wider starts overflow float32 log densities (and any exp-transformed site first).
         self._init_scale = check_positive("init_scale", init_scale, maximum=1e6)
         self.num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)

@@ -32,7 +32,6 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.reparam import NeuTraReparam
 from torch import Tensor
 
-from pyro_nf import autoguides
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.diagnostics import _site_dims
 from pyro_nf.distribution import _detached_parameters
@@ -268,7 +267,7 @@ def _check_guide(guide: object, sites: dict[str, dict]) -> None:
     if not isinstance(guide, AutoFlow):
         raise TypeError(
             "neutra_mcmc: guide must be a fitted pyro_nf flow guide (AutoFlow or one of "
-            f"{', '.join(name for name in autoguides.__all__ if name != 'AutoFlow')}), got "
+            f"its named subclasses, such as AutoSplineFlow), got "
             f"{type(guide).__name__}; for Pyro's own AutoContinuous guides use "
             "pyro.infer.reparam.NeuTraReparam directly"
         )
