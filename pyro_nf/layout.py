@@ -129,16 +129,15 @@ class LatentLayout:
 def plate_nesting(trace: Trace) -> int:
     """How many dimensions, counted from the right, the vectorised plates of a trace take.
 
-        Examples
-        --------
-        >>> import pyro, pyro.distributions as dist
-        >>> from pyro import poutine
-    from pyro.poutine import Trace
-        >>> def model():
-        ...     with pyro.plate("a", 2, dim=-2):
-        ...         pyro.sample("x", dist.Normal(0.0, 1.0))
-        >>> plate_nesting(poutine.trace(model).get_trace())
-        2
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyro import poutine
+    >>> def model():
+    ...     with pyro.plate("a", 2, dim=-2):
+    ...         pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> plate_nesting(poutine.trace(model).get_trace())
+    2
     """
     return max(
         (
