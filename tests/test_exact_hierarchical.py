@@ -4,6 +4,7 @@ model's own log joint, the dense Gaussian posterior given tau, and NUTS; and the
 import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.ops.stats import effective_sample_size
@@ -50,6 +51,32 @@ def test_exact_moments_match_a_brute_force_grid_over_the_models_log_joint():
         sd = ((w * (value - mean) ** 2).sum()).sqrt()
         assert torch.allclose(exact.mean[name], mean, atol=2e-4 * sd), name
         assert torch.allclose(exact.sd[name], sd, rtol=2e-4), name
+
+
+def test_exact_moments_match_a_grid_over_mu_and_log_tau_on_eight_groups():
+    # theta integrated out by hand (ybar_j ~ N(mu, tau^2 + s_j^2)), mu and log tau on a grid.
+    data = simulate(8)
+    noise_var = data.sigma**2 / data.num_obs
+    mu = torch.linspace(-25, 25, 801, dtype=torch.float64)[:, None, None]
+    u = torch.linspace(-35, 4, 801, dtype=torch.float64)[None, :, None]
+    tau2 = (2 * u).exp()
+    log_joint = (
+        dist.Normal(mu, (tau2 + noise_var).sqrt()).log_prob(data.ybar).sum(-1, keepdim=True)
+        + dist.Normal(0.0, 5.0).log_prob(mu)
+        + dist.HalfNormal(5.0).log_prob(tau2.sqrt())
+        + u
+    )
+    w = log_joint.flatten().softmax(0).reshape(log_joint.shape)
+    shrink = noise_var / (tau2 + noise_var)
+    theta_mean = (1 - shrink) * data.ybar + shrink * mu  # theta_j | mu, tau, y
+    exact = exact_moments(data)
+    for name, value in (("mu", mu), ("log_tau", u), ("theta", theta_mean)):
+        mean = (w * value).sum((0, 1))
+        variance = (w * (value - mean) ** 2).sum((0, 1))
+        if name == "theta":
+            variance = variance + (w * (1 - shrink) * noise_var).sum((0, 1))
+        assert torch.allclose(exact.mean[name], mean.squeeze(), atol=1e-8), name
+        assert torch.allclose(exact.sd[name], variance.sqrt().squeeze(), rtol=1e-8), name
 
 
 def test_given_tau_the_moments_are_the_dense_gaussian_posterior():
@@ -142,7 +169,7 @@ def _mcse_bounds(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.slow
 def test_exact_moments_agree_with_nuts_on_eight_groups():
     data = simulate(8)
-    draws = nuts_draws(data, 200, 600)
+    draws = nuts_draws(data, 100, 400)
     exact = exact_moments(data)
     for name in ("mu", "log_tau", "theta"):
         x = draws["tau"].log() if name == "log_tau" else draws[name]

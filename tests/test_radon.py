@@ -105,7 +105,7 @@ def test_the_reference_has_converged_chains_and_every_latent():
 
 @pytest.mark.slow
 def test_a_short_nuts_run_agrees_with_the_reference_on_the_globals():
-    chains = run_nuts(load_radon(), num_chains=1, warmup=150, draws=200, seed=11)
+    chains = run_nuts(load_radon(), num_chains=1, warmup=100, draws=100, seed=11)
     reference = load_reference()
     for name in GLOBALS:
         x = chains[name][0]
