@@ -1,6 +1,7 @@
 """The normal-normal hierarchical posterior: exact moments against a brute-force grid over the
 model's own log joint, the dense Gaussian posterior given tau, and NUTS; and the scorer."""
 
+import doctest
 import math
 
 import pyro
@@ -9,6 +10,7 @@ import pytest
 import torch
 from pyro.ops.stats import effective_sample_size
 
+from benchmarks import exact_hierarchical
 from benchmarks.exact_hierarchical import (
     Groups,
     Moments,
@@ -179,3 +181,8 @@ def test_exact_moments_agree_with_nuts_on_eight_groups():
         ratio = (x.std(0) / exact.sd[name]).log()
         assert (error.abs() < 4 * mean_se).all(), (name, error, mean_se)
         assert (ratio.abs() < 4 * log_sd_se).all(), (name, ratio, log_sd_se)
+
+
+def test_the_docstring_examples_run():
+    result = doctest.testmod(exact_hierarchical, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 5 and result.failed == 0

@@ -1,5 +1,6 @@
 """The radon data, its two models, and the NUTS reference shipped in benchmarks/results."""
 
+import doctest
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 from pyro.ops.stats import effective_sample_size
 
+from benchmarks import radon
 from benchmarks.radon import (
     GLOBALS,
     LOCALS,
@@ -114,3 +116,8 @@ def test_a_short_nuts_run_agrees_with_the_reference_on_the_globals():
         ratio = (x.std() / reference.sd[name]).log()
         assert abs(error) < 4 / ess.sqrt(), (name, error, ess)
         assert abs(ratio) < 4 / (2 * ess).sqrt() + 0.05, (name, ratio, ess)
+
+
+def test_the_docstring_examples_run():
+    result = doctest.testmod(radon, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 5 and result.failed == 0
