@@ -140,7 +140,8 @@ class _Classes(NamedTuple):
 
 
 def _classes(data: Groups) -> _Classes:
-    noise_var, inverse = torch.unique(data.sigma**2 / data.num_obs, return_inverse=True)
+    num_obs = data.num_obs.to(data.ybar.dtype)
+    noise_var, inverse = torch.unique(data.sigma**2 / num_obs, return_inverse=True)
     centre = float(data.ybar.mean())
     shifted = data.ybar - centre
     count = torch.zeros_like(noise_var).index_add_(0, inverse, torch.ones_like(shifted))
@@ -269,7 +270,8 @@ def sample_posterior(data: Groups, num_samples: int, seed: int = 0) -> dict[str,
     cell; then ``mu`` and the ``theta_j`` from their Gaussian given ``tau``), seeded.
 
     Returns ``mu``, ``tau`` of shape ``(num_samples,)`` and ``theta``, ``z`` of shape
-    ``(num_samples, J)``, as `Predictive` returns draws of `model` and `noncentred_model`.
+    ``(num_samples, J)``, as `Predictive` returns draws of `model` and `noncentred_model`
+    (memory: a few ``num_samples x J`` tensors).
 
     Examples
     --------

@@ -148,6 +148,8 @@ def test_score_is_small_on_exact_draws_and_measures_known_errors():
     bad = score(shifted, exact)["mu"]
     assert bad["mean_error"] == pytest.approx(0.5, abs=0.05)
     assert bad["log_sd_ratio"] == pytest.approx(-math.log(2), abs=0.05)
+    predictive_shaped = {"mu": draws["mu"][:, None], "tau": draws["tau"][:, None]}  # (S, 1)
+    assert score(predictive_shaped, exact)["log_tau"] == good["log_tau"]
     with pytest.raises(KeyError, match="'log_tau'"):
         score(shifted, exact, sites=["log_tau"])
     with pytest.raises(ValueError, match="none of the sites"):
