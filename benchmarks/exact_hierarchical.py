@@ -234,6 +234,11 @@ def exact_moments(data: Groups, tau: float | None = None, num_grid: int = 2001) 
     Moments
         Sites ``mu``, ``tau``, ``log_tau`` (scalars), ``theta`` and ``z`` (one per group).
 
+    Notes
+    -----
+    Time and memory go as J plus ``num_grid`` times the number of distinct ``n_j`` (five
+    for `simulate`'s data); counts that are all distinct make that ``num_grid x J``.
+
     Examples
     --------
     >>> data = simulate(100_000)
