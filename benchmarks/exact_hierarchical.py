@@ -40,6 +40,9 @@ from torch import Tensor
 #: Prior scales: ``mu ~ Normal(0, MU_SCALE)``, ``tau ~ HalfNormal(TAU_SCALE)``.
 MU_SCALE, TAU_SCALE = 5.0, 5.0
 
+#: Classes are taken in chunks so that a (grid x chunk) array holds about this many numbers.
+_CHUNK_NUMBERS = 2**22
+
 #: The grid keeps the points within this many nats of the log density's maximum.
 _DEPTH = 40.0
 
@@ -153,26 +156,39 @@ def _classes(data: Groups) -> _Classes:
 class _GivenTau(NamedTuple):
     """Conditional on each grid value of u = log tau: the posterior of mu and log p(u | y)."""
 
-    shrink: Tensor  # (G, K) B = s^2 / (s^2 + tau^2), the pull of theta towards mu
+    tau2: Tensor  # (G,)
     mu_mean: Tensor  # (G,)
     mu_var: Tensor  # (G,)
     log_density: Tensor  # (G,) log p(y | tau) + log p(tau) + u, up to a constant
 
 
+def _chunks(classes: _Classes, num_grid: int) -> list[slice]:
+    """Slices of the classes such that each (grid x chunk) array holds about 2**22 numbers."""
+    size = max(1, _CHUNK_NUMBERS // num_grid)
+    return [slice(k, k + size) for k in range(0, len(classes.noise_var), size)]
+
+
 def _given_tau(u: Tensor, classes: _Classes) -> _GivenTau:
-    tau2 = (2 * u).exp()[:, None]
-    total_var = tau2 + classes.noise_var  # (G, K): ybar_j ~ N(mu, tau^2 + s_j^2)
-    precision = 1 / MU_SCALE**2 + (classes.count / total_var).sum(-1)
+    tau2 = (2 * u).exp()
+    chunks = _chunks(classes, len(u))
+
+    def total_var(s: slice) -> Tensor:  # (G, k): ybar_j ~ N(mu, tau^2 + s_j^2)
+        return tau2[:, None] + classes.noise_var[s]
+
+    precision = 1 / MU_SCALE**2 + sum((classes.count[s] / total_var(s)).sum(-1) for s in chunks)
     # mu | tau, y ~ N(m, 1 / P), in coordinates shifted by the data's centre for accuracy
-    shift = ((classes.first / total_var).sum(-1) - classes.centre / MU_SCALE**2) / precision
-    residual2 = classes.second - 2 * shift[:, None] * classes.first
-    residual2 = residual2 + shift[:, None] ** 2 * classes.count  # sum_j (ybar_j - m)^2
+    weighted = sum((classes.first[s] / total_var(s)).sum(-1) for s in chunks)
+    shift = (weighted - classes.centre / MU_SCALE**2) / precision
     mean = classes.centre + shift
+    misfit = 0.0
+    for s in chunks:
+        residual2 = classes.second[s] - 2 * shift[:, None] * classes.first[s]
+        residual2 = residual2 + shift[:, None] ** 2 * classes.count[s]  # sum_j (ybar_j - m)^2
+        misfit = misfit + (classes.count[s] * total_var(s).log() + residual2 / total_var(s)).sum(-1)
     # Bayes at mu = m: p(y | tau) = p(y | m, tau) p(m) / p(m | y, tau)
-    log_evidence = -0.5 * (classes.count * total_var.log() + residual2 / total_var).sum(-1)
-    log_evidence = log_evidence - 0.5 * (mean / MU_SCALE) ** 2 - 0.5 * precision.log()
-    log_prior = -0.5 * tau2[:, 0] / TAU_SCALE**2 + u  # HalfNormal, and d tau = tau du
-    return _GivenTau(classes.noise_var / total_var, mean, 1 / precision, log_evidence + log_prior)
+    log_evidence = -0.5 * misfit - 0.5 * (mean / MU_SCALE) ** 2 - 0.5 * precision.log()
+    log_prior = -0.5 * tau2 / TAU_SCALE**2 + u  # HalfNormal, and d tau = tau du
+    return _GivenTau(tau2, mean, 1 / precision, log_evidence + log_prior)
 
 
 def _zoom(classes: _Classes, num_grid: int) -> tuple[Tensor, _GivenTau]:
@@ -200,19 +216,51 @@ def _mixture(weight: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]
     return total, (weight @ var + spread).sqrt()
 
 
-def _affine_mixture(
-    weight: Tensor, slope: Tensor, offset: Tensor, var: Tensor, classes: _Classes, ybar: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Mean and sd of each group's ``x_j | tau ~ N(slope ybar_j + offset, var)``, where
-    slope, offset and var (G, K) depend on the group only through its class: O(J + G K)."""
+def _coefficients(u: Tensor, given: _GivenTau, noise_var: Tensor) -> dict[str, list[Tensor]]:
+    """Slope, offset and variance (G, k) of ``theta_j | tau`` and ``z_j | tau`` as
+    ``N(slope ybar_j + offset, var)``, for the classes of noise variance ``noise_var`` (k,)."""
+    b = noise_var / (given.tau2[:, None] + noise_var)  # the pull of theta towards mu
+    m, v = given.mu_mean[:, None], given.mu_var[:, None]
+    inv_tau = (-u).exp()[:, None]
+    z_slope = (1 - b) * inv_tau
+    return {
+        # theta_j | tau ~ N((1 - B) ybar_j + B m, (1 - B) s^2 + B^2 / P)
+        "theta": [1 - b, b * m, (1 - b) * noise_var + b**2 * v],
+        # z_j | tau ~ N((1 - B) (ybar_j - m) / tau, ((1 - B) s^2 + (1 - B)^2 / P) / tau^2)
+        "z": [z_slope, -z_slope * m, ((1 - b) * noise_var + (1 - b) ** 2 * v) * inv_tau**2],
+    }
+
+
+def _class_stats(weight: Tensor, slope: Tensor, offset: Tensor, var: Tensor) -> Tensor:
+    """(5, k): the mixture's mean slope and offset, variance of the slope, covariance of
+    slope and offset, and variance of the offset plus mean variance."""
     mean_slope, mean_offset = weight @ slope, weight @ offset
     d_slope, d_offset = slope - mean_slope, offset - mean_offset
-    var_slope, var_offset = weight @ d_slope**2, weight @ d_offset**2
-    cov = weight @ (d_slope * d_offset)
-    k, y = classes.inverse, ybar
-    mean = mean_slope[k] * y + mean_offset[k]
-    var = (weight @ var)[k] + var_slope[k] * y**2 + 2 * cov[k] * y + var_offset[k]
-    return mean, var.clamp_min(0).sqrt()
+    return torch.stack(
+        [
+            mean_slope,
+            mean_offset,
+            weight @ d_slope**2,
+            weight @ (d_slope * d_offset),
+            weight @ d_offset**2 + weight @ var,
+        ]
+    )
+
+
+def _group_moments(
+    weight: Tensor, u: Tensor, given: _GivenTau, classes: _Classes, ybar: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Means and sds of every ``theta_j`` and ``z_j``, class by class: O(J + G K)."""
+    parts: dict[str, list[Tensor]] = {"theta": [], "z": []}
+    for s in _chunks(classes, len(u)):
+        for name, coefficients in _coefficients(u, given, classes.noise_var[s]).items():
+            parts[name].append(_class_stats(weight, *coefficients))
+    moments = {}
+    for name, stats in parts.items():
+        mean_slope, mean_offset, var_slope, cov, rest = torch.cat(stats, -1)[:, classes.inverse]
+        var = rest + var_slope * ybar**2 + 2 * cov * ybar
+        moments[name] = (mean_slope * ybar + mean_offset, var.clamp_min(0).sqrt())
+    return moments
 
 
 def exact_moments(data: Groups, tau: float | None = None, num_grid: int = 2001) -> Moments:
@@ -236,8 +284,8 @@ def exact_moments(data: Groups, tau: float | None = None, num_grid: int = 2001) 
 
     Notes
     -----
-    Time and memory go as J plus ``num_grid`` times the number of distinct ``n_j`` (five
-    for `simulate`'s data); counts that are all distinct make that ``num_grid x J``.
+    Time goes as J plus ``num_grid`` times the number of distinct ``n_j`` (five for
+    `simulate`'s data; J if all counts differ), memory as J plus a few million numbers.
 
     Examples
     --------
@@ -257,16 +305,8 @@ def exact_moments(data: Groups, tau: float | None = None, num_grid: int = 2001) 
     mean["mu"], sd["mu"] = _mixture(weight, given.mu_mean, given.mu_var)
     mean["log_tau"], sd["log_tau"] = _mixture(weight, u, torch.zeros_like(u))
     mean["tau"], sd["tau"] = _mixture(weight, u.exp(), torch.zeros_like(u))
-    b, m, noise_var = given.shrink, given.mu_mean[:, None], classes.noise_var
-    # theta_j | tau ~ N((1 - B) ybar_j + B m, (1 - B) s^2 + B^2 / P)
-    theta_var = (1 - b) * noise_var + b**2 * given.mu_var[:, None]
-    theta = _affine_mixture(weight, 1 - b, b * m, theta_var, classes, data.ybar)
-    mean["theta"], sd["theta"] = theta
-    # z_j | tau ~ N((1 - B) (ybar_j - m) / tau, ((1 - B) s^2 + (1 - B)^2 / P) / tau^2)
-    inv_tau = (-u).exp()[:, None]
-    z_var = ((1 - b) * noise_var + (1 - b) ** 2 * given.mu_var[:, None]) * inv_tau**2
-    slope = (1 - b) * inv_tau
-    mean["z"], sd["z"] = _affine_mixture(weight, slope, -slope * m, z_var, classes, data.ybar)
+    for name, (site_mean, site_sd) in _group_moments(weight, u, given, classes, data.ybar).items():
+        mean[name], sd[name] = site_mean, site_sd
     return Moments(mean, sd)
 
 
@@ -295,10 +335,11 @@ def sample_posterior(data: Groups, num_samples: int, seed: int = 0) -> dict[str,
     noise = torch.randn(num_samples, generator=gen, dtype=dtype)
     mu = given.mu_mean + given.mu_var.sqrt() * noise
     # theta_j | mu, tau ~ N((1 - B) ybar_j + B mu, (1 - B) s^2)
-    b = given.shrink[:, classes.inverse]
+    noise_var = classes.noise_var[classes.inverse]
+    b = noise_var / (given.tau2[:, None] + noise_var)
     noise = torch.randn(num_samples, len(data.ybar), generator=gen, dtype=dtype)
     theta = (1 - b) * data.ybar + b * mu[:, None]
-    theta = theta + ((1 - b) * classes.noise_var[classes.inverse]).sqrt() * noise
+    theta = theta + ((1 - b) * noise_var).sqrt() * noise
     tau = u.exp()
     return {"mu": mu, "tau": tau, "theta": theta, "z": (theta - mu[:, None]) / tau[:, None]}
 

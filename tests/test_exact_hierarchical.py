@@ -106,13 +106,19 @@ def test_given_tau_the_moments_are_the_dense_gaussian_posterior():
     assert float(exact.sd["log_tau"]) == 0.0
 
 
-def test_groups_sharing_a_count_give_what_distinct_counts_give_and_order_does_not_matter():
+def test_groups_sharing_a_count_give_what_distinct_counts_give_and_order_does_not_matter(
+    monkeypatch,
+):
     data = simulate(40, seed=5)
     distinct = data._replace(num_obs=data.num_obs * (1 + 1e-13 * torch.arange(40)))
     order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
     shuffled = data._replace(ybar=data.ybar[order], num_obs=data.num_obs[order])
     exact = exact_moments(data)
-    for other, index in ((exact_moments(distinct), slice(None)), (exact_moments(shuffled), order)):
+    in_one_go = exact_moments(distinct)
+    monkeypatch.setattr(exact_hierarchical, "_CHUNK_NUMBERS", 2001 * 7)  # 7 classes a chunk
+    chunked = exact_moments(distinct)
+    cases = ((in_one_go, slice(None)), (chunked, slice(None)), (exact_moments(shuffled), order))
+    for other, index in cases:
         for name in ("mu", "log_tau", "theta", "z"):
             expected = exact.mean[name][index] if name in ("theta", "z") else exact.mean[name]
             assert torch.allclose(other.mean[name], expected, rtol=1e-9, atol=1e-12)
