@@ -253,15 +253,16 @@ def noncentred_potential(data: dict[str, Tensor]) -> Callable[[dict[str, Tensor]
 
 def run_nuts(
     data: dict[str, Tensor], num_chains: int, warmup: int, draws: int, seed: int = 0
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], list[int]]:
     """NUTS on `noncentred_model` (through `noncentred_potential`), chains one after the
     other, chain ``c`` seeded ``seed + c`` and started from ``x ~ N(0, I)``.
 
-    Returns the draws in the centred coordinates, each of shape ``(num_chains, draws, ...)``.
+    Returns the draws in the centred coordinates, each of shape ``(num_chains, draws, ...)``,
+    and each chain's number of divergent transitions after warm-up.
     """
     from pyro.infer import MCMC, NUTS
 
-    chains = []
+    chains, divergences = [], []
     for chain in range(num_chains):
         pyro.set_rng_seed(seed + chain)
         kernel = NUTS(potential_fn=noncentred_potential(data), target_accept_prob=0.9)
@@ -279,8 +280,10 @@ def run_nuts(
         samples.update(zip(("sigma_a", "sigma_b", "sigma_y"), x[:, 2:5].exp().T, strict=True))
         samples["z_a"], samples["z_b"] = x[:, 5:].reshape(-1, 2, NUM_COUNTIES).unbind(1)
         chains.append(centred_draws(samples))
-        print(f"chain {chain}: step size {kernel.step_size:.3f}", flush=True)
-    return {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
+        divergences.append(len(mcmc.diagnostics()["divergences"]["chain 0"]))
+        print(f"chain {chain}: step size {kernel.step_size:.3f}, ", end="")
+        print(f"{divergences[-1]} divergences", flush=True)
+    return {name: torch.stack([c[name] for c in chains]) for name in chains[0]}, divergences
 
 
 def summarise(chains: dict[str, Tensor]) -> dict[str, dict[str, list[float] | float]]:
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REFERENCE)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    chains = run_nuts(load_radon(), args.chains, args.warmup, args.draws, args.seed)
+    chains, divergences = run_nuts(load_radon(), args.chains, args.warmup, args.draws, args.seed)
     summary = summarise(chains)
     worst_r_hat = max(max(np.ravel(s["r_hat"])) for s in summary.values())
     least_ess = min(min(np.ravel(s["ess_bulk"])) for s in summary.values())
@@ -339,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         "draws_per_chain": args.draws,
         "seed": args.seed,
         "seconds": round(time.perf_counter() - start, 1),
+        "divergences": divergences,
         "max_r_hat": worst_r_hat,
         "min_ess_bulk": least_ess,
         "sites": summary,
