@@ -228,7 +228,7 @@ def test_state_dict_from_noncentred_coordinates_refuses_the_model_coordinates(
     learned = AutoFlow(schools, flow="planar", noncentered=True, warm_start=None)
     learned()
     state = learned.state_dict()
-    assert state["_extra_state"]["coordinates"] == "non-centred"
+    assert state["_extra_state"]["start"]["coordinates"] == "non-centred"
     other = AutoFlow(schools, flow="planar", noncentered=False, warm_start=None)
     other()  # the same parameter shapes, in the model's coordinates
     with pytest.raises(ValueError, match="coordinates: saved 'non-centred', this guide 'model'"):
