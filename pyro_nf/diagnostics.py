@@ -26,7 +26,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from pyro_nf.checks import check_int
-from pyro_nf.estimators import vmap_draws, vmapped_log_weights
+from pyro_nf.fitting.estimators import vmap_draws, vmapped_log_weights
 
 __all__ = [
     "LogEvidence",

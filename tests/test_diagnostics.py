@@ -22,7 +22,7 @@ from pyro_nf.diagnostics import (
     psis_khat,
     to_inference_data,
 )
-from pyro_nf.infer import fit
+from pyro_nf.fitting import fit
 from pyro_nf.plots import plot_elbo, plot_pair
 
 matplotlib.use("Agg")

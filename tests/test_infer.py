@@ -11,9 +11,10 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
 
 from pyro_nf import AutoFlow, AutoIAFFlow, AutoPlanarFlow, AutoSplineFlow
-from pyro_nf.estimators import make_elbo
-from pyro_nf.infer import FitResult, NonFiniteLossError, Schedule, fit
-from pyro_nf.objective import Objective
+from pyro_nf.batching import Batching
+from pyro_nf.fitting import FitResult, NonFiniteLossError, Schedule, fit
+from pyro_nf.fitting.estimators import make_elbo
+from pyro_nf.fitting.objective import Objective
 
 DATA = torch.tensor([0.8, 1.9, 1.2, 0.4, 1.6])
 
@@ -269,7 +270,7 @@ def test_stl_and_iw_reject_unsupported_guides(estimator):
 
 @pytest.mark.slow
 def test_auto_estimator_switches_to_stl_at_the_first_decay(monkeypatch):
-    import pyro_nf.objective as objective
+    import pyro_nf.fitting.objective as objective
 
     made = []
 
@@ -371,11 +372,12 @@ def test_particles_are_batched_by_vmap_where_no_particle_plate_fits(fresh_pyro_s
         pyro.sample("u", dist.Normal(torch.zeros(3), v.exp()).to_event(1), obs=torch.ones(3))
 
     guide = AutoPlanarFlow(unplated)
-    objective = Objective(unplated, guide, (), {}, "elbo", particles=4, warn=True)
+    objective = Objective(unplated, guide, (), {}, "elbo")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # still batched: nothing to warn of
-        batched = torch.stack([objective.loss(step=0) for _ in range(300)]).detach()
-    assert objective.vmap and objective.vectorizes
+        objective.setup(particles=4)
+        batched = torch.stack([objective.loss(4)[0] for _ in range(300)]).detach()
+    assert objective.batching is Batching.VMAP
     # The same loss as particles drawn one at a time (Pyro's Trace_ELBO), within noise.
     elbo = Trace_ELBO(num_particles=4)
     looped = torch.tensor([elbo.loss(unplated, guide) for _ in range(300)])
@@ -438,7 +440,7 @@ class FakeClock:
 
 
 def test_max_time_ends_the_fit_within_a_step(monkeypatch):
-    import pyro_nf.infer as infer
+    import pyro_nf.fitting.loop as infer
 
     clock = FakeClock(tick=0.01)
     monkeypatch.setattr(infer, "time", clock)
@@ -521,8 +523,8 @@ def test_an_interrupted_update_is_undone():
 
 
 def test_a_new_particle_count_keeps_the_guessed_plate_nesting():
-    objective = Objective(normal_model, AutoNormal(normal_model), (), {}, "elbo", particles=2)
-    objective.loss(step=0)
+    objective = Objective(normal_model, AutoNormal(normal_model), (), {}, "elbo")
+    objective.setup(particles=2)
     guessed = objective.elbo.max_plate_nesting
-    objective.set_particles(8)
+    objective.loss(8)
     assert math.isfinite(guessed) and objective.elbo.max_plate_nesting == guessed
