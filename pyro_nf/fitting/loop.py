@@ -330,7 +330,7 @@ class _Training:
                 "fit: the model does not vectorise over particles (in a plate or by vmap; "
                 f"the pyro_nf log says why); drawing the {self.effort.particles} particles "
                 "one at a time instead",
-                stacklevel=5,
+                stacklevel=6,
             )
         objective = self.objective
         self.watch = RunawayWatch.for_guide(objective.guide, objective.args, objective.kwargs)

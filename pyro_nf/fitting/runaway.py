@@ -37,10 +37,12 @@ class RunawayWatch:
 
     Every `every` steps, `draws` draws of the guide give each watched site's spread (the
     largest standard deviation of its elements, in unconstrained coordinates). The first
-    check sets the site's reference (at least `floor`); a spread beyond `growth` times
-    its reference is a runaway, and `observe` warns with an `ImproperPosteriorWarning`
-    naming every site that ran away. Build it with `RunawayWatch.for_guide`, which
-    returns None where no site needs watching.
+    check sets each site's reference (at least `floor`); a spread beyond `growth` times
+    its reference (or not finite) is a runaway, and `observe` warns with an
+    `ImproperPosteriorWarning` naming every site that ran away. A proper posterior the
+    guide fits keeps its spread within a few times the start's (the warm start's
+    spread, or `floor` for a narrow start such as AutoNormal's). Build it with
+    `RunawayWatch.for_guide`, which returns None where no site needs watching.
 
     Examples
     --------
@@ -66,8 +68,8 @@ class RunawayWatch:
 
     every: int = 5
     draws: int = 4
-    growth: float = 20.0
     floor: float = 0.5
+    growth: float = 20.0
 
     def __init__(
         self, guide: Callable, args: tuple, kwargs: dict, sites: dict[str, Distribution]
@@ -95,7 +97,8 @@ class RunawayWatch:
         """After step `step`: check every `every` steps, warn once at a runaway."""
         if self.warned or step == 0 or step % self.every:
             return
-        spreads = self._spreads()
+        with torch.no_grad(), poutine.block():
+            spreads = self._spreads([self._draw() for _ in range(self.draws)])
         if not self.reference:
             self.reference = {name: max(s, self.floor) for name, s in spreads.items()}
             return
@@ -106,16 +109,19 @@ class RunawayWatch:
         }
         if runaway:
             self.warned = True
-            warnings.warn(self._message(runaway, step), ImproperPosteriorWarning, stacklevel=4)
+            warnings.warn(self._message(runaway, step), ImproperPosteriorWarning, stacklevel=5)
 
-    def _spreads(self) -> dict[str, float]:
-        values: dict[str, list[Tensor]] = {name: [] for name in self.sites}
-        with torch.no_grad(), poutine.block():
-            for _ in range(self.draws):
-                trace = poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
-                for name, fn in self.sites.items():
-                    values[name].append(biject_to(fn.support).inv(trace.nodes[name]["value"]))
-        return {name: torch.stack(v).std(0).max().item() for name, v in values.items()}
+    def _draw(self) -> poutine.Trace:
+        return poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
+
+    def _unconstrained(self, trace: poutine.Trace, name: str) -> Tensor:
+        return biject_to(self.sites[name].support).inv(trace.nodes[name]["value"])
+
+    def _spreads(self, traces: list[poutine.Trace]) -> dict[str, float]:
+        return {
+            name: torch.stack([self._unconstrained(t, name) for t in traces]).std(0).max().item()
+            for name in self.sites
+        }
 
     def _message(self, runaway: dict[str, float], step: int) -> str:
         grown = ", ".join(
@@ -125,9 +131,10 @@ class RunawayWatch:
         return (
             "fit: the posterior looks improper or unidentified: by step "
             f"{step} the guide's spread (unconstrained) of the site(s) with an improper prior "
-            f"ran away: {grown}. No guide can fit an improper posterior; give those sites "
-            "proper priors, or change the model so the data determine them (two flat "
-            "parameters entering only as a + b, say)."
+            f"ran away: {grown}. "
+            "No guide can fit an improper posterior; give those sites proper priors, or "
+            "change the model so the data determine them (two flat parameters entering only "
+            "as a + b, say)."
         )
 
 
