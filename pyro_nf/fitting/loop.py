@@ -267,7 +267,8 @@ class _Training:
     def step(self, step: int) -> str:
         """One optimiser step; what the schedule made of its loss."""
         begun = time.perf_counter()
-        torch.set_num_threads(self.threads.count)
+        if torch.get_num_threads() != self.threads.count:
+            torch.set_num_threads(self.threads.count)
         loss = self._evaluate(step, self._setup_loss if step == 0 else self._loss)
         if self.optimizer is None:
             self.optimizer = self._make_optimizer(loss)
