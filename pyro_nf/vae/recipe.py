@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..checks import check_int, check_positive, check_sizes
-from ..infer import NonFiniteLossError
+from ..fitting import NonFiniteLossError
 from .model import FlowVAE
 
 __all__ = ["TrainConfig", "Trainer"]
