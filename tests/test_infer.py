@@ -440,10 +440,10 @@ class FakeClock:
 
 
 def test_max_time_ends_the_fit_within_a_step(monkeypatch):
-    import pyro_nf.fitting.loop as infer
+    import pyro_nf.fitting.loop as loop
 
     clock = FakeClock(tick=0.01)
-    monkeypatch.setattr(infer, "time", clock)
+    monkeypatch.setattr(loop, "time", clock)
     result = fit(normal_model, AutoNormal(normal_model), num_steps=5000, num_particles=1,
                  max_time=3.0, progress=False, seed=0)  # fmt: skip
     assert result.stop_reason == "max_time" and not result.converged
