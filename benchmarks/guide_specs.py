@@ -36,8 +36,7 @@ from pyro.infer.autoguide.guides import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger
 
 from pyro_nf import AutoFlow
-from pyro_nf.flows import FLOWS
-from pyro_nf.flows.base import _default_hidden_dims
+from pyro_nf.flows import FLOWS, default_hidden_dims
 
 __all__ = ["GUIDES", "GuideSpec", "get_guide_spec"]
 
@@ -89,7 +88,7 @@ def _pyro_flow(family: str):
 
     def layer(dim: int):
         # Widths from the latent dimension, which Pyro passes to init_transform_fn.
-        hidden = list(_default_hidden_dims(dim))
+        hidden = list(default_hidden_dims(dim))
         if family == "iaf":
             return affine_autoregressive(dim, hidden_dims=hidden)
         if family == "spline":
@@ -113,7 +112,7 @@ def _pyro_coupling_stack(num_layers: int, dim: int) -> TransformModule:
     for i in range(num_layers):
         if i:
             parts.append(Permute(torch.arange(dim - 1, -1, -1)))
-        parts.append(affine_coupling(dim, hidden_dims=list(_default_hidden_dims(dim))))
+        parts.append(affine_coupling(dim, hidden_dims=list(default_hidden_dims(dim))))
     return ComposeTransformModule(parts)
 
 
@@ -136,9 +135,13 @@ def _auto_iaf_normal(model, init_loc_fn):
     return AutoIAFNormal(_with_init(model, init_loc_fn)), FLOWS["iaf"].lr
 
 
+#: The flow families benchmarked: all but the empty flow, which has no layers to compare.
+FAMILIES = [family for family in FLOWS if family != "none"]
+
+
 def _all_specs() -> list[GuideSpec]:
     specs = []
-    for family in FLOWS:
+    for family in FAMILIES:
         specs.append(GuideSpec(family, True, _ours(family, {}), counterpart=f"pyro-{family}"))
         deep = DEEP_OPTIONS[family]
         specs.append(GuideSpec(f"{family}-deep", True, _ours(family, deep), options=deep))
@@ -147,7 +150,7 @@ def _all_specs() -> list[GuideSpec]:
         GuideSpec("AutoMultivariateNormal", False, _auto_mvn),
         GuideSpec("AutoIAFNormal", False, _auto_iaf_normal),
     ]
-    specs += [GuideSpec(f"pyro-{family}", False, _pyro_flow(family)) for family in FLOWS]
+    specs += [GuideSpec(f"pyro-{family}", False, _pyro_flow(family)) for family in FAMILIES]
     return specs
 
 

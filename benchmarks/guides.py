@@ -45,7 +45,7 @@ from benchmarks.report import (
 )
 from benchmarks.targets import TARGETS, EnergyTarget, Target, get_target
 from benchmarks.train import Fit, TrainConfig, train_interleaved
-from pyro_nf.diagnostics import khat_from_log_weights
+from pyro_nf.importance import khat_from_log_weights
 
 __all__ = ["add_bench_parser", "main", "run_benchmark"]
 

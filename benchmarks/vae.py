@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pyro_nf import CONDITIONAL_FLOWS, NonFiniteLossError
+from pyro_nf import FLOWS, NonFiniteLossError
 from pyro_nf.vae import TrainConfig, Trainer, image_log_likelihoods, load_binarized_mnist
 from pyro_nf.vae.evaluate import mean_and_se
 
@@ -80,7 +80,7 @@ class Contender:
 
 def _parser(prog: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    default = [name for name, (family, _) in POSTERIORS.items() if family in CONDITIONAL_FLOWS]
+    default = [name for name, (family, _) in POSTERIORS.items() if family in FLOWS]
     p.add_argument("--flows", nargs="+", choices=default, default=default)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--train-subset", type=int, help="first N training images (default all)")

@@ -26,7 +26,8 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_nf
-from pyro_nf.diagnostics import compare_to_mcmc, psis_khat, to_inference_data
+from pyro_nf.comparison import compare_to_mcmc
+from pyro_nf.diagnostics import psis_khat, to_inference_data
 
 Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])

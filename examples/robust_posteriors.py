@@ -49,7 +49,8 @@ from pyro.poutine.util import prune_subsample_sites
 
 from pyro_nf.autoguides import AutoFlow, AutoIAFFlow
 from pyro_nf.fitting import fit
-from pyro_nf.laplace import laplace_approximation, unconstrained_log_joint
+from pyro_nf.laplace import laplace_approximation
+from pyro_nf.log_joint import unconstrained_log_joint
 
 SCHOOLS_Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
 SCHOOLS_SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]

@@ -1,7 +1,9 @@
 """pyro_nf: normalizing-flow posteriors for Pyro.
 
-Flow autoguides (`AutoSplineFlow`, `AutoIAFFlow`, `AutoPlanarFlow`, `AutoRadialFlow`), a
-training loop (`fit`), diagnostics with ArviZ, and a flow-posterior VAE (`pyro_nf.vae`).
+Flow autoguides (`AutoFlow` over any family of `FLOWS`, and one named guide per family:
+`AutoSplineFlow`, `AutoIAFFlow`, `AutoPlanarFlow`, `AutoRadialFlow`, `AutoRealNVPFlow`),
+a training loop (`fit`), diagnostics with ArviZ, and a flow-posterior VAE
+(`pyro_nf.vae`).
 
 Public names are imported on first use, so ``import pyro_nf`` does not import ArviZ, the
 VAE trainer or ``torch.distributed``.
@@ -25,20 +27,19 @@ _EXPORTS = {
     "AutoRadialFlow": "pyro_nf.autoguides",
     "AutoRealNVPFlow": "pyro_nf.autoguides",
     "AutoSplineFlow": "pyro_nf.autoguides",
-    "CONDITIONAL_FLOWS": "pyro_nf.flows.base",
-    "ConditionalFlowPosterior": "pyro_nf.flows.conditional",
-    "build_conditional_flow": "pyro_nf.flows.conditional",
-    "LogEvidence": "pyro_nf.diagnostics",
-    "compare_to_mcmc": "pyro_nf.diagnostics",
-    "khat_from_log_weights": "pyro_nf.diagnostics",
+    "LogEvidence": "pyro_nf.importance",
+    "compare_to_mcmc": "pyro_nf.comparison",
+    "khat_from_log_weights": "pyro_nf.importance",
     "log_evidence": "pyro_nf.diagnostics",
     "log_importance_weights": "pyro_nf.diagnostics",
     "psis_khat": "pyro_nf.diagnostics",
     "to_inference_data": "pyro_nf.diagnostics",
     "FlowDistribution": "pyro_nf.distribution",
-    "FLOWS": "pyro_nf.flows.base",
-    "FlowStack": "pyro_nf.flows.base",
-    "build_flow": "pyro_nf.flows.base",
+    "FLOWS": "pyro_nf.flows.registry",
+    "FlowSpec": "pyro_nf.flows.registry",
+    "FlowStack": "pyro_nf.flows.core",
+    "build_flow": "pyro_nf.flows.registry",
+    "register_flow": "pyro_nf.flows.registry",
     "FitResult": "pyro_nf.fitting.result",
     "NonFiniteLossError": "pyro_nf.fitting.guard",
     "Schedule": "pyro_nf.fitting.schedule",

@@ -34,9 +34,9 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import Tensor, nn
 
-from pyro_nf.checks import check_flow_arguments, check_int, check_positive, check_probabilities
+from pyro_nf.checks import check_int, check_positive, check_probabilities
 from pyro_nf.distribution import FlowDistribution, FlowTransform
-from pyro_nf.flows import FlowSpec, build_flow, get_flow_spec
+from pyro_nf.flows import FlowSpec, get_flow_spec
 from pyro_nf.laplace import LaplaceApproximation
 from pyro_nf.layout import LatentLayout
 from pyro_nf.noncentering import NonCenteredDistribution, NonCentering
@@ -75,7 +75,7 @@ class AutoFlow(AutoContinuous):
 
     The posterior over the unconstrained joint latent vector is
     $z = m + L(\mu + \sigma \odot f(\varepsilon))$, $\varepsilon \sim N(0, I)$,
-    with the flow $f$ (planar, radial, IAF or neural-spline layers) started at the
+    with the flow $f$ (any family of `pyro_nf.flows.FLOWS`) started at the
     identity. With the Laplace warm start, $m$ is the MAP and $L$ the Cholesky
     factor of the inverse Hessian there (fixed; see `pyro_nf.laplace_approximation`),
     and $\mu = 0$, $\sigma = 1$ at the start, so the guide starts at the Laplace
@@ -98,7 +98,7 @@ class AutoFlow(AutoContinuous):
     num_layers : int, optional
         Number of flow layers; defaults per family (see `pyro_nf.flows.FLOWS`).
     hidden_dims : sequence of int, optional
-        Hidden widths of the autoregressive networks (iaf, spline).
+        Hidden widths of the flow's networks (iaf, spline, coupling).
     init_loc_fn : callable
         Per-site initialisation, as in Pyro (default `init_to_median`); with the
         warm start, where the MAP search begins.
@@ -198,7 +198,9 @@ class AutoFlow(AutoContinuous):
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         self.flow_spec: FlowSpec = get_flow_spec(flow or self.flow_name or "spline")
-        flow_kwargs = check_flow_arguments(self.flow_spec, num_layers, hidden_dims, flow_options)
+        build_flow = self.flow_spec.bind(
+            num_layers=num_layers, hidden_dims=hidden_dims, **flow_options
+        )
         # Wider starts overflow float32 log densities (and any exp-transformed site first).
         init_scale = check_positive("init_scale", init_scale, maximum=1e6)
         num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
@@ -213,7 +215,7 @@ class AutoFlow(AutoContinuous):
         self.start: Start | None = None
         self._model_args: tuple[tuple, dict] = ((), {})
         self._init_scale = init_scale
-        self._flow_kwargs = flow_kwargs
+        self._build_flow = build_flow
         self.num_summary_samples = num_summary_samples
         super().__init__(model, init_loc_fn=init_loc_fn)
 
@@ -228,7 +230,7 @@ class AutoFlow(AutoContinuous):
             _check_no_subsampled_locals(self.prototype_trace, guide_name)
             self._latent_layout = LatentLayout(self)
             try:
-                flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_kwargs)
+                flow = self._build_flow(self.latent_dim)
             except ValueError as error:
                 sites = ", ".join(repr(name) for name in self._unconstrained_shapes)
                 raise ValueError(

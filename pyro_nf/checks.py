@@ -1,8 +1,11 @@
 """Argument validators shared by the package: each names the argument, the value and what is
 accepted, so that bad input fails where it is given rather than deep inside torch.
 
-Integers must be integers (not bools, not floats such as 2.0); numbers must be real and
-finite (not strings, not bools).
+One rule for the error's type everywhere: a TypeError for a value of the wrong kind (a
+string, a bool or a float where an int is expected), a ValueError for a value of the right
+kind outside what is accepted. Integers must be integers (not bools, not floats such as
+2.0); numbers must be real and finite (not strings, not bools). A flow family's own
+options are checked by validators in its file (`pyro_nf.flows.FlowSpec.options`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,18 +23,15 @@ from torch import Tensor, nn
 __all__ = [
     "LARGE_FLOW_PARAMETERS",
     "MAX_FLOW_LAYERS",
-    "SPLINE_TAILS",
-    "check_flow_arguments",
     "check_int",
     "check_positive",
     "check_probabilities",
     "check_sizes",
-    "check_tails",
     "warn_if_large",
 ]
 
-#: Most flow layers accepted: each layer is its own module, so 1000 planar layers already
-#: cost about 2 s of Python per step (~2 ms a layer, measured).
+#: Most flow layers accepted: each layer is its own module, and its Python overhead is paid
+#: on every step (about 2 s a step at this many planar layers; docs/choosing.md).
 MAX_FLOW_LAYERS = 1000
 
 #: Flows with more parameters than this are built with a warning: 10M float32
@@ -189,97 +189,6 @@ def check_probabilities(name: str, value: object) -> Tensor:
     if probs.dim() != 1 or probs.numel() == 0 or not bool(inside.all()):
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
     return probs
-
-
-def _check_count_bins(name: str, value: object) -> int:
-    # One bin with unit end slopes is the identity map: a spline needs two to bend.
-    return check_int(name, value, minimum=2)
-
-
-#: The spline's tail forms (`pyro_nf.flows.spline`): Durkan et al.'s identity tails, and
-#: linear tails past a learned output interval.
-SPLINE_TAILS = ("identity", "linear")
-
-
-def check_tails(name: str, value: object) -> str:
-    """``value`` if it is one of `SPLINE_TAILS`, or an error naming ``name``.
-
-    Examples
-    --------
-    >>> check_tails("tails", "linear")
-    'linear'
-    >>> check_tails("tails", "flat")
-    Traceback (most recent call last):
-    ...
-    ValueError: tails must be one of ('identity', 'linear'), got 'flat'
-    """
-    if value not in SPLINE_TAILS:
-        raise ValueError(f"{name} must be one of {SPLINE_TAILS}, got {value!r}")
-    return value
-
-
-#: Validators of the flow options, by name: one vocabulary across families.
-_FLOW_OPTION_CHECKS: dict[str, Callable[[str, object], object]] = {
-    "hidden_dims": check_sizes,
-    "count_bins": _check_count_bins,
-    "bound": check_positive,
-    "tails": check_tails,
-}
-
-
-def check_flow_arguments(
-    spec: Any, num_layers: object, hidden_dims: object, options: Mapping[str, object]
-) -> dict[str, Any]:
-    """Flow arguments checked without the latent dimension, as keyword arguments.
-
-    Checks what can be checked before the dimension is known (so a guide can refuse bad
-    options when it is constructed): ``num_layers`` an int from 1 to `MAX_FLOW_LAYERS`,
-    option names among ``spec.options``, and the values of the options every family
-    shares (``hidden_dims``, ``count_bins``, ``bound``, ``tails``). None means the default and is
-    left out.
-
-    Parameters
-    ----------
-    spec : FlowSpec
-        The family: its ``name`` and accepted ``options``.
-    num_layers : int or None
-        Number of layers (None: the family's default).
-    hidden_dims : sequence of int or None
-        Hidden widths of the family's networks.
-    options : mapping
-        The other family options.
-
-    Returns
-    -------
-    dict
-        ``num_layers`` (None where not given) and the given options, checked.
-
-    Examples
-    --------
-    >>> from pyro_nf.flows import FLOWS
-    >>> check_flow_arguments(FLOWS["spline"], 2, [16, 16], {"count_bins": 4})
-    {'num_layers': 2, 'hidden_dims': (16, 16), 'count_bins': 4}
-    >>> check_flow_arguments(FLOWS["planar"], None, None, {"bound": 3.0})
-    Traceback (most recent call last):
-    ...
-    ValueError: flow 'planar' does not take option(s) bound; it accepts: none
-    """
-    if num_layers is not None:
-        num_layers = check_int("num_layers", num_layers, minimum=1, maximum=MAX_FLOW_LAYERS)
-    given = {"hidden_dims": hidden_dims, **options}
-    given = {name: value for name, value in given.items() if value is not None}
-    unknown = sorted(set(given) - set(spec.options))
-    if unknown:
-        accepted = ", ".join(spec.options) or "none"
-        raise ValueError(
-            f"flow {spec.name!r} does not take option(s) {', '.join(unknown)}; "
-            f"it accepts: {accepted}"
-        )
-    checked = {
-        name: _FLOW_OPTION_CHECKS[name](name, value) if name in _FLOW_OPTION_CHECKS else value
-        for name, value in given.items()
-    }
-    return {"num_layers": num_layers, **checked}
 
 
 def warn_if_large(flow: nn.Module, spec: Any, dim: int) -> int:

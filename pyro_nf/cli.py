@@ -2,7 +2,10 @@
 
 Each command group lives in its own module exposing ``add_parser(subparsers)``, which
 adds its parser and sets ``func`` (a callable taking the parsed arguments and returning a
-JSON-serialisable summary to print, or ``None``) as a default. To add a group, append its
+JSON-serialisable summary to print, or ``None``) as a default. A command whose errors may
+carry a computed result (``err.result``, as `WriteError` does when an output cannot be
+written) also sets ``summarize``, turning that result into the summary, which is then
+printed before the error. To add a group, append its
 ``add_parser`` to `COMMAND_GROUPS`. A command that takes the arguments it does not know
 itself (``pyro-nf bench vae ...``, which hands them to its benchmark) sets ``rest=True``.
 """
@@ -85,8 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pyro-nf``; prints the command's JSON summary, returns an exit code.
 
     User errors (bad options, missing, invalid or damaged files, an unwritable ``--out``,
-    no CUDA, a diverging run) are reported as one ``pyro-nf: error: ...`` line on stderr,
-    without a traceback, with exit code 1 (2 for options argparse rejects).
+    a full disk, no CUDA, a diverging run, a batch too large for the device's memory) are
+    reported as one ``pyro-nf: error: ...``
+    line on stderr, without a traceback, with exit code 1 (2 for options argparse
+    rejects). If the command had computed its results but could not write them, they are
+    printed first (exit code 1 still: a file the caller expects is missing). Ctrl-C gives
+    one ``pyro-nf: interrupted: ...`` line (what was saved, how to go on), exit code 130.
 
     Examples
     --------
@@ -100,12 +107,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rest = rest
     try:
         summary = args.func(args)
-    except (ValueError, OSError, FloatingPointError, NonFiniteLossError) as err:
+    except (ValueError, OSError, MemoryError, FloatingPointError, NonFiniteLossError) as err:
+        unsaved = getattr(err, "result", None)
+        if unsaved is not None:
+            _print_summary(args.summarize(unsaved))
         print(f"pyro-nf: error: {err}", file=sys.stderr)
         return 1
-    if summary is not None:
-        print(json.dumps(summary, indent=2))
+    except KeyboardInterrupt as err:
+        note = f": {err}" if str(err) else ""
+        print(f"pyro-nf: interrupted{note}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+    _print_summary(summary)
     return 0
+
+
+def _print_summary(summary: Any) -> None:
+    if summary is not None:
+        print(json.dumps(summary, indent=2), flush=True)
 
 
 if __name__ == "__main__":

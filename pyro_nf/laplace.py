@@ -13,9 +13,7 @@ model's log joint in unconstrained coordinates) and the curvature there:
    ``tol`` (the mode is within ``tol`` posterior standard deviations, in Mahalanobis
    distance, of the quadratic model's mode). Flat priors on unscaled predictors
    (correlations near ±1, standard deviations spanning orders of magnitude) are what the
-   whitening is for: on the 25-predictor regression of `examples/robust_posteriors.py`
-   (column scales over three decades) L-BFGS took 389 evaluations unwhitened and 83
-   whitened, to a higher mode.
+   whitening is for (measurements in docs/robust.md).
 2. **Curvature.** The Hessian $H$ of the negative log density at the mode: dense
    (one Hessian-vector product per dimension, through autograd) up to ``max_dense_dim``
    dimensions; above that, only its diagonal, estimated from ``num_probes`` Rademacher
@@ -34,31 +32,15 @@ at the mode if one was found and at the start otherwise.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import InitMessenger
-from pyro.poutine.block_messenger import BlockMessenger
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from pyro_nf.layout import LatentLayout
-
-__all__ = [
-    "LaplaceApproximation",
-    "LaplaceWarning",
-    "LogJoint",
-    "laplace_approximation",
-    "unconstrained_log_joint",
-]
+__all__ = ["LaplaceApproximation", "LaplaceWarning", "laplace_approximation"]
 
 LogDensity = Callable[[Tensor], Tensor]
 
@@ -124,215 +106,6 @@ class LaplaceApproximation:
     iterations: int = 0
 
 
-def _unwrap(model: Callable, messenger_type: type) -> tuple[Messenger | None, Callable]:
-    """``(messenger, fn)`` if ``model`` is ``messenger(fn)`` for a messenger of this type,
-    else ``(None, model)``."""
-    wrapped = getattr(model, "func", None)
-    if (
-        isinstance(wrapped, functools.partial)
-        and len(wrapped.args) == 2
-        and isinstance(wrapped.args[0], messenger_type)
-    ):
-        return wrapped.args[0], wrapped.args[1]
-    return None, model
-
-
-def model_without_init(guide: AutoContinuous) -> Callable:
-    """The guide's model without the ``InitMessenger`` that AutoContinuous wraps it in.
-
-    That messenger sits inside any handler put around ``guide.model``, so it calls the
-    initialisation strategy at every site of every run, even of conditioned sites: with
-    `init_to_median`, prior draws that cost time and advance Pyro's random state.
-
-    Examples
-    --------
-    >>> import pyro, pyro.distributions as dist
-    >>> from pyro.infer.autoguide import AutoLowRankMultivariateNormal
-    >>> model = lambda: pyro.sample("x", dist.Normal(0.0, 1.0))
-    >>> model_without_init(AutoLowRankMultivariateNormal(model)) is model
-    True
-    """
-    return _unwrap(guide.model, InitMessenger)[1]
-
-
-def _peel(guide: AutoContinuous) -> tuple[Messenger | None, list[Messenger], Callable]:
-    """The guide's ``InitMessenger``, the ``poutine.block`` layers (outermost first) around
-    the model, and the model inside them."""
-    init, inner = _unwrap(guide.model, InitMessenger)
-    blocks = []
-    while (found := _unwrap(inner, BlockMessenger))[0] is not None:
-        blocks.append(found[0])
-        inner = found[1]
-    return init, blocks, inner
-
-
-def _wrapped(inner: Callable, blocks: list[Messenger], values: dict[str, Tensor]) -> Callable:
-    """``inner`` conditioned on ``values``, inside the same blocks."""
-    model = poutine.condition(inner, values) if values else inner
-    for block in reversed(blocks):
-        model = block(model)
-    return model
-
-
-def _subsampled_plates(trace) -> dict[str, tuple[int, int]]:
-    """Each subsampled plate's name, with its subsample size and full size."""
-    return {
-        frame.name: (frame.size, frame.full_size)
-        for site in trace.nodes.values()
-        for frame in site.get("cond_indep_stack", ())
-        if frame.full_size is not None and frame.size != frame.full_size
-    }
-
-
-class LogJoint:
-    """The log joint of a guide's model as a function of its unconstrained latent vector.
-
-    ``log p(data, T(z)) + log|det dT/dz|`` with ``T`` the map from the guide's packed
-    unconstrained vector to the model's constrained sites (the density of ``z`` whose
-    mode is the MAP in unconstrained space). Built by `unconstrained_log_joint`.
-
-    A batch of draws, shape ``(num_draws, dim)``, is scored in one run of the model,
-    mapped over the draws by ``torch.func.vmap``; a model that vmap cannot batch (one
-    with control flow on its values, or ``.item()``; checked once, on two rows) is run
-    once per draw instead.
-
-    Attributes
-    ----------
-    vectorised : bool or None
-        Whether batches run the model once (None until the first batch).
-    subsampled : dict
-        Each subsampled plate's name, with its subsample size and its full size.
-    stochastic : bool
-        Whether two runs at one point disagree (a plate that subsamples at random): such
-        a log joint has no fixed mode.
-
-    Examples
-    --------
-    >>> import pyro, pyro.distributions as dist
-    >>> from pyro.infer.autoguide import AutoDiagonalNormal
-    >>> def model():
-    ...     with pyro.plate("groups", 3):
-    ...         pyro.sample("s", dist.LogNormal(0.0, 1.0))
-    >>> guide = AutoDiagonalNormal(model)
-    >>> guide._setup_prototype()
-    >>> log_joint = unconstrained_log_joint(guide)
-    >>> log_joint(torch.zeros(4, 3)).shape, log_joint.vectorised, log_joint.stochastic
-    (torch.Size([4]), True, False)
-    """
-
-    def __init__(self, guide: AutoContinuous, args: tuple, kwargs: dict):
-        self.layout = LatentLayout(guide)
-        self.args, self.kwargs = args, kwargs
-        self.vectorised: bool | None = None
-        # One run of the whole model (the guide's prototype has only its latent sites):
-        # the plates of observed sites too, and the values of the sites other guides cover.
-        init, blocks, inner = _peel(guide)
-        with poutine.block():
-            trace = poutine.trace(init(inner) if init else inner).get_trace(*args, **kwargs)
-        # Inside an AutoGuideList a part's model is poutine.block(model, hide=...): the
-        # hidden sites, which other parts guide, would be drawn from the prior at every run
-        # and make the log joint random. They are held at init_loc_fn's values, drawn once.
-        own = set(guide.prototype_trace.stochastic_nodes)
-        held = {
-            name: site["value"].detach()
-            for name, site in prune_subsample_sites(trace).iter_stochastic_nodes()
-            if name not in own
-        }
-        self._model = _wrapped(inner, blocks, held)
-        # Pyro refuses a plate's full index set where it was given a subsample size, so a
-        # model that draws its subsample at random keeps a random log joint: say so.
-        self.subsampled = _subsampled_plates(trace)
-        point = guide._init_loc().detach()
-        self.stochastic = bool(self.subsampled) and bool(self(point) != self(point))
-
-    def __call__(self, z: Tensor) -> Tensor:
-        """The log joint at ``z``, shape ``(dim,)`` (a scalar) or ``(num_draws, dim)``."""
-        if z.dim() == 1:
-            return self._one(z)
-        if self.vectorised is None:
-            self.vectorised = self._vectorises(z)
-        if self.vectorised:
-            return self._batched(z)
-        return torch.stack([self._one(row) for row in z])
-
-    def _vectorises(self, z: Tensor) -> bool:
-        rows = z[[0, -1]]
-        try:
-            batched = self._batched(rows)
-        except (RuntimeError, ValueError, IndexError, NotImplementedError):
-            return False
-        looped = torch.stack([self._one(row) for row in rows])
-        return batched.shape == looped.shape and bool(
-            torch.allclose(batched, looped, rtol=1e-4, atol=1e-4, equal_nan=True)
-        )
-
-    def _batched(self, z: Tensor) -> Tensor:
-        # torch.func.vmap runs the model once for the whole batch and, unlike a plate over
-        # the draws, leaves the model's own shapes alone: a model written for one draw
-        # (``x @ beta``) vectorises as it is. On the 25-predictor regression of
-        # examples/robust_posteriors.py, 256 draws take 58 ms this way and 630 ms looped.
-        return torch.func.vmap(self._one, randomness="same")(z)
-
-    def _one(self, z: Tensor) -> Tensor:
-        values, log_jacobian = {}, z.new_zeros(())
-        for name, unconstrained_value in self.layout.unpack(z):
-            transform = self.layout.transforms[name]
-            if transform is None:  # the real line: value as is, zero log-det
-                values[name] = unconstrained_value
-                continue
-            value = values[name] = transform(unconstrained_value)
-            log_jacobian = (
-                log_jacobian + transform.log_abs_det_jacobian(unconstrained_value, value).sum()
-            )
-        # Unvalidated: the prototype run validated the model; here the search's own points
-        # (and validation's NaN checks are control flow that vmap cannot batch).
-        with poutine.block(), pyro.validation_enabled(False):
-            trace = poutine.trace(poutine.condition(self._model, values)).get_trace(
-                *self.args, **self.kwargs
-            )
-            return trace.log_prob_sum() + log_jacobian
-
-
-def unconstrained_log_joint(guide: AutoContinuous, *args, **kwargs) -> LogJoint:
-    """The log joint of ``guide``'s model as a function of its unconstrained latent vector.
-
-    ``log p(data, T(z)) + log|det dT/dz|`` with ``T`` the map from the guide's packed
-    unconstrained vector to the model's constrained sites; see `LogJoint`, which also
-    scores whole batches of draws in one model run. Latent sites that other guides cover
-    (the hidden sites of a ``poutine.block``-ed model in an ``AutoGuideList``) are held
-    fixed.
-
-    Parameters
-    ----------
-    guide : AutoContinuous
-        A guide whose prototype is set up (it has been called once, or
-        ``guide._setup_prototype(*args, **kwargs)`` has run).
-    *args, **kwargs
-        The model's arguments.
-
-    Returns
-    -------
-    LogJoint
-        ``log_joint(z)``: a scalar for ``z`` of shape ``(guide.latent_dim,)``, shape
-        ``(num_draws,)`` for ``z`` of shape ``(num_draws, guide.latent_dim)``.
-
-    Examples
-    --------
-    >>> import pyro, pyro.distributions as dist
-    >>> from pyro.infer.autoguide import AutoDiagonalNormal
-    >>> def model():
-    ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
-    >>> guide = AutoDiagonalNormal(model)
-    >>> guide._setup_prototype()
-    >>> log_joint = unconstrained_log_joint(guide)
-    >>> round(float(log_joint(torch.zeros(1))), 4)  # the N(0, 1) density of log s at 0
-    -0.9189
-    """
-    if guide.prototype_trace is None:
-        raise ValueError("guide has no prototype yet: call it once with the model's arguments")
-    return LogJoint(guide, args, kwargs)
-
-
 def _whitening(log_density: LogDensity, start: Tensor, probes: _Probes | None) -> Tensor:
     """A matrix ``W`` (or vector, for a diagonal) with ``W W^T`` near the inverse curvature
     at ``start``: ``|H|^{-1/2}`` from the eigenvalues of the Hessian there (their absolute
@@ -364,9 +137,7 @@ def _whitened_search(
     (a noise scale far from its mode at the start), a whitened gradient that looks small
     is not. So a round that ends on a small whitened gradient is followed by another,
     whitened afresh there, until one finds its start's gradient already small, stops
-    gaining, or the iterations run out. (Years regression of examples/robust_posteriors.py:
-    one round stopped at a log density of -168 with the curvature of the start, 1e7 times
-    the mode's.)"""
+    gaining, or the iterations run out (the case that needs it: docs/robust.md)."""
     point, iterations = start, 0
     for _ in range(MAX_ROUNDS):
         whitening = _whitening(log_density, point, probes)

@@ -258,7 +258,7 @@ def _check_guide(guide: object, sites: dict[str, dict]) -> None:
     if not isinstance(guide, AutoFlow):
         raise TypeError(
             "neutra_mcmc: guide must be a fitted pyro_nf flow guide (AutoFlow or one of "
-            f"AutoSplineFlow, AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow), got "
+            f"its named subclasses, such as AutoSplineFlow), got "
             f"{type(guide).__name__}; for Pyro's own AutoContinuous guides use "
             "pyro.infer.reparam.NeuTraReparam directly"
         )

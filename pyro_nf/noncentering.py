@@ -20,18 +20,21 @@ or ``scale`` has a gradient with respect to another latent site's value.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
+from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
+from pyro_nf.batching import Batching, choose_batching
 from pyro_nf.distribution import ScoresOwnDraws
-from pyro_nf.laplace import model_without_init
 from pyro_nf.layout import LatentLayout
+from pyro_nf.log_joint import model_without_init
 
 __all__ = ["NonCenteredDistribution", "NonCentering", "find_hierarchical_sites"]
 
@@ -46,7 +49,7 @@ def _loc_scale_prior(fn: dist.Distribution) -> dist.Distribution | None:
     return fn if type(fn) in LOC_SCALE_FAMILIES else None
 
 
-def find_hierarchical_sites(guide, *args, **kwargs) -> list[str]:
+def find_hierarchical_sites(guide: AutoContinuous, *args: Any, **kwargs: Any) -> list[str]:
     """Latent sites whose location-scale prior depends on other latent sites.
 
     Parameters
@@ -109,13 +112,13 @@ class _Standardize(Messenger):
     ``log_scales`` the log prior scale of each hierarchical site.
     """
 
-    def __init__(self, values: dict, inputs: dict, inverse: bool):
+    def __init__(self, values: dict, inputs: dict, inverse: bool) -> None:
         super().__init__()
         self.values, self.inputs, self.inverse = values, inputs, inverse
         self.outputs: dict[str, Tensor] = {}
         self.log_scales: dict[str, Tensor] = {}
 
-    def _pyro_sample(self, msg) -> None:
+    def _pyro_sample(self, msg: dict) -> None:
         name = msg["name"]
         if name in self.inputs:
             prior = _loc_scale_prior(msg["fn"])
@@ -161,36 +164,55 @@ class NonCentering:
     (7.3891, 2.0)
     """
 
-    def __init__(self, guide, sites: Sequence[str]):
+    def __init__(self, guide: AutoContinuous, sites: Sequence[str]) -> None:
         self.model = model_without_init(guide)
         self.sites = tuple(sites)
         self.layout = LatentLayout(guide)
         self.max_plate_nesting = self.layout.plate_nesting
+        self.batching: Batching | None = None
 
     def __call__(
-        self, latent: Tensor, *args, inverse: bool = False, **kwargs
+        self, latent: Tensor, *args: Any, inverse: bool = False, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
         """Map ``latent`` (shape ``(..., dim)``) and return ``(image, log|det J|)``.
 
         ``inverse=False`` maps non-centred to unconstrained coordinates; ``inverse=True``
         the other way, with the log-determinant of the inverse map. A batch runs the model
-        once; for a model that does not broadcast over a batch, once per row.
+        once, broadcasting the batch left of its plates, else once under
+        ``torch.func.vmap``, else once per row: the first batch decides
+        (`pyro_nf.batching.choose_batching`), and later batches follow it.
         """
         if latent.dim() == 1:
             return self._map(latent, args, kwargs, inverse)
-        try:
-            return self._map(latent, args, kwargs, inverse)
-        except (RuntimeError, ValueError):
-            rows = [
-                self._map(row, args, kwargs, inverse) for row in latent.reshape(-1, latent.size(-1))
-            ]
-            images, log_dets = zip(*rows, strict=True)
-            return (
-                torch.stack(images).reshape(latent.shape),
-                torch.stack(log_dets).reshape(latent.shape[:-1]),
+        if self.batching is None:
+            self.batching, mapped = choose_batching(
+                lambda way: self._map_batch(way, latent, args, kwargs, inverse),
+                purpose="the non-centring map",
             )
+            return mapped
+        return self._map_batch(self.batching, latent, args, kwargs, inverse)
 
-    def _map(self, latent: Tensor, args: tuple, kwargs: dict, inverse: bool):
+    def _map_batch(
+        self, way: Batching, latent: Tensor, args: tuple, kwargs: dict, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """`_map` of a batch of rows, batched ``way``."""
+        if way is Batching.PLATE:
+            return self._map(latent, args, kwargs, inverse)
+        rows = latent.reshape(-1, latent.size(-1))
+        if way is Batching.VMAP:
+            images, log_dets = torch.func.vmap(
+                lambda row: self._map(row, args, kwargs, inverse), randomness="same"
+            )(rows)
+        else:
+            images, log_dets = map(
+                torch.stack,
+                zip(*(self._map(row, args, kwargs, inverse) for row in rows), strict=True),
+            )
+        return images.reshape(latent.shape), log_dets.reshape(latent.shape[:-1])
+
+    def _map(
+        self, latent: Tensor, args: tuple, kwargs: dict, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
         batch_shape = latent.shape[:-1]
         # Batch dimensions go left of the model's plates, so that its sites broadcast.
         shaped = latent.reshape(*batch_shape, *(1,) * self.max_plate_nesting, latent.size(-1))
@@ -269,8 +291,8 @@ class NonCenteredDistribution(ScoresOwnDraws, TorchDistribution):
         noncentering: NonCentering,
         args: tuple,
         kwargs: dict,
-        validate_args=None,
-    ):
+        validate_args: bool | None = None,
+    ) -> None:
         self.base = base
         self.noncentering = noncentering
         self.args, self.kwargs = args, kwargs
@@ -292,7 +314,9 @@ class NonCenteredDistribution(ScoresOwnDraws, TorchDistribution):
             self.base.detach_params(), self.noncentering, self.args, self.kwargs
         )
 
-    def expand(self, batch_shape: Sequence[int], _instance=None) -> NonCenteredDistribution:
+    def expand(
+        self, batch_shape: Sequence[int], _instance: NonCenteredDistribution | None = None
+    ) -> NonCenteredDistribution:
         return NonCenteredDistribution(
             self.base.expand(batch_shape), self.noncentering, self.args, self.kwargs
         )

@@ -41,11 +41,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from pyro.ops.stats import fit_generalized_pareto
 from torch import Tensor
 
-from pyro_nf.laplace import LaplaceApproximation, LogJoint, laplace_approximation
-from pyro_nf.laplace import unconstrained_log_joint as _log_joint_of
+from pyro_nf.importance import EQUAL_SPREAD, evidence_from_log_weights, khat_from_log_weights
+from pyro_nf.laplace import LaplaceApproximation, laplace_approximation
+from pyro_nf.log_joint import LogJoint
+from pyro_nf.log_joint import unconstrained_log_joint as _log_joint_of
 from pyro_nf.noncentering import NonCentering, find_hierarchical_sites
 
 __all__ = ["Start", "choose", "choose_start"]
@@ -79,8 +80,6 @@ MIN_SEARCH_ITERATIONS = 20
 #: and scoring them on all draws was 60% of the scoring time.
 SCREEN_DRAWS = 32
 SCREEN_MARGIN = 100.0
-#: Log weights whose spread is below this (nats) are those of an exact start.
-EXACT_SPREAD = 1e-3
 
 
 @dataclass
@@ -350,7 +349,7 @@ def _elbo_key(start: Start) -> float:
 
 def _is_exact(start: Start) -> bool:
     weights = start.log_weights
-    return bool(torch.isfinite(weights).all()) and float(weights.std()) < EXACT_SPREAD
+    return bool(torch.isfinite(weights).all()) and float(weights.std()) < EQUAL_SPREAD
 
 
 def _within_noise(start: Start, best: Start) -> bool:
@@ -372,12 +371,13 @@ def _mass_elsewhere(chosen: Start, candidates: list[Start]) -> Start | None:
         return None
     widest = max(start.scale for start in isotropic)
     wide = [start for start in isotropic if start.scale == widest]
-    mine, my_error = _log_evidence(chosen.log_weights)
-    for start in sorted(wide, key=lambda s: -_log_evidence(s.log_weights)[0]):
-        khat = _khat(start.log_weights)
-        evidence, error = _log_evidence(start.log_weights)
-        gain = evidence - mine
-        if khat < KHAT_RELIABLE and gain > max(EVIDENCE_MARGIN, 2 * math.hypot(error, my_error)):
+    mine = evidence_from_log_weights(chosen.log_weights)
+    for start in sorted(wide, key=lambda s: -evidence_from_log_weights(s.log_weights)[0]):
+        khat = khat_from_log_weights(start.log_weights)
+        evidence = evidence_from_log_weights(start.log_weights)
+        gain = evidence.log_evidence - mine.log_evidence
+        error = math.hypot(evidence.stderr, mine.stderr)
+        if khat < KHAT_RELIABLE and gain > max(EVIDENCE_MARGIN, 2 * error):
             start.elbo = float(start.log_weights.mean())
             start.reason = (
                 f"its importance-sampled evidence beats the Laplace start's by {gain:.3g} "
@@ -385,31 +385,6 @@ def _mass_elsewhere(chosen: Start, candidates: list[Start]) -> Start | None:
             )
             return start
     return None
-
-
-def _log_evidence(log_weights: Tensor) -> tuple[float, float]:
-    """Importance-sampled log evidence and its standard error (delta method)."""
-    count = log_weights.numel()
-    evidence = float(torch.logsumexp(log_weights, 0)) - math.log(count)
-    weights = torch.exp(log_weights - log_weights.max())
-    error = float(weights.std() / (weights.mean() * math.sqrt(count)))
-    return (evidence, error) if math.isfinite(evidence) else (-math.inf, math.inf)
-
-
-def _khat(log_weights: Tensor) -> float:
-    """PSIS k-hat of the weights' tail, as Pyro's ``psis_diagnostic`` fits it."""
-    if not bool(torch.isfinite(log_weights).all()):
-        return math.inf
-    ordered = torch.sort(log_weights.double() - log_weights.max())[0]
-    if float(ordered[-1] - ordered[0]) < EXACT_SPREAD:
-        return -math.inf  # equal weights: no tail at all
-    count = ordered.numel()
-    tail_size = math.ceil(min(0.2 * count, 3 * math.sqrt(count)))
-    cutoff = max(math.log(1e-15), float(ordered[-tail_size - 1]))
-    tail = ordered[ordered > cutoff]
-    if tail.numel() < 5:
-        return math.inf  # a handful of weights hold all the mass
-    return float(fit_generalized_pareto(tail.exp() - math.exp(cutoff))[0])
 
 
 def _random_log_joint_note(log_joint: LogJoint) -> str:

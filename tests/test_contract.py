@@ -233,7 +233,7 @@ def test_trace_enum_elbo_with_the_discrete_site_blocked(guide_class, composition
 
 
 def test_guide_list_with_a_flow_beside_autonormal_holds_the_other_sites_fixed():
-    from pyro_nf.laplace import unconstrained_log_joint
+    from pyro_nf.log_joint import unconstrained_log_joint
 
     guide = AutoGuideList(nested_plates_model)
     flow = autoguides.AutoSplineFlow(

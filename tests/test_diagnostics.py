@@ -1,5 +1,6 @@
 """Diagnostics: ArviZ export, PSIS k-hat, importance-weighted evidence, MCMC comparison, plots."""
 
+import logging
 import math
 import warnings
 
@@ -14,15 +15,15 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoNormal, init_to_value
 
 from pyro_nf import AutoIAFFlow, AutoSplineFlow
+from pyro_nf.comparison import compare_to_mcmc
 from pyro_nf.diagnostics import (
-    compare_to_mcmc,
-    khat_from_log_weights,
     log_evidence,
     log_importance_weights,
     psis_khat,
     to_inference_data,
 )
 from pyro_nf.fitting import fit
+from pyro_nf.importance import khat_from_log_weights
 from pyro_nf.plots import plot_elbo, plot_pair
 
 matplotlib.use("Agg")
@@ -105,7 +106,7 @@ def test_arviz_summary_and_plot_posterior_work(fitted_hierarchical):
     matplotlib.pyplot.close("all")
 
 
-def test_to_inference_data_falls_back_without_vectorisation():
+def test_to_inference_data_falls_back_without_vectorisation_and_logs_it(caplog):
     def scalar_model():
         x = pyro.sample("x", dist.Normal(0.0, 1.0))
         if x > 100:  # python control flow on a value
@@ -113,9 +114,10 @@ def test_to_inference_data_falls_back_without_vectorisation():
         pyro.sample("obs", dist.Normal(x, 1.0), obs=torch.tensor(0.5))
 
     guide = AutoNormal(scalar_model)
-    with pytest.warns(UserWarning, match="one sample at a time"):
-        idata = to_inference_data(scalar_model, guide, num_samples=20)
+    with caplog.at_level(logging.INFO, logger="pyro_nf"):
+        idata = to_inference_data(scalar_model, guide, num_samples=20)  # no warning
     assert idata.posterior["x"].shape == (1, 20)
+    assert "to_inference_data: batching by vmap fails" in caplog.text
 
 
 def test_log_evidence_is_within_three_standard_errors_of_the_truth():
@@ -312,16 +314,18 @@ def test_log_weights_of_a_model_written_for_one_draw_are_batched_by_vmap():
     assert log_importance_weights(regression, guide, num_samples=300).std() > 0.05
 
 
-def test_log_weights_fall_back_to_one_draw_at_a_time_with_a_warning():
+def test_log_weights_fall_back_to_one_draw_at_a_time_and_log_it(caplog):
     def branching():  # control flow on a value: neither a plate nor vmap batches it
         x = pyro.sample("x", dist.Normal(0.0, 1.0))
         scale = x.exp() if x < 10 else torch.tensor(1.0)
         pyro.sample("obs", dist.Normal(0.0, scale), obs=torch.tensor(0.5))
 
     guide = AutoNormal(branching)
-    with pytest.warns(UserWarning, match="one sample at a time"):
-        log_w = log_importance_weights(branching, guide, num_samples=20)
+    with caplog.at_level(logging.INFO, logger="pyro_nf"):
+        log_w = log_importance_weights(branching, guide, num_samples=20, batch_size=8)
     assert log_w.shape == (20,) and torch.isfinite(log_w).all()
+    tried = [r.message for r in caplog.records if "batching by" in r.message]
+    assert len(tried) == 2 and "batching by vmap fails" in tried[1]  # decided once, not per batch
 
 
 def test_inference_data_of_a_model_written_for_one_draw_is_batched_by_vmap():

@@ -158,3 +158,117 @@ _RAW_ROLE = re.compile(r":(?:class|func|meth|mod|math|data|attr|obj|exc|ref):`?[
 def _visible_text(html: str) -> str:
     """The page without tags, so that a role in visible text is found wherever it sits."""
     return re.sub(r"<[^>]+>", "", re.sub(r"<(script|style)\b.*?</\1>", "", html, flags=re.S))
+
+
+# --- hand-written lists of the flow families agree with the registry -------------------
+
+#: How prose names each family with layers (a family registered without an entry here
+#: fails `test_every_family_has_prose_names`, so the list checks below cover it too).
+FAMILY_WORDS = {
+    "planar": r"planar",
+    "radial": r"radial",
+    "iaf": r"iaf|affine autoregressive|inverse[- ]autoregressive",
+    "spline": r"(?:neural[- ])?spline",
+    "coupling": r"coupling|realnvp",
+}
+
+
+def _families() -> set[str]:
+    from pyro_nf.flows import FLOWS
+
+    return set(FLOWS) - {"none"}  # the empty flow has no guide, row or mention of its own
+
+
+def _named_guides() -> dict[str, str]:
+    """Guide class name -> its family, for the named guides `pyro_nf` exports."""
+    from pyro_nf.autoguides import AutoFlow
+
+    guides = {}
+    for name in pyro_nf.__all__:
+        obj = getattr(pyro_nf, name)
+        if inspect.isclass(obj) and issubclass(obj, AutoFlow) and obj.flow_name:
+            guides[name] = obj.flow_name
+    return guides
+
+
+def test_every_family_has_prose_names():
+    assert set(FAMILY_WORDS) == _families()
+
+
+def test_every_family_has_one_named_guide():
+    guides = _named_guides()
+    assert sorted(guides.values()) == sorted(_families()), guides
+
+
+def _family_table(page: str) -> dict[str, dict[str, str]]:
+    """The rows of the page's table of guides (the one with a 'default Adam lr' column)."""
+    lines = (ROOT / page).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "default Adam lr" in line)
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        values = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        cells = dict(zip(header, values, strict=True))
+        rows[cells["guide"].strip("`")] = cells
+    return rows
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/choosing.md"])
+def test_the_table_of_guides_lists_every_family_with_its_defaults(page):
+    from pyro_nf.flows import FLOWS
+
+    rows, guides = _family_table(page), _named_guides()
+    assert set(rows) == set(guides), f"{page}: the table of guides and pyro_nf's differ"
+    for guide, cells in rows.items():
+        spec = FLOWS[guides[guide]]
+        lr = f"{spec.lr:.0e}".replace("e-0", "e-")
+        assert cells["default layers"] == str(spec.num_layers), (page, guide)
+        assert cells["default Adam lr"] == lr, (page, guide)
+        if "options" in cells:
+            named = set(re.findall(r"`(\w+)(?:=[^`]*)?`", cells["options"]))
+            assert set(spec.options) <= named, (page, guide, cells["options"])
+
+
+_TOKEN = r"[`\"']*(?:{})[`\"']*"
+_SEPARATOR = r"(?:\s*,\s*(?:or\s+|and\s+)?|\s+(?:or|and)\s+)"
+
+
+def _lists_of_families(text: str) -> list[tuple[str, set[str]]]:
+    """Each run of three or more family or guide names in `text` (`a, b or c`), with the
+    families named on the lines it spans."""
+    names = {family: [words] for family, words in FAMILY_WORDS.items()}
+    for guide, family in _named_guides().items():
+        names[family].append(guide)
+    any_name = _TOKEN.format("|".join(w for words in names.values() for w in words))
+    run = re.compile(rf"{any_name}(?:{_SEPARATOR}{any_name}){{2,}}", re.I)
+    found = []
+    for match in run.finditer(text):
+        start = text.rfind("\n", 0, match.start()) + 1
+        end = text.find("\n", match.end())
+        lines = text[start : None if end < 0 else end]
+        named = {f for f, words in names.items() if re.search("|".join(words), lines, re.I)}
+        found.append((match.group(0), named))
+    return found
+
+
+def _text_files() -> list[Path]:
+    pages = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(DOCS.glob("*.md"))]
+    return pages + sorted((ROOT / "pyro_nf").rglob("*.py"))
+
+
+def test_lists_of_families_in_prose_name_every_family():
+    """A list of three or more families names all of them (or all those with networks)."""
+    from pyro_nf.flows import FLOWS
+
+    with_networks = {name for name, spec in FLOWS.items() if "hidden_dims" in spec.options}
+    stale = [
+        f"{path.relative_to(ROOT)}: {text!r} lacks {sorted(_families() - named)}"
+        for path in _text_files()
+        for text, named in _lists_of_families(path.read_text())
+        if named != _families() and named != with_networks
+    ]
+    assert not stale, "lists of flow families missing some (write them from FLOWS):\n" + (
+        "\n".join(stale)
+    )

@@ -8,7 +8,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal
 
 from benchmarks.exact_garch import SITES, garch_log_joint, grid_moments, problem_moments
 from benchmarks.fit_cost import robust
-from pyro_nf.laplace import unconstrained_log_joint
+from pyro_nf.log_joint import unconstrained_log_joint
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""Flow layers: exact log-determinants, inverses, identity initialisation, registry errors."""
+"""Flow layers: exact log-determinants, inverses, identity initialisation, the registry.
+
+The contract tests run over every registered family (`FLOWS`), plain (`context_dim=0`)
+and reading a context (`context_dim > 0`), so a new family is covered by registering it.
+"""
 
 import math
 
@@ -8,86 +12,144 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd.functional import jacobian
 
-from pyro_nf.checks import SPLINE_TAILS
-from pyro_nf.flows import FLOWS, build_flow, get_flow_spec
-from pyro_nf.flows.base import inverse_softplus
+from pyro_nf.flows import FLOWS, FlowSpec, FlowStack, build_flow, get_flow_spec, register_flow
+from pyro_nf.flows.core import inverse_softplus
 from pyro_nf.flows.spline import (
+    SPLINE_TAILS,
     _identity_spline_params,
     _rational_quadratic_spline,
     _spline_table,
     num_spline_params,
 )
 
+#: Families with layers: the empty flow "none" has no parameters, inverse or Jacobian to test.
+LAYERED = sorted(set(FLOWS) - {"none"})
+#: Plain layers, and layers reading a context of two.
+CONTEXTS = [0, 2]
+#: Families that need two coordinates (on one, an affine map is all they could be).
+TWO_DIMS = {name for name, spec in FLOWS.items() if spec.min_dim == 2}
 
-def _perturbed_flow(name: str, dim: int, seed: int, scale: float = 0.15):
+
+def _least_dim(name: str, context_dim: int) -> int:
+    # A layer reading a context acts on two coordinates at least (an element-wise spline
+    # would have nothing to condition).
+    return max(FLOWS[name].min_dim, 2 if context_dim else 1)
+
+
+def _perturbed_flow(name: str, dim: int, seed: int, context_dim: int = 0, scale: float = 0.15):
     """A float64 stack moved away from its identity start by random parameter noise."""
     torch.manual_seed(seed)
-    flow = build_flow(name, dim, num_layers=3).double()
+    flow = build_flow(name, dim, context_dim=context_dim, num_layers=3).double()
     with torch.no_grad():
         for param in flow.parameters():
             param.add_(scale * torch.randn_like(param))
     return flow
 
 
-#: Families that need two coordinates (on one, an affine map is all they could be).
-TWO_DIMS = {name for name, spec in FLOWS.items() if spec.min_dim == 2}
+def _context(batch, context_dim: int):
+    if not context_dim:
+        return None
+    return torch.randn(*batch, context_dim, dtype=torch.float64)
 
 
-def _valid_dims(name: str):
-    return st.integers(FLOWS[name].min_dim, 8)
+def _pass(flow, x, context, inverse=False):
+    return flow(x, inverse=inverse, context=context)
 
 
-@pytest.mark.parametrize("name", sorted(FLOWS))
-def test_log_det_matches_autograd_jacobian(name):
+@pytest.mark.parametrize("context_dim", CONTEXTS)
+@pytest.mark.parametrize("name", LAYERED)
+def test_log_det_matches_autograd_jacobian(name, context_dim):
     @settings(max_examples=12, deadline=None)
     @given(
-        dim=_valid_dims(name), batch=st.sampled_from([(), (3,), (2, 2)]), seed=st.integers(0, 99)
+        dim=st.integers(_least_dim(name, context_dim), 8),
+        batch=st.sampled_from([(), (3,), (2, 2)]),
+        seed=st.integers(0, 99),
     )
     def check(dim, batch, seed):
-        flow = _perturbed_flow(name, dim, seed)
+        flow = _perturbed_flow(name, dim, seed, context_dim)
         x = 1.5 * torch.randn(*batch, dim, dtype=torch.float64)
-        y, log_det = flow(x)
+        context = _context(batch, context_dim)
+        y, log_det = _pass(flow, x, context)
         assert y.shape == x.shape and log_det.shape == batch
         flat_x = x.reshape(-1, dim)
+        flat_context = None if context is None else context.reshape(-1, context_dim)
         for i, point in enumerate(flat_x):
-            jac = jacobian(lambda v: flow(v)[0], point)
+            c = None if flat_context is None else flat_context[i]
+            jac = jacobian(lambda v, c=c: _pass(flow, v, c)[0], point)
             expected = torch.linalg.slogdet(jac)[1]
             assert torch.allclose(log_det.reshape(-1)[i], expected, atol=1e-6), (name, dim)
 
     check()
 
 
-@pytest.mark.parametrize("name", sorted(FLOWS))
-def test_inverse_recovers_input_and_log_det(name):
+@pytest.mark.parametrize("context_dim", CONTEXTS)
+@pytest.mark.parametrize("name", LAYERED)
+def test_inverse_recovers_input_and_log_det(name, context_dim):
     @settings(max_examples=12, deadline=None)
     @given(
-        dim=_valid_dims(name), batch=st.sampled_from([(1,), (5,), (2, 3)]), seed=st.integers(0, 99)
+        dim=st.integers(_least_dim(name, context_dim), 8),
+        batch=st.sampled_from([(1,), (5,), (2, 3)]),
+        seed=st.integers(0, 99),
     )
     def check(dim, batch, seed):
-        flow = _perturbed_flow(name, dim, seed)
+        flow = _perturbed_flow(name, dim, seed, context_dim)
         x = 1.5 * torch.randn(*batch, dim, dtype=torch.float64)
-        y, log_det = flow(x)
-        x_back, log_det_back = flow(y.clone(), inverse=True)
+        context = _context(batch[-1:], context_dim)  # broadcast over the leading dimension
+        y, log_det = _pass(flow, x, context)
+        x_back, log_det_back = _pass(flow, y.clone(), context, inverse=True)
         assert torch.allclose(x_back, x, atol=1e-6)
         assert torch.allclose(log_det_back, log_det, atol=1e-6)
 
     check()
 
 
+@pytest.mark.parametrize("context_dim", CONTEXTS)
 @pytest.mark.parametrize("name", sorted(FLOWS))
 @pytest.mark.parametrize("dim", [1, 2, 6])
-def test_fresh_stack_is_the_identity(name, dim):
-    if name in TWO_DIMS and dim == 1:
-        pytest.skip(f"{name} needs two dimensions")
+def test_fresh_stack_is_the_identity(name, dim, context_dim):
+    if dim < _least_dim(name, context_dim):
+        pytest.skip(f"{name} needs more dimensions")
     torch.manual_seed(0)
-    flow = build_flow(name, dim)
+    flow = build_flow(name, dim, context_dim=context_dim)
     x = torch.randn(256, dim)
-    y, log_det = flow(x)
+    context = torch.randn(256, context_dim) if context_dim else None
+    y, log_det = flow(x, context=context)
     # Splines are the identity up to their minimum-derivative regularisation: log-slope
     # within 1e-3 per coordinate and layer (reached only at the tail bound).
     tol = 1e-3 if name == "spline" else 1e-6
+    num_layers = FLOWS[name].num_layers
     assert torch.allclose(y, x, atol=tol)
-    assert torch.allclose(log_det, torch.zeros(256), atol=1.01 * tol * dim * len(flow.layers))
+    assert torch.allclose(log_det, torch.zeros(256), atol=1.01 * tol * dim * num_layers)
+
+
+@pytest.mark.parametrize("context_dim", CONTEXTS)
+@pytest.mark.parametrize("name", LAYERED)
+def test_gradients_reach_every_parameter(name, context_dim):
+    flow = _perturbed_flow(name, 3, seed=0, context_dim=context_dim)
+    x = torch.randn(64, 3, dtype=torch.float64)
+    y, log_det = _pass(flow, x, _context((64,), context_dim))
+    (y.pow(2).sum() - log_det.sum()).backward()
+    for param_name, param in flow.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, param_name
+
+
+@pytest.mark.parametrize("name", LAYERED)
+def test_a_layer_reads_its_own_datapoints_context_only(name):
+    flow = _perturbed_flow(name, 3, seed=1, context_dim=2, scale=0.5)
+    x, context = torch.randn(4, 3, dtype=torch.float64), _context((4,), 2)
+    y, _ = _pass(flow, x, context)
+    other, _ = _pass(flow, x, context.flip(0))
+    assert not torch.allclose(y, other)  # the context changes the map
+    for i in range(4):
+        alone, _ = _pass(flow, x[i], context[i])
+        assert torch.allclose(alone, y[i], atol=1e-12)
+
+
+def test_none_builds_an_empty_stack_whatever_its_arguments():
+    flow = build_flow("none", 3, context_dim=5, num_layers=10)
+    x = torch.randn(4, 3)
+    y, log_det = flow(x, context=torch.randn(4, 5))
+    assert len(flow.layers) == 0 and torch.equal(y, x) and torch.equal(log_det, torch.zeros(4))
 
 
 def test_same_input_after_parameter_update_is_not_served_from_cache():
@@ -101,13 +163,7 @@ def test_same_input_after_parameter_update_is_not_served_from_cache():
     assert not torch.allclose(y_before, y_after)
 
 
-def test_gradients_reach_every_parameter_after_one_step():
-    flow = build_flow("spline", 3)
-    x = torch.randn(64, 3)
-    y, log_det = flow(x)
-    (y.pow(2).sum() - log_det.sum()).backward()
-    output_layers = [layer.arn.layers[-1] for layer in flow.layers]
-    assert all(layer.weight.grad.abs().sum() > 0 for layer in output_layers)
+# --- the registry and the one contract ------------------------------------------------
 
 
 def test_unknown_flow_name_lists_the_valid_ones():
@@ -115,15 +171,49 @@ def test_unknown_flow_name_lists_the_valid_ones():
         get_flow_spec("maf")
 
 
+@pytest.mark.parametrize("context_dim", CONTEXTS)
 @pytest.mark.parametrize("name", sorted(TWO_DIMS))
-def test_one_dimension_suggests_an_alternative(name):
+def test_one_dimension_suggests_an_alternative(name, context_dim):
     with pytest.raises(ValueError, match=f"'{name}' flow needs at least 2 latent dim.*spline"):
-        build_flow(name, 1)
+        build_flow(name, 1, context_dim=context_dim)
+
+
+def test_a_spline_reading_a_context_needs_two_dimensions():
+    with pytest.raises(ValueError, match="'spline' flow needs at least 2 latent dimensions"):
+        build_flow("spline", 1, context_dim=2)
 
 
 def test_unknown_option_is_named():
     with pytest.raises(ValueError, match="does not take option.*count_bins"):
         build_flow("planar", 2, count_bins=4)
+
+
+@pytest.mark.parametrize("name", sorted(FLOWS))
+def test_bind_takes_hidden_dims_none_for_every_family(name):
+    """What a guide stores: `bind(num_layers=..., hidden_dims=None)`, called with the dimension."""
+    build = FLOWS[name].bind(num_layers=None, hidden_dims=None)
+    flow = build(4)
+    expected = 0 if name == "none" else FLOWS[name].num_layers
+    layers = sum(getattr(layer, "num_layers", 1) for layer in flow.layers)
+    assert isinstance(flow, FlowStack) and layers == expected
+
+
+@pytest.mark.parametrize("name", ["planar", "radial", "none"])
+def test_hidden_dims_for_a_family_without_networks_is_refused(name):
+    with pytest.raises(ValueError, match=f"flow '{name}' does not take option.*hidden_dims"):
+        FLOWS[name].bind(hidden_dims=(8,))
+
+
+def test_bind_checks_once_and_builds_the_same_family_for_every_dimension():
+    import pickle
+
+    build = FLOWS["spline"].bind(num_layers=1, hidden_dims=[8], count_bins=4, tails="identity")
+    assert build.options == {"hidden_dims": (8,), "count_bins": 4, "tails": "identity"}
+    for dim in (1, 3):
+        layer = build(dim).layers[0]
+        assert layer.count_bins == 4 and layer.tails == "identity"
+    clone = pickle.loads(pickle.dumps(build))  # guides pickle what they store
+    assert clone == build and len(clone(3).layers) == 1
 
 
 def test_hidden_layer_narrower_than_the_dimension_builds_at_the_identity():
@@ -135,6 +225,33 @@ def test_hidden_layer_narrower_than_the_dimension_builds_at_the_identity():
 def test_num_layers_must_be_positive():
     with pytest.raises(ValueError, match="num_layers must be >= 1"):
         build_flow("radial", 2, num_layers=0)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"name": 3}, TypeError, "name must be a non-empty str"),
+        ({"builder": "planar"}, TypeError, "builder must be callable"),
+        ({"builder": lambda dim, num_layers: None}, TypeError, "it has no context_dim"),
+        ({"num_layers": "2"}, TypeError, "num_layers must be"),
+        ({"lr": -1.0}, ValueError, "lr must be > 0"),
+        ({"options": ["hidden_dims"]}, TypeError, "options must map each option's name"),
+        ({"min_dim": 0}, ValueError, "min_dim must be >= 1"),
+    ],
+)
+def test_a_flow_spec_is_checked_where_it_is_written(arguments, error, message):
+    from pyro_nf.flows import planar_flow
+
+    spec = {"name": "p", "builder": planar_flow, "num_layers": 1, "lr": 1e-2, **arguments}
+    with pytest.raises(error, match=message):
+        FlowSpec(**spec)
+
+
+def test_register_flow_refuses_a_second_family_of_the_same_name():
+    with pytest.raises(ValueError, match="'planar' is registered; pass replace=True"):
+        register_flow(FLOWS["planar"])
+    with pytest.raises(TypeError, match="register_flow takes a FlowSpec, got str"):
+        register_flow("planar")
 
 
 # --- our layers against the Pyro layers they extend ---------------------------------
@@ -162,12 +279,15 @@ def test_one_pass_forward_equals_pyro_transform(name):
 def test_pyro_planar_and_radial_have_no_inverse_but_ours_do():
     from pyro.distributions.transforms import Planar, Radial
 
+    from pyro_nf.flows import has_inverse
+
     for pyro_layer, ours in (
-        (Planar(3), build_flow("planar", 3, 1)),
-        (Radial(3), build_flow("radial", 3, 1)),
+        (Planar(3), build_flow("planar", 3, num_layers=1)),
+        (Radial(3), build_flow("radial", 3, num_layers=1)),
     ):
         with pytest.raises(KeyError):
             pyro_layer.inv(torch.randn(2, 3))
+        assert not has_inverse(FlowStack([pyro_layer])) and has_inverse(ours)
         y = torch.randn(2, 3)
         x, _ = ours(y, inverse=True)
         assert torch.allclose(ours(x)[0], y, atol=1e-5)
@@ -373,133 +493,48 @@ def test_spline_layer_state_dict_dtype_and_inverse_through_the_stack():
     assert torch.allclose(log_det_back, log_det, atol=1e-10)
 
 
-# --- a user's own layer through AutoFlow(flow=callable) -------------------------------
+# --- one rule for the error's type, whatever the entry point --------------------------
 
 
-class _LowerTriangular(torch.nn.Module):
-    """A user's layer: `y = L x` with `L` lower-triangular, positive diagonal (`exp`)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.raw = torch.nn.Parameter(torch.zeros(dim, dim))  # identity at the start
-
-    def matrix(self):
-        return torch.tril(self.raw, -1) + torch.diag(self.raw.diagonal().exp())
-
-    def forward_and_log_det(self, x):
-        return x @ self.matrix().T, self.raw.diagonal().sum().expand(x.shape[:-1])
-
-    def inverse_and_log_det(self, y):
-        x = torch.linalg.solve_triangular(self.matrix(), y.unsqueeze(-1), upper=False)
-        return x.squeeze(-1), self.raw.diagonal().sum().expand(y.shape[:-1])
-
-
-def test_a_users_own_layer_trains_through_autoflow_toward_the_exact_posterior():
+def _model():
     import pyro
     import pyro.distributions as dist
-    from pyro.infer import SVI, Trace_ELBO
 
+    pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "guide_argument", "fit_argument"),
+    [
+        ("3", TypeError, "num_layers", "num_steps"),
+        (True, TypeError, "num_layers", "num_steps"),
+        (2.0, TypeError, "num_layers", "num_particles"),
+        (0, ValueError, "num_layers", "num_particles"),
+        ("0.1", TypeError, "init_scale", "lr"),
+        (-1.0, ValueError, "init_scale", "lr"),
+    ],
+)
+def test_the_same_bad_value_raises_the_same_error_in_autoflow_and_fit(
+    value, error, guide_argument, fit_argument
+):
+    """A TypeError for a value of the wrong kind, a ValueError for one of the right kind
+    outside what is accepted: in `AutoFlow` and in `fit` alike."""
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_nf import AutoFlow, fit
+
+    with pytest.raises(error, match=guide_argument):
+        AutoFlow(_model, **{guide_argument: value})
+    with pytest.raises(error, match=fit_argument):
+        fit(_model, AutoNormal(_model), progress=False, **{fit_argument: value})
+
+
+@pytest.mark.parametrize(("widths", "error"), [([0], ValueError), (["3"], TypeError)])
+def test_bad_widths_raise_the_same_error_for_a_guide_and_for_the_vae(widths, error):
     from pyro_nf import AutoFlow
+    from pyro_nf.vae import FlowVAE
 
-    # z ~ N(0, I), y ~ N(A z, 0.3^2 I): a Gaussian posterior with correlation 0.83
-    design = torch.tensor([[1.0, 1.0], [0.0, 0.5]])
-    y = torch.tensor([1.0, -0.5])
-    precision = torch.eye(2) + design.T @ design / 0.09
-    covariance = torch.linalg.inv(precision)
-    mean = covariance @ design.T @ y / 0.09
-
-    def model():
-        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        pyro.sample("y", dist.Normal(z @ design.T, 0.3).to_event(1), obs=y)
-
-    pyro.set_rng_seed(0)
-    pyro.clear_param_store()
-    guide = AutoFlow(model, flow=_LowerTriangular, warm_start=None, init_scale=1.0)
-    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
-    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.02 ** (1 / 500)})
-    svi = SVI(model, guide, optim, elbo)
-    for _ in range(500):
-        svi.step()
-    (layer,) = guide.flow.layers
-    assert isinstance(layer, _LowerTriangular) and layer.raw[1, 0].abs() > 0.1
-    draws = guide.get_posterior().rsample((20000,)).detach()
-    assert torch.allclose(draws.mean(0), mean, atol=0.05)
-    fitted = torch.cov(draws.T)
-    assert torch.allclose(fitted, covariance, atol=0.15 * covariance.abs().max())
-    correlation = covariance[0, 1] / covariance.diagonal().prod().sqrt()  # -0.83
-    assert abs(fitted[0, 1] / fitted.diagonal().prod().sqrt() - correlation) < 0.05
-    assert guide.flow_spec.name == "_LowerTriangular"
-
-
-def test_a_flow_builder_returning_something_else_is_refused():
-    with pytest.raises(TypeError, match="returned a Linear; it must return a layer"):
-        build_flow(lambda dim: torch.nn.Linear(dim, dim), 3)
-
-
-def test_flow_of_the_wrong_type_is_refused():
-    with pytest.raises(TypeError, match="flow must be a registered name.*got 3"):
-        get_flow_spec(3)
-
-
-# --- one vocabulary: old names still work, with a DeprecationWarning ------------------
-
-
-def test_old_names_warn_and_still_work():
-    import pyro_nf.flows as flows
-    from pyro_nf.distribution import FlowDistribution
-    from pyro_nf.flows import FlowStack, InvertiblePlanar, InvertibleRadial
-
-    with pytest.warns(DeprecationWarning, match="input_dim= is deprecated; use dim="):
-        assert InvertiblePlanar(input_dim=3).w.shape == (3,)
-    with pytest.warns(DeprecationWarning, match="input_dim= is deprecated; use dim="):
-        assert InvertibleRadial(input_dim=3).x0.shape == (3,)
-    with pytest.warns(DeprecationWarning, match="ConditionalFlow is deprecated; use .*FlowStack"):
-        assert flows.ConditionalFlow is FlowStack
-    q = FlowDistribution(torch.zeros(2), torch.ones(2), build_flow("planar", 2))
-    with pytest.warns(DeprecationWarning, match="use rsample_and_log_prob"):
-        z, log_q = q.rsample_with_log_prob((3,))
-    assert z.shape == (3, 2) and log_q.shape == (3,)
-
-
-def test_new_names_do_not_warn():
-    import warnings
-
-    from pyro_nf.distribution import FlowDistribution
-    from pyro_nf.flows import InvertiblePlanar
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        InvertiblePlanar(dim=3)
-        q = FlowDistribution(torch.zeros(2), torch.ones(2), build_flow("planar", 2))
-        q.rsample_and_log_prob((3,))
-
-
-def test_register_flow_adds_a_family_for_guides_and_the_vae():
-    from pyro_nf import AutoFlow
-    from pyro_nf.flows import CONDITIONAL_FLOWS, FlowSpec, build_conditional_flow, register_flow
-
-    spec = FlowSpec(
-        "planar-3",
-        lambda dim, num_layers: build_flow("planar", dim, 3 * num_layers),
-        num_layers=1,
-        lr=1e-2,
-        conditional=CONDITIONAL_FLOWS["planar"],
-    )
-    register_flow(spec)
-    try:
-        with pytest.raises(ValueError, match="'planar-3' is registered; pass replace=True"):
-            register_flow(spec)
-        flow = build_conditional_flow("planar-3", dim=2, context_dim=3, num_layers=2)
-        assert flow(torch.randn(4, 2), context=torch.randn(4, 3))[1].shape == (4,)
-
-        def model():
-            import pyro
-            import pyro.distributions as dist
-
-            pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-
-        guide = AutoFlow(model, flow="planar-3", warm_start=None)
-        guide()
-        assert len(guide.flow.layers) == 3 and guide.default_lr == 1e-2
-    finally:
-        del FLOWS["planar-3"], CONDITIONAL_FLOWS["planar-3"]
+    with pytest.raises(error, match="hidden_dims must be a non-empty sequence of ints"):
+        AutoFlow(_model, flow="iaf", hidden_dims=widths)
+    with pytest.raises(error, match="hidden_dims must be a non-empty sequence of ints"):
+        FlowVAE(latent_dim=2, hidden_dims=[8], flow="iaf", flow_hidden_dims=widths)

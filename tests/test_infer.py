@@ -407,11 +407,11 @@ def test_a_given_count_is_drawn_one_at_a_time_where_the_model_does_not_vectorise
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(num_steps=2.5), ValueError, "num_steps must be an integer >= 1, got 2.5"),
-        (dict(num_steps=True), ValueError, "num_steps must be an integer >= 1, got True"),
-        (dict(num_steps="10"), ValueError, "num_steps must be an integer >= 1, got '10'"),
+        (dict(num_steps=2.5), TypeError, "num_steps must be an integer >= 1, got 2.5"),
+        (dict(num_steps=True), TypeError, "num_steps must be an integer >= 1, got True"),
+        (dict(num_steps="10"), TypeError, "num_steps must be an integer >= 1, got '10'"),
         (dict(num_particles=0), ValueError, "num_particles must be an integer >= 1, got 0"),
-        (dict(num_particles=2.0), ValueError, "num_particles must be an integer >= 1, got 2.0"),
+        (dict(num_particles=2.0), TypeError, "num_particles must be an integer >= 1, got 2.0"),
         (dict(lr=float("inf")), ValueError, "lr must be a positive finite number, got inf"),
         (dict(lr=float("nan")), ValueError, "lr must be a positive finite number, got nan"),
         (dict(lr="0.1"), TypeError, "lr must be a positive finite number, got '0.1'"),

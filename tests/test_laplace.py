@@ -10,7 +10,7 @@ from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.flows import FLOWS, build_flow
-from pyro_nf.laplace import LaplaceWarning, laplace_approximation, unconstrained_log_joint
+from pyro_nf.laplace import LaplaceWarning, laplace_approximation
 from pyro_nf.starts import ISOTROPIC_SCALES
 
 f64 = torch.float64
@@ -110,17 +110,6 @@ def test_search_stops_at_its_iteration_budget():
         log_density, torch.tensor([1.0, 0.0], dtype=f64), max_iter=20, warn=False
     )
     assert not fit.converged and 0 < fit.iterations <= 20
-
-
-def test_unconstrained_log_joint_includes_the_jacobian():
-    def model():
-        pyro.sample("s", dist.Gamma(torch.tensor(3.0, dtype=f64), 2.0))
-
-    guide = AutoFlow(model, flow="planar", warm_start=None)
-    guide._setup_prototype()
-    z = torch.tensor([0.7], dtype=f64)
-    expected = dist.Gamma(torch.tensor(3.0, dtype=f64), 2.0).log_prob(z.exp()) + z
-    assert torch.allclose(unconstrained_log_joint(guide)(z), expected.squeeze())
 
 
 def test_warm_started_guide_starts_at_the_exact_gaussian_posterior():
@@ -261,97 +250,3 @@ def test_flows_keep_float64_precision(flow):
 def test_quiet_search_gives_its_reason_without_a_warning():
     fit = laplace_approximation(lambda z: -(z[0] ** 2) + z[1] ** 2, torch.zeros(2), warn=False)
     assert not fit.converged and "not positive definite" in fit.reason
-
-
-def _plated_model(data):
-    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
-    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
-    with pyro.plate("data", len(data)):
-        pyro.sample("obs", dist.Normal(loc, scale), obs=data)
-
-
-def test_log_joint_scores_a_batch_in_one_run_as_one_draw_at_a_time():
-    data = torch.randn(20, generator=torch.Generator().manual_seed(0))
-    guide = AutoFlow(_plated_model, flow="planar", warm_start=None)
-    guide._setup_prototype(data)
-    log_joint = unconstrained_log_joint(guide, data)
-    z = torch.randn(9, 2, generator=torch.Generator().manual_seed(1))
-    batched = log_joint(z)
-    assert log_joint.vectorised and batched.shape == (9,)
-    assert torch.allclose(batched, torch.stack([log_joint(row) for row in z]), rtol=1e-5)
-
-
-def test_log_joint_falls_back_to_a_loop_for_a_model_that_does_not_vectorise():
-    def model():  # control flow on a value: vmap cannot batch it
-        a = pyro.sample("a", dist.Normal(0.0, 1.0))
-        pyro.sample("b", dist.Normal(a if a > 0 else -a, 1.0))
-
-    guide = AutoFlow(model, flow="planar", warm_start=None)
-    guide._setup_prototype()
-    log_joint = unconstrained_log_joint(guide)
-    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(2))
-    values = log_joint(z)
-    assert log_joint.vectorised is False
-    loc = z[:, 0].abs()
-    expected = dist.Normal(0.0, 1.0).log_prob(z[:, 0]) + dist.Normal(loc, 1.0).log_prob(z[:, 1])
-    assert torch.allclose(values, expected, atol=1e-5)
-
-
-def test_log_joint_batches_a_model_written_for_one_draw():
-    x = torch.randn(30, 3, generator=torch.Generator().manual_seed(3))
-    y = x @ torch.tensor([1.0, -2.0, 0.5])
-
-    def model(x, y):  # x @ beta: a plate over draws left of the data's would not broadcast
-        beta = pyro.sample("beta", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
-        with pyro.plate("data", len(x)):
-            pyro.sample("y", dist.Normal(x @ beta, 1.0), obs=y)
-
-    guide = AutoFlow(model, flow="planar", warm_start=None)
-    guide._setup_prototype(x, y)
-    log_joint = unconstrained_log_joint(guide, x, y)
-    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))
-    values = log_joint(z)
-    assert log_joint.vectorised is True
-    prior = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
-    likelihood = dist.Normal(z @ x.T, 1.0).log_prob(y).sum(-1)
-    assert torch.allclose(values, prior + likelihood, rtol=1e-5)
-
-
-def test_log_joint_holds_the_sites_of_other_guides_fixed():
-    from pyro import poutine
-    from pyro.infer.autoguide import AutoGuideList, AutoNormal
-
-    data = torch.randn(6, generator=torch.Generator().manual_seed(3))
-
-    def model(data):
-        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
-        with pyro.plate("data", len(data)):
-            local = pyro.sample("local", dist.Normal(loc, 1.0))
-            pyro.sample("obs", dist.Normal(local, 0.5), obs=data)
-
-    guide = AutoGuideList(model)
-    flow = AutoFlow(poutine.block(model, hide=["local"]), flow="planar")
-    guide.append(flow)
-    guide.append(AutoNormal(poutine.block(model, expose=["local"])))
-    guide(data)
-    log_joint = unconstrained_log_joint(flow, data)
-    z = torch.randn(5, 1, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(log_joint(z), log_joint(z))  # the hidden 'local' is not redrawn
-    assert not log_joint.stochastic and flow.start.laplace is not None
-
-
-@pytest.mark.usefixtures("fresh_pyro_state")  # "AutoFlow.*" of earlier tests: other sizes
-def test_random_subsample_makes_a_random_log_joint_and_the_start_says_so():
-    data = torch.randn(40, generator=torch.Generator().manual_seed(5))
-
-    def model(data):
-        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
-        with pyro.plate("data", len(data), subsample_size=8) as index:
-            pyro.sample("obs", dist.Normal(loc, 1.0), obs=data[index])
-
-    guide = AutoFlow(model, flow="spline")
-    guide(data)
-    assert unconstrained_log_joint(guide, data).stochastic
-    assert guide.laplace is None
-    assert "log joint is random (subsampled plate 'data' (8 of 40)" in guide.start.reason
-    assert "unbounded" not in guide.start.reason

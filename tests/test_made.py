@@ -5,8 +5,8 @@ import torch
 from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 from torch.autograd.functional import jacobian
 
-from pyro_nf.flows.base import _default_hidden_dims, autoregressive_net, build_flow
-from pyro_nf.flows.made import MaskedAutoregressiveNN
+from pyro_nf.flows import build_flow
+from pyro_nf.flows.nn import MaskedAutoregressiveNN, autoregressive_net, default_hidden_dims
 
 DIM = 7
 
@@ -108,7 +108,7 @@ def test_narrow_stack_is_the_identity_and_inverts(name):
     ("dim", "width"), [(2, 26), (30, 54), (36, 60), (37, 61), (50, 71), (500, 224), (2000, 448)]
 )
 def test_default_widths_keep_dim_plus_24_up_to_36_then_grow_as_sqrt(dim, width):
-    assert _default_hidden_dims(dim) == (width, width)
+    assert default_hidden_dims(dim) == (width, width)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Non-centred coordinates: which sites, the map and its log-determinant, the guides on funnels."""
 
+import logging
 import math
 
 import pyro
@@ -10,6 +11,7 @@ from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoDiagonalNormal
 
 from pyro_nf.autoguides import AutoFlow
+from pyro_nf.batching import BATCHINGS, Batching
 from pyro_nf.fitting import fit
 from pyro_nf.noncentering import NonCenteredDistribution, NonCentering, find_hierarchical_sites
 from tests.models import SCHOOLS_SIGMA, SCHOOLS_Y, f64, funnel, schools
@@ -68,6 +70,43 @@ def test_batches_map_row_by_row(batch_shape):
     rows = [noncentering(row) for row in x.reshape(-1, guide.latent_dim)]
     assert torch.allclose(y.reshape(-1, guide.latent_dim), torch.stack([r[0] for r in rows]))
     assert torch.allclose(log_det.reshape(-1), torch.stack([r[1] for r in rows]))
+
+
+DESIGN = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=f64)
+
+
+def _written_for_one_draw():  # DESIGN @ beta: a batch left of the plates does not broadcast
+    scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=f64), 1.0))
+    beta = pyro.sample("beta", dist.Normal(torch.zeros(2, dtype=f64), scale).to_event(1))
+    pyro.sample("theta", dist.Normal(DESIGN @ beta, 1.0).to_event(1))
+
+
+def _with_control_flow():  # a branch on a value: neither broadcasting nor vmap batches it
+    scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=f64), 1.0))
+    pyro.sample("theta", dist.Normal(torch.zeros(3, dtype=f64), scale if scale > 0 else 1.0))
+
+
+@pytest.mark.parametrize(
+    "model, sites, way",
+    [
+        (schools, ["theta"], Batching.PLATE),
+        (_written_for_one_draw, ["beta", "theta"], Batching.VMAP),
+        (_with_control_flow, ["theta"], Batching.LOOP),
+    ],
+)
+def test_batches_are_mapped_the_first_way_that_works_decided_once(model, sites, way, caplog):
+    guide = _setup(model)
+    noncentering = NonCentering(guide, sites)
+    x = torch.randn(2, 4, guide.latent_dim, generator=torch.Generator().manual_seed(2), dtype=f64)
+    with caplog.at_level(logging.INFO, logger="pyro_nf"):
+        y, log_det = noncentering(x)
+        back, _ = noncentering(y, inverse=True)
+    assert noncentering.batching is way
+    assert caplog.text.count("the non-centring map: batching by") == BATCHINGS.index(way)
+    rows = [noncentering(row) for row in x.reshape(-1, guide.latent_dim)]
+    assert torch.allclose(y.reshape(-1, guide.latent_dim), torch.stack([r[0] for r in rows]))
+    assert torch.allclose(log_det.reshape(-1), torch.stack([r[1] for r in rows]))
+    assert torch.allclose(back, x)
 
 
 def test_distribution_scores_its_own_draws_as_other_points(fresh_pyro_state):

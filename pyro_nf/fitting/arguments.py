@@ -40,7 +40,9 @@ def check_fit_arguments(
     for name, value in (("num_steps", num_steps), ("num_particles", num_particles)):
         if value is None and name == "num_particles":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int):  # the kind: TypeError
+            raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
+        if value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")

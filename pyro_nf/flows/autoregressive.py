@@ -20,14 +20,13 @@ import torch
 from pyro.distributions.transforms import AffineAutoregressive
 from torch import Tensor
 
-from .base import (
-    OnePassTransform,
-    autoregressive_net,
-    register_network_family,
-    softplus_shift_and_scale,
-)
+from pyro_nf.checks import check_sizes
 
-__all__ = ["SoftplusAffineAutoregressive", "iaf_layer"]
+from .core import FlowStack, OnePassTransform
+from .nn import autoregressive_net, default_hidden_dims, softplus_shift_and_scale
+from .registry import FlowSpec, register_flow
+
+__all__ = ["SoftplusAffineAutoregressive", "iaf_flow", "iaf_layer"]
 
 
 class SoftplusAffineAutoregressive(OnePassTransform, AffineAutoregressive):
@@ -84,10 +83,37 @@ def iaf_layer(
     return SoftplusAffineAutoregressive(net)
 
 
-def _iaf_layers(
-    dim: int, num_layers: int, hidden_dims: Sequence[int], context_dim: int
-) -> list[SoftplusAffineAutoregressive]:
-    return [iaf_layer(dim, hidden_dims, i % 2 == 1, context_dim) for i in range(num_layers)]
+def iaf_flow(
+    dim: int,
+    num_layers: int,
+    *,
+    context_dim: int = 0,
+    hidden_dims: Sequence[int] | None = None,
+) -> FlowStack:
+    """The iaf family's builder: `num_layers` of `iaf_layer`, alternating the order.
+
+    `hidden_dims` defaults to `default_hidden_dims(dim)`.
+
+    Examples
+    --------
+    >>> flow = iaf_flow(3, 2, context_dim=4, hidden_dims=(8,))
+    >>> [layer.arn.hidden_dims for layer in flow.layers]
+    [[8], [8]]
+    """
+    hidden_dims = hidden_dims or default_hidden_dims(dim)
+    return FlowStack(
+        [iaf_layer(dim, hidden_dims, i % 2 == 1, context_dim) for i in range(num_layers)]
+    )
 
 
-IAF = register_network_family("iaf", _iaf_layers, num_layers=2, lr=5e-3)
+IAF = register_flow(
+    FlowSpec(
+        "iaf",
+        iaf_flow,
+        num_layers=2,
+        lr=5e-3,
+        options={"hidden_dims": check_sizes},
+        min_dim=2,
+        probe=False,
+    )
+)

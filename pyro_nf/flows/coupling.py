@@ -23,14 +23,13 @@ from pyro.nn import ConditionalDenseNN, DenseNN
 from torch import Tensor
 from torch.distributions import constraints
 
-from .base import (
-    OnePassTransform,
-    register_network_family,
-    softplus_shift_and_scale,
-    zero_output_layer,
-)
+from pyro_nf.checks import check_sizes
 
-__all__ = ["AffineCoupling", "coupling_masks"]
+from .core import FlowStack, OnePassTransform
+from .nn import default_hidden_dims, softplus_shift_and_scale, zero_output_layer
+from .registry import FlowSpec, register_flow
+
+__all__ = ["AffineCoupling", "coupling_flow", "coupling_masks"]
 
 
 class AffineCoupling(OnePassTransform, TransformModule):
@@ -65,7 +64,7 @@ class AffineCoupling(OnePassTransform, TransformModule):
 
     def __init__(
         self, dim: int, kept: Sequence[int], hidden_dims: Sequence[int], context_dim: int = 0
-    ):
+    ) -> None:
         super().__init__(cache_size=1)
         kept = torch.as_tensor(kept, dtype=torch.long)
         moved = torch.tensor([i for i in range(dim) if i not in set(kept.tolist())])
@@ -124,11 +123,36 @@ def coupling_masks(dim: int, num_layers: int) -> list[list[int]]:
     return masks[:num_layers]
 
 
-def _coupling_layers(
-    dim: int, num_layers: int, hidden_dims: Sequence[int], context_dim: int
-) -> list[AffineCoupling]:
+def coupling_flow(
+    dim: int,
+    num_layers: int,
+    *,
+    context_dim: int = 0,
+    hidden_dims: Sequence[int] | None = None,
+) -> FlowStack:
+    """The coupling family's builder: `num_layers` of `AffineCoupling`, masks from
+    `coupling_masks`.
+
+    `hidden_dims` defaults to `default_hidden_dims(dim)`.
+
+    Examples
+    --------
+    >>> [layer.kept.tolist() for layer in coupling_flow(4, 2).layers]
+    [[0, 1], [2, 3]]
+    """
+    hidden_dims = hidden_dims or default_hidden_dims(dim)
     masks = coupling_masks(dim, num_layers)
-    return [AffineCoupling(dim, kept, hidden_dims, context_dim) for kept in masks]
+    return FlowStack([AffineCoupling(dim, kept, hidden_dims, context_dim) for kept in masks])
 
 
-COUPLING = register_network_family("coupling", _coupling_layers, num_layers=4, lr=5e-3)
+COUPLING = register_flow(
+    FlowSpec(
+        "coupling",
+        coupling_flow,
+        num_layers=4,
+        lr=5e-3,
+        options={"hidden_dims": check_sizes},
+        min_dim=2,
+        probe=False,
+    )
+)

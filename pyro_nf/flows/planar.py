@@ -20,14 +20,17 @@ import torch.nn.functional as F
 from pyro.distributions.transforms import Planar
 from torch import Tensor
 
-from .base import (
-    SOFTPLUS_INV_ONE,
-    AmortizedLayers,
-    KernelLayer,
-    register_kernel_family,
-)
+from .core import SOFTPLUS_INV_ONE, FlowStack
+from .kernels import AmortizedLayers, KernelLayer, kernel_stack
+from .registry import FlowSpec, register_flow
 
-__all__ = ["AmortizedPlanar", "InvertiblePlanar", "planar_forward", "planar_inverse"]
+__all__ = [
+    "AmortizedPlanar",
+    "InvertiblePlanar",
+    "planar_flow",
+    "planar_forward",
+    "planar_inverse",
+]
 
 #: Newton steps of the inverse (bracketed, so each at least halves the error's bound).
 _NEWTON_STEPS = 40
@@ -146,7 +149,7 @@ class AmortizedPlanar(AmortizedLayers):
     kernel = staticmethod(planar_forward)
     inverse_kernel = staticmethod(planar_inverse)
 
-    def __init__(self, dim: int, context_dim: int, num_layers: int):
+    def __init__(self, dim: int, context_dim: int, num_layers: int) -> None:
         super().__init__(dim, context_dim, num_layers, sizes=(dim, dim, 1))
         # Unit-length directions w: with |w| small, u = c w / |w|^2 is large and a small
         # change of w moves u_hat far (Pyro's U(-1/sqrt(d), 1/sqrt(d)) draws can be tiny).
@@ -163,10 +166,9 @@ class AmortizedPlanar(AmortizedLayers):
         """`(y, log|det J|)` through all K layers in one pass.
 
         `planar_forward` layer by layer, regrouped: four tensor ops per layer, and the
-        log-dets of all layers (which need only each layer's `tanh`) in one go at the end.
-        At batch 100, `dim` 40, K = 10, context 300, that took a forward and backward pass
-        from 37.8 to 29.1 ms (medians of 40 interleaved repeats, one thread); most of the
-        rest is the linear map itself.
+        log-dets of all layers (which need only each layer's `tanh`) in one go at the end,
+        which cut a quarter of a forward and backward pass (docs/choosing.md, "Measured
+        choices").
         """
         u_hat, w, b = self.stacked_params(context)
         tanhs = []
@@ -180,4 +182,16 @@ class AmortizedPlanar(AmortizedLayers):
         return x, torch.log1p(one_minus_tanh_sq * slopes).sum(-1)
 
 
-PLANAR = register_kernel_family("planar", InvertiblePlanar, AmortizedPlanar, num_layers=8, lr=1e-2)
+def planar_flow(dim: int, num_layers: int, *, context_dim: int = 0) -> FlowStack:
+    """The planar family's builder: `num_layers` of `InvertiblePlanar`, or with a context
+    one `AmortizedPlanar` of `num_layers` layers.
+
+    Examples
+    --------
+    >>> len(planar_flow(3, 4).layers), len(planar_flow(3, 4, context_dim=2).layers)
+    (4, 1)
+    """
+    return kernel_stack(InvertiblePlanar, AmortizedPlanar, dim, num_layers, context_dim)
+
+
+PLANAR = register_flow(FlowSpec("planar", planar_flow, num_layers=8, lr=1e-2, probe=False))

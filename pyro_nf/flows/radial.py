@@ -17,14 +17,17 @@ import torch.nn.functional as F
 from pyro.distributions.transforms import Radial
 from torch import Tensor
 
-from .base import (
-    AmortizedLayers,
-    KernelLayer,
-    inverse_softplus,
-    register_kernel_family,
-)
+from .core import FlowStack, inverse_softplus
+from .kernels import AmortizedLayers, KernelLayer, kernel_stack
+from .registry import FlowSpec, register_flow
 
-__all__ = ["AmortizedRadial", "InvertibleRadial", "radial_forward", "radial_inverse"]
+__all__ = [
+    "AmortizedRadial",
+    "InvertibleRadial",
+    "radial_flow",
+    "radial_forward",
+    "radial_inverse",
+]
 
 
 def _alpha_beta(alpha_prime: Tensor, beta_prime: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,7 +122,7 @@ class AmortizedRadial(AmortizedLayers):
     kernel = staticmethod(radial_forward)
     inverse_kernel = staticmethod(radial_inverse)
 
-    def __init__(self, dim: int, context_dim: int, num_layers: int):
+    def __init__(self, dim: int, context_dim: int, num_layers: int) -> None:
         super().__init__(dim, context_dim, num_layers, sizes=(dim, 1, 1))
 
     def constrain(
@@ -129,4 +132,16 @@ class AmortizedRadial(AmortizedLayers):
         return x0, *_alpha_beta(alpha_prime, beta_prime)
 
 
-RADIAL = register_kernel_family("radial", InvertibleRadial, AmortizedRadial, num_layers=8, lr=1e-2)
+def radial_flow(dim: int, num_layers: int, *, context_dim: int = 0) -> FlowStack:
+    """The radial family's builder: `num_layers` of `InvertibleRadial`, or with a context
+    one `AmortizedRadial` of `num_layers` layers.
+
+    Examples
+    --------
+    >>> len(radial_flow(3, 4).layers), len(radial_flow(3, 4, context_dim=2).layers)
+    (4, 1)
+    """
+    return kernel_stack(InvertibleRadial, AmortizedRadial, dim, num_layers, context_dim)
+
+
+RADIAL = register_flow(FlowSpec("radial", radial_flow, num_layers=8, lr=1e-2, probe=False))

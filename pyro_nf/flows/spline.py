@@ -16,10 +16,12 @@ the flow's base space (NeuTra) does, as divergences (docs/neutra.md).
 
 The default tail bound of 3 is in standardised coordinates (the guide's loc/scale, or
 the VAE encoder's, carry the location and size), so it does not cut off mass the way a
-bound on raw coordinates does. Measured with Pyro's rational-linear spline on a
-0.95-correlated 2-D Gaussian (1500 steps, 8 particles, decaying lr): bound 3 reached KL
-0.0004-0.0014 nats over four seeds, bound 5 stalled at 0.22 on one of them. The VAE's
-flow acts on the same standardised base draws, of which `[-3, 3]` holds 99.7%.
+bound on raw coordinates does; a wider bound trained worse (docs/choosing.md, "Measured
+choices"). The VAE's flow acts on the same standardised base draws, of which `[-3, 3]`
+holds 99.7%.
+
+The family's options and their validators live here: `hidden_dims`, `count_bins`
+(`check_count_bins`), `bound` and `tails` (`check_tails`).
 """
 
 from __future__ import annotations
@@ -33,19 +35,19 @@ from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from pyro_nf.checks import check_tails
+from pyro_nf.checks import check_int, check_positive, check_sizes
 
-from .base import (
-    OnePassTransform,
-    autoregressive_net,
-    check_at_least_two_dims,
-    inverse_softplus,
-    register_network_family,
-)
+from .core import FlowStack, OnePassTransform, inverse_softplus
+from .nn import autoregressive_net, default_hidden_dims
+from .registry import FlowSpec, check_min_dim, register_flow
 
 __all__ = [
+    "SPLINE_TAILS",
     "RationalQuadraticSpline",
     "RationalQuadraticSplineAutoregressive",
+    "check_count_bins",
+    "check_tails",
+    "spline_flow",
     "spline_layer",
 ]
 
@@ -57,9 +59,43 @@ _MIN_DERIVATIVE = 1e-3
 #: Default number of bins and tail bound (standardised units; see the module docstring).
 COUNT_BINS = 8
 BOUND = 3.0
-#: A layer's default tail form (of `pyro_nf.checks.SPLINE_TAILS`; see `_rational_quadratic_spline`):
-#: Durkan et al.'s.
+#: The tail forms: Durkan et al.'s identity tails, and linear tails past a learned output
+#: interval (see `_rational_quadratic_spline`).
+SPLINE_TAILS = ("identity", "linear")
+#: A layer's default tail form: Durkan et al.'s.
 TAILS = "identity"
+
+
+def check_count_bins(name: str, value: object) -> int:
+    """``value`` as a number of spline bins (an int >= 2), or an error naming ``name``.
+
+    Examples
+    --------
+    >>> check_count_bins("count_bins", 8)
+    8
+    """
+    # One bin with unit end slopes is the identity map: a spline needs two to bend.
+    return check_int(name, value, minimum=2)
+
+
+def check_tails(name: str, value: object) -> str:
+    """``value`` if it is one of `SPLINE_TAILS`, or an error naming ``name``.
+
+    Examples
+    --------
+    >>> check_tails("tails", "linear")
+    'linear'
+    >>> check_tails("tails", "flat")
+    Traceback (most recent call last):
+    ...
+    ValueError: tails must be one of ('identity', 'linear'), got 'flat'
+    """
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be one of {SPLINE_TAILS} (a str), got {value!r} ({kind})")
+    if value not in SPLINE_TAILS:
+        raise ValueError(f"{name} must be one of {SPLINE_TAILS}, got {value!r}")
+    return value
 
 
 def num_spline_params(count_bins: int, tails: str = "identity") -> int:
@@ -190,7 +226,7 @@ class _RationalQuadraticSplineBase(OnePassTransform, TransformModule):
     bijective = True
     sign = +1
 
-    def __init__(self, dim: int, count_bins: int, bound: float, tails: str):
+    def __init__(self, dim: int, count_bins: int, bound: float, tails: str) -> None:
         super().__init__(cache_size=1)
         self.dim, self.count_bins, self.bound = dim, count_bins, bound
         self.tails = check_tails("tails", tails)
@@ -233,7 +269,7 @@ class RationalQuadraticSpline(_RationalQuadraticSplineBase):
 
     def __init__(
         self, dim: int, count_bins: int = COUNT_BINS, bound: float = BOUND, tails: str = TAILS
-    ):
+    ) -> None:
         super().__init__(dim, count_bins, bound, tails)
         self.unnormalized = nn.Parameter(_identity_spline_params(count_bins, dim, tails))
 
@@ -268,7 +304,7 @@ class RationalQuadraticSplineAutoregressive(_RationalQuadraticSplineBase):
         count_bins: int = COUNT_BINS,
         bound: float = BOUND,
         tails: str = TAILS,
-    ):
+    ) -> None:
         super().__init__(dim, count_bins, bound, tails)
         self.arn = arn
 
@@ -309,13 +345,8 @@ def spline_layer(
     The spline is our own one-pass kernel (`_rational_quadratic_spline`) rather than
     Pyro's `SplineAutoregressive`, for two reasons. Speed: Pyro's spline op runs many
     small tensor ops (a comparison search per table, seven gathers, masked blends) forward
-    and backward, and it was most of a spline layer's cost. Forward plus backward of the
-    spline op alone at batch (8, 50) with 8 bins (medians of interleaved repeats, one
-    thread): Pyro's rational-linear 1.7 ms, Pyro's rational-quadratic order 1.2 ms, this
-    kernel 0.7 ms (with linear tails about 10% more: 1.00 against 0.92 ms, interleaved,
-    on a loaded machine). On the 50-D Gaussian benchmark the guide's SVI step went from 5.6-7.1x
-    an AutoNormal step to 4.1x with this kernel, and to 2.6-3.0x with the narrower default
-    networks of `_default_hidden_dims` as well. Fidelity: Pyro's default order is the
+    and backward, and it was most of a spline layer's cost; this kernel takes about half
+    its time (docs/choosing.md, "Measured choices"). Fidelity: Pyro's default order is the
     rational-*linear* spline (4K - 1 parameters per coordinate, end slopes 0.999), while
     the neural spline flow of Durkan et al. (2019) is rational-quadratic (3K - 1
     parameters, unit end slopes so the map is C1 into the identity tails), which is what
@@ -328,8 +359,8 @@ def spline_layer(
     """
     if dim == 1 and not context_dim:
         return RationalQuadraticSpline(1, count_bins=count_bins, bound=bound, tails=tails)
-    if context_dim:
-        check_at_least_two_dims("spline", dim)
+    if context_dim:  # an element-wise spline would ignore the context
+        check_min_dim("spline", 2, dim)
     num_params = num_spline_params(count_bins, tails)
     net = autoregressive_net(dim, hidden_dims, [num_params], reverse, context_dim)
     with torch.no_grad():  # the output's bias: the identity spline's parameters
@@ -339,29 +370,52 @@ def spline_layer(
     return RationalQuadraticSplineAutoregressive(dim, net, count_bins, bound, tails)
 
 
-def _spline_layers(
+def spline_flow(
     dim: int,
     num_layers: int,
-    hidden_dims: Sequence[int],
-    context_dim: int,
+    *,
+    context_dim: int = 0,
+    hidden_dims: Sequence[int] | None = None,
     count_bins: int = COUNT_BINS,
     bound: float = BOUND,
     tails: str | None = None,
-) -> list[TransformModule]:
-    # The guides' default is linear tails (the module docstring); the VAE's amortized
-    # flows keep Durkan et al.'s, with which docs/vae.md's results were measured.
+) -> FlowStack:
+    """The spline family's builder: `num_layers` of `spline_layer`, alternating the order.
+
+    `hidden_dims` defaults to `default_hidden_dims(dim)`; `tails` to ``"linear"`` for
+    plain layers (the guides', see the module docstring) and to Durkan et al.'s
+    ``"identity"`` for layers reading a context (the VAE's, with which docs/vae.md's
+    results were measured).
+
+    Examples
+    --------
+    >>> [layer.tails for layer in spline_flow(3, 2).layers]
+    ['linear', 'linear']
+    >>> spline_flow(3, 1, context_dim=2).layers[0].tails
+    'identity'
+    """
+    hidden_dims = hidden_dims or default_hidden_dims(dim)
     tails = tails or (TAILS if context_dim else "linear")
-    return [
-        spline_layer(dim, hidden_dims, count_bins, bound, i % 2 == 1, context_dim, tails)
-        for i in range(num_layers)
-    ]
+    return FlowStack(
+        [
+            spline_layer(dim, hidden_dims, count_bins, bound, i % 2 == 1, context_dim, tails)
+            for i in range(num_layers)
+        ]
+    )
 
 
-SPLINE = register_network_family(
-    "spline",
-    _spline_layers,
-    num_layers=2,
-    lr=5e-3,
-    options=("hidden_dims", "count_bins", "bound", "tails"),
-    min_dim=1,
+SPLINE = register_flow(
+    FlowSpec(
+        "spline",
+        spline_flow,
+        num_layers=2,
+        lr=5e-3,
+        options={
+            "hidden_dims": check_sizes,
+            "count_bins": check_count_bins,
+            "bound": check_positive,
+            "tails": check_tails,
+        },
+        probe=False,
+    )
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import tempfile
@@ -11,7 +13,48 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["FORMAT", "KEYS", "atomic_write", "load_checkpoint", "save_checkpoint", "write_json"]
+__all__ = [
+    "FORMAT",
+    "KEYS",
+    "WriteError",
+    "atomic_write",
+    "load_checkpoint",
+    "save_checkpoint",
+    "write_json",
+]
+
+
+class WriteError(OSError):
+    """An output file could not be written; its message is one line naming the file, the
+    cause and what to do.
+
+    ``errno``, ``strerror`` and ``filename`` are those of the failure; `remedy` is what
+    fixes the cause (free space, or make the directory writable). `advice` says what to do
+    (by default the remedy); `result` holds what was computed but not saved (``None`` if
+    nothing was), so that a failed write loses nothing.
+
+    Examples
+    --------
+    >>> import errno
+    >>> err = WriteError("runs/a/m.json", OSError(errno.ENOSPC, "No space left on device"))
+    >>> print(err)
+    could not write runs/a/m.json: no space left on device; free space on that disk
+    >>> err.errno == errno.ENOSPC
+    True
+    """
+
+    def __init__(
+        self, path: str | Path, cause: OSError, advice: str = "", result: Any = None
+    ) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+        full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        self.remedy = "free space on that disk" if full else "make that directory writable"
+        self.advice = advice or self.remedy
+        self.result = result
+
+    def __str__(self) -> str:
+        reason = str(self.strerror)
+        return f"could not write {self.filename}: {reason[:1].lower()}{reason[1:]}; {self.advice}"
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -20,6 +63,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     ``write`` fills a temporary file in the same directory, which is flushed, fsynced and
     then moved over `path` with `os.replace`. If anything fails, the temporary file
     is removed and an existing ``path`` is left untouched.
+
+    Raises
+    ------
+    WriteError
+        If the file system refuses (a full disk, a read-only directory...).
 
     Examples
     --------
@@ -30,14 +78,20 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     b'hello'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise WriteError(path, err) from err
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise WriteError(path, err) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -63,7 +117,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     >>> load_checkpoint(p, keys=("epoch", "w"))["epoch"]
     3
     """
-    atomic_write(path, lambda f: torch.save({**state, "format": FORMAT}, f))
+    # Serialised in memory first: torch's zip writer turns a failed write (a full disk)
+    # into a RuntimeError ("unexpected pos") that hides the cause.
+    buffer = io.BytesIO()
+    torch.save({**state, "format": FORMAT}, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(

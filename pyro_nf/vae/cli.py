@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..flows import CONDITIONAL_FLOWS
+from ..flows import FLOWS
 from .training import TrainConfig, evaluate_run, train
 
 __all__ = ["add_parser"]
@@ -74,17 +74,36 @@ def _train(args: argparse.Namespace) -> dict[str, Any] | None:
     result = train(config)
     if result.rank != 0:  # under torchrun, only rank 0 reports
         return None
-    return {"history": result.metrics["history"][-1:], "test": result.metrics.get("test")}
+    return _train_summary(result.metrics)
+
+
+def _train_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What ``vae train`` prints: the last epoch's history entry and the test metrics."""
+    return {"history": metrics["history"][-1:], "test": metrics.get("test")}
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
-    metrics = evaluate_run(split=args.split, **_common_values(args))
-    metrics.pop("config")
-    return metrics
+    return _eval_summary(evaluate_run(split=args.split, **_common_values(args)))
+
+
+def _eval_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What ``vae eval`` prints: its metrics without the run's config."""
+    return {key: value for key, value in metrics.items() if key != "config"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``vae`` command group (``train``, ``eval``) on ``pyro-nf``'s parser."""
+    """Register the ``vae`` command group (``train``, ``eval``) on ``pyro-nf``'s parser.
+
+    Each command also sets ``summarize``, which turns the metrics that a failed write
+    carries (`WriteError.result`) into the summary the command would have printed.
+
+    Examples
+    --------
+    >>> parser = argparse.ArgumentParser(prog="pyro-nf")
+    >>> add_parser(parser.add_subparsers())
+    >>> parser.parse_args(["vae", "eval", "--split", "valid"]).split
+    'valid'
+    """
     vae = subparsers.add_parser("vae", help="flow-posterior VAE on binarized MNIST")
     commands = vae.add_subparsers(dest="vae_command", required=True)
 
@@ -92,16 +111,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _architecture_options(p)
     _recipe_options(p)
     _common(p)
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, summarize=_train_summary)
 
     p = commands.add_parser("eval", help="evaluate the checkpoint in --out")
     p.add_argument("--split", choices=["train", "valid", "test"], default="test")
     _common(p)
-    p.set_defaults(func=_eval)
+    p.set_defaults(func=_eval, summarize=_eval_summary)
 
 
 def _architecture_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--flow", choices=list(CONDITIONAL_FLOWS), default="none")
+    p.add_argument("--flow", choices=list(FLOWS), default="none")
     p.add_argument("--layers", type=int, default=10, help="flow layers (default: 10)")
     p.add_argument("--latent", type=int, default=40, help="latent size (default: 40)")
     p.add_argument(

@@ -65,13 +65,19 @@ def load_binarized_mnist(path: str | Path | None = None) -> dict[str, np.ndarray
             if shipped
             else "pass an existing .npz file, or omit --data to use the shipped binarized MNIST"
         )
-        raise FileNotFoundError(f"data file {str(file)!r} does not exist: {hint}")
+        problem = "is a directory, not a file" if file.is_dir() else "does not exist"
+        raise FileNotFoundError(f"data file {str(file)!r} {problem}: {hint}")
     try:
         with np.load(file, allow_pickle=False) as npz:
             found = list(npz.files)
             data = {key: npz[key] for key in SPLITS if key in found}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        # ValueError: numpy refuses pickled (object) arrays with allow_pickle=False
+    except ValueError as err:
+        # numpy reads any file that is neither .npz nor .npy as a pickle, which it refuses
+        # with advice to load it unsafely; the cause is that the file holds no plain arrays.
+        raise ValueError(
+            f"{file}: not a readable .npz file (not a zip of plain .npy arrays); {_EXPECTED}"
+        ) from err
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ValueError(f"{file}: not a readable .npz file ({err}); {_EXPECTED}") from err
     missing = [key for key in SPLITS if key not in data]
     if missing:

@@ -71,13 +71,32 @@ def init_distributed(device: str) -> DistContext:
     >>> ctx.rank, ctx.world_size
     (0, 1)
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
     torch_device = resolve_device(device, local_rank)
     if world_size > 1:
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        except (ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"WORLD_SIZE={world_size} but this process could not join the others ({first}); "
+                "launch with torchrun --nproc_per_node=N, or unset WORLD_SIZE for one process"
+            ) from err
     return DistContext(rank, world_size, torch_device)
+
+
+def _env_int(name: str, default: int) -> int:
+    """The integer in environment variable `name` (set by torchrun), or `default`."""
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"environment variable {name}={value!r} is not an integer; let torchrun set it, "
+            "or unset it for one process"
+        ) from None

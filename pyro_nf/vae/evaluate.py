@@ -8,18 +8,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..importance import log_mean_exp
 from .model import FlowVAE
 
 __all__ = [
     "evaluate",
     "image_log_likelihoods",
-    "log_importance_weights",
+    "image_log_weights",
     "log_likelihood",
     "mean_and_se",
 ]
 
 
-def log_importance_weights(vae: FlowVAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+def image_log_weights(vae: FlowVAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
     """``log p(x, z_k) − log q(z_k | x)`` for ``num_samples`` posterior draws per image.
 
     Parameters
@@ -38,7 +39,7 @@ def log_importance_weights(vae: FlowVAE, x: torch.Tensor, num_samples: int) -> t
     Examples
     --------
     >>> vae = FlowVAE(flow="planar", num_layers=2)
-    >>> log_importance_weights(vae, torch.zeros(3, 784), 5).shape
+    >>> image_log_weights(vae, torch.zeros(3, 784), 5).shape
     torch.Size([5, 3])
     """
     log_lik, log_ratio = vae.log_weight_terms(x, num_samples)
@@ -54,7 +55,8 @@ def log_likelihood(
     ``log p(x) ≈ log (1/K) Σ_k p(x, z_k) / q(z_k | x)``, ``z_k ~ q(z | x)``, a lower bound
     in expectation that tightens as K grows (Burda et al. 2016), and always ≥ the mean of
     the same log-weights (the ELBO estimate). The K draws are taken ``chunk_size`` at a
-    time and combined with a running ``logsumexp``, so memory is bounded whatever K is.
+    time, so the forward passes' memory is bounded whatever K is (the K log weights per
+    image are kept: 4 bytes each in float32).
 
     Parameters
     ----------
@@ -82,13 +84,13 @@ def log_likelihood(
         raise ValueError(
             f"num_samples and chunk_size must be >= 1, got {num_samples} and {chunk_size}"
         )
-    log_sum = x.new_full(x.shape[:1], -math.inf)
-    weight_sum = x.new_zeros(x.shape[:1])
-    for start in range(0, num_samples, chunk_size):
-        log_w = log_importance_weights(vae, x, min(chunk_size, num_samples - start))
-        log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
-        weight_sum = weight_sum + log_w.sum(0)
-    return log_sum - math.log(num_samples), weight_sum / num_samples
+    log_w = torch.cat(
+        [
+            image_log_weights(vae, x, min(chunk_size, num_samples - start))
+            for start in range(0, num_samples, chunk_size)
+        ]
+    )
+    return log_mean_exp(log_w), log_w.mean(0)
 
 
 def image_log_likelihoods(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +10,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..flows import ConditionalFlowPosterior
+from ..distribution import FlowDistribution
+from ..importance import log_mean_exp
 from .nets import Decoder, Encoder
 
 __all__ = ["FlowVAE"]
@@ -21,8 +21,10 @@ class FlowVAE(nn.Module):
     """Variational autoencoder with a normalizing-flow posterior (Rezende & Mohamed 2015).
 
     ``p(z) = N(0, I)``, ``p(x | z) = Bernoulli(decoder(z))`` and
-    ``q(z | x) = loc + scale ⊙ T(ε; h(x))``, ``ε ~ N(0, I)``, with ``T`` an amortized flow
-    (planar, radial, IAF or spline; ``"none"`` gives the diagonal-Gaussian baseline).
+    ``q(z | x) = loc + scale ⊙ T(ε; h(x))``, ``ε ~ N(0, I)``, with ``T`` a flow whose
+    layers read the encoder's context ``h(x)``: any family of `pyro_nf.flows.FLOWS`, built
+    by `pyro_nf.flows.build_flow` with ``context_dim`` the width of ``h`` (``"none"``
+    gives the diagonal-Gaussian baseline).
 
     `model` and `guide` are ordinary Pyro programs with a ``pyro.plate`` over the
     batch, usable with `pyro.infer.SVI`; they register the networks with
@@ -41,11 +43,13 @@ class FlowVAE(nn.Module):
     hidden_dims : sequence of int
         Hidden widths of the encoder MLP; the decoder mirrors them.
     flow : str
-        ``"none"``, ``"planar"``, ``"radial"``, ``"iaf"`` or ``"spline"``.
+        A registered flow family (`pyro_nf.flows.FLOWS`); ``"none"`` for no flow.
     num_layers : int
         Number of flow layers.
     flow_hidden_dims : sequence of int
-        Hidden widths of each flow layer's network (planar/radial use the first).
+        Hidden widths of each flow layer's network, for the families with networks
+        (planar and radial layers have none: their parameters come from one linear map
+        of the context).
     name : str
         Prefix of the Pyro parameter names.
 
@@ -100,7 +104,7 @@ class FlowVAE(nn.Module):
         """``p(x | z)``: independent Bernoulli pixels."""
         return dist.Bernoulli(logits=self.decoder(z)).to_event(1)
 
-    def posterior(self, x: torch.Tensor) -> ConditionalFlowPosterior:
+    def posterior(self, x: torch.Tensor) -> FlowDistribution:
         """``q(z | x)`` for a batch ``x`` of shape ``(batch, data_dim)``."""
         return self.encoder(x)
 
@@ -146,7 +150,7 @@ class FlowVAE(nn.Module):
         log_w = log_lik + beta * log_ratio
         if num_samples == 1:
             return -log_w.sum()
-        return -(torch.logsumexp(log_w, dim=0) - math.log(num_samples)).sum()
+        return -log_mean_exp(log_w).sum()
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..flows import ConditionalFlowPosterior, build_conditional_flow
+from ..distribution import FlowDistribution
+from ..flows import build_flow, get_flow_spec
 
 __all__ = ["Decoder", "Encoder"]
 
@@ -39,11 +40,11 @@ class Encoder(nn.Module):
     hidden_dims : sequence of int
         Hidden widths of the MLP.
     flow : str
-        Flow name (see `pyro_nf.flows.CONDITIONAL_FLOWS`).
+        Flow family (see `pyro_nf.flows.FLOWS`; ``"none"``: no flow).
     num_layers : int
         Number of flow layers.
     flow_hidden_dims : sequence of int
-        Hidden widths of the flow layers' networks.
+        Hidden widths of the flow layers' networks (for families with networks).
 
     Examples
     --------
@@ -67,15 +68,21 @@ class Encoder(nn.Module):
             raise ValueError("hidden_dims must name at least one width for the encoder MLP")
         self.hidden = nn.Sequential(_mlp([data_dim, *hidden_dims]), nn.ReLU())
         self.gaussian = nn.Linear(hidden_dims[-1], 2 * latent_dim)
-        self.flow = build_conditional_flow(
-            flow, latent_dim, hidden_dims[-1], num_layers, flow_hidden_dims
+        networks = "hidden_dims" in get_flow_spec(flow).options  # planar, radial: none
+        self.flow = build_flow(
+            flow,
+            latent_dim,
+            context_dim=hidden_dims[-1],
+            num_layers=num_layers,
+            hidden_dims=flow_hidden_dims if networks else None,
         )
 
-    def forward(self, x: torch.Tensor) -> ConditionalFlowPosterior:
+    def forward(self, x: torch.Tensor) -> FlowDistribution:
         context = self.hidden(x)
         loc, raw_scale = self.gaussian(context).chunk(2, dim=-1)
         scale = F.softplus(raw_scale) + _MIN_SCALE
-        return ConditionalFlowPosterior(loc, scale, self.flow.condition(context))
+        flow = self.flow.condition(context)
+        return FlowDistribution(loc, scale, flow, loc.shape[:-1])
 
 
 class Decoder(nn.Module):

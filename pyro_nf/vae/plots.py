@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from pathlib import Path
 
 import torch
+
+from .checkpoint import atomic_write
 
 __all__ = ["save_image_grid"]
 
@@ -15,7 +18,9 @@ def save_image_grid(images: torch.Tensor, path: str | Path, title: str, ncols: i
     """Save 28×28 images (rows of 784 values in [0, 1]) as a PNG grid.
 
     Returns ``False`` with a warning, and writes nothing, when matplotlib is not installed
-    (install the ``plot`` extra: ``pip install pyro-nf[plot]``).
+    (install the ``plot`` extra: ``pip install pyro-nf[plot]``). The file is written
+    atomically (`atomic_write`): a failed write raises `WriteError` and leaves an
+    existing file as it was.
 
     Examples
     --------
@@ -44,6 +49,8 @@ def save_image_grid(images: torch.Tensor, path: str | Path, title: str, ncols: i
     for ax, image in zip(axes.flat, images, strict=False):
         ax.imshow(image.reshape(28, 28), cmap="gray_r", vmin=0.0, vmax=1.0)
     fig.suptitle(title)
-    fig.savefig(path, dpi=80)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
+    atomic_write(path, lambda f: f.write(png.getbuffer()))
     return True

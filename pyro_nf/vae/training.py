@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pyro_nf.fitting import NonFiniteLossError
 
 from ..checks import check_int
-from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .checkpoint import WriteError, load_checkpoint, save_checkpoint, write_json
 from .data import SPLITS, load_binarized_mnist
 from .distributed import DistContext, init_distributed, resolve_device
 from .evaluate import evaluate
@@ -27,7 +27,14 @@ from .model import FlowVAE
 from .plots import save_image_grid
 from .recipe import TrainConfig, Trainer, option
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "evaluate_run", "train"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "WriteError",
+    "evaluate_run",
+    "train",
+]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -168,7 +175,17 @@ def train(config: TrainConfig) -> TrainResult:
     ------
     NonFiniteLossError
         If a loss or gradient is NaN/inf; the update is not applied (the model keeps the
-        last good parameters) and the last checkpoint, if any, is left as it was.
+        last good parameters) and the last checkpoint, if any, is left as it was. The
+        message names the epoch and step, the checkpoint kept and a smaller ``--lr``.
+    KeyboardInterrupt
+        On Ctrl-C, with a message saying which epoch the checkpoint holds.
+    MemoryError
+        If a training step does not fit in the device's memory; the message names the
+        epoch and step, the checkpoint kept and a smaller ``--batch-size``.
+    WriteError
+        If a checkpoint cannot be written (full disk, read-only directory): the previous
+        checkpoint is left as it was and the message says which epoch it holds. If the
+        final outputs cannot be written, the error's ``result`` holds the metrics.
 
     Examples
     --------
@@ -186,8 +203,10 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
+    # The checkpoint is read before --out is created, so that a wrong --resume leaves
+    # no empty directory behind.
+    state = _resume_state(config, Path(config.out) / CHECKPOINT, ctx.device)
     out = _writable_dir(config.out)
-    state = _resume_state(config, out / CHECKPOINT, ctx.device)
     data = load_binarized_mnist(config.data)
     train_x = _subset(data["train"], config.train_subset).to(ctx.device)
     trainer = _setup(config, ctx, state, out / CHECKPOINT, train_x)
@@ -200,28 +219,60 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
         seed=config.seed,
         drop_last=ctx.world_size > 1,
     )
-    for epoch in range(len(history), config.epochs):
-        history.append(_run_epoch(trainer, train_x, epoch, sampler, ctx, history, out))
+    saved = len(history)  # epochs the checkpoint holds
+    try:
+        for epoch in range(len(history), config.epochs):
+            history.append(_run_epoch(trainer, train_x, epoch, sampler, ctx, history))
+            if ctx.is_main:
+                _save(trainer, history, out / CHECKPOINT)
+            saved = len(history)
+        metrics: dict[str, Any] = {
+            "config": config.to_dict(),
+            "history": history,
+            "world_size": ctx.world_size,
+        }
         if ctx.is_main:
-            save_checkpoint(
-                {
-                    "model": trainer.vae.state_dict(),
-                    "optimizer": trainer.optimizer.state_dict(),
-                    "config": config.to_dict(),
-                    "epoch": epoch + 1,
-                    "updates": trainer.updates,
-                    "history": history,
-                },
-                out / CHECKPOINT,
-            )
-    metrics: dict[str, Any] = {
-        "config": config.to_dict(),
-        "history": history,
-        "world_size": ctx.world_size,
-    }
-    if ctx.is_main:
-        _finish(trainer.vae, config, _subset(data["test"], config.eval_subset), metrics, out)
+            _finish(trainer.vae, config, _subset(data["test"], config.eval_subset), metrics, out)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted(saved, config)) from None
     return TrainResult(trainer.vae, metrics, ctx.rank)
+
+
+def _interrupted(saved: int, config: TrainConfig) -> str:
+    """What an interrupted run leaves behind, and how to go on from it."""
+    path = Path(config.out) / CHECKPOINT
+    if saved == 0:
+        return f"no epoch was finished, so no checkpoint was written to {config.out}"
+    if saved < config.epochs:
+        return f"{path} holds epoch {saved} of {config.epochs}: --resume continues from there"
+    return (
+        f"{path} holds epoch {saved} of {config.epochs}, the finished run: "
+        f"pyro-nf vae eval --out {config.out} evaluates it"
+    )
+
+
+def _save(trainer: Trainer, history: list[dict[str, Any]], path: Path) -> None:
+    """Save the checkpoint after epoch ``len(history)``; if that fails, say what is kept."""
+    epoch = len(history)
+    state = {
+        "model": trainer.vae.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "config": trainer.config.to_dict(),
+        "epoch": epoch,
+        "updates": trainer.updates,
+        "history": history,
+    }
+    try:
+        save_checkpoint(state, path)
+    except WriteError as err:
+        if epoch > 1:
+            kept = (
+                f"it still holds epoch {epoch - 1} (epoch {epoch} was not saved): "
+                f"{err.remedy}, or copy {path.parent} elsewhere, and continue with --resume"
+            )
+        else:
+            kept = f"no epoch was saved: {err.remedy}, or pass another --out, and train again"
+        raise WriteError(path, err, advice=kept) from err
 
 
 def _setup(
@@ -249,7 +300,6 @@ def _run_epoch(
     sampler: DistributedSampler,
     ctx: DistContext,
     history: list[dict[str, Any]],
-    out: Path,
 ) -> dict[str, Any]:
     """One pass over the (shuffled) training images; returns the epoch's history entry."""
     config = trainer.config
@@ -266,7 +316,9 @@ def _run_epoch(
         try:
             total -= trainer.step(x, ctx.all_true)
         except NonFiniteLossError as err:
-            raise _diverged(err, epoch, step, history, out) from None
+            raise _diverged(err, epoch, step, history, trainer) from None
+        except torch.OutOfMemoryError as err:
+            raise _out_of_memory(err, epoch, step, history, trainer) from None
         count += len(x)
         bar.set_postfix(bound=f"{total / count:.2f}", refresh=False)
     seconds = time.perf_counter() - start
@@ -282,16 +334,13 @@ def _run_epoch(
 
 
 def _diverged(
-    err: NonFiniteLossError, epoch: int, step: int, history: list[dict[str, Any]], out: Path
+    err: NonFiniteLossError, epoch: int, step: int, history: list[dict[str, Any]], trainer: Trainer
 ) -> NonFiniteLossError:
-    """The error for a diverged run, saying truly what the run directory holds."""
-    if history:
-        saved = f"{out / CHECKPOINT} still holds epoch {len(history)}"
-    else:
-        saved = f"no checkpoint was written to {out} (the run diverged in its first epoch)"
+    """The error for a diverged run: where, what the run directory still holds, what to try."""
+    lr = trainer.config.lr
+    retry = _retry(history, trainer.config.out, "--lr", f"{lr / 2:.3g} (half of {lr:g})")
     return NonFiniteLossError(
-        f"training diverged at epoch {epoch + 1}, step {step + 1}: {err}; {saved}. "
-        "Try a smaller --lr or a longer --warmup.",
+        f"training diverged at epoch {epoch + 1}, step {step + 1}: {err}; {retry}",
         step=step,
         site=None,
         parameters=err.parameters,
@@ -299,21 +348,60 @@ def _diverged(
     )
 
 
+def _out_of_memory(
+    err: torch.OutOfMemoryError,
+    epoch: int,
+    step: int,
+    history: list[dict[str, Any]],
+    trainer: Trainer,
+) -> MemoryError:
+    """The error for a step that did not fit in the device's memory, and what to try."""
+    size = trainer.config.batch_size
+    half = f"{max(size // 2, 1)} (half of {size})"
+    cause = ". ".join(str(err).split(". ")[:2])  # "CUDA out of memory. Tried to allocate ..."
+    retry = _retry(history, trainer.config.out, "--batch-size", half)
+    if trainer.config.iwae > 1:
+        retry += " (or a smaller --iwae)"
+    return MemoryError(f"out of memory at epoch {epoch + 1}, step {step + 1} ({cause}); {retry}")
+
+
+def _retry(history: list[dict[str, Any]], out: str, option: str, value: str) -> str:
+    """What the run directory still holds after a failed step, and how to go on."""
+    if history:
+        return (
+            f"{Path(out) / CHECKPOINT} still holds epoch {len(history)}, the last good state: "
+            f"continue from it with a smaller {option}, e.g. --resume --force-resume "
+            f"{option} {value}"
+        )
+    return (
+        f"no checkpoint was written to {out} (the run stopped in its first epoch): train "
+        f"again with a smaller {option}, e.g. {option} {value}"
+    )
+
+
 def _finish(
     vae: FlowVAE, config: TrainConfig, test_x: torch.Tensor, metrics: dict[str, Any], out: Path
 ) -> None:
-    """Evaluate on test (unless `eval_samples` is 0), draw the pictures, write the metrics."""
+    """Evaluate on test (unless `eval_samples` is 0), draw the pictures, write the metrics.
+
+    Everything is computed before anything is written, the metrics first, so that a failed
+    write loses none of it: the `WriteError` carries the metrics.
+    """
     if config.eval_samples > 0:
         torch.manual_seed(config.seed)
         metrics["test"] = evaluate(
             vae, test_x, num_samples=config.eval_samples, progress=config.progress
         )
-    param = next(vae.parameters())
-    save_image_grid(vae.sample(50), out / "samples.png", "samples from the model")
-    x = test_x[:25].to(param)
+    samples = vae.sample(50)
+    x = test_x[:25].to(samples)
     pairs = torch.stack([x, vae.reconstruct(x)], dim=1).reshape(-1, x.shape[-1])
-    save_image_grid(pairs, out / "reconstructions.png", "test images | reconstructions")
-    write_json(metrics, out / METRICS)
+    try:
+        write_json(metrics, out / METRICS)
+        save_image_grid(samples, out / "samples.png", "samples from the model")
+        save_image_grid(pairs, out / "reconstructions.png", "test images | reconstructions")
+    except WriteError as err:
+        kept = f"{err.remedy}; the trained model is safe in {out / CHECKPOINT}"
+        raise WriteError(err.filename, err, advice=kept, result=metrics) from err
 
 
 def evaluate_run(
@@ -330,6 +418,12 @@ def evaluate_run(
     """Evaluate the checkpoint in `out` and write ``eval_<split>.json`` there.
 
     Returns the metrics of `pyro_nf.vae.evaluate` plus the run's config.
+
+    Raises
+    ------
+    WriteError
+        If ``eval_<split>.json`` cannot be written (a read-only run directory, a full
+        disk); the error's ``result`` holds the metrics, so nothing computed is lost.
 
     Examples
     --------
@@ -354,5 +448,10 @@ def evaluate_run(
         "epoch": state["epoch"],
         "config": state["config"],
     }
-    write_json(metrics, out / f"eval_{split}.json")
+    path = out / f"eval_{split}.json"
+    try:
+        write_json(metrics, path)
+    except WriteError as err:
+        advice = f"{err.remedy}, or evaluate a writable copy of {out}; the metrics were not saved"
+        raise WriteError(path, err, advice=advice, result=metrics) from err
     return metrics
