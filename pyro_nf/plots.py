@@ -11,7 +11,7 @@ from typing import Any
 import arviz as az
 import numpy as np
 
-from pyro_nf.infer import FitResult
+from pyro_nf.fitting import FitResult
 
 __all__ = ["plot_elbo", "plot_pair"]
 

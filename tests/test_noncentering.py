@@ -12,7 +12,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal
 
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.batching import BATCHINGS, Batching
-from pyro_nf.infer import fit
+from pyro_nf.fitting import fit
 from pyro_nf.noncentering import NonCenteredDistribution, NonCentering, find_hierarchical_sites
 from tests.models import SCHOOLS_SIGMA, SCHOOLS_Y, f64, funnel, schools
 

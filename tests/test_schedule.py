@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pyro_nf.schedule import Schedule
+from pyro_nf.fitting.schedule import Schedule
 
 
 def test_a_plateau_decays_then_stops():
