@@ -19,6 +19,8 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.transforms import Transform
 from torch import Tensor, nn
 
+from pyro_nf.flows.core import has_inverse
+
 __all__ = ["FlowDistribution", "FlowTransform"]
 
 #: ``flow(x, inverse=False) -> (y, log|det J| of the forward map)``
@@ -53,6 +55,10 @@ def _detached_parameters(module: nn.Module) -> Iterator[None]:
     finally:
         for submodule, name, param in saved:
             submodule._parameters[name] = param
+
+
+def _layers(flow: nn.Module) -> list[nn.Module]:
+    return list(getattr(flow, "layers", [flow]))
 
 
 class ScoresOwnDraws:
@@ -224,6 +230,14 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
         False
         """
         if isinstance(self.flow, nn.Module):
+            if not has_inverse(self.flow):
+                missing = [type(x).__name__ for x in _layers(self.flow) if not has_inverse(x)]
+                raise NotImplementedError(
+                    f"the flow layer {', '.join(missing)} has no inverse (no "
+                    "inverse_and_log_det), and a law with detached parameters scores points "
+                    "through the inverse: estimator='stl' and 'iw' need one; use "
+                    "estimator='elbo'"
+                )
             module = self.flow
 
             def flow(x: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ from pyro_nf.fitting import FitResult
 __all__ = ["plot_elbo", "plot_pair"]
 
 
-def _pyplot():
+def _pyplot() -> Any:
     try:
         import matplotlib.pyplot as plt
     except ImportError:

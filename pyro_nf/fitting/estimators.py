@@ -18,6 +18,7 @@ from pyro.infer import Trace_ELBO
 from torch import Tensor
 
 from pyro_nf.distribution import FlowDistribution
+from pyro_nf.log_joint import subsampled_plates
 from pyro_nf.noncentering import NonCenteredDistribution
 
 __all__ = [
@@ -131,15 +132,14 @@ def check_unsubsampled(
     with torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    for site in trace.nodes.values():
-        for frame in site.get("cond_indep_stack", ()):
-            if frame.full_size is not None and frame.size != frame.full_size:
-                raise ValueError(
-                    f"estimator='iw' cannot fit a model with a subsampled plate "
-                    f"({frame.name!r}: {frame.size} of {frame.full_size} per step): the "
-                    "importance-weighted bound is not unbiased under data subsampling. Use "
-                    "estimator='elbo' or 'stl', or the full data (no subsample_size)."
-                )
+    plates = subsampled_plates(trace)
+    if plates:
+        name, (size, full_size) = next(iter(plates.items()))
+        raise ValueError(
+            f"estimator='iw' cannot fit a model with a subsampled plate ({name!r}: {size} of "
+            f"{full_size} per step): the importance-weighted bound is not unbiased under data "
+            "subsampling. Use estimator='elbo' or 'stl', or the full data (no subsample_size)."
+        )
 
 
 def _log_weight(

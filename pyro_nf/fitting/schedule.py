@@ -54,8 +54,11 @@ class Schedule:
     def __post_init__(self) -> None:
         for name, low in (("window", 2), ("patience", 1), ("num_decays", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Schedule.{name} must be an integer >= {low}, got {value!r}")
+            message = f"Schedule.{name} must be an integer >= {low}, got {value!r}"
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(message)
+            if value < low:
+                raise ValueError(message)
         for name in ("decay", "anneal_to"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"Schedule.{name} must be in (0, 1], got {getattr(self, name)}")
