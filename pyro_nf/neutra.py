@@ -29,12 +29,14 @@ import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer import MCMC, NUTS
+from pyro.infer.mcmc.util import initialize_model
 from pyro.infer.reparam import NeuTraReparam
 from torch import Tensor
 
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.diagnostics import _site_dims
 from pyro_nf.distribution import _detached_parameters
+from pyro_nf.fitting.threads import choose_threads, restored_threads
 from pyro_nf.saved_state import site_signature
 
 __all__ = ["MCMCResult", "neutra_mcmc", "nuts_mcmc"]
@@ -58,6 +60,10 @@ class MCMCResult:
         Leapfrog steps over all chains, warm-up included: the sampler's cost.
     seconds : float
         Wall-clock time of the sampling, warm-up included.
+    num_threads : int
+        Torch's intra-op thread count the chains ran with: the faster of the caller's
+        count and one thread, timed on the potential's gradient before sampling (the
+        caller's count is restored after).
 
     Examples
     --------
@@ -73,6 +79,7 @@ class MCMCResult:
     inference_data: az.InferenceData
     num_gradient_evaluations: int
     seconds: float
+    num_threads: int
 
 
 class _RecordingNUTS(NUTS):
@@ -189,12 +196,16 @@ def _run(
     draws to the model's sites."""
     num_samples, warmup_steps, num_chains = budget
     chains, start = [], time.perf_counter()
-    for chain in range(num_chains):
-        if seed is not None:
-            pyro.set_rng_seed(seed + chain)
-        chains.append(
-            _run_chain(model, args, kwargs, num_samples, warmup_steps, progress, nuts_options or {})
-        )
+    with restored_threads():
+        threads = _choose_threads(model, args, kwargs)
+        for chain in range(num_chains):
+            if seed is not None:
+                pyro.set_rng_seed(seed + chain)
+            chains.append(
+                _run_chain(
+                    model, args, kwargs, num_samples, warmup_steps, progress, nuts_options or {}
+                )
+            )
     seconds = time.perf_counter() - start
     by_chain = [to_model(chain.samples) for chain in chains]
     samples = {name: torch.cat([draws[name] for draws in by_chain]) for name in by_chain[0]}
@@ -208,7 +219,20 @@ def _run(
     }
     idata = az.from_dict(posterior=posterior, sample_stats=stats, dims=dims)
     evaluations = sum(chain.num_gradient_evaluations for chain in chains)
-    return MCMCResult(samples, idata, evaluations, seconds)
+    return MCMCResult(samples, idata, evaluations, seconds, threads)
+
+
+def _choose_threads(model: Callable, args: tuple, kwargs: dict) -> int:
+    """Torch's intra-op thread count for the chains: the faster of the caller's count and
+    one thread, timed on the potential's gradient at an initial point (as `fit` times its
+    steps)."""
+    params, potential, _, _ = initialize_model(model, args, kwargs)
+
+    def gradient() -> None:
+        point = {name: value.detach().requires_grad_() for name, value in params.items()}
+        torch.autograd.grad(potential(point), list(point.values()))
+
+    return choose_threads(gradient).chosen
 
 
 def nuts_mcmc(

@@ -257,3 +257,24 @@ def test_model_arguments_set_the_noncentring_map_for_calls_without_them():
     assert not torch.equal(at_one, at_three)  # theta's prior scale is read at the arguments
     with pytest.raises(TypeError, match="scale"):  # outside the block: none
         guide.get_transform()(eps)
+
+
+@pytest.mark.parametrize("sampler", ["nuts", "neutra"])
+def test_thread_count_is_chosen_recorded_and_the_callers_restored(sampler):
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        if sampler == "nuts":
+            result = nuts_mcmc(model, num_samples=5, warmup_steps=5, progress=False, seed=0)
+        else:
+            pyro.clear_param_store()
+            guide = AutoPlanarFlow(model, warm_start=None)
+            guide()
+            result = neutra_mcmc(model, guide, num_samples=5, warmup_steps=5, progress=False)
+        assert result.num_threads in (1, 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
