@@ -210,6 +210,24 @@ class NonCentering:
             )
         return images.reshape(latent.shape), log_dets.reshape(latent.shape[:-1])
 
+    def _read_priors(self, standardize: _Standardize, args: tuple, kwargs: dict) -> None:
+        """Run the model under `standardize` up to its last hierarchical site."""
+        try:
+            with poutine.block(), pyro.validation_enabled(False), standardize:
+                self.model(*args, **kwargs)
+        except _AllStandardized:
+            pass
+        except TypeError as error:
+            if args or kwargs:
+                raise
+            raise TypeError(
+                f"{error}: the guide learns {', '.join(map(repr, self.sites))} in non-centred "
+                "coordinates, and mapping them to the model's reads the model's prior "
+                "parameters at its arguments. Pass them (guide.median(*args, **kwargs), "
+                "guide.get_posterior(*args, **kwargs)) or call inside "
+                "`with guide.model_arguments(*args, **kwargs):`"
+            ) from error
+
     def _map(
         self, latent: Tensor, args: tuple, kwargs: dict, inverse: bool
     ) -> tuple[Tensor, Tensor]:
@@ -227,11 +245,7 @@ class NonCentering:
         # The model's own run (in the ELBO) validates its distributions; this one only reads
         # prior parameters, and stops after the last hierarchical site (the likelihood is
         # not needed).
-        try:
-            with poutine.block(), pyro.validation_enabled(False), standardize:
-                self.model(*args, **kwargs)
-        except _AllStandardized:
-            pass
+        self._read_priors(standardize, args, kwargs)
         parts, log_dets, start = [], [], 0
         for name, size in self.layout.sizes.items():
             if name in self.sites:

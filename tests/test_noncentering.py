@@ -237,3 +237,17 @@ def test_state_dict_from_noncentred_coordinates_refuses_the_model_coordinates(
     same()
     same.load_state_dict(state)
     assert torch.equal(same.loc, learned.loc)
+
+
+def test_a_call_without_the_models_arguments_says_how_to_give_them():
+    def required(y, sigma):
+        schools(y, sigma)
+
+    pyro.clear_param_store()
+    guide = AutoFlow(required, flow="planar", warm_start=None, noncentered=True)
+    guide(SCHOOLS_Y, SCHOOLS_SIGMA)
+    with pytest.raises(TypeError, match="'theta' in non-centred.*model_arguments"):
+        guide.median()
+    with guide.model_arguments(SCHOOLS_Y, SCHOOLS_SIGMA):
+        inside = guide.median()["mu"]
+    assert torch.equal(inside, guide.median(SCHOOLS_Y, SCHOOLS_SIGMA)["mu"])
