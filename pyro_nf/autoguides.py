@@ -18,7 +18,6 @@ scales and correlations are far from unit (flat priors on unscaled predictors, s
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -26,17 +25,16 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.transforms import ComposeTransform, Transform
+from pyro.distributions.transforms import Transform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.nn import PyroModule, PyroParam
-from pyro.nn.module import to_pyro_module_
+from pyro.nn import PyroParam
 from pyro.poutine import Trace
 from torch import Tensor, nn
 
 from pyro_nf.checks import check_int, check_positive, check_probabilities
-from pyro_nf.distribution import FlowDistribution, FlowTransform
-from pyro_nf.flows import FlowSpec, FlowStack, get_flow_spec
+from pyro_nf.distribution import FlowDistribution
+from pyro_nf.flows import FlowSpec, FlowStack, as_pyro_module, get_flow_spec
 from pyro_nf.laplace import LaplaceApproximation
 from pyro_nf.layout import LatentLayout
 from pyro_nf.noncentering import NonCenteredDistribution, NonCentering
@@ -256,7 +254,7 @@ class AutoFlow(AutoContinuous):
             self.scale = PyroParam(
                 torch.full_like(start.loc, start.scale), constraints.softplus_positive
             )
-            _to_pyro_module(flow, _shared_modules(flow))  # parameters of the guide's own
+            as_pyro_module(flow)  # parameters of the guide's own
             self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
             GuideState.take_parameters(self._pyro_name, "flow", self.flow)
 
@@ -392,7 +390,7 @@ class AutoFlow(AutoContinuous):
         See `AutoFlow`'s example.
         """
         self._setup_loc("get_transform")
-        return _as_transform(self.get_posterior(*args, **kwargs))
+        return self.get_posterior(*args, **kwargs).as_transform()
 
     def _loc_scale(self, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
         """Location and marginal scale of the base Gaussian ``W(loc + scale * eps)``: the
@@ -454,25 +452,6 @@ class AutoFlow(AutoContinuous):
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
 
 
-def _shared_modules(module: nn.Module) -> set[int]:
-    """Ids of the submodules held more than once (a network's activation, say)."""
-    counts = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
-    return {key for key, count in counts.items() if count > 1}
-
-
-def _to_pyro_module(module: nn.Module, shared: set[int]) -> None:
-    """Make ``module`` and its submodules `PyroModule` s in place, as Pyro's
-    ``to_pyro_module_``, except those held more than once: a `PyroModule` has one name."""
-    if id(module) in shared:
-        return
-    if not isinstance(module, PyroModule):
-        to_pyro_module_(module, recurse=False)
-    for name, child in list(module._modules.items()):
-        if child is not None:
-            _to_pyro_module(child, shared)
-            setattr(module, name, child)
-
-
 @torch.no_grad()
 def _summary_draws(
     posterior: torch.distributions.Distribution, num_samples: int, device: torch.device
@@ -485,20 +464,6 @@ def _summary_draws(
         if device.type == "cuda":
             torch.cuda.manual_seed(0)
         return posterior.rsample((num_samples,))
-
-
-def _as_transform(posterior: FlowDistribution | NonCenteredDistribution) -> Transform:
-    """A posterior's map from ``N(0, I)``, as a Pyro `Transform` (`FlowTransform`)."""
-    if isinstance(posterior, FlowDistribution):
-        return posterior.as_transform()
-    noncentering, args, kwargs = posterior.noncentering, posterior.args, posterior.kwargs
-
-    def to_noncentred(z: Tensor) -> tuple[Tensor, Tensor]:
-        u, log_det_inverse = noncentering(z, *args, inverse=True, **kwargs)
-        return u, -log_det_inverse
-
-    to_model = FlowTransform(lambda u: noncentering(u, *args, **kwargs), to_noncentred)
-    return ComposeTransform([posterior.base.as_transform(), to_model])
 
 
 _NAMED_GUIDE_EXAMPLE = """

@@ -27,12 +27,13 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions.transforms import ComposeTransform, Transform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from pyro_nf.batching import Batching, choose_batching
-from pyro_nf.distribution import ScoresOwnDraws
+from pyro_nf.distribution import FlowTransform, ScoresOwnDraws
 from pyro_nf.layout import LatentLayout
 from pyro_nf.log_joint import model_without_init
 
@@ -321,6 +322,23 @@ class NonCenteredDistribution(ScoresOwnDraws, TorchDistribution):
     def _log_prob_of(self, value: Tensor) -> Tensor:
         u, log_det = self.noncentering(value, *self.args, inverse=True, **self.kwargs)
         return self.base.log_prob(u) + log_det
+
+    def as_transform(self) -> Transform:
+        """The map from ``N(0, I)`` to this law's draws, as a Pyro `Transform`: the base's
+        map, then the non-centring map at the model's arguments.
+
+        Examples
+        --------
+        See `NonCenteredDistribution`'s; ``AutoFlow.get_transform`` returns this.
+        """
+        noncentering, args, kwargs = self.noncentering, self.args, self.kwargs
+
+        def to_noncentred(z: Tensor) -> tuple[Tensor, Tensor]:
+            u, log_det_inverse = noncentering(z, *args, inverse=True, **kwargs)
+            return u, -log_det_inverse
+
+        to_model = FlowTransform(lambda u: noncentering(u, *args, **kwargs), to_noncentred)
+        return ComposeTransform([self.base.as_transform(), to_model])
 
     def detach_params(self) -> NonCenteredDistribution:
         """The same law with the base's parameters detached (see ``FlowDistribution``)."""
