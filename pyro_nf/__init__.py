@@ -27,6 +27,7 @@ _EXPORTS = {
     "AutoRadialFlow": "pyro_nf.autoguides",
     "AutoRealNVPFlow": "pyro_nf.autoguides",
     "AutoSplineFlow": "pyro_nf.autoguides",
+    "AutoStructuredFlow": "pyro_nf.structured",
     "LogEvidence": "pyro_nf.importance",
     "compare_to_mcmc": "pyro_nf.comparison",
     "khat_from_log_weights": "pyro_nf.importance",

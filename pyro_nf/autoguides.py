@@ -62,11 +62,9 @@ def _check_no_subsampled_locals(trace: Trace, guide_name: str) -> None:
                     f"{guide_name}: latent site {name!r} is local to the subsampled plate "
                     f"{frame.name!r} ({frame.size} of {frame.full_size} per step). A guide "
                     "over one joint vector would tie it to subsample positions and train to a "
-                    "wrong answer. Put the flow on the global latents and a plate-aware guide "
-                    "on the locals, e.g.\n"
-                    "    guide = AutoGuideList(model)\n"
-                    f"    guide.append({guide_name}(poutine.block(model, hide=[{name!r}])))\n"
-                    f"    guide.append(AutoNormal(poutine.block(model, expose=[{name!r}])))"
+                    "wrong answer. Use the structured guide, a flow on the global latents "
+                    "and plate-aware parameters for each member, conditioned on the globals:\n"
+                    "    guide = pyro_nf.AutoStructuredFlow(model)"
                 )
 
 
