@@ -40,7 +40,7 @@ from torch import Tensor
 from benchmarks.fit_cost import PROBLEMS
 from benchmarks.plain_svi import CACHE, _load, moment_errors, reference, robust
 from pyro_nf import AutoSplineFlow, fit
-from pyro_nf.estimators import vmap_draws
+from pyro_nf.fitting.estimators import vmap_draws
 
 
 def weighted_draws(

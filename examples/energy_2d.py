@@ -1,7 +1,7 @@
 """Flow guides on the four 2-D energy densities of Rezende & Mohamed (2015), Figure 3.
 
 For each target ``p(z) ∝ exp(-U(z))`` (U1-U4 of the paper's Table 1, from
-``benchmarks/targets.py``) and each guide, fit the guide with :func:`pyro_nf.infer.fit`,
+``benchmarks/targets.py``) and each guide, fit the guide with `pyro_nf.fit`,
 estimate ``KL(q‖p) = log Z - ELBO`` (the targets' normalisers are known) and the PSIS
 k-hat, and draw a figure: the true density, then a histogram of each guide's samples.
 

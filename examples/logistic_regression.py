@@ -10,7 +10,7 @@ Fowlkes & Hoadley (1989),
 on the temperature in degrees Fahrenheit as recorded (53-81 °F, not centred), with
 ``intercept ~ N(0, 10²)`` and ``slope ~ N(0, 1)``. Intercept and slope are then correlated
 at about -0.99 a posteriori: a mean-field AutoNormal cannot represent that and shrinks both
-marginal sds; a flow guide can. Each guide is fitted with :func:`pyro_nf.infer.fit` and
+marginal sds; a flow guide can. Each guide is fitted with `pyro_nf.fit` and
 checked against NUTS with :func:`pyro_nf.diagnostics.compare_to_mcmc` (errors of the
 posterior means and sds in NUTS posterior sds) and PSIS k-hat. The probability that an
 O-ring is distressed at 31 °F, the *Challenger* launch temperature, is an extrapolation far

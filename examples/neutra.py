@@ -35,7 +35,7 @@ from eight_schools import SIGMA, Y, centered  # the model of examples/eight_scho
 
 import pyro_nf
 from pyro_nf.diagnostics import psis_khat
-from pyro_nf.estimators import ESTIMATORS
+from pyro_nf.fitting.estimators import ESTIMATORS
 
 #: Exact marginals of the funnel: v ~ N(0, 3), and x_i with mean 0 and variance E[e^v].
 FUNNEL_X_SD = math.exp(9 / 4)

@@ -15,7 +15,7 @@ Models (all float64):
 Each model's reference is one seeded NUTS chain, cached under
 ``--cache``, run on the model reparametrised by the affine map of its Laplace
 approximation (the same posterior; it spares NUTS a long warm-up), for the schools on the
-non-centered model. Each guide is fitted by `pyro_nf.infer.fit` with default settings;
+non-centered model. Each guide is fitted by `pyro_nf.fit` with default settings;
 the table reports, over all scalar latent parameters in unconstrained space, the largest
 |mean - NUTS mean| / NUTS sd and |log(sd / NUTS sd)|, and the wall time of the fit
 (warm start included; the setup column is the first step's, which holds it).
@@ -48,7 +48,7 @@ from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_nf.autoguides import AutoFlow, AutoIAFFlow
-from pyro_nf.infer import fit
+from pyro_nf.fitting import fit
 from pyro_nf.laplace import laplace_approximation
 from pyro_nf.log_joint import unconstrained_log_joint
 

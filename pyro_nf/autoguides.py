@@ -2,45 +2,46 @@
 
 All guides share one construction: the model's latent sites are mapped to an
 unconstrained joint vector (Pyro's `pyro.infer.autoguide.AutoContinuous`), and
-the posterior over that vector is ``z = loc + scale * f(eps)``, ``eps ~ N(0, I)``, with
-``loc`` started at ``init_loc_fn``'s point, ``scale`` at ``init_scale`` and the flow ``f``
-at the identity. Step 0 is therefore the AutoNormal guide, and the flow only has to learn
-the posterior's shape, in standardised units, wherever the posterior sits.
+the posterior over that vector is ``z = W(loc + scale * f(eps))``, ``eps ~ N(0, I)``, with
+the flow ``f`` started at the identity and ``W`` the fixed whitening map of the start
+(`pyro_nf.whitening.Whitening`). Without a warm start ``W`` is the identity, ``loc`` starts
+at ``init_loc_fn``'s point and ``scale`` at ``init_scale``: step 0 is the AutoNormal
+guide, and the flow only has to learn the posterior's shape, in standardised units.
 
 With the Laplace warm start (``warm_start="laplace"``, the default) the guide first finds
-the MAP in unconstrained space and the Hessian there (`pyro_nf.laplace`), and the
-same construction runs in the coordinates this whitens:
-``z = m + L (loc + scale * f(eps))`` with ``m`` the MAP and ``L L^T`` the inverse Hessian,
-``loc`` started at 0 and ``scale`` at 1. Step 0 is then the Laplace approximation, and
-every learnable parameter lives on the posterior's own scale, which is what lets Adam
-fit posteriors whose scales and correlations are far from unit (flat priors on unscaled
-predictors, say).
+the MAP in unconstrained space and the Hessian there (`pyro_nf.laplace`), and
+``W(x) = m + L x`` with ``m`` the MAP and ``L L^T`` the inverse Hessian, ``loc`` started at
+0 and ``scale`` at 1. Step 0 is then the Laplace approximation, and every learnable
+parameter lives on the posterior's own scale, which is what lets Adam fit posteriors whose
+scales and correlations are far from unit (flat priors on unscaled predictors, say).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.distributions import constraints
-from pyro.distributions.transforms import ComposeTransform, Transform
-from pyro.distributions.util import sum_rightmost
+from pyro.distributions.transforms import Transform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
+from pyro.poutine import Trace
 from torch import Tensor, nn
 
 from pyro_nf.checks import check_int, check_positive, check_probabilities
-from pyro_nf.distribution import FlowDistribution, FlowTransform
-from pyro_nf.flows import FlowSpec, get_flow_spec
+from pyro_nf.distribution import FlowDistribution
+from pyro_nf.flows import FlowSpec, FlowStack, as_pyro_module, get_flow_spec
 from pyro_nf.laplace import LaplaceApproximation
 from pyro_nf.layout import LatentLayout
 from pyro_nf.noncentering import NonCenteredDistribution, NonCentering
+from pyro_nf.saved_state import GuideState, check_saved, saved_start
 from pyro_nf.starts import Start, choose_start
+from pyro_nf.summaries import fixed_random_state
+from pyro_nf.whitening import Whitening
 
 __all__ = [
     "AutoFlow",
@@ -54,7 +55,7 @@ __all__ = [
 WARM_STARTS = ("laplace", None)
 
 
-def _check_no_subsampled_locals(trace, guide_name: str) -> None:
+def _check_no_subsampled_locals(trace: Trace, guide_name: str) -> None:
     for name, site in trace.iter_stochastic_nodes():
         for frame in site["cond_indep_stack"]:
             if frame.full_size is not None and frame.size != frame.full_size:
@@ -62,27 +63,34 @@ def _check_no_subsampled_locals(trace, guide_name: str) -> None:
                     f"{guide_name}: latent site {name!r} is local to the subsampled plate "
                     f"{frame.name!r} ({frame.size} of {frame.full_size} per step). A guide "
                     "over one joint vector would tie it to subsample positions and train to a "
-                    "wrong answer. Put the flow on the global latents and a plate-aware guide "
-                    "on the locals, e.g.\n"
-                    "    guide = AutoGuideList(model)\n"
-                    f"    guide.append({guide_name}(poutine.block(model, hide=[{name!r}])))\n"
-                    f"    guide.append(AutoNormal(poutine.block(model, expose=[{name!r}])))"
+                    "wrong answer. Use the structured guide, a flow on the global latents "
+                    "and plate-aware parameters for each member, conditioned on the globals:\n"
+                    "    guide = pyro_nf.AutoStructuredFlow(model)"
                 )
+
+
+def _check_choices(warm_start: str | None, noncentered: str | bool) -> tuple:
+    if warm_start not in WARM_STARTS:
+        raise ValueError(f"warm_start must be 'laplace' or None, got {warm_start!r}")
+    if not (isinstance(noncentered, bool) or noncentered == "auto"):
+        raise ValueError(f"noncentered must be 'auto', True or False, got {noncentered!r}")
+    return warm_start, noncentered
 
 
 class AutoFlow(AutoContinuous):
     r"""Normalizing-flow guide over all continuous latent sites of a model.
 
     The posterior over the unconstrained joint latent vector is
-    $z = m + L(\mu + \sigma \odot f(\varepsilon))$, $\varepsilon \sim N(0, I)$,
-    with the flow $f$ (any family of `pyro_nf.flows.FLOWS`) started at the
-    identity. With the Laplace warm start, $m$ is the MAP and $L$ the Cholesky
-    factor of the inverse Hessian there (fixed; see `pyro_nf.laplace_approximation`),
-    and $\mu = 0$, $\sigma = 1$ at the start, so the guide starts at the Laplace
-    approximation and learns in whitened coordinates. Without it, $m = 0$,
-    $L = I$, $\mu$ starts at ``init_loc_fn``'s point and $\sigma$ at
-    ``init_scale``. The warm start runs on the guide's first call (it needs the model's
-    arguments) and is kept in `laplace`.
+    $z = W(\mu + \sigma \odot f(\varepsilon))$, $\varepsilon \sim N(0, I)$,
+    with the flow $f$ (any family of `pyro_nf.flows.FLOWS`) started at the identity and
+    $W$ the fixed whitening map of the start (`whitening`). With the Laplace warm start,
+    $W(x) = m + L x$ with $m$ the MAP and $L$ the Cholesky factor of the inverse Hessian
+    there (see `pyro_nf.laplace_approximation`), and $\mu = 0$, $\sigma = 1$ at the
+    start, so the guide starts at the Laplace approximation and learns in whitened
+    coordinates. Without it, $W$ is the identity, $\mu$ starts at ``init_loc_fn``'s point
+    and $\sigma$ at ``init_scale``. The start is chosen on the guide's first call (it needs
+    the model's arguments), unless Pyro's param store holds a loaded fit of this guide
+    (see the docs' page on saving and loading guides).
 
     Parameters
     ----------
@@ -138,15 +146,16 @@ class AutoFlow(AutoContinuous):
     default_lr : float
         The Adam learning rate that suits this flow family; `pyro_nf.fit` uses it
         when no ``lr`` is given.
+    start : Start or None
+        The start taken, once set up: its label, ELBO, reason and every candidate's ELBO
+        (see `pyro_nf.starts.Start`).
     laplace : LaplaceApproximation or None
         The warm start's result (mode, scales, whether it converged), once set up.
     noncentering : NonCentering or None
         The map from the non-centred coordinates the guide learns in to the model's
         unconstrained ones, once set up; None when it learns in the model's coordinates.
-    start : Start or None
-        The start taken, once set up: its label, ELBO, reason and every candidate's ELBO
-        (see `pyro_nf.starts.Start`). ``state_dict`` records its kind and coordinates, and
-        loading a state learned from another refuses, naming the difference.
+    whitening : Whitening or None
+        The start's whitening map $W$, once set up.
 
     Examples
     --------
@@ -155,6 +164,7 @@ class AutoFlow(AutoContinuous):
     >>> def model():
     ...     x = pyro.sample("x", dist.Normal(10.0, 1.0))
     ...     pyro.sample("y", dist.Normal(x, 1.0), obs=torch.tensor(12.0))
+    >>> pyro.clear_param_store()  # a guide takes a fit under its name from the store
     >>> guide = AutoFlow(model, flow="planar", num_layers=2)
     >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": guide.default_lr}), Trace_ELBO())
     >>> loss = svi.step()
@@ -162,15 +172,16 @@ class AutoFlow(AutoContinuous):
     ['x']
 
     The hooks Pyro's tools read: `get_base_dist`, the law `N(0, I)` that `get_transform`
-    maps to the unconstrained latent vector (what `NeuTraReparam` runs HMC through), and
-    the meaning of the parameters saved in `state_dict` (`get_extra_state`):
+    maps to the unconstrained latent vector (what `NeuTraReparam` runs HMC through),
+    `_loc_scale`, and the description of the parameters saved in `state_dict`
+    (`get_extra_state`, checked on load):
 
     >>> guide.get_base_dist().event_shape
     torch.Size([1])
     >>> transform, eps = guide.get_transform(), torch.randn(5, 1)
     >>> bool(torch.allclose(transform.inv(transform(eps)), eps, atol=1e-4))
     True
-    >>> guide.state_dict()["_extra_state"]["start"]
+    >>> guide.state_dict()["_extra_state"]["start"]["kind"]
     'laplace'
     """
 
@@ -189,7 +200,7 @@ class AutoFlow(AutoContinuous):
         warm_start: str | None = "laplace",
         noncentered: str | bool = "auto",
         **flow_options: object,
-    ):
+    ) -> None:
         if flow is not None and self.flow_name is not None and flow != self.flow_name:
             raise ValueError(
                 f"{type(self).__name__} always uses flow={self.flow_name!r}; use "
@@ -198,187 +209,164 @@ class AutoFlow(AutoContinuous):
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         self.flow_spec: FlowSpec = get_flow_spec(flow or self.flow_name or "spline")
-        build_flow = self.flow_spec.bind(
+        self._flow_builder = self.flow_spec.bind(
             num_layers=num_layers, hidden_dims=hidden_dims, **flow_options
         )
+        # Every option that shapes a parameter, recorded in the saved state.
+        self.flow_options = {"num_layers": self._flow_builder.num_layers}
+        self.flow_options |= self._flow_builder.options
         # Wider starts overflow float32 log densities (and any exp-transformed site first).
-        init_scale = check_positive("init_scale", init_scale, maximum=1e6)
-        num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
-        if warm_start not in WARM_STARTS:
-            raise ValueError(f"warm_start must be 'laplace' or None, got {warm_start!r}")
-        if not (isinstance(noncentered, bool) or noncentered == "auto"):
-            raise ValueError(f"noncentered must be 'auto', True or False, got {noncentered!r}")
-        self.warm_start = warm_start
-        self.noncentered = noncentered
-        self.laplace: LaplaceApproximation | None = None
-        self.noncentering: NonCentering | None = None
+        self._init_scale = check_positive("init_scale", init_scale, maximum=1e6)
+        self.num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
+        self.warm_start, self.noncentered = _check_choices(warm_start, noncentered)
         self.start: Start | None = None
-        self._model_args: tuple[tuple, dict] = ((), {})
-        self._init_scale = init_scale
-        self._build_flow = build_flow
-        self.num_summary_samples = num_summary_samples
+        self.whitening: Whitening | None = None
+        self._arguments: tuple[tuple, dict] | None = None  # set by model_arguments only
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     @property
     def default_lr(self) -> float:
         return self.flow_spec.lr
 
-    def _setup_prototype(self, *args, **kwargs) -> None:
-        guide_name = type(self).__name__
-        try:
-            super()._setup_prototype(*args, **kwargs)
-            _check_no_subsampled_locals(self.prototype_trace, guide_name)
-            self._latent_layout = LatentLayout(self)
+    @property
+    def laplace(self) -> LaplaceApproximation | None:
+        return None if self.start is None else self.start.laplace
+
+    @property
+    def noncentering(self) -> NonCentering | None:
+        return None if self.start is None else self.start.noncentering
+
+    def _setup_prototype(self, *args: object, **kwargs: object) -> None:
+        # In the module's context, parameters already in Pyro's param store are taken.
+        with self._pyro_context:
             try:
-                flow = self._build_flow(self.latent_dim)
-            except ValueError as error:
-                sites = ", ".join(repr(name) for name in self._unconstrained_shapes)
-                raise ValueError(
-                    f"{guide_name} on latent site(s) {sites} "
-                    f"({self.latent_dim} unconstrained dimension(s)): {error}"
-                ) from None
-            self._model_args = (args, kwargs)
-            with torch.enable_grad():  # the MAP search, also from median() under no_grad
-                start = choose_start(
-                    self,
-                    args,
-                    kwargs,
-                    warm_start=self.warm_start,
-                    noncentered=self.noncentered,
-                    init_scale=self._init_scale,
-                )
-        except Exception:
-            self.prototype_trace = None  # a failed setup leaves the guide as it was
-            raise
-        self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
-        self.start = start
-        self.noncentering = start.noncentering
-        self.laplace = start.laplace
-        self.scale = PyroParam(
-            torch.full_like(start.loc, start.scale), constraints.softplus_positive
-        )
-        if start.laplace is None:
-            self.loc = nn.Parameter(start.loc)
-            return
-        # Buffers, so that they follow the guide across devices and into its state_dict.
-        self.register_buffer("laplace_loc", start.laplace.loc)
-        self.register_buffer("laplace_scale", start.laplace.scale)
-        self.register_buffer("laplace_scale_tril", start.laplace.scale_tril)
-        self.loc = nn.Parameter(torch.zeros_like(start.loc))
+                super()._setup_prototype(*args, **kwargs)
+                _check_no_subsampled_locals(self.prototype_trace, type(self).__name__)
+                self._latent_layout = LatentLayout(self)
+                flow = self._build_flow()
+                start = saved_start(self, args, kwargs) or self._new_start(args, kwargs)
+            except Exception:
+                self.prototype_trace = None  # a failed setup leaves the guide as it was
+                raise
+            self._adopt(start)
+            self.loc = nn.Parameter(start.base_loc)
+            self.scale = PyroParam(
+                torch.full_like(start.loc, start.scale), constraints.softplus_positive
+            )
+            as_pyro_module(flow)  # parameters of the guide's own
+            self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
+            GuideState.take_parameters(self._pyro_name, "flow", self.flow)
+
+    def _build_flow(self) -> FlowStack:
+        try:
+            return self._flow_builder(self.latent_dim)
+        except ValueError as error:
+            sites = ", ".join(repr(name) for name in self._unconstrained_shapes)
+            raise ValueError(
+                f"{type(self).__name__} on latent site(s) {sites} "
+                f"({self.latent_dim} unconstrained dimension(s)): {error}"
+            ) from None
+
+    def _new_start(self, args: tuple, kwargs: dict) -> Start:
+        options = {"warm_start": self.warm_start, "noncentered": self.noncentered}
+        with torch.enable_grad():  # the MAP search, also from median() under no_grad
+            return choose_start(self, args, kwargs, init_scale=self._init_scale, **options)
+
+    def _adopt(self, start: Start) -> None:
+        self.start, self.whitening = start, start.whitening
+        GuideState.of(self).write(self._pyro_name)
 
     def get_extra_state(self) -> dict:
-        """What the parameters in the guide's ``state_dict`` mean: the coordinates they were
-        learned in and the start they were learned from (empty before set-up).
+        """What the parameters in the guide's ``state_dict`` mean (see
+        `pyro_nf.saved_state.GuideState`): checked and restored by ``load_state_dict``,
+        which refuses a state of another model, flow or set-up, naming the difference.
 
         See `AutoFlow`'s example.
         """
-        if self.start is None:
-            return {}
-        return {
-            "latent_dim": self.latent_dim,
-            "coordinates": self.start.coordinates,
-            "noncentred_sites": list(self.noncentering.sites) if self.noncentering else [],
-            "start": "laplace" if self.laplace is not None else "isotropic",
-        }
+        return {} if self.start is None else GuideState.of(self).as_dict()
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, *args: object, **kwargs: object
+    ) -> None:
+        # Checked before any tensor is copied, and before torch compares shapes.
+        state = state_dict.get(prefix + "_extra_state")
+        if state is not None:
+            check_saved(self, GuideState.from_dict(state), "load_state_dict", (), {})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: dict) -> None:
-        """Refuse a saved state learned in other coordinates or from another start.
+        """Take the saved start (whitening and coordinates), checked by then.
 
-        Parameters of the same shapes mean different posteriors there (non-centred values
-        read as the model's own, say), so a load would otherwise succeed silently wrong.
+        See `AutoFlow`'s example.
         """
-        mine = self.get_extra_state()
-        if not mine:
-            raise RuntimeError(
-                f"{type(self).__name__}.load_state_dict: the guide is not set up yet; call "
-                "it once on the model's arguments, then load"
-            )
-        differences = [
-            f"{key}: saved {state.get(key)!r}, this guide {mine.get(key)!r}"
-            for key in sorted(mine.keys() | state.keys())
-            if state.get(key) != mine.get(key)
-        ]
-        if differences:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the saved state was learned in "
-                f"another set-up ({'; '.join(differences)}); build the guide with the same "
-                "noncentered= and warm_start= options, and call it on the same model "
-                "arguments, before loading"
-            )
+        self._adopt(GuideState.from_dict(state).restore_start(self))
 
-    def _unpack_latent(self, latent: Tensor):
+    @contextmanager
+    def model_arguments(self, *args: object, **kwargs: object) -> Iterator[None]:
+        """Within the block, calls given no model arguments use ``*args, **kwargs``.
+
+        For tools that call `get_transform` or `get_posterior` without arguments (Pyro's
+        `NeuTraReparam`): in non-centred coordinates these read the model's prior
+        parameters at the model's arguments. Outside such a block, a call without
+        arguments runs the model without any.
+
+        Examples
+        --------
+        >>> import pyro, pyro.distributions as dist
+        >>> def model(scale):
+        ...     tau = pyro.sample("tau", dist.LogNormal(0.0, 1.0))
+        ...     pyro.sample("theta", dist.Normal(0.0, scale * tau))
+        >>> pyro.clear_param_store()
+        >>> guide = AutoFlow(model, flow="planar", noncentered=True)
+        >>> _ = guide(2.0)
+        >>> with guide.model_arguments(2.0):
+        ...     transform = guide.get_transform()
+        >>> transform(torch.zeros(2)).shape
+        torch.Size([2])
+        """
+        saved, self._arguments = self._arguments, (args, kwargs)
+        try:
+            yield
+        finally:
+            self._arguments = saved
+
+    def _unpack_latent(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
         # Pyro's version recomputes the packing on every call (see pyro_nf.layout).
         for name, unconstrained_value in self._latent_layout.unpack(latent):
             yield self._latent_layout.sites[name], unconstrained_value
 
-    def forward(self, *args, **kwargs) -> dict:
+    def forward(self, *args: object, **kwargs: object) -> dict:
         """Draw the joint latent vector and return each site's value (as AutoContinuous).
 
         Pyro's ``AutoContinuous.forward``, except that each site's support transform is
-        looked up once (Pyro calls ``biject_to`` per site and step), sites on the real
-        line skip the transform and its zero log-det, and the site distributions are not
-        validated.
+        looked up once (see `pyro_nf.layout.LatentLayout.delta`).
         """
-        self._model_args = (args, kwargs)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
-        layout, masked = self._latent_layout, poutine.get_mask() is False
         result = {}
-        for name, unconstrained_value in layout.unpack(latent):
-            event_dim = layout.sites[name]["fn"].event_dim
-            transform = layout.transforms[name]
-            value, log_density = unconstrained_value, 0.0
-            if transform is not None:
-                value = transform(unconstrained_value)
-                if not masked:
-                    log_density = transform.inv.log_abs_det_jacobian(value, unconstrained_value)
-                    log_density = sum_rightmost(
-                        log_density, log_density.dim() - value.dim() + event_dim
-                    )
-            # Not validated: the value is the guide's own draw (a Delta does not check it)
-            # and the log-density our own transform's, which the loss would show as NaN.
-            delta = dist.Delta(
-                value, log_density=log_density, event_dim=event_dim, validate_args=False
-            )
+        for name, unconstrained_value in self._latent_layout.unpack(latent):
             with ExitStack() as stack:
                 for frame in self._cond_indep_stacks[name]:
                     stack.enter_context(plates[frame.name])
+                delta = self._latent_layout.delta(name, unconstrained_value)
                 result[name] = pyro.sample(name, delta)
         return result
 
-    def get_posterior(self, *args, **kwargs) -> FlowDistribution | NonCenteredDistribution:
-        """The flow distribution over the unconstrained joint latent vector.
-
-        With non-centred coordinates it needs the model's arguments; without them, those of
-        the guide's last call are used.
-        """
-        # Each attribute read once: inside a trace, a PyroModule attribute is a param
-        # statement (and the flow a pyro.module call over all its parameters).
-        loc, scale, flow = self.loc, self.scale, self.flow
-        if self.laplace is None:
-            posterior = FlowDistribution(loc, scale, flow, validate_args=False)
-        elif (scale_tril := self.laplace_scale_tril) is None:  # a diagonal warm start
-            base_scale = self.laplace_scale
-            posterior = FlowDistribution(
-                self.laplace_loc + base_scale * loc,
-                base_scale * scale,
-                flow,
-                validate_args=False,
-            )
-        else:
-            posterior = FlowDistribution(
-                self.laplace_loc + scale_tril @ loc,
-                scale,
-                flow,
-                validate_args=False,
-                scale_tril=scale_tril,
-            )
+    def get_posterior(
+        self, *args: object, **kwargs: object
+    ) -> FlowDistribution | NonCenteredDistribution:
+        """The flow distribution over the unconstrained joint latent vector: base, flow,
+        whitening and, in non-centred coordinates, the map to the model's coordinates at
+        the model's arguments (see `model_arguments`)."""
+        posterior = FlowDistribution(
+            self.loc, self.scale, self.flow, validate_args=False, whitening=self.whitening
+        )
         if self.noncentering is None:
             return posterior
-        if not args and not kwargs:
-            args, kwargs = self._model_args
+        if not args and not kwargs and self._arguments is not None:
+            args, kwargs = self._arguments
         return NonCenteredDistribution(posterior, self.noncentering, args, kwargs)
 
     def get_base_dist(self) -> dist.Distribution:
@@ -389,30 +377,28 @@ class AutoFlow(AutoContinuous):
         loc = self._setup_loc("get_base_dist")
         return dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
 
-    def get_transform(self, *args, **kwargs) -> Transform:
+    def get_transform(self, *args: object, **kwargs: object) -> Transform:
         """The map from `get_base_dist`'s draws to the unconstrained latent vector.
 
         `get_posterior` is this map's push-forward of ``N(0, I)``; as a Pyro `Transform`,
         with its inverse and log-determinant, it is what Pyro's `NeuTraReparam` runs HMC
         through. In non-centred coordinates the map ends with the non-centring map, which
-        reads the model's prior parameters at the arguments given, else at those of the
-        guide's last call (any arguments give a valid bijection; those the guide learned
-        at give NeuTra its best geometry).
+        reads the model's prior parameters at the arguments given (or those of
+        `model_arguments`).
 
         See `AutoFlow`'s example.
         """
         self._setup_loc("get_transform")
-        posterior = self.get_posterior(*args, **kwargs)
-        if self.noncentering is None:
-            return posterior.as_transform()
-        noncentering, args, kwargs = self.noncentering, posterior.args, posterior.kwargs
+        return self.get_posterior(*args, **kwargs).as_transform()
 
-        def to_noncentred(z: Tensor) -> tuple[Tensor, Tensor]:
-            u, log_det_inverse = noncentering(z, *args, inverse=True, **kwargs)
-            return u, -log_det_inverse
+    def _loc_scale(self, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+        """Location and marginal scale of the base Gaussian ``W(loc + scale * eps)``: the
+        posterior without its flow, in the coordinates the guide learns in.
 
-        to_model = FlowTransform(lambda u: noncentering(u, *args, **kwargs), to_noncentred)
-        return ComposeTransform([posterior.base.as_transform(), to_model])
+        See `AutoFlow`'s example.
+        """
+        loc = self._setup_loc("_loc_scale")
+        return self.whitening(loc)[0], self.whitening.marginal_scale(self.scale)
 
     def _setup_loc(self, method: str) -> Tensor:
         if self.prototype_trace is None:
@@ -422,19 +408,9 @@ class AutoFlow(AutoContinuous):
             )
         return self.loc
 
-    @torch.no_grad()
-    def _sample_unconstrained(self, num_samples: int, *args, **kwargs) -> Tensor:
-        """The summary draws: the same ones on every call (``median()`` is then exactly
-        ``quantiles([0.5])``), from a fixed seed in a forked random state, so that the
-        caller's random stream is left as it was."""
-        device = self.loc.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.random.default_generator.manual_seed(0)
-            if device.type == "cuda":
-                torch.cuda.manual_seed(0)
-            return self.get_posterior(*args, **kwargs).rsample((num_samples,))
-
-    def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict:
+    def quantiles(
+        self, quantiles: Sequence[float] | Tensor, *args: object, **kwargs: object
+    ) -> dict:
         """Posterior quantiles of each latent site, estimated by Monte Carlo.
 
         Quantiles are taken coordinate-wise in unconstrained space from
@@ -442,13 +418,15 @@ class AutoFlow(AutoContinuous):
         AutoNormal does with its exact quantiles). For element-wise monotone supports
         (real, positive, intervals) these are the marginal quantiles; for simplex or
         Cholesky-factor sites they are points in the support, not marginal quantiles.
+        The draws are the same on every call, from a fixed seed in a forked random state.
 
         Parameters
         ----------
         quantiles : sequence of float
             Probabilities in [0, 1].
         *args, **kwargs
-            The model's arguments (needed only before the guide's first call).
+            The model's arguments (needed before the guide's first call, and in
+            non-centred coordinates).
 
         Returns
         -------
@@ -458,18 +436,15 @@ class AutoFlow(AutoContinuous):
         probs = check_probabilities("quantiles", quantiles)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        with torch.no_grad():
-            samples = self._sample_unconstrained(self.num_summary_samples, *args, **kwargs)
+        posterior = self.get_posterior(*args, **kwargs)
+        with fixed_random_state(self.loc.device), torch.no_grad():
+            samples = posterior.rsample((self.num_summary_samples,))
         probs = probs.to(dtype=samples.dtype, device=samples.device)
-        result = {}
         # One quantile at a time: a batch dimension would not broadcast with plated sites.
-        for latent in torch.quantile(samples, probs, dim=0):
-            for name, unconstrained_value in self._latent_layout.unpack(latent):
-                value = self._latent_layout.constrain(name, unconstrained_value)
-                result.setdefault(name, []).append(value)
-        return {name: torch.stack(values) for name, values in result.items()}
+        values = [self._latent_layout.constrain_all(z) for z in torch.quantile(samples, probs, 0)]
+        return {name: torch.stack([value[name] for value in values]) for name in values[0]}
 
-    def median(self, *args, **kwargs) -> dict:
+    def median(self, *args: object, **kwargs: object) -> dict:
         """Posterior median of each latent site, estimated by Monte Carlo.
 
         Exactly ``quantiles([0.5])``, from the same draws; see `quantiles`.

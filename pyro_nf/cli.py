@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .infer import NonFiniteLossError
+from .fitting import NonFiniteLossError
 from .vae.cli import add_parser as add_vae_parser
 
 __all__ = ["COMMAND_GROUPS", "build_parser", "main"]

@@ -9,6 +9,7 @@ spline-flow guide can.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -17,7 +18,7 @@ from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_nf.autoguides import AutoSplineFlow
-from pyro_nf.infer import fit
+from pyro_nf.fitting import fit
 
 
 def regression_model(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
@@ -29,7 +30,7 @@ def regression_model(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         pyro.sample("y", dist.Normal(intercept + slope * x, noise), obs=y)
 
 
-def _correlation(guide, x: torch.Tensor, num_samples: int = 4000) -> float:
+def _correlation(guide: Callable, x: torch.Tensor, num_samples: int = 4000) -> float:
     predictive = Predictive(
         regression_model,
         guide=guide,

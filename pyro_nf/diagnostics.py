@@ -26,7 +26,7 @@ from torch import Tensor
 
 from pyro_nf.batching import Batching, choose_batching
 from pyro_nf.checks import check_int
-from pyro_nf.estimators import vmap_draws, vmapped_log_weights
+from pyro_nf.fitting.estimators import vmap_draws, vmapped_log_weights
 from pyro_nf.importance import (
     LogEvidence,
     check_psis_draws,

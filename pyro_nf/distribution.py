@@ -11,7 +11,6 @@ The same map, ``eps -> z``, is a Pyro `Transform` (`FlowTransform`, from
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -19,6 +18,8 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.transforms import Transform
 from torch import Tensor, nn
+
+from pyro_nf.flows.core import has_inverse
 
 __all__ = ["FlowDistribution", "FlowTransform"]
 
@@ -56,6 +57,10 @@ def _detached_parameters(module: nn.Module) -> Iterator[None]:
             submodule._parameters[name] = param
 
 
+def _layers(flow: nn.Module) -> list[nn.Module]:
+    return list(getattr(flow, "layers", [flow]))
+
+
 class ScoresOwnDraws:
     """Mixin: ``rsample`` keeps the log density of its draw, and ``log_prob`` of that very
     tensor returns it, so a guide's own sample is never scored through an inverse.
@@ -69,15 +74,6 @@ class ScoresOwnDraws:
         z, log_q = self.rsample_and_log_prob(sample_shape)
         self._last_sample = (z, log_q)
         return z
-
-    def rsample_with_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
-        """Deprecated name of `rsample_and_log_prob`, kept for one release."""
-        warnings.warn(
-            f"{type(self).__name__}.rsample_with_log_prob is deprecated; use rsample_and_log_prob",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.rsample_and_log_prob(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._last_sample is not None and value is self._last_sample[0]:
@@ -101,10 +97,11 @@ class ScoresOwnDraws:
 
 
 class FlowDistribution(ScoresOwnDraws, TorchDistribution):
-    r"""Law of $z = \mu + \sigma \odot f(\varepsilon)$ with $\varepsilon \sim N(0, I)$.
+    r"""Law of $z = W(\mu + \sigma \odot f(\varepsilon))$ with $\varepsilon \sim N(0, I)$.
 
-    With a ``scale_tril`` $L$, the law of $z = \mu + L(\sigma \odot f(\varepsilon))$: the
-    flow then acts in the coordinates that $L$ whitens.
+    $W$ is a fixed map ending the construction, the identity by default; a flow guide's
+    `pyro_nf.whitening.Whitening` (the Laplace start's affine map), under which the flow
+    acts in the coordinates $W$ whitens.
 
     Parameters
     ----------
@@ -116,8 +113,8 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
         ``flow(x, inverse=False) -> (y, log_det)``, e.g. a `FlowStack`.
     batch_shape : sequence of int
         Batch shape (independent copies), as used by vectorised ELBO particles.
-    scale_tril : Tensor, optional
-        Lower-triangular $L$ with a positive diagonal, shape ``(dim, dim)``.
+    whitening : callable, optional
+        $W$, with the same protocol as ``flow`` (default: the identity).
 
     Examples
     --------
@@ -143,13 +140,13 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
         scale: Tensor,
         flow: FlowFn,
         batch_shape: Sequence[int] = (),
-        validate_args=None,
-        scale_tril: Tensor | None = None,
-    ):
+        validate_args: bool | None = None,
+        whitening: FlowFn | None = None,
+    ) -> None:
         self.loc = loc
         self.scale = scale
         self.flow = flow
-        self.scale_tril = scale_tril
+        self.whitening = whitening or _identity
         super().__init__(
             batch_shape=torch.Size(batch_shape),
             event_shape=loc.shape[-1:],
@@ -176,8 +173,8 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
         ([2.0, 2.0], 1.3863)
         """
         x, log_det = self.flow(eps)
-        z = self.loc + self._apply_tril(self.scale * x)
-        return z, log_det + self._log_abs_det_scale()
+        z, log_det_whitening = self.whitening(self.loc + self.scale * x)
+        return z, log_det + self.scale.log().sum(-1) + log_det_whitening
 
     def pull_back(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(eps, log|det dz/deps|)``: the inverse of `push_forward`, with the forward
@@ -192,12 +189,9 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
         >>> eps.round(decimals=4).tolist(), round(float(log_det), 4)
         ([0.5, 0.5], 1.3863)
         """
-        x = z - self.loc
-        if self.scale_tril is not None:
-            x = torch.linalg.solve_triangular(self.scale_tril, x.unsqueeze(-1), upper=False)
-            x = x.squeeze(-1)
-        eps, log_det = self.flow(x / self.scale, inverse=True)
-        return eps, log_det + self._log_abs_det_scale()
+        x, log_det_whitening = self.whitening(z, inverse=True)
+        eps, log_det = self.flow((x - self.loc) / self.scale, inverse=True)
+        return eps, log_det + self.scale.log().sum(-1) + log_det_whitening
 
     def as_transform(self) -> FlowTransform:
         """This law's map from ``N(0, I)`` draws, `push_forward`, as a Pyro `Transform`.
@@ -214,15 +208,6 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
         True
         """
         return FlowTransform(self.push_forward, self.pull_back)
-
-    def _apply_tril(self, x: Tensor) -> Tensor:
-        return x if self.scale_tril is None else x @ self.scale_tril.T
-
-    def _log_abs_det_scale(self) -> Tensor:
-        log_det = self.scale.log().sum(-1)
-        if self.scale_tril is not None:
-            log_det = log_det + torch.diagonal(self.scale_tril).log().sum(-1)
-        return log_det
 
     def _log_prob_of(self, value: Tensor) -> Tensor:
         eps, log_det = self.pull_back(value)
@@ -245,6 +230,14 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
         False
         """
         if isinstance(self.flow, nn.Module):
+            if not has_inverse(self.flow):
+                missing = [type(x).__name__ for x in _layers(self.flow) if not has_inverse(x)]
+                raise NotImplementedError(
+                    f"the flow layer {', '.join(missing)} has no inverse (no "
+                    "inverse_and_log_det), and a law with detached parameters scores points "
+                    "through the inverse: estimator='stl' and 'iw' need one; use "
+                    "estimator='elbo'"
+                )
             module = self.flow
 
             def flow(x: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -253,21 +246,24 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
 
         else:  # a plain function: any parameters it closes over are not ours to detach
             flow = self.flow
-        scale_tril = None if self.scale_tril is None else self.scale_tril.detach()
         return FlowDistribution(
             self.loc.detach(),
             self.scale.detach(),
             flow,
             self.batch_shape,
             self._validate_args,
-            scale_tril,
+            self.whitening,  # fixed: buffers, no parameters
         )
 
-    def expand(self, batch_shape: Sequence[int], _instance=None) -> FlowDistribution:
+    def expand(self, batch_shape: Sequence[int], _instance: object = None) -> FlowDistribution:
         # The flow acts on the last dimension only, so a batch is just a larger sample.
         return FlowDistribution(
-            self.loc, self.scale, self.flow, batch_shape, self._validate_args, self.scale_tril
+            self.loc, self.scale, self.flow, batch_shape, self._validate_args, self.whitening
         )
+
+
+def _identity(x: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
+    return x, x.new_zeros(x.shape[:-1])
 
 
 class FlowTransform(Transform):
@@ -307,7 +303,7 @@ class FlowTransform(Transform):
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, forward: MapWithLogDet, inverse: MapWithLogDet, cache_size: int = 1):
+    def __init__(self, forward: MapWithLogDet, inverse: MapWithLogDet, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
         self._forward, self._backward = forward, inverse
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (x, y, log|det|)

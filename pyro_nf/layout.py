@@ -2,10 +2,11 @@
 
 Pyro's ``AutoContinuous._unpack_latent`` recomputes every site's size, event dimensions
 and broadcast shape on each call, the last with ``torch.broadcast_shapes`` (a Python
-reference implementation, ~25 us per site); a guide unpacks on every SVI step, and the
-non-centring map once more. `LatentLayout` computes the sizes, event dimensions
-and support transforms when the guide is set up and each batch shape's view shapes once,
-and returns the same views as Pyro's method.
+reference implementation; its cost is in docs/benchmarks.md); a guide unpacks on every
+SVI step, and the non-centring map once more; its ``forward`` looks each site's support
+transform up on every call. `LatentLayout` computes the sizes, event dimensions and
+support transforms when the guide is set up and each batch shape's view shapes once, and
+returns the same views and site laws as Pyro's methods.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions.transforms import (
     ComposeTransform,
     IndependentTransform,
     Transform,
     biject_to,
 )
+from pyro.distributions.util import sum_rightmost
+from pyro.poutine import Trace
 from torch import Tensor
 
 __all__ = ["LatentLayout", "plate_nesting"]
@@ -48,9 +53,11 @@ class LatentLayout:
     >>> layout = LatentLayout(guide)
     >>> [(name, tuple(value.shape)) for name, value in layout.unpack(torch.zeros(5, 3))]
     [('a', (5,)), ('b', (5, 2))]
+    >>> layout.delta("b", torch.zeros(2)).event_shape
+    torch.Size([2])
     """
 
-    def __init__(self, guide):
+    def __init__(self, guide: object) -> None:
         self.sites = {name: site for name, site in guide.prototype_trace.iter_stochastic_nodes()}
         self.sizes = {name: math.prod(guide._unconstrained_shapes[name]) for name in self.sites}
         # Per site: unconstrained shape and the event dims it adds, as Pyro computes them.
@@ -94,8 +101,32 @@ class LatentLayout:
         transform = self.transforms[name]
         return unconstrained_value if transform is None else transform(unconstrained_value)
 
+    def constrain_all(self, latent: Tensor) -> dict[str, Tensor]:
+        """Every site's value in its support, from a packed latent vector."""
+        return {name: self.constrain(name, value) for name, value in self.unpack(latent)}
 
-def plate_nesting(trace) -> int:
+    def delta(self, name: str, unconstrained_value: Tensor) -> dist.Delta:
+        """The law an AutoContinuous guide samples site ``name`` from: a point mass at its
+        value in its support, with the support transform's log-density (none under a
+        False mask), as Pyro's ``AutoContinuous.forward`` builds it.
+
+        Not validated: the value is the guide's own draw (a Delta does not check it) and
+        the log-density our own transform's, which a loss would show as NaN.
+        """
+        event_dim = self.sites[name]["fn"].event_dim
+        transform = self.transforms[name]
+        value, log_density = unconstrained_value, 0.0
+        if transform is not None:
+            value = transform(unconstrained_value)
+            if poutine.get_mask() is not False:
+                log_density = transform.inv.log_abs_det_jacobian(value, unconstrained_value)
+                log_density = sum_rightmost(
+                    log_density, log_density.dim() - value.dim() + event_dim
+                )
+        return dist.Delta(value, log_density=log_density, event_dim=event_dim, validate_args=False)
+
+
+def plate_nesting(trace: Trace) -> int:
     """How many dimensions, counted from the right, the vectorised plates of a trace take.
 
     Examples

@@ -26,7 +26,7 @@ from torch import Tensor
 from pyro_nf.batching import Batching, choose_batching
 from pyro_nf.layout import LatentLayout
 
-__all__ = ["LogJoint", "model_without_init", "unconstrained_log_joint"]
+__all__ = ["LogJoint", "model_without_init", "subsampled_plates", "unconstrained_log_joint"]
 
 
 def _unwrap(model: Callable, messenger_type: type) -> tuple[Messenger | None, Callable]:
@@ -79,8 +79,18 @@ def _wrapped(inner: Callable, blocks: list[Messenger], values: dict[str, Tensor]
     return model
 
 
-def _subsampled_plates(trace: Trace) -> dict[str, tuple[int, int]]:
-    """Each subsampled plate's name, with its subsample size and full size."""
+def subsampled_plates(trace: Trace) -> dict[str, tuple[int, int]]:
+    """Each subsampled plate's name, with its subsample size and full size.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> def model():
+    ...     with pyro.plate("data", 100, subsample_size=10):
+    ...         pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.zeros(10))
+    >>> subsampled_plates(pyro.poutine.trace(model).get_trace())
+    {'data': (10, 100)}
+    """
     return {
         frame.name: (frame.size, frame.full_size)
         for site in trace.nodes.values()
@@ -146,7 +156,7 @@ class LogJoint:
         self._model = _wrapped(inner, blocks, held)
         # Pyro refuses a plate's full index set where it was given a subsample size, so a
         # model that draws its subsample at random keeps a random log joint: say so.
-        self.subsampled = _subsampled_plates(trace)
+        self.subsampled = subsampled_plates(trace)
         point = guide._init_loc().detach()
         self.stochastic = bool(self.subsampled) and bool(self(point) != self(point))
 

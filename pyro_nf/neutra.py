@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import arviz as az
@@ -30,12 +29,15 @@ import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer import MCMC, NUTS
+from pyro.infer.mcmc.util import initialize_model
 from pyro.infer.reparam import NeuTraReparam
 from torch import Tensor
 
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.diagnostics import _site_dims
 from pyro_nf.distribution import _detached_parameters
+from pyro_nf.fitting.threads import choose_threads, restored_threads
+from pyro_nf.saved_state import site_signature
 
 __all__ = ["MCMCResult", "neutra_mcmc", "nuts_mcmc"]
 
@@ -58,6 +60,10 @@ class MCMCResult:
         Leapfrog steps over all chains, warm-up included: the sampler's cost.
     seconds : float
         Wall-clock time of the sampling, warm-up included.
+    num_threads : int
+        Torch's intra-op thread count the chains ran with: the faster of the caller's
+        count and one thread, timed on the potential's gradient before sampling (the
+        caller's count is restored after).
 
     Examples
     --------
@@ -73,6 +79,7 @@ class MCMCResult:
     inference_data: az.InferenceData
     num_gradient_evaluations: int
     seconds: float
+    num_threads: int
 
 
 class _RecordingNUTS(NUTS):
@@ -82,18 +89,27 @@ class _RecordingNUTS(NUTS):
     top-level ``_build_tree`` calls pass depths 0, 1, ..., so their largest plus one.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.tree_depths: list[int] = []
         self.leapfrog_steps: list[int] = []
         self.step_sizes: list[float] = []
         self._depth = self._steps = 0
 
-    def _build_basetree(self, *args, **kwargs):
+    def _build_basetree(self, *args: object, **kwargs: object) -> tuple:
         self._steps += 1
         return super()._build_basetree(*args, **kwargs)
 
-    def _build_tree(self, z, r, z_grads, log_slice, direction, tree_depth, energy_current):
+    def _build_tree(
+        self,
+        z: dict,
+        r: dict,
+        z_grads: dict,
+        log_slice: Tensor,
+        direction: int,
+        tree_depth: int,
+        energy_current: Tensor,
+    ) -> tuple:
         self._depth = max(self._depth, tree_depth + 1)
         return super()._build_tree(z, r, z_grads, log_slice, direction, tree_depth, energy_current)
 
@@ -180,12 +196,16 @@ def _run(
     draws to the model's sites."""
     num_samples, warmup_steps, num_chains = budget
     chains, start = [], time.perf_counter()
-    for chain in range(num_chains):
-        if seed is not None:
-            pyro.set_rng_seed(seed + chain)
-        chains.append(
-            _run_chain(model, args, kwargs, num_samples, warmup_steps, progress, nuts_options or {})
-        )
+    with restored_threads():
+        threads = _choose_threads(model, args, kwargs)
+        for chain in range(num_chains):
+            if seed is not None:
+                pyro.set_rng_seed(seed + chain)
+            chains.append(
+                _run_chain(
+                    model, args, kwargs, num_samples, warmup_steps, progress, nuts_options or {}
+                )
+            )
     seconds = time.perf_counter() - start
     by_chain = [to_model(chain.samples) for chain in chains]
     samples = {name: torch.cat([draws[name] for draws in by_chain]) for name in by_chain[0]}
@@ -199,19 +219,32 @@ def _run(
     }
     idata = az.from_dict(posterior=posterior, sample_stats=stats, dims=dims)
     evaluations = sum(chain.num_gradient_evaluations for chain in chains)
-    return MCMCResult(samples, idata, evaluations, seconds)
+    return MCMCResult(samples, idata, evaluations, seconds, threads)
+
+
+def _choose_threads(model: Callable, args: tuple, kwargs: dict) -> int:
+    """Torch's intra-op thread count for the chains: the faster of the caller's count and
+    one thread, timed on the potential's gradient at an initial point (as `fit` times its
+    steps)."""
+    params, potential, _, _ = initialize_model(model, args, kwargs)
+
+    def gradient() -> None:
+        point = {name: value.detach().requires_grad_() for name, value in params.items()}
+        torch.autograd.grad(potential(point), list(point.values()))
+
+    return choose_threads(gradient).chosen
 
 
 def nuts_mcmc(
     model: Callable,
-    *args,
+    *args: object,
     num_samples: int = 1000,
     warmup_steps: int | None = None,
     num_chains: int = 1,
     progress: bool = True,
     seed: int | None = None,
     nuts_options: dict | None = None,
-    **kwargs,
+    **kwargs: object,
 ) -> MCMCResult:
     """Pyro's NUTS on ``model`` as written, with the diagnostics of `neutra_mcmc`.
 
@@ -275,22 +308,40 @@ def _check_guide(guide: object, sites: dict[str, dict]) -> None:
             f"sample (the model's latent sites: {sorted(sites)}); pass the model the guide "
             "was fitted to"
         )
+    differences = _site_differences(guide, sites)
+    if differences:
+        raise ValueError(
+            f"neutra_mcmc: the guide was fitted to another model ({'; '.join(differences)}): "
+            "its draws would be mapped through the supports it was fitted with, not the "
+            "model's. Fit the guide to this model first, e.g. pyro_nf.fit(model, guide, *args)"
+        )
 
 
-@contextmanager
-def _model_arguments(guide: AutoFlow, args: tuple, kwargs: dict) -> Iterator[None]:
-    """Within the block, the guide's arguments of its last call are ``args, kwargs``.
+def _site_differences(guide: AutoFlow, sites: dict[str, dict]) -> list[str]:
+    """How the guide's sites differ from the model's in shape, support or transform."""
+    signature = site_signature(guide.prototype_trace.iter_stochastic_nodes())
+    theirs = site_signature((name, sites[name]) for name in signature)
+    differences = []
+    for name, mine in signature.items():
+        transforms = [
+            _transform_name(biject_to(site["fn"].support))
+            for site in (guide.prototype_trace.nodes[name], sites[name])
+        ]
+        mine["transform"], theirs[name]["transform"] = transforms
+        differences += [
+            f"site {name!r} {key}: the guide's {mine[key]}, the model's {theirs[name][key]}"
+            for key in ("shape", "support", "transform")
+            if mine[key] != theirs[name][key]
+        ]
+    return differences
 
-    `NeuTraReparam` calls ``guide.get_transform()`` without arguments, which in
-    non-centred coordinates reads them from the guide's last call; the chain and the map
-    back to the model must use the same map, at the arguments the chain runs with.
-    """
-    saved = guide._model_args
-    guide._model_args = (args, kwargs)
-    try:
-        yield
-    finally:
-        guide._model_args = saved
+
+def _transform_name(transform: object) -> str:
+    """``"ExpTransform"``, or a composition's parts in order (``"A then B"``)."""
+    parts = getattr(transform, "parts", None)
+    if parts is None:
+        return type(transform).__name__
+    return " then ".join(_transform_name(part) for part in parts) or "identity"
 
 
 def _from_base(guide: AutoFlow) -> Callable[[dict], dict]:
@@ -318,14 +369,14 @@ def _from_base(guide: AutoFlow) -> Callable[[dict], dict]:
 def neutra_mcmc(
     model: Callable,
     guide: AutoFlow,
-    *args,
+    *args: object,
     num_samples: int = 1000,
     warmup_steps: int | None = None,
     num_chains: int = 1,
     progress: bool = True,
     seed: int | None = None,
     nuts_options: dict | None = None,
-    **kwargs,
+    **kwargs: object,
 ) -> MCMCResult:
     """NUTS in a fitted flow guide's base space (NeuTra), draws in the model's coordinates.
 
@@ -338,11 +389,12 @@ def neutra_mcmc(
     fixed (detached: the gradient graph is the chain's position only). In non-centred
     coordinates the map reads the model's prior parameters at ``*args, **kwargs``.
     Pyro's NUTS settings are kept (diagonal mass matrix, target acceptance 0.8): with
-    the default spline guide they left no divergence on the 10-D funnel and one in
-    12 000 draws over ten seeds of centred eight schools, where plain NUTS diverged 10-33
-    times per seed (docs/neutra.md).
+    the default spline guide they leave NUTS nearly free of divergences on funnels and
+    centred eight schools, where plain NUTS diverges (docs/neutra.md).
     ``nuts_options={"jit_compile": True, "ignore_jit_warnings": True}`` compiles the
-    potential, about half the cost of a gradient there.
+    potential, a large part of the cost of a gradient there. The guide is checked
+    against the model first: every site it covers must have the same shape, support and
+    transform there.
 
     Parameters
     ----------
@@ -382,7 +434,7 @@ def neutra_mcmc(
     reparametrised = NeuTraReparam(guide).reparam(model)
     # The guide is a constant for NUTS: its parameters detached, each gradient of the
     # potential is taken through the chain's position only.
-    with _detached_parameters(guide), _model_arguments(guide, args, kwargs):
+    with _detached_parameters(guide), guide.model_arguments(*args, **kwargs):
         to_model = _from_base(guide)
         return _run(
             reparametrised, args, kwargs, budget, progress, seed, nuts_options, to_model, sites

@@ -27,12 +27,13 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions.transforms import ComposeTransform, Transform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from pyro_nf.batching import Batching, choose_batching
-from pyro_nf.distribution import ScoresOwnDraws
+from pyro_nf.distribution import FlowTransform, ScoresOwnDraws
 from pyro_nf.layout import LatentLayout
 from pyro_nf.log_joint import model_without_init
 
@@ -210,6 +211,24 @@ class NonCentering:
             )
         return images.reshape(latent.shape), log_dets.reshape(latent.shape[:-1])
 
+    def _read_priors(self, standardize: _Standardize, args: tuple, kwargs: dict) -> None:
+        """Run the model under `standardize` up to its last hierarchical site."""
+        try:
+            with poutine.block(), pyro.validation_enabled(False), standardize:
+                self.model(*args, **kwargs)
+        except _AllStandardized:
+            pass
+        except TypeError as error:
+            if args or kwargs:
+                raise
+            raise TypeError(
+                f"{error}: the guide learns {', '.join(map(repr, self.sites))} in non-centred "
+                "coordinates, and mapping them to the model's reads the model's prior "
+                "parameters at its arguments. Pass them (guide.median(*args, **kwargs), "
+                "guide.get_posterior(*args, **kwargs)) or call inside "
+                "`with guide.model_arguments(*args, **kwargs):`"
+            ) from error
+
     def _map(
         self, latent: Tensor, args: tuple, kwargs: dict, inverse: bool
     ) -> tuple[Tensor, Tensor]:
@@ -227,11 +246,7 @@ class NonCentering:
         # The model's own run (in the ELBO) validates its distributions; this one only reads
         # prior parameters, and stops after the last hierarchical site (the likelihood is
         # not needed).
-        try:
-            with poutine.block(), pyro.validation_enabled(False), standardize:
-                self.model(*args, **kwargs)
-        except _AllStandardized:
-            pass
+        self._read_priors(standardize, args, kwargs)
         parts, log_dets, start = [], [], 0
         for name, size in self.layout.sizes.items():
             if name in self.sites:
@@ -307,6 +322,23 @@ class NonCenteredDistribution(ScoresOwnDraws, TorchDistribution):
     def _log_prob_of(self, value: Tensor) -> Tensor:
         u, log_det = self.noncentering(value, *self.args, inverse=True, **self.kwargs)
         return self.base.log_prob(u) + log_det
+
+    def as_transform(self) -> Transform:
+        """The map from ``N(0, I)`` to this law's draws, as a Pyro `Transform`: the base's
+        map, then the non-centring map at the model's arguments.
+
+        Examples
+        --------
+        See `NonCenteredDistribution`'s; ``AutoFlow.get_transform`` returns this.
+        """
+        noncentering, args, kwargs = self.noncentering, self.args, self.kwargs
+
+        def to_noncentred(z: Tensor) -> tuple[Tensor, Tensor]:
+            u, log_det_inverse = noncentering(z, *args, inverse=True, **kwargs)
+            return u, -log_det_inverse
+
+        to_model = FlowTransform(lambda u: noncentering(u, *args, **kwargs), to_noncentred)
+        return ComposeTransform([self.base.as_transform(), to_model])
 
     def detach_params(self) -> NonCenteredDistribution:
         """The same law with the base's parameters detached (see ``FlowDistribution``)."""

@@ -11,12 +11,12 @@ from typing import Any
 import arviz as az
 import numpy as np
 
-from pyro_nf.infer import FitResult
+from pyro_nf.fitting import FitResult
 
 __all__ = ["plot_elbo", "plot_pair"]
 
 
-def _pyplot():
+def _pyplot() -> Any:
     try:
         import matplotlib.pyplot as plt
     except ImportError:

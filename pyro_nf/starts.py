@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from pyro.infer.autoguide import AutoContinuous
 from torch import Tensor
 
 from pyro_nf.importance import EQUAL_SPREAD, evidence_from_log_weights, khat_from_log_weights
@@ -48,6 +49,7 @@ from pyro_nf.laplace import LaplaceApproximation, laplace_approximation
 from pyro_nf.log_joint import LogJoint
 from pyro_nf.log_joint import unconstrained_log_joint as _log_joint_of
 from pyro_nf.noncentering import NonCentering, find_hierarchical_sites
+from pyro_nf.whitening import Whitening
 
 __all__ = ["Start", "choose", "choose_start"]
 
@@ -56,9 +58,7 @@ logger = logging.getLogger(__name__)
 #: Base draws every candidate is scored on.
 NUM_DRAWS = 256
 #: Scales of the isotropic starts at init_loc_fn's point scored besides init_scale. No 0.7:
-#: on eight schools (non-centred, 256 particles) a spline started at 0.7 or 1 kept too
-#: short a left tail of log tau on some init points (sd 14-21% small); from 0.1-0.5,
-#: 6-12% small over seeds 0-2.
+#: from it a spline keeps too short a tail where a narrower start grows one (docs/robust.md).
 ISOTROPIC_SCALES = (0.3, 0.5, 1.0)
 #: Evidence gain (nats) the widest start needs over a Laplace pick, besides two errors.
 EVIDENCE_MARGIN = 0.1
@@ -68,16 +68,14 @@ KHAT_RELIABLE = 0.7
 #: after the non-centred ones) gets twice what the first took, at least
 #: MIN_SEARCH_ITERATIONS: both searches are whitened, so a mode that exists in both is
 #: found about as fast in either, while a funnel, which has no mode in the model's
-#: coordinates, is not chased (centred eight schools: 152 evaluations chasing it, 0.8 s,
-#: against 31 for the non-centred mode).
+#: coordinates, is not chased (docs/robust.md).
 MAX_SEARCH_ITERATIONS = 1000
 MIN_SEARCH_ITERATIONS = 20
 #: Draws every candidate is scored on first, and the margin (nats) below the best
 #: candidate's mean there that all of a candidate's log weights must fall under for it to
 #: be scored no further: such a start can be no contender (its ELBO is lower still) and
-#: has no reliable evidence estimate. On the 25-predictor regression of
-#: examples/robust_posteriors.py the isotropic starts are ~1e8 nats below the Laplace one,
-#: and scoring them on all draws was 60% of the scoring time.
+#: has no reliable evidence estimate; hopeless starts are most of the scoring time
+#: otherwise (docs/robust.md).
 SCREEN_DRAWS = 32
 SCREEN_MARGIN = 100.0
 
@@ -138,17 +136,26 @@ class Start:
         kind = "laplace" if self.laplace is not None else f"N(init_loc, {self.scale:g}^2)"
         return f"{kind} ({self.coordinates})"
 
-    def gaussian(self) -> tuple[Tensor, Tensor]:
-        """Mean and lower Cholesky factor of the start's Gaussian in its coordinates."""
-        if self.laplace is None:
-            return self.loc, torch.diag(torch.full_like(self.loc, self.scale))
-        if self.laplace.scale_tril is None:
-            return self.laplace.loc, torch.diag(self.laplace.scale)
-        return self.laplace.loc, self.laplace.scale_tril
+    @property
+    def base_loc(self) -> Tensor:
+        """The base Gaussian's location: 0 in the coordinates a Laplace start whitens,
+        ``loc`` otherwise."""
+        return self.loc if self.laplace is None else torch.zeros_like(self.loc)
+
+    @property
+    def whitening(self) -> Whitening:
+        """The start's whitening map (the identity without a Laplace approximation)."""
+        return Whitening.of(self.laplace)
 
 
 def choose_start(
-    guide, args: tuple, kwargs: dict, *, warm_start: str | None, noncentered, init_scale: float
+    guide: AutoContinuous,
+    args: tuple,
+    kwargs: dict,
+    *,
+    warm_start: str | None,
+    noncentered: str | bool,
+    init_scale: float,
 ) -> Start:
     """The start of a flow guide whose prototype is set up (see the module docstring).
 
@@ -233,7 +240,9 @@ def _laplace_start(
     return None
 
 
-def _coordinates(guide, args: tuple, kwargs: dict, noncentered) -> list[NonCentering | None]:
+def _coordinates(
+    guide: AutoContinuous, args: tuple, kwargs: dict, noncentered: str | bool
+) -> list[NonCentering | None]:
     """The coordinate systems on offer: non-centred (where the model has hierarchical
     sites and ``noncentered`` allows), and the model's own (unless ``noncentered=True``)."""
     coordinates: list[NonCentering | None] = []
@@ -294,11 +303,11 @@ def _score(
 
 @torch.no_grad()
 def _log_weights(start: Start, density: Callable[[Tensor], Tensor], eps: Tensor) -> Tensor:
-    """``log p(x, z_i) - log q(z_i)`` for ``z_i = m + L eps_i``, NaN read as -inf."""
-    center, scale_tril = start.gaussian()
-    z = center + eps @ scale_tril.T
-    log_q = -0.5 * eps.pow(2).sum(-1) - scale_tril.diagonal().log().sum()
-    log_q = log_q - 0.5 * eps.size(-1) * math.log(2 * math.pi)
+    """``log p(x, z_i) - log q(z_i)`` for ``z_i = W(base_loc + scale eps_i)``, NaN read as
+    -inf."""
+    z, log_det = start.whitening(start.base_loc + start.scale * eps)
+    log_q = -0.5 * eps.pow(2).sum(-1) - 0.5 * eps.size(-1) * math.log(2 * math.pi)
+    log_q = log_q - eps.size(-1) * math.log(start.scale) - log_det
     log_weights = density(z) - log_q
     return torch.nan_to_num(log_weights, nan=-math.inf)
 

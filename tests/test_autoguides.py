@@ -482,3 +482,138 @@ def test_loading_into_a_guide_that_is_not_set_up_says_so():
     guide(DATA)
     with pytest.raises(RuntimeError, match="not set up yet; call it once"):
         AutoPlanarFlow(normal_normal_model).load_state_dict(guide.state_dict(), strict=False)
+
+
+# --- saved state: what it is, and loads into anything else refused ----------------------
+
+
+def test_param_store_save_and_load_restores_the_fit(tmp_path):
+    from pyro_nf import fit
+    from tests.models import SCHOOLS_SIGMA, SCHOOLS_Y, schools
+
+    guide = AutoSplineFlow(schools)
+    fit(schools, guide, SCHOOLS_Y, SCHOOLS_SIGMA, num_steps=30, progress=False, seed=0)
+    expected = guide.median(SCHOOLS_Y, SCHOOLS_SIGMA)
+    path = tmp_path / "params.pt"
+    pyro.get_param_store().save(path)
+    pyro.clear_param_store()
+    pyro.get_param_store().load(path)
+
+    fresh = AutoSplineFlow(schools)
+    fresh(SCHOOLS_Y, SCHOOLS_SIGMA)  # takes the loaded fit, as Pyro's own guides do
+    assert fresh.start.reason.endswith("restored from a saved state")  # no new search
+    assert fresh.start.label == guide.start.label
+    for name, value in fresh.median(SCHOOLS_Y, SCHOOLS_SIGMA).items():
+        assert torch.equal(value, expected[name]), name
+    for (name, value), (_, saved) in zip(
+        fresh.named_parameters(), guide.named_parameters(), strict=True
+    ):
+        assert torch.equal(value, saved), name
+
+
+def _swapped_order_model():
+    pyro.sample("b", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+def _ab_model():
+    pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("b", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+def _set_up(guide_class, model, **options):
+    guide = guide_class(model, **options)
+    guide()
+    return guide
+
+
+@pytest.mark.parametrize(
+    ("saved", "loading", "difference"),
+    [
+        (
+            (AutoPlanarFlow, _ab_model, {}),
+            (AutoPlanarFlow, _swapped_order_model, {}),
+            r"site order: saved \['a', 'b'\], this guide \['b', 'a'\]",
+        ),
+        (
+            (AutoSplineFlow, _ab_model, {"bound": 3.0}),
+            (AutoSplineFlow, _ab_model, {"bound": 1.0}),
+            r"flow options: saved \{.*'bound': 3\.0.*\}, this guide \{.*'bound': 1\.0.*\}",
+        ),
+        (
+            (AutoSplineFlow, _ab_model, {}),
+            (AutoSplineFlow, _ab_model, {"tails": "identity"}),
+            r"flow options: .*this guide \{.*'tails': 'identity'",
+        ),
+        (
+            (AutoSplineFlow, _ab_model, {}),
+            (AutoIAFFlow, _ab_model, {}),
+            "flow: saved 'spline', this guide 'iaf'",
+        ),
+        (
+            (AutoPlanarFlow, _ab_model, {}),
+            (AutoPlanarFlow, constrained_model, {}),
+            r"latent sites: saved \['a', 'b'\], this guide \['rate'",
+        ),
+    ],
+    ids=["site-order", "bound", "tails", "family", "model"],
+)
+def test_a_state_dict_of_another_guide_is_refused_naming_the_difference(saved, loading, difference):
+    state = _set_up(*saved[:2], **saved[2]).state_dict()
+    guide = _set_up(*loading[:2], **loading[2])
+    before = {name: value.clone() for name, value in guide.state_dict().items() if name[0] != "_"}
+    with pytest.raises(
+        ValueError, match=f"load_state_dict: the saved state is of another guide.*{difference}"
+    ):
+        guide.load_state_dict(state)
+    for name, value in guide.state_dict().items():  # checked before anything is copied
+        if name in before:
+            assert torch.equal(value, before[name]), name
+
+
+def test_a_param_store_of_another_model_is_refused_at_set_up(tmp_path):
+    AutoPlanarFlow(_ab_model)()
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    guide = AutoPlanarFlow(_swapped_order_model)
+    with pytest.raises(
+        ValueError, match=r"set-up from Pyro's param store: .*site order.*clear_param_store"
+    ):
+        guide()
+    assert guide.prototype_trace is None
+
+
+def test_a_state_dict_load_takes_the_saved_start():
+    """The parameters mean what they mean in the start they were learned from: loading
+    restores that start (whitening, coordinates), whatever start this guide chose."""
+    plain = _set_up(AutoIAFFlow, correlated_far_model, warm_start=None, init_scale=0.5)
+    _train(correlated_far_model, plain, 20, num_particles=1)
+    warm = _set_up(AutoIAFFlow, correlated_far_model)
+    assert warm.whitening.kind == "dense" and plain.whitening.kind == "identity"
+    warm.load_state_dict(plain.state_dict())
+    assert warm.whitening.kind == "identity" and warm.laplace is None
+    assert warm.start.label == plain.start.label
+    pyro.set_rng_seed(4)
+    expected = plain()
+    pyro.set_rng_seed(4)
+    for name, value in warm().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_a_plain_guide_refuses_a_laplace_start():
+    state = _set_up(AutoPlanarFlow, _ab_model).state_dict()
+    guide = _set_up(AutoPlanarFlow, _ab_model, warm_start=None)
+    with pytest.raises(ValueError, match="start: saved 'laplace', this guide 'isotropic'"):
+        guide.load_state_dict(state)
+
+
+def test_a_guide_set_up_after_another_in_the_same_process_starts_afresh():
+    """Pyro's param store holds every guide's parameters by name; a new guide replaces
+    another's (one not loaded from a file) rather than take it or refuse it."""
+    first = AutoPlanarFlow(_ab_model)
+    _train(_ab_model, first, 10, num_particles=1)
+    second = AutoPlanarFlow(_swapped_order_model)
+    second()
+    assert not second.start.reason.endswith("restored from a saved state")
+    assert torch.equal(second.loc, torch.zeros(4))  # the Laplace start's, not the first's

@@ -1,4 +1,5 @@
-"""Bad input is refused where it is given, with the argument, the value and what is accepted."""
+"""Bad input is refused where it is given, with the argument, the value and what is accepted;
+bad data, a start of zero density and an improper posterior are named for what they are."""
 
 import math
 import re
@@ -8,9 +9,20 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoNormal, init_to_value
 
-from pyro_nf import AutoFlow, AutoIAFFlow, AutoPlanarFlow, AutoSplineFlow, build_flow
+from pyro_nf import (
+    AutoFlow,
+    AutoIAFFlow,
+    AutoPlanarFlow,
+    AutoSplineFlow,
+    NonFiniteLossError,
+    build_flow,
+    fit,
+)
 from pyro_nf.checks import LARGE_FLOW_PARAMETERS, check_int, check_positive
+from pyro_nf.fitting import ImproperPosteriorWarning
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 
@@ -161,3 +173,125 @@ def test_check_int_takes_integer_scalars(value, number):
 
 def test_check_positive_takes_scalar_tensors():
     assert check_positive("scale", torch.tensor(0.5)) == 0.5
+
+
+def mean_model(y, x=None):
+    """y_i ~ N(b x_i, 1), or N(b, 1) without x."""
+    b = pyro.sample("b", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(b if x is None else b * x, 1.0), obs=y)
+
+
+def with_nan(values, index, value=float("nan")):
+    values = values.clone()
+    values[index] = value
+    return values
+
+
+@pytest.mark.parametrize("guide_class", [AutoNormal, AutoSplineFlow])
+def test_non_finite_data_are_named_at_setup(guide_class):
+    y = with_nan(torch.linspace(-1.0, 1.0, 20), 3)
+    message = (
+        "before any step: the data are not finite: argument 'y' holds 1 NaN (first at index (3,))"
+    )
+    with pytest.raises(NonFiniteLossError, match=re.escape(message)) as info:
+        fit(mean_model, guide_class(mean_model), y, num_steps=20, progress=False)
+    assert info.value.step == 0 and info.value.losses == []
+    assert "smaller lr" not in str(info.value)
+
+
+def test_a_non_finite_covariate_is_named_as_a_keyword_argument():
+    x = with_nan(torch.linspace(1.0, 2.0, 20), 5, float("inf"))
+    message = "argument 'x' holds 1 infinite (first at index (5,))"
+    with pytest.raises(NonFiniteLossError, match=re.escape(message)):
+        fit(mean_model, AutoNormal(mean_model), torch.zeros(20), x=x, num_steps=20, progress=False)
+
+
+def test_a_non_finite_observed_value_inside_the_model_is_named():
+    def model():
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(b, 1.0).expand([2]).to_event(1),
+                    obs=torch.tensor([0.5, float("nan")]))  # fmt: skip
+
+    message = "the data are not finite: the observed value of sample site 'obs' is nan"
+    with pytest.raises(NonFiniteLossError, match=re.escape(message)):
+        fit(model, AutoNormal(model), num_steps=20, progress=False)
+
+
+def test_masked_missing_values_are_fitted_without_a_word():
+    y = with_nan(torch.linspace(-1.0, 1.0, 20), 3)
+
+    def model(y):
+        b = pyro.sample("b", dist.Normal(0.0, 10.0))
+        observed = ~y.isnan()
+        with pyro.plate("data", len(y)), pyro.poutine.mask(mask=observed):
+            pyro.sample("y", dist.Normal(b, 1.0), obs=torch.where(observed, y, 0.0))
+
+    result = fit(model, AutoNormal(model), y, num_steps=20, progress=False)
+    assert result.num_steps == 20
+
+
+@pytest.mark.parametrize("guide_class", [AutoNormal, AutoSplineFlow])
+def test_a_log_density_of_minus_infinity_at_the_start_is_named(guide_class):
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("wall", torch.where(x < 100.0, -math.inf, 0.0))
+
+    message = "the model's log density is -inf at the guide's starting point (sample site 'wall')"
+    with pytest.raises(NonFiniteLossError, match=re.escape(message)) as info:
+        fit(model, guide_class(model), num_steps=20, progress=False)
+    assert info.value.step == 0 and "smaller lr" not in str(info.value)
+
+
+FLAT = dist.ImproperUniform(constraints.real, (), ())
+AT_ZERO = init_to_value(values={name: torch.tensor(0.0) for name in ("x", "a", "b")})
+
+
+def flat_and_unused():
+    """x has a flat prior and no likelihood: its posterior is improper."""
+    pyro.sample("x", FLAT)
+    m = pyro.sample("m", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.Normal(m, 1.0), obs=torch.tensor(0.5))
+
+
+def flat_sum(y):
+    """y ~ N(a + b, 1) with flat priors on a and b: a - b is not identified."""
+    a, b = pyro.sample("a", FLAT), pyro.sample("b", FLAT)
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(a + b, 1.0), obs=y)
+
+
+def flat_mean(y):
+    """y ~ N(a, 1) with a flat prior on a: proper."""
+    a = pyro.sample("a", FLAT)
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(a, 1.0), obs=y)
+
+
+Y = torch.randn(20, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "model, args, particles, site",
+    [(flat_and_unused, (), 8, "x"), (flat_sum, (Y,), 128, "a")],
+    ids=["improper", "unidentified"],
+)
+def test_an_improper_or_unidentified_posterior_is_warned_about_once(model, args, particles, site):
+    guide = AutoSplineFlow(model, init_loc_fn=AT_ZERO)
+    with pytest.warns(ImproperPosteriorWarning) as record:
+        try:
+            fit(model, guide, *args, num_steps=400, num_particles=particles, progress=False,
+                seed=1)  # fmt: skip
+        except NonFiniteLossError:  # a flow running away may overflow after the warning
+            pass
+    warned = [w for w in record if w.category is ImproperPosteriorWarning]
+    assert len(warned) == 1
+    text = str(warned[0].message)
+    assert "posterior looks improper or unidentified" in text and f"'{site}' from" in text
+
+
+@pytest.mark.parametrize("guide_class", [AutoNormal, AutoSplineFlow])
+def test_a_flat_prior_with_a_proper_posterior_is_not_warned_about(guide_class):
+    result = fit(flat_mean, guide_class(flat_mean, init_loc_fn=AT_ZERO), Y, num_steps=300,
+                 progress=False, seed=0)  # fmt: skip
+    assert result.num_steps == 300

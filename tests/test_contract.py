@@ -4,7 +4,9 @@ Our guides beside Pyro's AutoDiagonalNormal, AutoMultivariateNormal and AutoIAFN
 controls, crossed with ELBOs, init_loc_fn strategies and model shapes (nested plates,
 masked sites, reparametrised sites, every constraint with a bijection to the real line):
 shapes, finite losses, Predictive, median/quantiles, pickling, state_dict, exactness on
-Gaussian models. Small models and few steps; the full crosses are marked slow.
+Gaussian models; and Pyro's own test_exact, test_exact_batch, test_init_scale and
+test_median with every registered family. Small models and few steps; the full crosses are
+marked slow.
 """
 
 import io
@@ -21,6 +23,8 @@ from pyro.distributions import constraints
 from pyro.infer import (
     SVI,
     JitTrace_ELBO,
+    JitTraceEnum_ELBO,
+    JitTraceGraph_ELBO,
     Predictive,
     Trace_ELBO,
     TraceEnum_ELBO,
@@ -42,16 +46,13 @@ from pyro.infer.autoguide import (
 )
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.infer.reparam import LocScaleReparam, ProjectedNormalReparam
+from pyro.optim import Adam, ClippedAdam
 
 import pyro_nf.autoguides as autoguides
+from pyro_nf.flows import FLOWS
 
-OURS = [
-    autoguides.AutoSplineFlow,
-    autoguides.AutoIAFFlow,
-    autoguides.AutoPlanarFlow,
-    autoguides.AutoRadialFlow,
-    autoguides.AutoRealNVPFlow,
-]
+#: Our named guides, one per built-in family, as the module exports them.
+OURS = [getattr(autoguides, name) for name in autoguides.__all__ if name != "AutoFlow"]
 CONTROLS = [AutoDiagonalNormal, AutoMultivariateNormal, AutoIAFNormal]
 GUIDES = OURS + CONTROLS
 #: Every guide, the default one and its control fast, the others marked slow.
@@ -397,3 +398,182 @@ def test_trace_module(guide_class):
     pyro.set_rng_seed(1)
     for name, value in traced().items():
         assert torch.allclose(value, expected[name]), name
+
+
+# --- Pyro's own tests (tests/infer/test_autoguide.py) with every family ------------------
+
+
+def _families(fast: str = "spline", min_dim: int = 1) -> list:
+    """Every registered family acting on ``min_dim`` dimensions, ``fast`` not marked slow."""
+    return [
+        name if name == fast else pytest.param(name, marks=pytest.mark.slow)
+        for name in sorted(FLOWS)
+        if FLOWS[name].min_dim <= min_dim
+    ]
+
+
+@pytest.mark.parametrize("flow", sorted(FLOWS))
+def test_a_frozen_guide_is_silent(flow):
+    guide = autoguides.AutoFlow(nested_plates_model, flow=flow, num_summary_samples=64)
+    guide()
+    guide.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values = guide()
+    assert all(not value.requires_grad for value in values.values())
+
+
+def _fit_as_pyro_tests_do(model, guide, data):
+    """Pyro's test_exact settings, at the family's learning rate: Pyro's 0.05 suits its
+    Gaussian guides, while a flow at several times its own rate random-walks about the
+    exact start (the gradient at the optimum is noise, which Adam turns into steps)."""
+    elbo = JitTrace_ELBO(num_particles=100, vectorize_particles=True, ignore_jit_warnings=True)
+    num_steps = 500
+    optim = ClippedAdam({"lr": guide.default_lr, "lrd": 0.1 ** (1 / num_steps)})
+    svi = SVI(model, guide, optim, elbo)
+    for _ in range(num_steps):
+        svi.step(data)
+    guide.requires_grad_(False)  # and every later call silent: warnings are errors here
+    with torch.no_grad():
+        vectorize = pyro.plate("particles", 10000, dim=-2)
+        guide_trace = poutine.trace(vectorize(guide)).get_trace(data)
+        samples = poutine.replay(vectorize(model), guide_trace)(data)
+        return samples, elbo.loss(model, guide, data)
+
+
+def exact_model(data):
+    loc = pyro.sample("loc", dist.Normal(0, 1))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, 1), obs=data)
+    return loc
+
+
+@JIT_NOTICES
+@pytest.mark.parametrize("flow", _families())  # one latent dimension: not iaf or coupling
+def test_exact(flow):
+    data = torch.randn(3)
+    guide = autoguides.AutoFlow(exact_model, flow=flow)
+    samples, loss = _fit_as_pyro_tests_do(exact_model, guide, data)
+    assert samples.mean().item() == pytest.approx(data.sum().item() / 4, abs=0.05)
+    assert samples.std().item() == pytest.approx(4**-0.5, rel=0.05)
+    evidence = dist.MultivariateNormal(torch.zeros(3), torch.eye(3) + 1).log_prob(data)
+    assert loss == pytest.approx(-evidence.item(), abs=0.01)
+
+
+def exact_batch_model(data):
+    with pyro.plate("data", len(data)):
+        loc = pyro.sample("loc", dist.Normal(0, 1))
+        pyro.sample("obs", dist.Normal(loc, 1), obs=data)
+    return loc
+
+
+@JIT_NOTICES
+@pytest.mark.parametrize("flow", _families(min_dim=3))
+def test_exact_batch(flow):
+    data = torch.randn(3)
+    guide = autoguides.AutoFlow(exact_batch_model, flow=flow)
+    samples, loss = _fit_as_pyro_tests_do(exact_batch_model, guide, data)
+    torch.testing.assert_close(samples.mean(0), data / 2, atol=0.05, rtol=0)
+    torch.testing.assert_close(samples.std(0), torch.full((3,), 2**-0.5), atol=0, rtol=0.05)
+    evidence = dist.Normal(0.0, math.sqrt(2)).log_prob(data).sum()
+    assert loss == pytest.approx(-evidence.item(), abs=0.01)
+
+
+def init_scale_model():
+    pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.MultivariateNormal(torch.zeros(5), torch.eye(5, 5)))
+    with pyro.plate("plate", 100):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+
+@pytest.mark.parametrize("init_scale", [1e-1, 1e-4, 1e-8])
+@pytest.mark.parametrize("flow", _families(fast="planar", min_dim=106))
+def test_init_scale(flow, init_scale):
+    # The plain start honours init_scale; a warm start replaces it (see the next test).
+    guide = autoguides.AutoFlow(init_scale_model, flow=flow, init_scale=init_scale, warm_start=None)
+    guide()
+    loc, scale = guide._loc_scale()
+    scale_rms = scale.pow(2).mean().sqrt().item()
+    assert init_scale * 0.5 < scale_rms < 2.0 * init_scale
+    assert torch.equal(loc, guide.loc)
+
+
+def test_loc_scale_is_the_laplace_start_under_the_warm_start():
+    guide = autoguides.AutoPlanarFlow(init_scale_model)
+    guide()
+    loc, scale = guide._loc_scale()
+    assert guide.start.laplace is not None
+    torch.testing.assert_close(loc, torch.zeros(106), atol=1e-4, rtol=0)
+    torch.testing.assert_close(scale, torch.ones(106), atol=1e-4, rtol=0)
+
+
+def median_model():
+    pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.LogNormal(0.0, 1.0))
+    pyro.sample("z", dist.Beta(2.0, 2.0))
+
+
+MEDIAN_ELBOS = [
+    JitTrace_ELBO,
+    pytest.param(JitTraceGraph_ELBO, marks=pytest.mark.slow),
+    pytest.param(JitTraceEnum_ELBO, marks=pytest.mark.slow),
+]
+
+
+@JIT_NOTICES
+@pytest.mark.parametrize("elbo", MEDIAN_ELBOS)
+@pytest.mark.parametrize("flow", _families())
+def test_median(flow, elbo):
+    guide = autoguides.AutoFlow(median_model, flow=flow)
+    # Pyro's settings at the family's learning rate (see _fit_as_pyro_tests_do).
+    optim = Adam({"lr": guide.default_lr, "betas": (0.8, 0.99)})
+    loss = elbo(
+        strict_enumeration_warning=False,
+        num_particles=500,
+        vectorize_particles=True,
+        ignore_jit_warnings=True,
+    )
+    svi = SVI(median_model, guide, optim, loss)
+    for _ in range(100):
+        svi.step()
+    median = guide.median()
+    assert median["x"].item() == pytest.approx(0.0, abs=0.1)
+    assert median["y"].item() == pytest.approx(1.0, abs=0.1)
+    assert median["z"].item() == pytest.approx(0.5, abs=0.1)
+
+
+def serialization_model():
+    pyro.sample("x", dist.Normal(0.0, 1.0))
+    with pyro.plate("plate", 2):
+        pyro.sample("y", dist.LogNormal(0.0, 1.0))
+        pyro.sample("z", dist.Beta(2.0, 2.0))
+
+
+# torch announces TorchScript's retirement on every save and load (a third-party notice).
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@JIT_NOTICES
+@pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
+@pytest.mark.parametrize("flow", _families())
+def test_serialization(flow, jit):
+    guide = autoguides.AutoFlow(serialization_model, flow=flow)
+    guide()
+    pyro.set_rng_seed(0)
+    expected = guide.call()
+    expected_params = {name: value.data for name, value in guide.named_parameters()}
+    buffer = io.BytesIO()
+    if jit:
+        torch.jit.save(torch.jit.trace_module(guide, {"call": ()}, check_trace=False), buffer)
+    else:
+        torch.save(guide, buffer)
+    del guide
+    pyro.clear_param_store()
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer) if jit else torch.load(buffer, weights_only=False)
+    pyro.set_rng_seed(0)
+    for actual, value in zip(loaded.call(), expected, strict=True):
+        torch.testing.assert_close(actual, value)
+    actual_params = dict(loaded.named_parameters())
+    assert set(actual_params) == set(expected_params)
+    for name, value in expected_params.items():
+        assert torch.equal(actual_params[name].data, value), name

@@ -12,6 +12,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nf import AutoFlow, fit
+from pyro_nf.fitting.estimators import supports_stl
 from pyro_nf.flows import (
     FLOWS,
     FlowSpec,
@@ -195,6 +196,7 @@ def test_a_layer_without_inverse_trains_with_the_elbo_and_says_what_stl_needs():
     guide = AutoFlow(model, flow=_NoInverse, warm_start=None)
     guide()
     assert not has_inverse(guide.flow)
+    assert not supports_stl(guide, (), {})  # so estimator="auto" keeps the plain ELBO
     result = fit(model, guide, num_steps=3, num_particles=1, estimator="elbo", progress=False)
     assert result.num_steps == 3
     with pytest.raises(NotImplementedError, match="_NoInverse has no inverse.*estimator='elbo'"):

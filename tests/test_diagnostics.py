@@ -22,8 +22,8 @@ from pyro_nf.diagnostics import (
     psis_khat,
     to_inference_data,
 )
+from pyro_nf.fitting import fit
 from pyro_nf.importance import khat_from_log_weights
-from pyro_nf.infer import fit
 from pyro_nf.plots import plot_elbo, plot_pair
 
 matplotlib.use("Agg")

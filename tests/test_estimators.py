@@ -10,8 +10,8 @@ from pyro.infer import RenyiELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
 
 from pyro_nf import AutoSplineFlow
-from pyro_nf.estimators import make_elbo
-from pyro_nf.infer import fit
+from pyro_nf.fitting import fit
+from pyro_nf.fitting.estimators import make_elbo
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 

@@ -11,9 +11,10 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
 
 from pyro_nf import AutoFlow, AutoIAFFlow, AutoPlanarFlow, AutoSplineFlow
-from pyro_nf.estimators import make_elbo
-from pyro_nf.infer import FitResult, NonFiniteLossError, Schedule, fit
-from pyro_nf.objective import Objective
+from pyro_nf.batching import Batching
+from pyro_nf.fitting import FitResult, NonFiniteLossError, Schedule, fit
+from pyro_nf.fitting.estimators import make_elbo
+from pyro_nf.fitting.objective import Objective
 
 DATA = torch.tensor([0.8, 1.9, 1.2, 0.4, 1.6])
 
@@ -269,7 +270,7 @@ def test_stl_and_iw_reject_unsupported_guides(estimator):
 
 @pytest.mark.slow
 def test_auto_estimator_switches_to_stl_at_the_first_decay(monkeypatch):
-    import pyro_nf.objective as objective
+    import pyro_nf.fitting.objective as objective
 
     made = []
 
@@ -371,11 +372,12 @@ def test_particles_are_batched_by_vmap_where_no_particle_plate_fits(fresh_pyro_s
         pyro.sample("u", dist.Normal(torch.zeros(3), v.exp()).to_event(1), obs=torch.ones(3))
 
     guide = AutoPlanarFlow(unplated)
-    objective = Objective(unplated, guide, (), {}, "elbo", particles=4, warn=True)
+    objective = Objective(unplated, guide, (), {}, "elbo")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # still batched: nothing to warn of
-        batched = torch.stack([objective.loss(step=0) for _ in range(300)]).detach()
-    assert objective.vmap and objective.vectorizes
+        objective.setup(particles=4)
+        batched = torch.stack([objective.loss(4)[0] for _ in range(300)]).detach()
+    assert objective.batching is Batching.VMAP
     # The same loss as particles drawn one at a time (Pyro's Trace_ELBO), within noise.
     elbo = Trace_ELBO(num_particles=4)
     looped = torch.tensor([elbo.loss(unplated, guide) for _ in range(300)])
@@ -438,10 +440,10 @@ class FakeClock:
 
 
 def test_max_time_ends_the_fit_within_a_step(monkeypatch):
-    import pyro_nf.infer as infer
+    import pyro_nf.fitting.loop as loop
 
     clock = FakeClock(tick=0.01)
-    monkeypatch.setattr(infer, "time", clock)
+    monkeypatch.setattr(loop, "time", clock)
     result = fit(normal_model, AutoNormal(normal_model), num_steps=5000, num_particles=1,
                  max_time=3.0, progress=False, seed=0)  # fmt: skip
     assert result.stop_reason == "max_time" and not result.converged
@@ -521,8 +523,109 @@ def test_an_interrupted_update_is_undone():
 
 
 def test_a_new_particle_count_keeps_the_guessed_plate_nesting():
-    objective = Objective(normal_model, AutoNormal(normal_model), (), {}, "elbo", particles=2)
-    objective.loss(step=0)
+    objective = Objective(normal_model, AutoNormal(normal_model), (), {}, "elbo")
+    objective.setup(particles=2)
     guessed = objective.elbo.max_plate_nesting
-    objective.set_particles(8)
+    objective.loss(8)
     assert math.isfinite(guessed) and objective.elbo.max_plate_nesting == guessed
+
+
+class ModelBug(Exception):
+    """An exception of the user's own model."""
+
+
+def failing_on_call(at_call):
+    calls = []
+
+    def model():
+        calls.append(None)
+        if len(calls) == at_call:
+            raise ModelBug(f"call {at_call}")
+        normal_model()
+
+    return model
+
+
+@pytest.mark.parametrize("num_particles", [4, None])
+def test_a_one_off_exception_from_the_model_propagates(num_particles):
+    model = failing_on_call(at_call=30)
+    with pytest.raises(ModelBug, match="call 30"):
+        fit(model, AutoNormal(model), num_steps=100, num_particles=num_particles,
+            progress=False, seed=0)  # fmt: skip
+
+
+def test_the_batching_is_decided_once_and_recorded(fresh_pyro_state):
+    result = fit(normal_model, AutoNormal(normal_model), num_steps=5, num_particles=4,
+                 progress=False, seed=0)  # fmt: skip
+    assert result.batching == "plate"
+    with pytest.warns(UserWarning, match="one at a time"):
+        result = fit(_unbatchable, AutoNormal(_unbatchable), num_steps=5, num_particles=2,
+                     progress=False, seed=0)  # fmt: skip
+    assert result.batching == "loop"
+
+
+def subsampled_mean_model(data):
+    """A 1-D mean, the data in minibatches of 10."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data), subsample_size=10) as index:
+        pyro.sample("obs", dist.Normal(mu, 1.0), obs=data[index])
+
+
+def test_iw_refuses_a_subsampled_plate_and_the_elbo_does_not():
+    data = 3.0 + torch.randn(200, generator=torch.Generator().manual_seed(0))
+    guide = AutoNormal(subsampled_mean_model)
+    message = r"estimator='iw' cannot fit a model with a subsampled plate \('data': 10 of 200"
+    with pytest.raises(ValueError, match=message + r".*Use estimator='elbo' or 'stl'"):
+        fit(subsampled_mean_model, guide, data, num_steps=5, num_particles=8, estimator="iw",
+            progress=False)  # fmt: skip
+    for estimator in ("elbo", "stl"):
+        result = fit(subsampled_mean_model, guide, data, num_steps=5, estimator=estimator,
+                     progress=False)  # fmt: skip
+        assert result.num_steps == 5
+
+
+def threads_seen(record):
+    """`normal_model` that records torch's thread count at every call."""
+
+    def model():
+        record.append(torch.get_num_threads())
+        normal_model()
+
+    return model
+
+
+def test_threads_are_chosen_by_measurement_and_the_callers_count_restored(fresh_pyro_state):
+    record = []
+    model = threads_seen(record)
+    torch.set_num_threads(2)  # the autouse fixture restores the count it found
+    result = fit(model, AutoNormal(model), num_steps=20, num_particles=1, progress=False)
+    assert torch.get_num_threads() == 2
+    assert set(result.thread_times) == {1, 2} and all(t > 0 for t in result.thread_times.values())
+    fastest = min(result.thread_times, key=result.thread_times.get)
+    assert result.num_threads == fastest and record[-1] == fastest
+    # one model call a step: steps 1-6 interleave the counts, three each, 7-19 keep the faster
+    assert record[-19:-13] == [2, 1, 2, 1, 2, 1] and set(record[-13:]) == {fastest}
+    assert f"threads {fastest}" in result.summary()
+
+
+def test_a_given_thread_count_is_used_and_the_callers_restored_on_errors(fresh_pyro_state):
+    record = []
+    model = threads_seen(record)
+    torch.set_num_threads(2)
+    result = fit(model, AutoNormal(model), num_steps=10, num_threads=1, progress=False)
+    assert result.num_threads == 1 and result.thread_times == {} and set(record) == {1}
+    assert torch.get_num_threads() == 2
+    failing = failing_on_call(at_call=5)
+    with pytest.raises(ModelBug):
+        fit(failing, AutoNormal(failing), num_steps=10, num_threads=1, progress=False)
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ModelBug):  # measuring when it raises
+        fit(failing_on_call(5), AutoNormal(failing), num_steps=10, progress=False)
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        fit(model, AutoNormal(model), num_threads=0, progress=False)
+
+
+def test_one_thread_is_not_measured(fresh_pyro_state):
+    result = fit(normal_model, AutoNormal(normal_model), num_steps=10, progress=False)
+    assert result.num_threads == 1 and result.thread_times == {}

@@ -211,3 +211,70 @@ def test_reparametrised_model_keeps_sites_the_guide_does_not_cover():
     result = neutra_mcmc(model, guide, num_samples=20, warmup_steps=20, seed=0, progress=False)
     assert set(result.samples) == {"a", "b"}
     assert result.samples["b"].shape == (20,)
+
+
+def test_a_guide_fitted_with_another_support_is_refused():
+    """Fitted with s ~ HalfNormal, sampled with s ~ Uniform(0, 5): the guide would map the
+    chain's draws through the positive reals' transform, not the interval's."""
+    y = torch.tensor([0.3, -0.2, 0.1])
+
+    def fitted(y):
+        s = pyro.sample("s", dist.HalfNormal(2.0))
+        pyro.sample("y", dist.Normal(0.0, s).expand([3]).to_event(1), obs=y)
+
+    def sampled(y):
+        s = pyro.sample("s", dist.Uniform(0.0, 5.0))
+        pyro.sample("y", dist.Normal(0.0, s).expand([3]).to_event(1), obs=y)
+
+    guide = AutoPlanarFlow(fitted)
+    guide(y)
+    refused = (
+        r"fitted to another model \(site 's' support: the guide's GreaterThanEq\(lower_bound="
+        r"0.0\), the model's Interval\(lower_bound=0.0, upper_bound=5.0\); site 's' transform"
+    )
+    with pytest.raises(ValueError, match=refused):
+        neutra_mcmc(sampled, guide, y, num_samples=5, progress=False)
+    with pytest.raises(ValueError, match="site 's' shape: the guide's \\[\\], the model's \\[2\\]"):
+        neutra_mcmc(
+            lambda y: pyro.sample("s", dist.HalfNormal(torch.ones(2)).to_event(1)), guide, y
+        )
+
+
+def test_model_arguments_set_the_noncentring_map_for_calls_without_them():
+    def model(scale):
+        tau = pyro.sample("tau", dist.LogNormal(0.0, 1.0))
+        pyro.sample("theta", dist.Normal(0.0, scale * tau))
+
+    guide = AutoFlow(model, flow="planar", noncentered=True, warm_start=None)
+    guide(torch.tensor(1.0))
+    eps = torch.zeros(2)
+    with guide.model_arguments(torch.tensor(1.0)):
+        at_one = guide.get_transform()(eps)
+    with guide.model_arguments(scale=torch.tensor(3.0)):
+        at_three = guide.get_transform()(eps)
+    assert torch.equal(at_one, guide.get_transform(torch.tensor(1.0))(eps))
+    assert torch.equal(at_three, guide.get_transform(torch.tensor(3.0))(eps))
+    assert not torch.equal(at_one, at_three)  # theta's prior scale is read at the arguments
+    with pytest.raises(TypeError, match="scale"):  # outside the block: none
+        guide.get_transform()(eps)
+
+
+@pytest.mark.parametrize("sampler", ["nuts", "neutra"])
+def test_thread_count_is_chosen_recorded_and_the_callers_restored(sampler):
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        if sampler == "nuts":
+            result = nuts_mcmc(model, num_samples=5, warmup_steps=5, progress=False, seed=0)
+        else:
+            pyro.clear_param_store()
+            guide = AutoPlanarFlow(model, warm_start=None)
+            guide()
+            result = neutra_mcmc(model, guide, num_samples=5, warmup_steps=5, progress=False)
+        assert result.num_threads in (1, 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

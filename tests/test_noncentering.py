@@ -12,7 +12,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal
 
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.batching import BATCHINGS, Batching
-from pyro_nf.infer import fit
+from pyro_nf.fitting import fit
 from pyro_nf.noncentering import NonCenteredDistribution, NonCentering, find_hierarchical_sites
 from tests.models import SCHOOLS_SIGMA, SCHOOLS_Y, f64, funnel, schools
 
@@ -228,7 +228,7 @@ def test_state_dict_from_noncentred_coordinates_refuses_the_model_coordinates(
     learned = AutoFlow(schools, flow="planar", noncentered=True, warm_start=None)
     learned()
     state = learned.state_dict()
-    assert state["_extra_state"]["coordinates"] == "non-centred"
+    assert state["_extra_state"]["start"]["coordinates"] == "non-centred"
     other = AutoFlow(schools, flow="planar", noncentered=False, warm_start=None)
     other()  # the same parameter shapes, in the model's coordinates
     with pytest.raises(ValueError, match="coordinates: saved 'non-centred', this guide 'model'"):
@@ -237,3 +237,17 @@ def test_state_dict_from_noncentred_coordinates_refuses_the_model_coordinates(
     same()
     same.load_state_dict(state)
     assert torch.equal(same.loc, learned.loc)
+
+
+def test_a_call_without_the_models_arguments_says_how_to_give_them():
+    def required(y, sigma):
+        schools(y, sigma)
+
+    pyro.clear_param_store()
+    guide = AutoFlow(required, flow="planar", warm_start=None, noncentered=True)
+    guide(SCHOOLS_Y, SCHOOLS_SIGMA)
+    with pytest.raises(TypeError, match="'theta' in non-centred.*model_arguments"):
+        guide.median()
+    with guide.model_arguments(SCHOOLS_Y, SCHOOLS_SIGMA):
+        inside = guide.median()["mu"]
+    assert torch.equal(inside, guide.median(SCHOOLS_Y, SCHOOLS_SIGMA)["mu"])

@@ -2,14 +2,15 @@
 
 import pytest
 
-from pyro_nf.particles import ParticleEffort
+from pyro_nf.batching import Batching
+from pyro_nf.fitting.particles import ParticleEffort
 
 
-def feed(effort, seconds_of, steps, start=1, vmap=False):
+def feed(effort, seconds_of, steps, start=1):
     """Step times from ``seconds_of(particles)``; the counts after each step."""
     counts = []
     for step in range(start, start + steps):
-        effort.update(seconds_of(effort.particles), step, vmap=vmap)
+        effort.update(seconds_of(effort.particles), step)
         counts.append(effort.particles)
     return counts
 
@@ -22,12 +23,12 @@ def test_overhead_dominated_steps_get_the_most_particles():
 
 def test_vmapped_particles_wait_for_the_first_decay_then_stop_at_their_cap():
     effort = ParticleEffort()
-    counts = feed(effort, lambda p: 0.010 + 1e-5 * p, steps=3)
-    assert counts == [1, 1, 2]  # the plate is tried at 2, fails, and vmap batches it
-    counts = feed(effort, lambda p: 0.010 + 1e-5 * p, steps=37, start=4, vmap=True)
-    assert counts == [1] * 37 and effort.vmap and not effort.probing
+    assert effort.probe_particles == 2  # the batching is decided at two particles
+    effort.begin(Batching.VMAP)
+    counts = feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40)
+    assert counts == [1] * 40 and not effort.probing
     effort.raise_limit()
-    feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40, start=41, vmap=True)
+    feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40, start=41)
     assert effort.particles == effort.max_vmap_particles == 8 and not effort.probing
     effort.raise_limit()  # at the cap: nothing left to probe
     assert not effort.probing and effort.cost_ratio == 2.0
@@ -67,17 +68,17 @@ def test_the_fastest_probe_step_counts():
 
 def test_a_model_that_does_not_vectorise_stays_at_one():
     effort = ParticleEffort(probe_steps=1)
-    effort.update(0.01, 1)
-    assert effort.particles == 2
-    effort.update(0.01, 2, vectorizes=False)
-    assert effort.particles == 1 and not effort.probing
+    effort.begin(Batching.LOOP)
+    assert all(effort.update(0.01, step) is None for step in range(1, 5))
     effort.raise_limit()
-    assert effort.update(0.01, 3, vectorizes=False) is None and effort.particles == 1
-    assert effort.history == [(0, 1), (2, 2), (3, 1)]
+    assert effort.update(0.01, 5) is None and effort.particles == 1 and not effort.probing
+    assert effort.history == [(0, 1)]
 
 
 def test_fixed_counts_never_change():
     effort = ParticleEffort.fixed(16)
+    effort.begin(Batching.PLATE)
+    assert effort.probe_particles == 16
     assert all(effort.update(s, i) is None for i, s in enumerate([0.01, 1.0, 0.01] * 5))
     effort.raise_limit()
     assert effort.particles == 16 and effort.history == [(0, 16)]
@@ -85,4 +86,5 @@ def test_fixed_counts_never_change():
 
 def test_a_fixed_count_stays_where_the_model_does_not_vectorise():
     effort = ParticleEffort.fixed(4)  # drawn one at a time, as asked
-    assert effort.update(0.01, 1, vectorizes=False) is None and effort.particles == 4
+    effort.begin(Batching.LOOP)
+    assert effort.update(0.01, 1) is None and effort.particles == 4

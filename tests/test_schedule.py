@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pyro_nf.schedule import Schedule
+from pyro_nf.fitting.schedule import Schedule
 
 
 def test_a_plateau_decays_then_stops():
@@ -42,18 +42,18 @@ def test_a_schedule_serves_many_runs():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        (dict(window=1), "window must be an integer >= 2, got 1"),
-        (dict(window=2.5), "window must be an integer >= 2, got 2.5"),
-        (dict(patience=True), "patience must be an integer >= 1, got True"),
-        (dict(num_decays=-1), "num_decays must be an integer >= 0, got -1"),
-        (dict(decay=0.0), "decay must be in"),
-        (dict(anneal_to=2.0), "anneal_to must be in"),
-        (dict(anneal_fraction=-0.1), "anneal_fraction must be in"),
-        (dict(threshold=float("nan")), "threshold must be finite"),
+        (dict(window=1), ValueError, "window must be an integer >= 2, got 1"),
+        (dict(window=2.5), TypeError, "window must be an integer >= 2, got 2.5"),
+        (dict(patience=True), TypeError, "patience must be an integer >= 1, got True"),
+        (dict(num_decays=-1), ValueError, "num_decays must be an integer >= 0, got -1"),
+        (dict(decay=0.0), ValueError, "decay must be in"),
+        (dict(anneal_to=2.0), ValueError, "anneal_to must be in"),
+        (dict(anneal_fraction=-0.1), ValueError, "anneal_fraction must be in"),
+        (dict(threshold=float("nan")), ValueError, "threshold must be finite"),
     ],
 )
-def test_bad_settings(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_settings(kwargs, error, message):
+    with pytest.raises(error, match=message):
         Schedule(**kwargs)

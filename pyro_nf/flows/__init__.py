@@ -13,7 +13,7 @@ Gaussian.
 from __future__ import annotations
 
 from .autoregressive import SoftplusAffineAutoregressive, iaf_flow, iaf_layer
-from .core import FlowLayer, FlowStack, OnePassTransform, has_inverse
+from .core import FlowLayer, FlowStack, OnePassTransform, as_pyro_module, has_inverse
 from .coupling import AffineCoupling, coupling_flow
 from .identity import no_flow
 from .kernels import AmortizedLayers, KernelLayer
@@ -51,6 +51,7 @@ __all__ = [
     "coupling_flow",
     "default_hidden_dims",
     "get_flow_spec",
+    "as_pyro_module",
     "has_inverse",
     "iaf_flow",
     "iaf_layer",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -28,6 +29,8 @@ from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.distributions.transforms.polynomial import Polynomial
 from pyro.distributions.transforms.radial import ConditionedRadial
 from pyro.distributions.transforms.sylvester import Sylvester
+from pyro.nn import PyroModule
+from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 from torch.distributions.transforms import Transform
 
@@ -36,6 +39,7 @@ __all__ = [
     "FlowLayer",
     "FlowStack",
     "OnePassTransform",
+    "as_pyro_module",
     "has_inverse",
     "inverse_softplus",
 ]
@@ -285,3 +289,36 @@ def has_inverse(flow: nn.Module) -> bool:
     """
     layers = flow.layers if isinstance(flow, FlowStack) else [flow]
     return all(_layer_has_inverse(layer) for layer in layers)
+
+
+def as_pyro_module(module: nn.Module) -> None:
+    """Make `module` and its submodules `PyroModule` s in place, as Pyro's
+    ``to_pyro_module_``, except submodules held more than once (a network's shared
+    activation, say): a `PyroModule` has one name.
+
+    A guide holds its flow this way, so that its parameters are the guide's own (frozen
+    by ``requires_grad_(False)`` without a word, traced by JIT) rather than registered
+    through ``pyro.module``.
+
+    Examples
+    --------
+    >>> from pyro.nn import PyroModule
+    >>> from pyro_nf.flows import build_flow
+    >>> flow = build_flow("iaf", 3)
+    >>> as_pyro_module(flow)
+    >>> isinstance(flow, PyroModule), isinstance(flow.layers[0], PyroModule)
+    (True, True)
+    """
+    counts = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
+    _as_pyro_module(module, {key for key, count in counts.items() if count > 1})
+
+
+def _as_pyro_module(module: nn.Module, shared: set[int]) -> None:
+    if id(module) in shared:
+        return
+    if not isinstance(module, PyroModule):
+        to_pyro_module_(module, recurse=False)
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            _as_pyro_module(child, shared)
+            setattr(module, name, child)

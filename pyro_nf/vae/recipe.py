@@ -11,7 +11,7 @@ import pyro
 import torch
 
 from ..checks import check_int, check_positive, check_sizes
-from ..infer import NonFiniteLossError
+from ..fitting import NonFiniteLossError
 from .model import FlowVAE
 
 __all__ = ["TrainConfig", "Trainer"]

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from pyro_nf.infer import NonFiniteLossError
+from pyro_nf.fitting import NonFiniteLossError
 
 from ..checks import check_int
 from .checkpoint import WriteError, load_checkpoint, save_checkpoint, write_json

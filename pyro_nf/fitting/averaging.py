@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pyro_nf.schedule import DECAY, IMPROVED, STEP, STOP
+from pyro_nf.fitting.schedule import DECAY, IMPROVED, STEP, STOP
 
 __all__ = ["IterateAverage"]
 
@@ -13,39 +13,39 @@ __all__ = ["IterateAverage"]
 class IterateAverage:
     """Running per-window means of the iterates, applied at a plateau.
 
-    Call `add` after every optimiser step and `end` with what `ScheduleState.record`
-    reported. Each finished window's mean iterate is kept while the loss stalls (at most
-    `patience` windows, the plateau), dropped when a window improves, and at a decay or
-    the stop the parameters are set to the mean over the kept windows.
+    Call `add` with the parameters after every optimiser step and `end` with what
+    `ScheduleState.record` reported. Each finished window's mean iterate is kept while the
+    loss stalls (at most `patience` windows, the plateau), dropped when a window improves,
+    and at a decay or the stop the parameters are set to the mean over the kept windows.
+    The parameters are the caller's (who may add some later), passed to each call.
 
     Examples
     --------
-    >>> param = torch.zeros(1)
-    >>> average = IterateAverage({"x": param}, patience=2)
+    >>> params = {"x": torch.zeros(1)}
+    >>> average = IterateAverage(patience=2)
     >>> for value, event in [(1.0, "step"), (3.0, "stale"), (5.0, "step"), (7.0, "decay")]:
-    ...     _ = param.fill_(value)
-    ...     average.add()
-    ...     average.end(event, window=2)
-    >>> param.item()  # the mean of the window means 2 and 6
+    ...     _ = params["x"].fill_(value)
+    ...     average.add(params)
+    ...     average.end(event, 2, params)
+    >>> params["x"].item()  # the mean of the window means 2 and 6
     4.0
     """
 
-    def __init__(self, params: dict[str, Tensor], patience: int):
-        self.params = params  # shared with the caller, who may add parameters later
+    def __init__(self, patience: int) -> None:
         self.patience = patience
         self.sums: dict[str, Tensor] = {}
         self.window_means: list[dict[str, Tensor]] = []
 
     @torch.no_grad()
-    def add(self) -> None:
+    def add(self, params: dict[str, Tensor]) -> None:
         """Add the current iterate to the window's sum."""
-        for name, param in self.params.items():
+        for name, param in params.items():
             if name in self.sums:
                 self.sums[name] += param
             else:
                 self.sums[name] = param.detach().clone()
 
-    def end(self, event: str, window: int) -> None:
+    def end(self, event: str, window: int, params: dict[str, Tensor]) -> None:
         """Close a window (any event but `"step"`) and apply the average at a plateau."""
         if event == STEP:
             return
@@ -53,12 +53,12 @@ class IterateAverage:
         self.window_means = [*kept, {k: v / window for k, v in self.sums.items()}]
         self.sums = {}
         if event in (DECAY, STOP):
-            self.apply()
+            self.apply(params)
 
     @torch.no_grad()
-    def apply(self) -> None:
+    def apply(self, params: dict[str, Tensor]) -> None:
         """Set every parameter to its mean over the kept windows, then forget them."""
-        for name, param in self.params.items():
+        for name, param in params.items():
             values = [m[name] for m in self.window_means if name in m]
             if values:
                 param.copy_(torch.stack(values).mean(0))

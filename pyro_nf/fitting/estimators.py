@@ -18,9 +18,17 @@ from pyro.infer import Trace_ELBO
 from torch import Tensor
 
 from pyro_nf.distribution import FlowDistribution
+from pyro_nf.log_joint import subsampled_plates
 from pyro_nf.noncentering import NonCenteredDistribution
 
-__all__ = ["ESTIMATORS", "make_elbo", "supports_stl", "vmap_draws", "vmapped_log_weights"]
+__all__ = [
+    "ESTIMATORS",
+    "check_unsubsampled",
+    "make_elbo",
+    "supports_stl",
+    "vmap_draws",
+    "vmapped_log_weights",
+]
 
 ESTIMATORS = ("auto", "elbo", "stl", "iw")
 
@@ -32,7 +40,9 @@ class _PathDerivativeELBO(Trace_ELBO):
     derivative), dropping the score term whose expectation is zero.
     """
 
-    def _get_trace(self, model, guide, args, kwargs):
+    def _get_trace(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> tuple[poutine.Trace, poutine.Trace]:
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"]:
@@ -92,7 +102,49 @@ def supports_stl(guide: Callable, args: tuple, kwargs: dict) -> bool:
     return True
 
 
-def _log_weight(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dict) -> Tensor:
+def check_unsubsampled(
+    estimator: str, model: Callable, guide: Callable, args: tuple, kwargs: dict
+) -> None:
+    """Refuse `estimator="iw"` for a model with a subsampled plate.
+
+    The importance-weighted bound takes the log of a mean of weights; with the likelihood
+    of a minibatch scaled up to the full data, its estimate is no longer unbiased for the
+    bound (the log does not commute with the subsampling), and the guide it trains is
+    wrong. The ELBO is linear in the log-likelihood, so `"elbo"` and `"stl"` stay exact
+    in expectation. One trace of the guide and of the model replayed against it tells.
+
+    Examples
+    --------
+    >>> def model():
+    ...     x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    ...     with pyro.plate("data", 100, subsample_size=10):
+    ...         pyro.sample("y", dist.Normal(x, 1.0), obs=torch.zeros(10))
+    >>> def guide():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> check_unsubsampled("elbo", model, guide, (), {})  # fine
+    >>> check_unsubsampled("iw", model, guide, (), {})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: estimator='iw' cannot fit a model with a subsampled plate ('data': 10 of 100...
+    """
+    if estimator != "iw":
+        return
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    plates = subsampled_plates(trace)
+    if plates:
+        name, (size, full_size) = next(iter(plates.items()))
+        raise ValueError(
+            f"estimator='iw' cannot fit a model with a subsampled plate ({name!r}: {size} of "
+            f"{full_size} per step): the importance-weighted bound is not unbiased under data "
+            "subsampling. Use estimator='elbo' or 'stl', or the full data (no subsample_size)."
+        )
+
+
+def _log_weight(
+    elbo: Trace_ELBO, model: Callable, guide: Callable, args: tuple, kwargs: dict
+) -> Tensor:
     """One particle's `log p(x, z) - log q(z)`, its guide sites all reparameterised."""
     model_trace, guide_trace = elbo._get_trace(model, guide, args, kwargs)
     for site in guide_trace.nodes.values():
@@ -121,7 +173,9 @@ def vmap_draws(draw: Callable[[Tensor], Any], num_draws: int) -> Any:
         return torch.func.vmap(draw, randomness="different")(torch.arange(num_draws))
 
 
-def vmapped_log_weights(elbo: Trace_ELBO, model, guide, args: tuple, kwargs: dict) -> Tensor:
+def vmapped_log_weights(
+    elbo: Trace_ELBO, model: Callable, guide: Callable, args: tuple, kwargs: dict
+) -> Tensor:
     """`elbo.num_particles` log weights `log p(x, z) - log q(z)` batched by `vmap_draws`,
     shape `(K,)`.
 
@@ -148,12 +202,12 @@ class _VmappedParticles:
     For models that cannot take a particle dimension (one written for one draw, such as
     ``x @ beta``): vmap leaves the model's shapes alone. The loss is the plain ELBO, so
     only guides whose sites are all reparameterised take it (others raise, and `fit`
-    draws their particles one at a time). On the 25-predictor regression of
-    `examples/robust_posteriors.py`, 8 particles cost 42 ms a step this way, 184 ms one
-    at a time.
+    draws their particles one at a time).
     """
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: object, **kwargs: object
+    ) -> Tensor:
         return -vmapped_log_weights(self, model, guide, args, kwargs).mean()
 
 
@@ -177,26 +231,25 @@ class _ImportanceWeightedELBO(_PathDerivativeELBO):
     `"stl"`), unbiased for the bound's gradient and exactly zero at a guide equal to the
     posterior. Pyro's `RenyiELBO(alpha=0)` is the same bound with the plain
     reparameterised gradient, whose signal-to-noise ratio for the guide falls like
-    $1 / \sqrt{K}$ (Rainforth et al. 2018), and takes no vmap batching. On the GARCH(1,1)
-    of 200 observations (garch200 of `benchmarks/fit_cost.py`; seed 0, 8 particles,
-    default spline guide), the largest mean error and log sd ratio against NUTS were
-    0.055 sd / 0.130 with this gradient, 0.129 / 0.159 with the plain one, and
-    0.145 / 0.380 for the ELBO at `fit`'s defaults (64 ELBO particles: 0.048 / 0.157 at
-    twice this one's time).
+    $1 / \sqrt{K}$ (Rainforth et al. 2018), and takes no vmap batching (measured against
+    it in docs/robust.md, "Measurements behind fit's rules"). Under data subsampling the
+    bound's estimate is biased, so `fit` refuses it there (`check_unsubsampled`).
     """
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: object, **kwargs: object
+    ) -> Tensor:
         log_weights = self._log_weights(model, guide, args, kwargs)
         normalised = torch.softmax(log_weights.detach(), dim=0)
         bound = torch.logsumexp(log_weights.detach(), dim=0) - math.log(len(log_weights))
         surrogate = (normalised.square() * log_weights).sum()
         return -bound - (surrogate - surrogate.detach())  # the bound's value, DReG's gradient
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: object, **kwargs: object) -> float:
         with torch.no_grad():
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
-    def _log_weights(self, model, guide, args: tuple, kwargs: dict) -> Tensor:
+    def _log_weights(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Tensor:
         """The particles' log weights, shape `(K,)`: from one plated trace or one by one."""
         if not (self.vectorize_particles and self.num_particles > 1):
             draws = [
@@ -212,7 +265,7 @@ class _ImportanceWeightedELBO(_PathDerivativeELBO):
 class _VmappedImportanceWeightedELBO(_ImportanceWeightedELBO):
     """The importance-weighted bound with vmap-batched particles."""
 
-    def _log_weights(self, model, guide, args: tuple, kwargs: dict) -> Tensor:
+    def _log_weights(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Tensor:
         return vmapped_log_weights(self, model, guide, args, kwargs)
 
 

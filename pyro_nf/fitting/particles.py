@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pyro_nf.batching import Batching
+
 __all__ = ["ParticleEffort"]
 
 
@@ -22,35 +24,23 @@ class ParticleEffort:
     The probe steps are ordinary training steps. With `fixed`, the count never changes
     (a model that does not vectorise then draws that many particles one at a time).
 
-    Where particles are batched by `torch.func.vmap` (a model that takes no particle
-    plate, `update(..., vmap=True)`), the one-particle step is the guide's unbatched step,
-    and any batched one costs a fixed premium over it whatever the count: the search
-    goes back to one particle until the first decay, where gradient noise starts to
-    matter, then doubles as above up to `max_vmap_particles`, the allowed multiple staying
-    at `cost_ratio` (a vmapped particle can cost a whole model run: on the GARCH(1,1) of
-    1000 returns in `examples/robust_posteriors.py`, a multiple doubled at each decay
-    made the fit 2.6 times AutoNormal's time, for errors of 0.086 / 0.058 against 0.067 /
-    0.066 at one particle). Measured on the 25-predictor regression of
-    `examples/robust_posteriors.py` (seed 0, float64; AutoNormal's fit 19.6 s): 1 / 2 /
-    4 / 8 vmapped particles all along gave 15.8 / 20.5 / 22.2 / 22.7 ms a step, fits of
-    20.0 / 27.5 / 31.5 / 35.0 s and largest sd errors (log) of 0.083 / 0.065 / 0.073 /
-    0.059; uncapped, the rule went to 256 particles (63.6 ms a step, a fit of 165.6 s,
-    8.4 times AutoNormal's).
+    A policy: step times in (`update`), counts out; how particles are batched is told
+    once, by `begin`, from the choice `fit` makes at setup. Where they cannot be batched
+    (`Batching.LOOP`) the count stays at one. Where `torch.func.vmap` batches them (a
+    model that takes no particle plate), the one-particle step is the guide's unbatched
+    step and any batched one costs a fixed premium over it whatever the count, while a
+    vmapped particle can cost a whole model run: the search waits at one particle until
+    the first decay, where gradient noise starts to matter, then doubles as above up to
+    `max_vmap_particles`, the allowed multiple staying at `cost_ratio`.
 
     Why cost, not trace size: where the model's arithmetic is cheap a step is Python
-    overhead and particles come almost free; where it is not, each one costs. Measured
-    (2 shared cores, float64, one step of the spline guide on the models of
-    `benchmarks/fit_cost.py`, 1 / 8 / 32 / 256 particles): eight schools 8.6 / 10.2 /
-    11.2 / 21.3 ms, the years regression 11.1 / 34.1 / 9.6 / 18.7 ms; an ARMA(1,1) on 200
-    observations (a 200 x 200 matrix per particle) 33 / 110 / 890 / 3570 ms with
-    AutoNormal. The old rule by trace size gave that ARMA 256 particles, 1219 s for 1800
-    steps; this one gives it 4 at first. Eight schools gets 128 and, after the first
-    decay, 256: the left tail of its log tau needs 256 (with 8 the sd of log tau came out
-    21-29% small, with 256 within 7-12%, seeds 0-2).
+    overhead and particles come almost free; where it is not, each one costs. The
+    measurements behind the rule are in docs/robust.md ("What a fit costs").
 
     Examples
     --------
     >>> effort = ParticleEffort(probe_steps=1)
+    >>> effort.begin(Batching.PLATE)
     >>> [effort.update(seconds, step) for step, seconds in enumerate([0.01, 0.012, 0.03])]
     [2, 4, 2]
     >>> effort.raise_limit()  # the allowed multiple is now 4: time 1 again, back to 2, up
@@ -68,8 +58,7 @@ class ParticleEffort:
     particles: int = 1
     probing: bool = True
     base: float | None = None
-    vectorizes: bool = True
-    vmap: bool = False
+    batching: Batching = Batching.PLATE
     decays: int = 0
     adaptive: bool = True
     history: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])
@@ -83,34 +72,36 @@ class ParticleEffort:
 
         Examples
         --------
-        >>> ParticleEffort.fixed(8).update(1.0, step=1, vectorizes=False) is None
-        True
+        >>> effort = ParticleEffort.fixed(8)
+        >>> effort.begin(Batching.LOOP)
+        >>> effort.update(1.0, step=1) is None, effort.particles
+        (True, 8)
         """
         return cls(particles=particles, probing=False, adaptive=False, history=[(0, particles)])
 
-    def update(
-        self, seconds: float, step: int, vectorizes: bool = True, vmap: bool = False
-    ) -> int | None:
+    @property
+    def probe_particles(self) -> int:
+        """The count at which `fit` decides how particles are batched: the fixed count, or
+        the first count above one the search may reach."""
+        return max(self.particles, 2) if self.adaptive else self.particles
+
+    def begin(self, batching: Batching) -> None:
+        """How particles are batched, decided at setup: a count chosen by this rule stays
+        at one where they cannot be batched, and until the first decay where vmap batches
+        them."""
+        self.batching = batching
+        if self.adaptive and batching is not Batching.PLATE:
+            self.probing = False
+
+    def update(self, seconds: float, step: int) -> int | None:
         """Record the time of step `step`; the count from the next step on, or None to
-        keep it. `vectorizes=False` (no particle dimension in the model) ends the search
-        at one particle; `vmap=True` (batched by `torch.func.vmap`) holds it at one
-        particle until the first decay and caps it at `max_vmap_particles`."""
-        if not self.adaptive:
+        keep it."""
+        if not (self.adaptive and self.probing):
             return None
-        if vmap and not self.vmap:
-            return self._batch_by_vmap(step)
-        if not vectorizes:
-            if not self.vectorizes:
-                return None
-            self.vectorizes, self.probing, self._remeasure = False, False, False
-            self.particles = 1
-            return self._record(step + 1)
         if self._remeasure:  # time the cheapest step again, then go back to the count
             self._remeasure, self.base, self._resume = False, None, self.particles
             self.particles, self._times = 1, []
             return self._record(step + 1)
-        if not self.probing:
-            return None
         self._times.append(seconds)
         if len(self._times) < self.probe_steps:
             return None
@@ -121,11 +112,13 @@ class ParticleEffort:
         """A learning-rate decay: double the allowed cost multiple (not where batched by
         vmap) and probe upwards, from a fresh timing of the cheapest step (the machine's
         load may have changed)."""
-        if not self.vmap:
+        if self.batching is Batching.PLATE:
             self.cost_ratio *= 2
         self.decays += 1
-        if self.vectorizes and self.base is not None and self.particles < self.limit:
-            self.probing, self._remeasure = True, True
+        if not self.adaptive or self.batching is Batching.LOOP or self.particles >= self.limit:
+            return
+        self.probing = True
+        self._remeasure = self.base is not None  # else the first search: from one particle
 
     def _next(self, cost: float, step: int) -> int | None:
         if self.base is None:
@@ -142,20 +135,12 @@ class ParticleEffort:
             return None
         return self._record(step + 1)
 
-    def _batch_by_vmap(self, step: int) -> int | None:
-        """Batched by vmap from now on: one particle until the first decay, unless one
-        has passed (then the search goes on, within the cap)."""
-        self.vmap = True
-        if self.decays:
-            self.particles = min(self.particles, self.limit)
-        else:
-            self.particles, self.probing, self._times = 1, False, []
-        return self._record(step + 1)
-
     @property
     def limit(self) -> int:
         """The most particles the search may reach with the current batching."""
-        return min(self.max_particles, self.max_vmap_particles) if self.vmap else self.max_particles
+        if self.batching is Batching.VMAP:
+            return min(self.max_particles, self.max_vmap_particles)
+        return self.max_particles
 
     def _record(self, step: int) -> int:
         self.history.append((step, self.particles))

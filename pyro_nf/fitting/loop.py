@@ -1,0 +1,392 @@
+"""Fitting a guide: a training loop that decays its learning rate, knows when it has
+converged, spends particles and threads where they pay, keeps to a time budget, and never
+loses what it has learned to a NaN or a Ctrl-C.
+
+State is explicit, in the spirit of NumPyro's `SVIState`: `_Training` owns the parameters
+(one dict, discovered as the loss touches them), the optimiser, the losses and the clock,
+and hands the parameters to whoever needs them (the guard, the iterate average). The
+parts are policies with measurements in and decisions out: `ScheduleState` (losses in,
+learning rate and stop out), `ParticleEffort` and `ThreadChoice` (step times in, counts
+out); `Objective` evaluates the loss with the batching it decided once at setup.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pyro_nf.batching import Batching
+from pyro_nf.fitting.arguments import check_fit_arguments
+from pyro_nf.fitting.averaging import IterateAverage
+from pyro_nf.fitting.estimators import check_unsubsampled
+from pyro_nf.fitting.guard import NonFiniteGuard, find_nonfinite_site
+from pyro_nf.fitting.inputs import nonfinite_arguments
+from pyro_nf.fitting.objective import Objective
+from pyro_nf.fitting.particles import ParticleEffort
+from pyro_nf.fitting.result import FitResult
+from pyro_nf.fitting.runaway import RunawayWatch
+from pyro_nf.fitting.schedule import DECAY, STOP, Schedule, ScheduleState
+from pyro_nf.fitting.threads import ThreadChoice, restored_threads
+
+__all__ = ["fit"]
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    *args: object,
+    num_steps: int = 5000,
+    lr: float | None = None,
+    num_particles: int | None = None,
+    estimator: str = "elbo",
+    optimizer: object = None,
+    progress: bool = True,
+    seed: int | None = None,
+    schedule: Schedule | None = None,
+    max_time: float | None = None,
+    num_threads: int | None = None,
+    **kwargs: object,
+) -> FitResult:
+    """Fit `guide` to `model` by stochastic variational inference.
+
+    Adam (or `optimizer`) on the negative ELBO, with the learning rate decayed on
+    plateaus and annealed over the last part of the budget, stopping early once the
+    loss has stopped improving (see `Schedule` for the exact rule); `num_steps` and
+    `max_time` are upper bounds. Parameters live in Pyro's param store, as with Pyro's
+    `SVI`; a new call continues from them. Every argument is checked before the guide is
+    set up.
+
+    Parameters
+    ----------
+    model, guide : callable
+        A Pyro model and any Pyro guide (ours, AutoNormal, hand-written).
+    *args, **kwargs
+        The model's and guide's arguments.
+    num_steps : int
+        Maximum number of steps.
+    lr : float, optional
+        Initial learning rate; defaults to `guide.default_lr` where the guide has one
+        (pyro_nf's flow guides), else to the `lr` of a Pyro `optimizer`, else 1e-2.
+    num_particles : int, optional
+        Monte-Carlo samples per gradient estimate; vectorised in a particle plate where
+        the model allows it, else batched by `torch.func.vmap` (a model written for one
+        draw, such as `x @ beta`), else drawn one at a time (with a warning); which way
+        is decided once, at setup, by a probe of the model, so a later exception from
+        the model propagates unchanged. Default:
+        chosen by the measured cost of a step (`ParticleEffort`): doubled from 1 (up to
+        256) while a step costs at most twice the one-particle step, the allowed multiple
+        doubling at each learning-rate decay; batched by vmap, one particle until the
+        first decay, then at most 8 at a multiple that stays at two; 1 where the model
+        cannot be batched. `FitResult.particle_schedule` says what was drawn when.
+        Timings vary with the machine's load, so two default fits with the same `seed`
+        may draw different counts; give `num_particles` for a fit that repeats exactly.
+    estimator : {"auto", "elbo", "stl", "iw"}
+        `"elbo"`: the standard reparameterised gradient. `"stl"`: the path-derivative
+        ("sticking the landing") gradient, which scores the guide's sample with detached
+        guide parameters; lower variance near the optimum, for flow, Normal and
+        multivariate-normal guide sites. `"auto"`: `"elbo"` until the first
+        learning-rate decay, then `"stl"` where every guide site supports it. `"iw"`:
+        the importance-weighted bound over each step's particles, with the doubly
+        reparameterised gradient (same guides as `"stl"`); its guide covers the
+        posterior's mass, for heavy tails the ELBO cuts short. Give it `num_particles`
+        (e.g. 8; at one particle it is `"stl"`), and expect a step to cost up to twice
+        an `"elbo"` step, as for `"stl"`. The reported ELBO is then the bound. It is
+        refused for a model with a subsampled plate (`subsample_size`), where the
+        bound's estimate is biased; `"elbo"` and `"stl"` stay exact in expectation.
+    optimizer : optional
+        A torch optimizer class, a callable `(params, lr=...) -> Optimizer`, or a
+        `pyro.optim` optimizer (its arguments are used); default Adam.
+    progress : bool
+        Show a progress bar (smoothed ELBO, learning rate, particles, an upper bound on
+        the time left) and print `FitResult.summary` at the end.
+    seed : int, optional
+        Seed Pyro's random number generators first.
+    schedule : Schedule, optional
+        Learning-rate schedule and stopping rule; default `Schedule()`.
+    max_time : float, optional
+        Seconds the fit may take, setup included: no step starts that would, at the
+        median step time so far, end past it (the first step, which sets the guide up,
+        always runs). The end-of-budget anneal then follows the larger of the step and
+        time fractions spent.
+    num_threads : int, optional
+        Torch intra-op threads for the fit. Default (None): measured, as particles are:
+        the first steps after the setup alternate between torch's current count and one
+        thread (three each), and the fit goes on with the faster (small models run
+        faster on one thread, and much faster where a core is shared). An int forces
+        that count. Either way the caller's setting is restored when `fit` returns or
+        raises; `FitResult.num_threads` and `FitResult.thread_times` say what was
+        chosen and why, as does the ``pyro_nf`` logger.
+
+    Returns
+    -------
+    FitResult
+
+    Raises
+    ------
+    NonFiniteLossError
+        If a loss or gradient is not finite. The parameters are then the last finite
+        ones (those after the last update, or before it if that update made them
+        non-finite), and the error names the step, the parameters with non-finite
+        gradients and, where a fresh trace shows it, the site. At the setup step it says
+        what is wrong instead: a model argument or an observed value that is not finite
+        (named), or a log density of -inf at the guide's starting point.
+    ValueError
+        For `estimator="iw"` on a model with a subsampled plate.
+
+    Warns
+    -----
+    ImproperPosteriorWarning
+        Once, where the guide's spread at a site with an improper prior
+        (`ImproperUniform`) runs away: the posterior looks improper or unidentified.
+    KeyboardInterrupt
+        Re-raised on Ctrl-C with the `FitResult` so far (`stop_reason="interrupted"`) as
+        its `fit_result` attribute; an update it cut short is undone.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model():
+    ...     x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    ...     pyro.sample("y", dist.Normal(x, 1.0), obs=torch.tensor(2.0))
+    >>> pyro.clear_param_store()
+    >>> result = fit(model, AutoNormal(model), num_steps=300, progress=False, seed=0)
+    >>> result.num_steps <= 300 and abs(result.elbo - (-2.266)) < 0.3
+    True
+    """
+    constructor, optim_args, lr0 = check_fit_arguments(
+        guide, num_steps, lr, num_particles, estimator, optimizer, schedule, max_time, num_threads
+    )
+    schedule = schedule or Schedule()
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    check_unsubsampled(estimator, model, guide, args, kwargs)
+    with restored_threads():
+        training = _Training(
+            Objective(model, guide, args, kwargs, estimator),
+            ParticleEffort() if num_particles is None else ParticleEffort.fixed(num_particles),
+            ThreadChoice.measured() if num_threads is None else ThreadChoice.fixed(num_threads),
+            schedule,
+            NonFiniteGuard(
+                lambda: find_nonfinite_site(model, guide, args, kwargs),
+                nonfinite_arguments(model, args, kwargs),
+            ),
+        )
+        result = training.run(num_steps, max_time, constructor, optim_args, lr0, progress)
+    if progress:
+        tqdm.write(result.summary())
+    return result
+
+
+class _Training:
+    """One `fit` between steps: the parameters, the optimiser, the losses and the clock,
+    and the policies that read them."""
+
+    def __init__(
+        self,
+        objective: Objective,
+        effort: ParticleEffort,
+        threads: ThreadChoice,
+        schedule: Schedule,
+        guard: NonFiniteGuard,
+    ) -> None:
+        self.objective, self.effort, self.threads, self.guard = objective, effort, threads, guard
+        self.schedule = schedule
+        self.average = IterateAverage(schedule.patience) if schedule.average else None
+        self.watch: RunawayWatch | None = None
+        self.params: dict[str, torch.Tensor] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.losses: list[float] = []
+        self.start = time.perf_counter()
+        self.setup_time = 0.0
+        self.step_times: list[float] = []
+        self.stop_reason = "num_steps"
+        self.ema: float | None = None
+
+    def run(
+        self,
+        num_steps: int,
+        max_time: float | None,
+        constructor: Callable,
+        optim_args: dict,
+        lr0: float,
+        progress: bool,
+    ) -> FitResult:
+        """Step until converged, out of steps or out of time; the result."""
+        self.num_steps, self.max_time = num_steps, max_time
+        self.constructor, self.optim_args = constructor, optim_args
+        self.state: ScheduleState = self.schedule.start(lr0)
+        self.lr = lr0
+        bar = tqdm(total=num_steps, disable=not progress, desc="fit", dynamic_ncols=True)
+        try:
+            self._steps(bar)
+        except KeyboardInterrupt as interrupt:
+            self.stop_reason = "interrupted"
+            interrupt.fit_result = self.result()
+            raise
+        finally:
+            bar.close()
+        return self.result()
+
+    def _steps(self, bar: tqdm) -> None:
+        for step in range(self.num_steps):
+            if self.out_of_time():
+                self.stop_reason = "max_time"
+                return
+            event = self.step(step)
+            if self.average is not None:
+                self.average.add(self.params)
+                self.average.end(event, self.schedule.window, self.params)
+            if event == DECAY:
+                self.effort.raise_limit()
+                self.objective.switch_estimator()
+            if self.watch is not None:
+                self.watch.observe(step)
+            self.show(bar, step)
+            if event == STOP:
+                self.stop_reason = "converged"
+                return
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def out_of_time(self) -> bool:
+        """Whether the next step would, at the median step time, end past `max_time`."""
+        if self.max_time is None or self.optimizer is None:
+            return False
+        typical = statistics.median(self.step_times[-50:]) if self.step_times else 0.0
+        return self.elapsed() + typical > self.max_time
+
+    def step(self, step: int) -> str:
+        """One optimiser step; what the schedule made of its loss."""
+        begun = time.perf_counter()
+        if torch.get_num_threads() != self.threads.count:
+            torch.set_num_threads(self.threads.count)
+        loss = self._evaluate(step, self._setup_loss if step == 0 else self._loss)
+        if self.optimizer is None:
+            self.optimizer = self._make_optimizer(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        value = loss.item()
+        self.guard.check(value, self.params, step, self.losses)
+        self.lr = self.state.lr(self._fraction(step))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        with self.guard.updating(self.params):
+            self.optimizer.step()
+        self.losses.append(value)
+        if step == 0:
+            self._decide_batching()
+        self._time(step, time.perf_counter() - begun)
+        window = self.schedule.window
+        self.ema = value if self.ema is None else self.ema + (value - self.ema) / window
+        return self.state.record(value)
+
+    def _fraction(self, step: int) -> float:
+        fraction = step / self.num_steps
+        if self.max_time is not None:
+            fraction = max(fraction, self.elapsed() / self.max_time)
+        return fraction
+
+    def _setup_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The first loss: a fixed count's is the probe that decides the batching; a count
+        chosen by the effort rule starts at one particle and is probed after the step."""
+        if self.effort.adaptive:
+            return self.objective.loss(1)
+        return self.objective.setup(self.effort.particles)
+
+    def _loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.objective.loss(self.effort.particles)
+
+    def _evaluate(self, step: int, evaluate: Callable) -> torch.Tensor:
+        """A loss evaluation; its new parameters join the state (and the optimiser)."""
+        try:
+            loss, found = evaluate()
+        except Exception as error:
+            self.guard.evaluation_failed(error, self.params, step, self.losses)
+            raise
+        for name, param in found.items():
+            if name not in self.params:
+                self.params[name] = param
+                if self.optimizer is not None:
+                    self.optimizer.add_param_group({"params": [param]})
+        return loss
+
+    def _decide_batching(self) -> None:
+        """After the setup step: the batching (probed at two particles where the effort
+        rule chooses the count), the effort told, the runaway watch set up."""
+        if self.effort.adaptive:
+            self._evaluate(0, lambda: self.objective.setup(self.effort.probe_particles))
+        batching = self.objective.batching
+        self.effort.begin(batching)
+        if batching is Batching.LOOP and not self.effort.adaptive and self.effort.particles > 1:
+            warnings.warn(
+                "fit: the model does not vectorise over particles (in a plate or by vmap; "
+                f"the pyro_nf log says why); drawing the {self.effort.particles} particles "
+                "one at a time instead",
+                stacklevel=6,
+            )
+        objective = self.objective
+        self.watch = RunawayWatch.for_guide(objective.guide, objective.args, objective.kwargs)
+
+    def _make_optimizer(self, loss: torch.Tensor) -> torch.optim.Optimizer:
+        """The optimiser over the parameters the first loss evaluation discovered."""
+        if not self.params or not loss.requires_grad:
+            raise ValueError("fit: the model and guide have no parameters to optimise")
+        return self.constructor(list(self.params.values()), **self.optim_args)
+
+    def _time(self, step: int, seconds: float) -> None:
+        if step == 0:
+            self.setup_time = seconds
+            return
+        self.step_times.append(seconds)
+        if self.threads.chosen is None:  # threads are timed first, then particles
+            self.threads.record(seconds)
+            return
+        self.effort.update(seconds, step)
+
+    def show(self, bar: tqdm, step: int) -> None:
+        if bar.disable:
+            return
+        if step % 10 == 0:
+            typical = statistics.median(self.step_times[-50:]) if self.step_times else 0.0
+            left = typical * (self.num_steps - step - 1)
+            if self.max_time is not None:
+                left = min(left, max(self.max_time - self.elapsed(), 0.0))
+            bar.set_postfix(
+                elbo=f"{-self.ema:.4g}",
+                lr=f"{self.lr:.2g}",
+                particles=self.effort.particles,
+                threads=self.threads.count,
+                left=f"<={left:.0f}s",
+                refresh=False,
+            )
+        bar.update()
+
+    def result(self) -> FitResult:
+        losses = self.losses
+        tail = losses[-self.schedule.window :]
+        batching = self.objective.batching
+        return FitResult(
+            losses=list(losses),
+            elbo=-sum(tail) / len(tail) if tail else math.nan,
+            num_steps=len(losses),
+            wall_time=self.elapsed(),
+            converged=self.state.converged,
+            lr=self.lr,
+            num_particles=self.effort.particles,
+            stop_reason=self.stop_reason,
+            setup_time=self.setup_time,
+            step_times=list(self.step_times),
+            particle_schedule=list(self.effort.history),
+            batching=batching.value if batching is not None else Batching.PLATE.value,
+            num_threads=self.threads.count,
+            thread_times=dict(self.threads.times),
+        )

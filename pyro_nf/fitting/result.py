@@ -1,0 +1,105 @@
+"""What `fit` did and where the time went: `FitResult`."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+__all__ = ["STOP_REASONS", "FitResult"]
+
+#: Why a fit ended, as `FitResult.stop_reason` says it.
+STOP_REASONS = ("converged", "num_steps", "max_time", "interrupted")
+
+
+@dataclass
+class FitResult:
+    """What `fit` did, and where the time went.
+
+    Attributes
+    ----------
+    losses : list of float
+        The loss (negative ELBO estimate) of every step.
+    elbo : float
+        Final ELBO estimate: minus the mean loss of the last window of steps.
+    num_steps : int
+        Steps run.
+    wall_time : float
+        Seconds spent, setup included.
+    converged : bool
+        Whether the stopping rule of `Schedule` fired.
+    lr : float
+        The learning rate of the last step.
+    num_particles : int
+        ELBO particles of the last step.
+    stop_reason : str
+        `"converged"`, `"num_steps"` (the step budget ran out), `"max_time"` (the time
+        budget ran out) or `"interrupted"` (Ctrl-C).
+    setup_time : float
+        Seconds of the first step, which sets the guide up (its warm start) and decides
+        how particles are batched.
+    step_times : list of float
+        Seconds of every later step.
+    particle_schedule : list of (int, int)
+        `(step, particles)`: the count each step from `step` on drew.
+    batching : str
+        How particles were batched: `"plate"`, `"vmap"` or `"loop"` (one at a time).
+    num_threads : int
+        Torch intra-op threads the fit ran with (after its first steps, where the count
+        was measured; see `fit`'s `num_threads`).
+    thread_times : dict of int to float
+        The fastest step, in seconds, at each thread count tried (empty where none was
+        measured).
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> from pyro_nf import fit
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> result = fit(model, AutoNormal(model), num_steps=50, progress=False, seed=0)
+    >>> len(result.losses) == result.num_steps, result.stop_reason
+    (True, 'num_steps')
+    """
+
+    losses: list[float] = field(repr=False)
+    elbo: float
+    num_steps: int
+    wall_time: float
+    converged: bool
+    lr: float
+    num_particles: int = 1
+    stop_reason: str = "num_steps"
+    setup_time: float = 0.0
+    step_times: list[float] = field(default_factory=list, repr=False)
+    particle_schedule: list[tuple[int, int]] = field(default_factory=list)
+    batching: str = "plate"
+    num_threads: int = 1
+    thread_times: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def step_time(self) -> float:
+        """Median seconds per step after the setup (NaN for a one-step fit)."""
+        return statistics.median(self.step_times) if self.step_times else math.nan
+
+    def summary(self) -> str:
+        """One line: how the fit ended, its time split, particles, threads and final rate.
+
+        Examples
+        --------
+        >>> line = FitResult([1.0], -1.0, 1, 0.5, False, 0.01, setup_time=0.5).summary()
+        >>> for part in line.split(", particles "):
+        ...     print(part)
+        fit: 1 steps, num_steps, 0.5 s (setup 0.5 s, nan ms/step)
+        1, threads 1, lr 0.01, ELBO -1
+        """
+        counts = "->".join(str(count) for _, count in self.particle_schedule) or str(
+            self.num_particles
+        )
+        return (
+            f"fit: {self.num_steps} steps, {self.stop_reason}, {self.wall_time:.3g} s "
+            f"(setup {self.setup_time:.3g} s, {1e3 * self.step_time:.3g} ms/step), "
+            f"particles {counts}, threads {self.num_threads}, lr {self.lr:.2g}, "
+            f"ELBO {self.elbo:.6g}"
+        )

@@ -1,0 +1,520 @@
+"""The structured local-global flow guide: q(globals) x prod_j q(locals_j | globals).
+
+The global latent sites (those outside the local plates) get a joint flow (`AutoFlow` on
+the model with the local sites hidden). Each plate holding local latent sites gets, per
+member, a location and a scale for all that member's local sites together (one row), held
+plate-aware as Pyro's `AutoNormal` holds its parameters: full-size parameters whose rows
+Pyro's plate reads at the subsample's indices, so a step touches only the minibatch's
+rows. Each row goes through one flow shared by the plate's members and conditioned on the
+global draw (`pyro_nf.structured.member_flow`). A local site whose location-scale prior
+depends on other latent sites (``a_j ~ Normal(mu, tau)``) is non-centred: the row holds
+``u_j`` and the site gets ``mu + tau * u_j`` at the guide's draw of ``mu`` and ``tau``, so
+the members' spread follows each draw of the population scale (the funnel).
+
+The local sites are sampled inside the model's own plate with its subsample, so Pyro's
+plate scaling makes log q and the ELBO unbiased under subsampling; nothing is scaled here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroModule, PyroParam
+from torch import Tensor, nn
+
+from pyro_nf.autoguides import AutoFlow
+from pyro_nf.checks import check_int, check_positive, check_probabilities
+from pyro_nf.noncentering import _loc_scale_prior, find_hierarchical_sites
+from pyro_nf.summaries import fixed_random_state
+
+from .layout import LocalPlate, LocalSite, local_site
+from .member_flow import member_flow
+from .model_runs import check_indices, check_size, find_subsamples, local_values
+
+__all__ = ["AutoStructuredFlow"]
+
+logger = logging.getLogger("pyro_nf")
+
+
+def _deep_getattr(module: nn.Module, name: str) -> Any:
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class AutoStructuredFlow(AutoGuide):
+    r"""Flow guide for hierarchical models: a joint flow on the globals, and per-member
+    parameters on each plate's local sites pushed through a flow conditioned on the globals.
+
+    The posterior is $q(g)\prod_j q(\ell_j \mid g)$: $g$, the unconstrained global latent
+    vector, follows `AutoFlow`'s flow; member $j$'s row of local values is
+    $x_j = m_j + s_j \odot f(\varepsilon_j; c_j)$, $\varepsilon_j \sim N(0, I)$, with
+    $m_j, s_j$ the member's parameters, $f$ one flow shared by the plate's members and
+    $c_j = (g, m_j, \log s_j)$ its context. Local sites with a location-scale prior that
+    depends on other latent sites are non-centred ($a_j = \mu + \tau x_j$ at the guide's
+    $\mu, \tau$). Works with subsampled plates (``pyro.plate(..., subsample_size=B)``):
+    a step reads and updates only the subsample's rows, and Pyro's plate scaling keeps
+    the ELBO unbiased.
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model.
+    flow : str
+        The globals' flow family (see `AutoFlow`).
+    local_flow : str
+        Extra layers of the members' flow before its conditional affine layer: ``"none"``
+        (default: each member Gaussian given the globals) or a family with a conditional
+        variant (``"iaf"``, ``"spline"``, ...; ``"iaf"`` and ``"spline"`` need two
+        values per member).
+    local_layers : int
+        Layers of ``local_flow``.
+    local_plates : sequence of str, optional
+        The plates whose latent sites are local (default: every plate holding a latent
+        site). A latent site may lie in one local plate only.
+    num_layers, hidden_dims, **flow_options
+        The globals' flow (see `AutoFlow`).
+    init_loc_fn : callable
+        Per-site initialisation, as in Pyro (default `init_to_median`).
+    init_scale : float
+        Initial scale of every member's values (non-centred units for non-centred sites)
+        and of the globals.
+    num_summary_samples : int
+        Monte-Carlo draws behind `median` and `quantiles`.
+    create_plates : callable, optional
+        As in Pyro: ``create_plates(*args, **kwargs)`` returns the plates (with the user's
+        own subsample indices) for the guide to use.
+
+    Attributes
+    ----------
+    global_guide : AutoFlow or None
+        The globals' guide, once set up (None for a model without global latent sites).
+    local_plates : dict
+        Plate name -> `LocalPlate` (its members' sites and sizes), once set up.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyro.infer import SVI, Trace_ELBO
+    >>> def model(y):
+    ...     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    ...     tau = pyro.sample("tau", dist.HalfNormal(2.0))
+    ...     with pyro.plate("groups", len(y), subsample_size=4) as j:
+    ...         a = pyro.sample("a", dist.Normal(mu, tau))
+    ...         pyro.sample("y", dist.Normal(a, 1.0), obs=y[j])
+    >>> y = torch.randn(10)
+    >>> guide = AutoStructuredFlow(model)
+    >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    >>> loss = svi.step(y)
+    >>> guide(y)["a"].shape, guide.median(y)["a"].shape  # a minibatch; every member
+    (torch.Size([4]), torch.Size([10]))
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        flow: str = "spline",
+        local_flow: str = "none",
+        local_layers: int = 1,
+        local_plates: Sequence[str] | None = None,
+        num_layers: int | None = None,
+        hidden_dims: Sequence[int] | None = None,
+        init_loc_fn: Callable = init_to_median,
+        init_scale: float = 0.1,
+        num_summary_samples: int = 500,
+        create_plates: Callable | None = None,
+        **flow_options: object,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+        self.init_loc_fn = init_loc_fn
+        self.init_scale = check_positive("init_scale", init_scale, maximum=1e6)
+        self.num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
+        self.local_layers = check_int("local_layers", local_layers, minimum=1)
+        self.local_flow = local_flow
+        self._local_plate_names = None if local_plates is None else tuple(local_plates)
+        self._global_options = dict(
+            flow=flow, num_layers=num_layers, hidden_dims=hidden_dims, **flow_options
+        )
+        self.local_plates: dict[str, LocalPlate] = {}
+        self.global_guide: AutoFlow | None = None
+        self._raw_model = (model,)  # a tuple: not registered as a submodule
+        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _check_prototype(self, part_trace: Any) -> None:
+        """The global part's prototype: nothing to check (its sites are ours)."""
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super()._setup_prototype(*args, **kwargs)
+            self._setup_parts(args, kwargs)
+        except Exception:
+            self.prototype_trace = None  # a failed set-up leaves the guide as it was
+            raise
+
+    def _setup_parts(self, args: tuple, kwargs: dict) -> None:
+        sites = dict(self.prototype_trace.iter_stochastic_nodes())
+        plate_of = self._local_plate_of(sites)
+        hierarchical = set(find_hierarchical_sites(self, *args, **kwargs))
+        self.local_plates = {}
+        for name, plate_name in plate_of.items():
+            frame = self._prototype_frames[plate_name]
+            plate = self.local_plates.setdefault(
+                plate_name, LocalPlate(plate_name, frame.dim, frame.full_size or frame.size)
+            )
+            plate.sites.append(local_site(name, sites[name], frame.dim, name in hierarchical))
+        self._global_sites = {name: site for name, site in sites.items() if name not in plate_of}
+        self._global_transforms = {
+            name: biject_to(site["fn"].support) for name, site in self._global_sites.items()
+        }
+        self._frames = {name: site["cond_indep_stack"] for name, site in sites.items()}
+        self._plate_of = plate_of
+        self._local_sites = {
+            site.name: site for plate in self.local_plates.values() for site in plate.sites
+        }
+        self._setup_global_guide(list(plate_of))
+        context_dim = sum(
+            self._global_transforms[name].inv(site["value"]).numel()
+            for name, site in self._global_sites.items()
+        )
+        self._setup_members(sites, context_dim)
+        logger.info(
+            "AutoStructuredFlow: global sites %s; local plates %s; non-centred local sites %s",
+            list(self._global_sites),
+            {
+                name: [site.name for site in plate.sites]
+                for name, plate in self.local_plates.items()
+            },
+            sorted(hierarchical & set(plate_of)),
+        )
+
+    def _local_plate_of(self, sites: dict) -> dict[str, str]:
+        """Local site name -> its local plate; refuse what the guide cannot do."""
+        chosen = self._local_plate_names
+        plate_of = {}
+        for name, site in sites.items():
+            frames = [frame for frame in site["cond_indep_stack"] if frame.vectorized]
+            local = [f for f in frames if chosen is None or f.name in chosen]
+            subsampled = [f.name for f in frames if f.full_size and f.size != f.full_size]
+            if len(local) > 1:
+                raise ValueError(
+                    f"AutoStructuredFlow: latent site {name!r} lies in the nested plates "
+                    f"{[f.name for f in local]}; one local plate per site is supported: pass "
+                    "local_plates= naming one of them (the others must not be subsampled)"
+                )
+            if local:
+                plate_of[name] = local[0].name
+            others = [p for p in subsampled if p not in {f.name for f in local}]
+            if others:
+                raise ValueError(
+                    f"AutoStructuredFlow: latent site {name!r} lies in the subsampled plate "
+                    f"{others[0]!r}, which is not its local plate; nested subsampled plates "
+                    "are not supported: subsample only the outer plate, or name the "
+                    "subsampled one in local_plates="
+                )
+        if chosen is not None:
+            unknown = sorted(set(chosen) - set(plate_of.values()))
+            if unknown:
+                raise ValueError(
+                    f"AutoStructuredFlow: local_plates names {unknown}, which hold no latent "
+                    f"site; plates holding latent sites: {sorted(self._prototype_frames)}"
+                )
+        return plate_of
+
+    def _setup_global_guide(self, local_names: list[str]) -> None:
+        if not self._global_sites:
+            return
+        hidden = poutine.block(self._raw_model[0], hide=local_names)
+        # No warm start: with the locals hidden, the model's log joint at the globals is
+        # a random function (the locals redrawn from their prior on every call).
+        self.global_guide = AutoFlow(
+            hidden,
+            init_loc_fn=self.init_loc_fn,
+            init_scale=self.init_scale,
+            warm_start=None,
+            noncentered=False,
+            **self._global_options,
+        )
+
+    def _setup_members(self, sites: dict, context_dim: int) -> None:
+        self.locs, self.scales, self.slopes = PyroModule(), PyroModule(), PyroModule()
+        self.member_flows = nn.ModuleList()
+        for plate in self.local_plates.values():
+            init = torch.cat([_initial_rows(site, sites[site.name]) for site in plate.sites])
+            loc = init.expand(plate.param_shape).clone()
+            deep_setattr(self.locs, plate.name, PyroParam(loc, constraints.real, event_dim=1))
+            scale = torch.full_like(loc, self.init_scale)
+            deep_setattr(
+                self.scales,
+                plate.name,
+                PyroParam(scale, constraints.softplus_positive, event_dim=1),
+            )
+            slopes = loc.new_zeros(plate.param_shape[:-1] + (plate.dim_total * context_dim,))
+            deep_setattr(self.slopes, plate.name, PyroParam(slopes, event_dim=1))
+            flow = member_flow(
+                plate.dim_total,
+                context_dim + 2 * plate.dim_total,
+                self.local_flow,
+                self.local_layers,
+            )
+            self.member_flows.append(flow.to(dtype=loc.dtype, device=loc.device))
+
+    # ---- a draw -------------------------------------------------------------------------
+
+    def _global_context(self, values: dict, args: tuple, kwargs: dict) -> Tensor:
+        """The members' context: the global draw, unconstrained and standardised by the
+        globals' posterior location and scale (the flow's own coordinates, where every
+        coordinate varies on a unit scale, so that the members' slopes and networks
+        learn at one rate whatever the posterior's scales)."""
+        if self.global_guide is None:
+            return torch.zeros(0)
+        parts = [
+            self._global_transforms[name].inv(values[name]).reshape(-1)
+            for name in self._global_sites
+        ]
+        posterior = self.global_guide.get_posterior(*args, **kwargs)
+        return (torch.cat(parts) - posterior.loc) / posterior.scale
+
+    def _create_plates(self, *args: Any, **kwargs: Any) -> dict:
+        """The model's plates other than the local ones (created per call, as Pyro does),
+        and the user's from ``create_plates``."""
+        plates = {}
+        if self.create_plates is not None:
+            given = self.create_plates(*args, **kwargs)
+            given = [given] if isinstance(given, pyro.plate) else list(given)
+            plates = {plate.name: plate for plate in given}
+        for name, frame in sorted(self._prototype_frames.items()):
+            if name not in plates and name not in self.local_plates:
+                full_size = frame.full_size or frame.size
+                plates[name] = pyro.plate(name, full_size, dim=frame.dim, subsample_size=frame.size)
+        self.plates = plates
+        return plates
+
+    def _subsamples(
+        self, plates: dict, global_values: dict, args: tuple, kwargs: dict
+    ) -> dict[str, Tensor]:
+        """Each local plate's members in this call: the user's plate's indices, or those
+        the model's plate draws."""
+        indices = {}
+        for name, plate in self.local_plates.items():
+            if name in plates:
+                check_size(plate, plates[name].size)
+                indices[name] = check_indices(plate, plates[name]._indices)
+        missing = {name: p for name, p in self.local_plates.items() if name not in indices}
+        if missing:
+            placeholders = self._placeholders(global_values)
+            indices.update(find_subsamples(self._raw_model[0], missing, placeholders, args, kwargs))
+        return indices
+
+    def _placeholders(self, global_values: dict) -> dict[str, Callable]:
+        """Values for the latent sites a plate search passes: globals at this draw,
+        locals at zero in unconstrained coordinates (only shapes matter there)."""
+        placeholders: dict[str, Callable] = {
+            name: (lambda msg, value=value: value) for name, value in global_values.items()
+        }
+        for plate in self.local_plates.values():
+            for site in plate.sites:
+                placeholders[site.name] = _zero_value
+        return placeholders
+
+    def _member_params(
+        self, plate: LocalPlate, members: Tensor, context: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The ``members``' location (their own plus their slopes times the centred global
+        draw) and scale. Read outside the plate (so that Pyro does not subsample them
+        again); only those rows get gradients."""
+        loc = _deep_getattr(self.locs, plate.name).reshape(plate.size, -1)[members]
+        scale = _deep_getattr(self.scales, plate.name).reshape(plate.size, -1)[members]
+        slopes = _deep_getattr(self.slopes, plate.name).reshape(plate.size, -1)[members]
+        slopes = slopes.reshape(len(members), plate.dim_total, context.numel())
+        return loc + (slopes @ context.unsqueeze(-1)).squeeze(-1), scale
+
+    def _member_rows(
+        self, index: int, plate: LocalPlate, loc: Tensor, scale: Tensor, context: Tensor
+    ) -> Tensor:
+        """Draw the members' rows (inside the plate); record their log density."""
+        members = loc.shape[0]
+        zeros = plate.batch_view(torch.zeros_like(loc))
+        eps = pyro.sample(
+            f"_{self._pyro_name}_{plate.name}_eps",
+            dist.Normal(zeros, 1.0).to_event(1),
+            infer={"is_auxiliary": True},
+        ).reshape(members, -1)
+        log_scale = scale.log()
+        member_context = torch.cat(
+            [context.expand(members, context.numel()), loc, log_scale], dim=-1
+        )
+        y, log_det = self.member_flows[index](eps, context=member_context)
+        pyro.sample(
+            f"_{self._pyro_name}_{plate.name}_rows",
+            dist.Delta(
+                plate.batch_view(y),
+                log_density=-log_det.reshape(zeros.shape[:-1]),
+                event_dim=1,
+                validate_args=False,
+            ),
+            infer={"is_auxiliary": True},
+        )
+        return y
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict:
+        """Draw the globals, then each local plate's members; return every site's value."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        global_values = {} if self.global_guide is None else self.global_guide(*args, **kwargs)
+        indices = self._subsamples(plates, global_values, args, kwargs)
+        outputs = self._local_draw(plates, global_values, indices, args, kwargs)
+        result = dict(global_values)
+        for name, (value, log_density) in outputs.items():
+            with ExitStack() as stack:
+                for frame in self._frames[name]:
+                    stack.enter_context(plates[frame.name])
+                result[name] = pyro.sample(
+                    name,
+                    dist.Delta(
+                        value,
+                        log_density=log_density,
+                        event_dim=self._local_sites[name].event_dim,
+                        validate_args=False,
+                    ),
+                )
+        return result
+
+    def _local_draw(
+        self, plates: dict, global_values: dict, indices: dict, args: tuple, kwargs: dict
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """The members' rows at ``indices``, mapped to the local sites' values."""
+        context = self._global_context(global_values, args, kwargs)
+        rows = {}
+        for index, plate in enumerate(self.local_plates.values()):
+            if plate.name not in plates:
+                plates[plate.name] = pyro.plate(
+                    plate.name, plate.size, dim=plate.dim, subsample=indices[plate.name]
+                )
+            loc, scale = self._member_params(plate, indices[plate.name], context)
+            with plates[plate.name]:
+                y = self._member_rows(index, plate, loc, scale, context)
+            for site in plate.sites:
+                columns = plate.columns[site.name]
+                rows[site.name] = (site, (loc[:, columns], scale[:, columns], y[:, columns]))
+        return local_values(self._raw_model[0], global_values, indices, rows, args, kwargs)
+
+    def _draw_every_member(self, args: tuple, kwargs: dict) -> dict[str, Tensor]:
+        """One draw of every site over the whole plates, in chunks of the model's own
+        subsample sizes (a model may fix its subsample size)."""
+        plates = self._create_plates(*args, **kwargs)
+        global_values = {} if self.global_guide is None else self.global_guide(*args, **kwargs)
+        sizes = {
+            name: len(members)
+            for name, members in self._subsamples(plates, global_values, args, kwargs).items()
+        }
+        num_chunks = max(-(-plate.size // sizes[name]) for name, plate in self.local_plates.items())
+        chunks: dict[str, list[Tensor]] = {}
+        for chunk in range(num_chunks):
+            indices = {
+                name: torch.arange(chunk * sizes[name], (chunk + 1) * sizes[name]) % plate.size
+                for name, plate in self.local_plates.items()
+            }
+            chunk_plates = {n: p for n, p in plates.items() if n not in self.local_plates}
+            outputs = self._local_draw(chunk_plates, global_values, indices, args, kwargs)
+            for name, (value, _) in outputs.items():
+                chunks.setdefault(name, []).append(value)
+        result = dict(global_values)
+        for name, values in chunks.items():
+            site = self._local_sites[name]
+            axis = site.plate_axis + site.transform.domain.event_dim - site.event_dim
+            size = self.local_plates[self._plate_of[name]].size
+            result[name] = torch.cat(values, dim=axis).narrow(axis, 0, size)
+        return result
+
+    # ---- summaries ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _summary_draws(self, args: tuple, kwargs: dict) -> dict[str, Tensor]:
+        """``num_summary_samples`` draws of every site over the whole plates, from a fixed
+        seed in a forked random state (the caller's stream is left as it was)."""
+        draws: dict[str, list[Tensor]] = {}
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        with fixed_random_state(), poutine.block():
+            for _ in range(self.num_summary_samples):
+                for name, value in self._draw_every_member(args, kwargs).items():
+                    draws.setdefault(name, []).append(value)
+        return {name: torch.stack(values) for name, values in draws.items()}
+
+    def quantiles(self, quantiles: Sequence[float] | Tensor, *args: Any, **kwargs: Any) -> dict:
+        """Posterior quantiles of every site, every member of each plate, by Monte Carlo.
+
+        Element-wise quantiles of ``num_summary_samples`` draws (the same draws on every
+        call), for every member of each local plate whatever the model's subsample.
+
+        Parameters
+        ----------
+        quantiles : sequence of float
+            Probabilities in [0, 1].
+        *args, **kwargs
+            The model's arguments.
+
+        Returns
+        -------
+        dict
+            Site name -> tensor with a leading dimension of ``len(quantiles)``.
+        """
+        probs = check_probabilities("quantiles", quantiles)
+        draws = self._summary_draws(args, kwargs)
+        return {name: _sorted_quantiles(values, probs) for name, values in draws.items()}
+
+    def median(self, *args: Any, **kwargs: Any) -> dict:
+        """Posterior median of every site and member: ``quantiles([0.5])``'s row."""
+        return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
+
+    # ---- pickling -----------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        # Pyro's AutoGuide drops the model when pickled; this guide runs it on every call.
+        model, master = self._model, self.master
+        state = dict(super().__getstate__())
+        self._model, self.master = model, master
+        state["_model"] = model
+        return state
+
+
+def _initial_rows(site: LocalSite, traced: dict) -> Tensor:
+    """A member's initial row: the mean over the prototype's members of the initial value,
+    unconstrained (non-centred for a non-centred site)."""
+    value = traced["value"].detach()
+    if site.noncentred:
+        prior = _loc_scale_prior(traced["fn"])
+        return site.pack((value - prior.loc.detach()) / prior.scale.detach()).mean(0)
+    return site.pack(site.transform.inv(value)).mean(0)
+
+
+def _zero_value(msg: dict) -> Tensor:
+    fn = msg["fn"]
+    transform = biject_to(fn.support)
+    return transform(torch.zeros(transform.inverse_shape(fn.shape())))
+
+
+def _sorted_quantiles(values: Tensor, probs: Tensor) -> Tensor:
+    """Linear-interpolated quantiles along dim 0 (``torch.quantile`` caps its input size)."""
+    ordered = values.sort(dim=0).values
+    position = probs.to(values.dtype) * (values.shape[0] - 1)
+    low = position.floor().long()
+    high = position.ceil().long()
+    weight = (position - low).reshape((-1,) + (1,) * (values.dim() - 1))
+    return ordered[low] + weight * (ordered[high] - ordered[low])

@@ -1,0 +1,217 @@
+"""Two short runs of the model inside the guide, blocked from every outer handler.
+
+`find_subsamples` reads which members of each local plate this call of the model uses
+(its own subsample, the user's indices, or the whole plate), checking the plate's size
+and the indices; `local_values` maps each member's unconstrained row to the local sites'
+values, reading the prior of every non-centred site at the guide's global values (so a
+member's spread follows each draw of the population scale). Each run stops once it has
+what it needs, before the likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pyro import poutine
+from pyro.distributions.util import sum_rightmost
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+from torch import Tensor
+
+from pyro_nf.noncentering import _loc_scale_prior
+
+from .layout import LocalPlate, LocalSite
+
+__all__ = ["find_subsamples", "local_values"]
+
+#: A site's columns of the members' ``(loc, scale, y)`` rows.
+MemberRows = tuple[Tensor, Tensor, Tensor]
+
+
+class _Done(Exception):
+    """Ends a model run once it has what it needs."""
+
+
+def check_indices(plate: LocalPlate, indices: Tensor) -> Tensor:
+    """Refuse subsample indices outside the plate, naming it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyro_nf.structured.layout import LocalPlate
+    >>> check_indices(LocalPlate("g", -1, 3), torch.tensor([0, 2])).tolist()
+    [0, 2]
+    """
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= plate.size):
+        raise IndexError(
+            f"plate {plate.name!r}: subsample indices must lie in [0, {plate.size}), got "
+            f"{int(indices.min())}..{int(indices.max())}; pass indices of members of the "
+            "plate the guide was set up on"
+        )
+    return indices
+
+
+def check_size(plate: LocalPlate, size: int) -> None:
+    """Refuse a plate whose size differs from the one the guide was set up on."""
+    if size != plate.size:
+        raise ValueError(
+            f"plate {plate.name!r} has {size} members in this call of the model but "
+            f"{plate.size} when the guide was set up; the guide holds parameters for each "
+            "member, so build a new guide for the new plate (or keep the plate's size and "
+            "subsample it)"
+        )
+
+
+class _FindSubsamples(Messenger):
+    """Record each local plate's subsample; give every latent site a placeholder."""
+
+    def __init__(self, plates: dict[str, LocalPlate], placeholders: dict[str, Callable]) -> None:
+        super().__init__()
+        self.plates, self.placeholders = plates, placeholders
+        self.indices: dict[str, Tensor] = {}
+
+    def _pyro_sample(self, msg: dict) -> None:
+        name = msg["name"]
+        if isinstance(msg["fn"], _Subsample) and name in self.plates:
+            plate = self.plates[name]
+            check_size(plate, msg["fn"].size)
+            if msg["value"] is None:
+                msg["value"] = msg["fn"].sample()
+            self.indices[name] = check_indices(plate, msg["value"])
+            if len(self.indices) == len(self.plates):
+                raise _Done
+        elif name in self.placeholders and not msg["is_observed"]:
+            msg["value"] = self.placeholders[name](msg)
+
+
+def find_subsamples(
+    model: Callable,
+    plates: dict[str, LocalPlate],
+    placeholders: dict[str, Callable],
+    args: tuple,
+    kwargs: dict,
+) -> dict[str, Tensor]:
+    """The members of each local plate that this call of the model uses.
+
+    Parameters
+    ----------
+    model : callable
+        The model (without initialisation handlers).
+    plates : dict
+        The local plates by name.
+    placeholders : dict
+        Site name -> ``f(msg) -> value`` for the latent sites met before the last plate.
+    args, kwargs
+        The model's arguments.
+
+    Returns
+    -------
+    dict
+        Plate name -> index tensor (the model's own subsample, drawn here as the model
+        would, its given indices, or ``arange`` of the whole plate).
+    """
+    finder = _FindSubsamples(plates, placeholders)
+    with poutine.block(), finder:
+        try:
+            model(*args, **kwargs)
+        except _Done:
+            pass
+    missing = sorted(set(plates) - set(finder.indices))
+    if missing:
+        raise ValueError(
+            f"the model did not open the plate(s) {missing} that the guide was set up on; "
+            "call the guide with the model's own arguments"
+        )
+    return finder.indices
+
+
+class _LocalValues(Messenger):
+    """Fix the globals and the plates' subsamples; map each local row to its site's value."""
+
+    def __init__(
+        self, values: dict, indices: dict, rows: dict[str, tuple[LocalSite, MemberRows]]
+    ) -> None:
+        super().__init__()
+        self.values, self.indices, self.rows = values, indices, rows
+        self.outputs: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def _pyro_sample(self, msg: dict) -> None:
+        name = msg["name"]
+        if isinstance(msg["fn"], _Subsample):
+            msg["value"] = self.indices.get(name, msg["value"])
+        elif name in self.rows:
+            site, rows = self.rows[name]
+            value, log_density = _site_value(site, msg["fn"], rows)
+            self.outputs[name] = value, log_density
+            msg["value"] = value
+            if len(self.outputs) == len(self.rows):
+                raise _Done
+        elif name in self.values:
+            msg["value"] = self.values[name]
+
+
+def _site_value(site: LocalSite, fn: Any, rows: MemberRows) -> tuple[Tensor, Tensor]:
+    """The site's value and the guide's log-density term ``-log|d value / d y|``.
+
+    The member's unconstrained value is ``u = loc + scale * y``; a non-centred site's
+    value is ``prior.loc + prior.scale * u`` with the prior's parameters at this run's
+    values (so its spread follows the population scale's draw), any other site's is
+    ``u`` mapped to its support.
+    """
+    loc, scale, y = (site.unpack(part) for part in rows)
+    unconstrained = loc + scale * y
+    log_scale = sum_rightmost(scale.log(), site.transform.domain.event_dim)
+    if site.noncentred:
+        prior = _loc_scale_prior(fn)
+        value = prior.loc + prior.scale * unconstrained
+        log_det = sum_rightmost(prior.scale.log().expand(value.shape), site.event_dim)
+        return value, -log_det - log_scale
+    value = site.transform(unconstrained)
+    log_det = site.transform.log_abs_det_jacobian(unconstrained, value)
+    log_det = sum_rightmost(log_det, log_det.dim() - value.dim() + site.event_dim)
+    return value, -log_det - log_scale
+
+
+def local_values(
+    model: Callable,
+    global_values: dict,
+    indices: dict,
+    rows: dict[str, tuple[LocalSite, MemberRows]],
+    args: tuple,
+    kwargs: dict,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each local site's value and log-density term, from its members' rows.
+
+    Parameters
+    ----------
+    model : callable
+        The model (without initialisation handlers).
+    global_values : dict
+        The guide's values of the global sites.
+    indices : dict
+        Plate name -> the members drawn (as `find_subsamples` returns).
+    rows : dict
+        Local site name -> (its `LocalSite`, the members' ``(loc, scale, y)`` rows: their
+        parameters and the shared flow's output).
+    args, kwargs
+        The model's arguments.
+
+    Returns
+    -------
+    dict
+        Site name -> ``(value, log_density)``: with ``u = loc + scale * y``, a
+        non-centred site's value is ``prior.loc + prior.scale * u`` at this run's values,
+        another's is ``u`` mapped to its support; ``log_density`` is
+        ``-log|d value / d y|`` summed over the site's event dimensions.
+    """
+    runner = _LocalValues(global_values, indices, rows)
+    with poutine.block(), runner:
+        try:
+            model(*args, **kwargs)
+        except _Done:
+            pass
+    if len(runner.outputs) != len(rows):
+        missing = sorted(set(rows) - set(runner.outputs))
+        raise ValueError(f"the model did not sample the local site(s) {missing} in this call")
+    return runner.outputs
