@@ -66,7 +66,8 @@ def test_both_benchmarks_run_on_a_tiny_setting(tmp_path):
         plain_svi.main([*small, "--steps", "20", "--snippet-steps", "20", "--out", str(out)])
         rows = json.loads(out.read_text())["rows"]
         assert [r["method"] for r in rows] == ["snippet", "recipe", "fit"]
-        assert all(r["steps"] <= 20 and r["seconds"] > 0 and r["reference"] == "exact" for r in rows)
+        assert all(r["steps"] <= 20 and r["seconds"] > 0 for r in rows)
+        assert {r["reference"] for r in rows} == {"exact"}
         out = tmp_path / "tail.json"
         tail_correction.main([*small, "--iw-steps", "10", "--chunk", "100", "--out", str(out)])
         rows = json.loads(out.read_text())["rows"]
