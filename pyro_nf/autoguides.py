@@ -40,6 +40,7 @@ from pyro_nf.layout import LatentLayout
 from pyro_nf.noncentering import NonCenteredDistribution, NonCentering
 from pyro_nf.saved_state import GuideState, check_saved, saved_start
 from pyro_nf.starts import Start, choose_start
+from pyro_nf.summaries import fixed_random_state
 from pyro_nf.whitening import Whitening
 
 __all__ = [
@@ -436,7 +437,8 @@ class AutoFlow(AutoContinuous):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         posterior = self.get_posterior(*args, **kwargs)
-        samples = _summary_draws(posterior, self.num_summary_samples, self.loc.device)
+        with fixed_random_state(self.loc.device), torch.no_grad():
+            samples = posterior.rsample((self.num_summary_samples,))
         probs = probs.to(dtype=samples.dtype, device=samples.device)
         # One quantile at a time: a batch dimension would not broadcast with plated sites.
         values = [self._latent_layout.constrain_all(z) for z in torch.quantile(samples, probs, 0)]
@@ -448,20 +450,6 @@ class AutoFlow(AutoContinuous):
         Exactly ``quantiles([0.5])``, from the same draws; see `quantiles`.
         """
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
-
-
-@torch.no_grad()
-def _summary_draws(
-    posterior: torch.distributions.Distribution, num_samples: int, device: torch.device
-) -> Tensor:
-    """The summary draws: the same ones on every call (``median()`` is then exactly
-    ``quantiles([0.5])``), from a fixed seed in a forked random state, so that the
-    caller's random stream is left as it was."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.random.default_generator.manual_seed(0)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(0)
-        return posterior.rsample((num_samples,))
 
 
 _NAMED_GUIDE_EXAMPLE = """

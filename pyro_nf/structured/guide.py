@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.checks import check_int, check_positive, check_probabilities
 from pyro_nf.noncentering import _loc_scale_prior, find_hierarchical_sites
+from pyro_nf.summaries import fixed_random_state
 
 from .layout import LocalPlate, LocalSite, local_site
 from .member_flow import member_flow
@@ -450,8 +451,7 @@ class AutoStructuredFlow(AutoGuide):
         draws: dict[str, list[Tensor]] = {}
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        with torch.random.fork_rng(), poutine.block():
-            torch.manual_seed(0)
+        with fixed_random_state(), poutine.block():
             for _ in range(self.num_summary_samples):
                 for name, value in self._draw_every_member(args, kwargs).items():
                     draws.setdefault(name, []).append(value)
