@@ -1,19 +1,30 @@
-"""Normal-normal hierarchical model at J groups: AutoStructuredFlow against AutoNormal,
-both against the exact posterior.
+"""Hierarchical models: AutoStructuredFlow against AutoNormal, both against the posterior.
 
-The model: ``mu ~ N(0, 5^2)``, ``tau ~ HalfNormal(2)``, ``a_j ~ N(mu, tau^2)`` and each
-group's mean of ``n_j`` observations (1 to 5, noise sd 1) ``ybar_j ~ N(a_j, 1 / n_j)``.
-Given ``tau`` the rest is Gaussian, so the exact posterior is a one-dimensional mixture
-over ``log tau``, integrated on a fine grid: the mean and sd of ``mu``, ``log tau`` and every
-``a_j``. Errors are in posterior sds (means) and as |log sd ratio| (sds); for the groups,
-the 95th percentile over groups. Both guides are fitted by `pyro_nf.fit` at its defaults,
-same seed; above ``--full-batch-max`` groups the plate is subsampled (minibatches of
-``--batch-size``).
+Two problems, both fitted by `pyro_nf.fit` at its defaults, same seed, for each guide:
+
+- the normal-normal model of `benchmarks.exact_hierarchical` (``model``, ``simulate``)
+  at J groups, scored against its exact moments (``exact_moments``); above
+  ``--full-batch-max`` groups the plate is subsampled in minibatches of ``--batch-size``;
+- the radon model of `benchmarks.radon` (centred varying intercepts and slopes, 85
+  counties), scored against its NUTS reference (``load_reference``).
+
+Each row runs in a fresh process, so its peak memory is its own: the growth of the
+process's peak resident set size (``resource.getrusage(...).ru_maxrss``) over the fit,
+measured from just before it. Errors are those of
+`benchmarks.exact_hierarchical.score`: the mean error in posterior sds and the log sd ratio
+(signed for the globals; the 95th percentile over members of their absolute values for a
+site with one value per group), from ``--samples`` draws of every member (the structured
+guide's through ``Predictive`` on the full plate; AutoNormal's from its parameters, which
+hold every member, where its draws under a subsampled plate would hold one minibatch).
 
 Usage::
 
-    python -m benchmarks.hierarchical                        # J = 100, 1000, 10000, 100000
-    python -m benchmarks.hierarchical --groups 100 1000 --seed 1
+    python -m benchmarks.hierarchical            # J = 100, 1000, 10000, 100000; radon
+    python -m benchmarks.hierarchical --groups 100 1000 --seeds 0 1 --no-radon
+    pyro-nf bench hierarchical --groups 100      # the same, from a source checkout
+
+Writes ``--out`` (``benchmarks/results/hierarchical.json``) after every row and prints a
+table per problem and the bars met.
 """
 
 from __future__ import annotations
@@ -21,229 +32,259 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import resource
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoNormal
 from torch import Tensor
+from torch.distributions import biject_to
 
-from pyro_nf import fit
+from benchmarks import exact_hierarchical, radon
+from benchmarks.exact_hierarchical import Groups, Moments, exact_moments, score, simulate
+from pyro_nf import NonFiniteLossError, fit
 from pyro_nf.structured import AutoStructuredFlow
 
+__all__ = ["Case", "bars", "format_table", "guide_draws", "main", "run_case"]
+
 RESULTS = Path(__file__).parent / "results"
-PRIOR_MU_SD, PRIOR_TAU_SCALE = 5.0, 2.0
+
+#: The guides compared, by name.
+GUIDES: dict[str, Callable[[Callable], Any]] = {
+    "structured": AutoStructuredFlow,
+    "autonormal": AutoNormal,
+}
+
+#: Scored sites of each problem: its globals, then its per-group sites.
+SITES = {"normal": ("mu", "log_tau", "theta"), "radon": (*radon.GLOBALS, *radon.LOCALS)}
+
+#: The bars: mean within 0.1 posterior sd, sd within 10%, at most this times AutoNormal's time.
+MEAN_BAR, SD_BAR, TIME_BAR = 0.1, math.log(1.1), 2.0
 
 
-def model(ybar: Tensor, se: Tensor, batch_size: int | None = None) -> None:
-    """The normal-normal model on the groups' means ``ybar`` with standard errors ``se``."""
-    mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_MU_SD))
-    tau = pyro.sample("tau", dist.HalfNormal(PRIOR_TAU_SCALE))
-    with pyro.plate("groups", len(ybar), subsample_size=batch_size) as j:
-        a = pyro.sample("a", dist.Normal(mu, tau))
-        pyro.sample("ybar", dist.Normal(a, se[j]), obs=ybar[j])
+@dataclass(frozen=True)
+class Case:
+    """One fit to measure: a guide on a problem (``"normal"`` at ``groups`` groups, or
+    ``"radon"``), ``num_steps=None`` for `fit`'s default budget."""
+
+    guide: str
+    problem: str = "normal"
+    groups: int = radon.NUM_COUNTIES
+    batch_size: int | None = None
+    seed: int = 0
+    samples: int = 1000
+    num_steps: int | None = None
 
 
-def simulate(num_groups: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Group means and standard errors: ``mu = 1``, ``tau = 0.5``, 1-5 draws a group."""
-    generator = torch.Generator().manual_seed(seed)
-    n = torch.randint(1, 6, (num_groups,), generator=generator).double()
-    a = 1.0 + 0.5 * torch.randn(num_groups, generator=generator, dtype=torch.float64)
-    se = n.rsqrt()
-    ybar = a + se * torch.randn(num_groups, generator=generator, dtype=torch.float64)
-    return ybar.float(), se.float()
+def _problem(case: Case) -> tuple[Callable, tuple, Callable[[], Moments]]:
+    """The model, its arguments for `fit` (float32) and the reference moments (deferred)."""
+    if case.problem == "radon":
+        data = {k: v.float() if v.is_floating_point() else v for k, v in radon.load_radon().items()}
+        return radon.model, (data,), radon.load_reference
+    exact = simulate(case.groups, case.seed)  # float64, for the exact moments
+    data = Groups(exact.ybar.float(), exact.num_obs.float(), exact.sigma)
+    return exact_hierarchical.model, (*data, case.batch_size), lambda: exact_moments(exact)
 
 
-def _given_tau(y: Tensor, s2: Tensor, log_tau: Tensor) -> tuple[Tensor, ...]:
-    """For each ``log tau`` of a chunk of the grid: the log evidence (up to a constant),
-    the posterior precision and mean of ``mu``, and each group's mean and variance."""
-    tau2 = (2 * log_tau).exp().unsqueeze(-1)  # (chunk, 1)
-    v = tau2 + s2  # marginal variance of ybar_j given mu, tau
-    precision = PRIOR_MU_SD**-2 + (1 / v).sum(-1)
-    m = (y / v).sum(-1) / precision
-    log_evidence = (
-        -0.5 * (v.log() + y**2 / v).sum(-1)
-        + 0.5 * m**2 * precision
-        - 0.5 * precision.log()
-        - math.log(PRIOR_MU_SD)
-    )
-    tau = log_tau.exp()
-    log_w = log_evidence + dist.HalfNormal(PRIOR_TAU_SCALE).log_prob(tau) + log_tau
-    shrink = 1 / (1 / tau2 + 1 / s2)  # Var(a_j | mu, tau)
-    a_mean = shrink * (m.unsqueeze(-1) / tau2 + y / s2)
-    a_var = shrink + (shrink / tau2) ** 2 / precision.unsqueeze(-1)
-    return log_w, precision, m, a_mean, a_var
+def _autonormal_draws(guide: AutoNormal, num_samples: int) -> dict[str, Tensor]:
+    """Draws of every latent site from AutoNormal's parameters (all members of a plate)."""
+    draws = {}
+    with torch.no_grad():
+        for name, site in guide.prototype_trace.iter_stochastic_nodes():
+            loc, scale = getattr(guide.locs, name), getattr(guide.scales, name)
+            noise = torch.randn(num_samples, *loc.shape, dtype=loc.dtype)
+            draws[name] = biject_to(site["fn"].support)(loc + scale * noise)
+    return draws
 
 
-def exact_moments(
-    ybar: Tensor, se: Tensor, num_grid: int = 8001, chunk: int = 200
+def guide_draws(
+    guide: Any, model: Callable, args: tuple, sites: Sequence[str], num_samples: int
 ) -> dict[str, Tensor]:
-    """Exact posterior means and sds of ``mu``, ``log tau`` and each ``a_j``: a grid over
-    ``log tau`` in chunks (memory stays at ``chunk`` x J whatever the grid).
+    """``num_samples`` draws of the model's sites behind ``sites`` (``log_x`` is drawn as
+    ``x``), every member of each plate: the model runs on ``args`` with the full plate.
 
     Examples
     --------
-    >>> ybar, se = simulate(50, 0)
-    >>> moments = exact_moments(ybar, se)
-    >>> moments["a_mean"].shape, bool(moments["log_tau_sd"] > 0)
-    (torch.Size([50]), True)
+    >>> data = simulate(30)
+    >>> guide = AutoNormal(exact_hierarchical.model)
+    >>> _ = fit(exact_hierarchical.model, guide, *data, 10, num_steps=3, progress=False)
+    >>> guide_draws(guide, exact_hierarchical.model, data, ["log_tau", "theta"], 7)["theta"].shape
+    torch.Size([7, 30])
     """
-    y, s2 = ybar.double(), se.double() ** 2
-    grid = torch.linspace(-20.0, 3.0, num_grid, dtype=torch.float64).split(chunk)
-    log_w = torch.cat([_given_tau(y, s2, log_tau)[0] for log_tau in grid])
-    w = (log_w - log_w.logsumexp(0)).exp()
-    if float(w[0] + w[-1]) > 1e-6:
-        raise RuntimeError("the log tau grid misses posterior mass; widen it")
-    sums = torch.zeros(4, dtype=torch.float64)  # E mu, E mu^2, E log tau, E log tau^2
-    a_first, a_second = torch.zeros_like(y), torch.zeros_like(y)
-    for log_tau, weights in zip(grid, w.split(chunk), strict=True):
-        _, precision, m, a_mean, a_var = _given_tau(y, s2, log_tau)
-        sums += torch.stack(
-            [
-                (weights * m).sum(),
-                (weights * (1 / precision + m**2)).sum(),
-                (weights * log_tau).sum(),
-                (weights * log_tau**2).sum(),
-            ]
-        )
-        a_first += weights @ a_mean
-        a_second += weights @ (a_var + a_mean**2)
-    return {
-        "mu_mean": sums[0],
-        "mu_sd": (sums[1] - sums[0] ** 2).sqrt(),
-        "log_tau_mean": sums[2],
-        "log_tau_sd": (sums[3] - sums[2] ** 2).sqrt(),
-        "a_mean": a_first,
-        "a_sd": (a_second - a_first**2).sqrt(),
-    }
-
-
-def autonormal_moments(guide: AutoNormal) -> dict:
-    """AutoNormal's exact means and sds (its ``tau`` is log-normal: ``log tau`` Gaussian).
-
-    Read from its parameters: its plates are its prototype's, so under subsampling its
-    draws hold one minibatch of groups, never all of them.
-    """
-    with torch.no_grad():
-        loc = {name: getattr(guide.locs, name).double() for name in ("mu", "tau", "a")}
-        scale = {name: getattr(guide.scales, name).double() for name in ("mu", "tau", "a")}
-    return {
-        "mu_mean": loc["mu"],
-        "mu_sd": scale["mu"],
-        "log_tau_mean": loc["tau"],
-        "log_tau_sd": scale["tau"],
-        "a_mean": loc["a"],
-        "a_sd": scale["a"],
-    }
-
-
-def guide_moments(guide: object, ybar: Tensor, se: Tensor, num_samples: int) -> dict:
-    """Monte-Carlo means and sds of the guide's ``mu``, ``log tau`` and every ``a_j``."""
+    pyro.set_rng_seed(123)
     if isinstance(guide, AutoNormal):
-        return autonormal_moments(guide)
+        return _autonormal_draws(guide, num_samples)
+    names = [name.removeprefix("log_") for name in sites]
     with torch.no_grad():
-        pyro.set_rng_seed(123)
-        draws = Predictive(
-            model, guide=guide, num_samples=num_samples, return_sites=["mu", "tau", "a"]
-        )(ybar, se, None)
-    mu, log_tau, a = draws["mu"].double(), draws["tau"].double().log(), draws["a"].double()
-    a = a.reshape(num_samples, -1)
-    return {
-        "mu_mean": mu.mean(),
-        "mu_sd": mu.std(),
-        "log_tau_mean": log_tau.mean(),
-        "log_tau_sd": log_tau.std(),
-        "a_mean": a.mean(0),
-        "a_sd": a.std(0),
-    }
+        return Predictive(model, guide=guide, num_samples=num_samples, return_sites=names)(*args)
 
 
-def errors(approx: dict, exact: dict) -> dict[str, float]:
-    """Mean errors in exact posterior sds and sd errors as |log ratio|."""
-    result = {}
-    for name in ("mu", "log_tau", "a"):
-        mean_error = ((approx[f"{name}_mean"] - exact[f"{name}_mean"]) / exact[f"{name}_sd"]).abs()
-        sd_error = (approx[f"{name}_sd"] / exact[f"{name}_sd"]).log().abs()
-        if name == "a":
-            result["a_mean_p95"] = float(mean_error.quantile(0.95))
-            result["a_sd_p95"] = float(sd_error.quantile(0.95))
-        else:
-            result[f"{name}_mean"] = float(mean_error)
-            result[f"{name}_sd"] = float(sd_error)
-    return result
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_one(name: str, num_groups: int, batch_size: int | None, seed: int, samples: int) -> dict:
-    """Fit one guide at defaults and measure it."""
-    ybar, se = simulate(num_groups, seed)
+def run_case(case: Case) -> dict[str, Any]:
+    """Fit one guide at `fit`'s defaults and measure it: a row of the table.
+
+    Examples
+    --------
+    >>> row = run_case(Case("autonormal", groups=20, samples=50, num_steps=5))
+    >>> row["params"], sorted(row["errors"])
+    (44, ['log_tau', 'mu', 'theta'])
+    """
+    torch.set_num_threads(1)
+    model, args, reference = _problem(case)
     pyro.clear_param_store()
-    guide = AutoStructuredFlow(model) if name == "structured" else AutoNormal(model)
+    guide = GUIDES[case.guide](model)
+    budget = {} if case.num_steps is None else {"num_steps": case.num_steps}
+    before = _peak_mb()
     start = time.perf_counter()
-    result = fit(model, guide, ybar, se, batch_size, progress=False, seed=seed)
-    wall = time.perf_counter() - start
-    params = sum(p.numel() for p in pyro.get_param_store().values())
-    approx = guide_moments(guide, ybar, se, samples)
-    row = {
-        "guide": name,
-        "groups": num_groups,
-        "batch_size": batch_size,
-        "wall_s": wall,
-        "steps": result.num_steps,
-        "params": params,
-        "nan": not math.isfinite(result.elbo),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    row.update(errors(approx, exact_moments(ybar, se)))
+    try:
+        result = fit(model, guide, *args, progress=False, seed=case.seed, **budget)
+    except NonFiniteLossError:
+        result = None
+    row: dict[str, Any] = asdict(case)
+    row.update(
+        wall_s=time.perf_counter() - start,
+        peak_mb=_peak_mb() - before,
+        nan=result is None or not math.isfinite(result.elbo),
+        steps=None if result is None else result.num_steps,
+        stop_reason=None if result is None else result.stop_reason,
+        params=sum(p.numel() for p in pyro.get_param_store().values()),
+        errors=None,
+    )
+    if result is not None:
+        full_plate = args[:-1] + (None,) if case.problem == "normal" else args
+        draws = guide_draws(guide, model, full_plate, SITES[case.problem], case.samples)
+        row["errors"] = score(draws, reference(), list(SITES[case.problem]))
     return row
 
 
-COLUMNS = (
-    ("guide", "{:>10}"),
-    ("groups", "{:>7}"),
-    ("batch_size", "{:>6}"),
-    ("wall_s", "{:>7.1f}"),
-    ("steps", "{:>6}"),
-    ("params", "{:>7}"),
-    ("mu_mean", "{:>7.3f}"),
-    ("mu_sd", "{:>6.3f}"),
-    ("log_tau_mean", "{:>7.3f}"),
-    ("log_tau_sd", "{:>6.3f}"),
-    ("a_mean_p95", "{:>7.3f}"),
-    ("a_sd_p95", "{:>6.3f}"),
-)
+def _cell(row: dict[str, Any], site: str) -> str:
+    if row["errors"] is None:
+        return "NaN"
+    errors = row["errors"][site]
+    return f"{errors['mean_error']:+.3f} / {errors['log_sd_ratio']:+.3f}"
 
 
-def format_row(row: dict) -> str:
-    """One table row (markdown)."""
-    cells = [fmt.format(row[key] if row[key] is not None else "-") for key, fmt in COLUMNS]
-    return "| " + " | ".join(cells) + " |"
+def format_table(rows: Sequence[dict[str, Any]], problem: str) -> str:
+    """A markdown table of one problem's rows: one cell per scored site, "mean error in sds
+    / log sd ratio" (for per-group sites the 95th percentiles of their absolute values).
+
+    Examples
+    --------
+    >>> row = {"guide": "autonormal", "problem": "normal", "groups": 10, "batch_size": None,
+    ...        "seed": 0, "wall_s": 1.0, "steps": 9, "params": 24, "peak_mb": 2.0,
+    ...        "errors": None}
+    >>> print(format_table([row], "normal").splitlines()[-1])
+    | autonormal | 10 | - | 0 | 1.0 | 9 | 24 | 2 | NaN | NaN | NaN |
+    """
+    sites = SITES[problem]
+    head = ["guide", "J", "minibatch", "seed", "wall s", "steps", "params", "peak MB", *sites]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if row["problem"] != problem:
+            continue
+        cells = [row["guide"], row["groups"], row["batch_size"] or "-", row["seed"]]
+        cells += [f"{row['wall_s']:.1f}", row["steps"], row["params"], f"{row['peak_mb']:.0f}"]
+        cells += [_cell(row, site) for site in sites]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", type=int, nargs="+", default=[100, 1000, 10000, 100000])
+def _accurate(errors: dict[str, float]) -> bool:
+    return abs(errors["mean_error"]) <= MEAN_BAR and abs(errors["log_sd_ratio"]) <= SD_BAR
+
+
+def bars(rows: Sequence[dict[str, Any]]) -> dict[str, bool]:
+    """Which bars the structured guide meets, fit by fit: globals and 95% of the groups
+    within 0.1 sd in mean and 10% in sd, at most 2x AutoNormal's wall time, no NaN.
+
+    Examples
+    --------
+    >>> ok = {"mean_error": 0.01, "log_sd_ratio": 0.2}
+    >>> rows = [{"guide": g, "problem": "radon", "groups": 85, "seed": 0, "nan": False,
+    ...          "wall_s": t, "errors": {s: ok for s in SITES["radon"]}}
+    ...         for g, t in (("structured", 3.0), ("autonormal", 2.0))]
+    >>> bars(rows)["radon J=85 seed 0: wall time <= 2x AutoNormal's"]
+    True
+    """
+    autonormal = {
+        (row["problem"], row["groups"], row["seed"]): row["wall_s"]
+        for row in rows
+        if row["guide"] == "autonormal"
+    }
+    result = {}
+    for row in rows:
+        if row["guide"] != "structured":
+            continue
+        key = (row["problem"], row["groups"], row["seed"])
+        label = f"{row['problem']} J={row['groups']} seed {row['seed']}: "
+        result[label + "no NaN"] = not row["nan"]
+        if key in autonormal:
+            result[label + "wall time <= 2x AutoNormal's"] = (
+                row["wall_s"] <= TIME_BAR * autonormal[key]
+            )
+        for site in SITES[row["problem"]]:
+            accurate = row["errors"] is not None and _accurate(row["errors"][site])
+            result[label + f"{site} within 0.1 sd and 10%"] = accurate
+    return result
+
+
+def _parser(prog: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", type=int, nargs="*", default=[100, 1000, 10000, 100000])
     parser.add_argument("--full-batch-max", type=int, default=10000)
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=1000, help="above --full-batch-max")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--samples", type=int, default=1000, help="draws behind each moment")
-    parser.add_argument("--guides", nargs="+", default=["structured", "autonormal"])
+    parser.add_argument("--guides", nargs="+", choices=list(GUIDES), default=list(GUIDES))
+    parser.add_argument("--radon", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--num-steps", type=int, help="fit's step limit (default: fit's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "hierarchical.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    print("| " + " | ".join(key for key, _ in COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+    return parser
+
+
+def _cases(args: argparse.Namespace) -> list[Case]:
+    common = {"samples": args.samples, "num_steps": args.num_steps}
+    problems = [("normal", j) for j in args.groups]
+    problems += [("radon", radon.NUM_COUNTIES)] if args.radon else []
+    return [
+        Case(guide, problem, groups, None, seed, **common)
+        if problem == "radon" or groups <= args.full_batch_max
+        else Case(guide, problem, groups, args.batch_size, seed, **common)
+        for seed in args.seeds
+        for problem, groups in problems
+        for guide in args.guides
+    ]
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[dict[str, Any]]:
+    """Command-line entry point (``python -m benchmarks.hierarchical``); returns the rows."""
+    args = _parser(prog).parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for num_groups in args.groups:
-        batch = args.batch_size if num_groups > args.full_batch_max else None
-        for name in args.guides:
-            rows.append(run_one(name, num_groups, batch, args.seed, args.samples))
-            print(format_row(rows[-1]), flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(rows, indent=1))  # after each row: a crash keeps them
+    for case in _cases(args):
+        # A fresh process per fit: its peak memory is its own.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            rows.append(pool.submit(run_case, case).result())
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "errors"}), flush=True)
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")  # a crash keeps the rows
+    for problem in dict.fromkeys(row["problem"] for row in rows):
+        print(f"\n{problem}: mean error in sds / log sd ratio (groups: 95th percentiles)")
+        print(format_table(rows, problem))
+    for bar, ok in bars(rows).items():
+        print(f"{'PASS' if ok else 'FAIL'}  {bar}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .vae.cli import add_parser as add_vae_parser
 __all__ = ["COMMAND_GROUPS", "build_parser", "main"]
 
 #: The benchmarks that ``pyro-nf bench NAME`` runs: name -> module with ``main(argv)``.
-BENCHMARKS = {"vae": "benchmarks.vae"}
+BENCHMARKS = {"vae": "benchmarks.vae", "hierarchical": "benchmarks.hierarchical"}
 
 
 class _Parser(argparse.ArgumentParser):
