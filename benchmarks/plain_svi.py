@@ -216,7 +216,9 @@ def run_method(
     details = METHODS[method](problem, guide, args)
     seconds = time.perf_counter() - start
     supports = robust.latent_supports(problem)
-    draws = robust.flatten(robust.guide_draws(guide, supports, args.num_draws))
+    # a guide in non-centred coordinates reads the model's priors at its arguments
+    with guide.model_arguments(*problem.args):
+        draws = robust.flatten(robust.guide_draws(guide, supports, args.num_draws))
     mean_err, sd_err = moment_errors(draws, ref)
     row = {
         "model": problem.name,
