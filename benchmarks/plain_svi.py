@@ -216,9 +216,7 @@ def run_method(
     details = METHODS[method](problem, guide, args)
     seconds = time.perf_counter() - start
     supports = robust.latent_supports(problem)
-    # a guide in non-centred coordinates reads the model's priors at its arguments
-    with guide.model_arguments(*problem.args):
-        draws = robust.flatten(robust.guide_draws(guide, supports, args.num_draws))
+    draws = robust.flatten(robust.guide_draws(guide, supports, args.num_draws, problem.args))
     mean_err, sd_err = moment_errors(draws, ref)
     row = {
         "model": problem.name,

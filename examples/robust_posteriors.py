@@ -262,12 +262,13 @@ def flatten(draws: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def guide_draws(guide, supports: dict, num_draws: int) -> dict:
-    """Unconstrained draws of each latent site from a fitted AutoContinuous/AutoNormal."""
+def guide_draws(guide, supports: dict, num_draws: int, args: tuple = ()) -> dict:
+    """Unconstrained draws of each latent site from a fitted AutoContinuous/AutoNormal
+    (`args`: the model's, which a guide in non-centred coordinates reads its priors at)."""
     if isinstance(guide, AutoContinuous):
         # Sliced by hand: Pyro's _unpack_latent cannot put a sample dimension left of
         # plate dimensions (it fails on plated sites such as the schools' theta).
-        latent = guide.get_posterior().rsample((num_draws,))
+        latent = guide.get_posterior(*args).rsample((num_draws,))
         draws, start = {}, 0
         for name, shape in guide._unconstrained_shapes.items():
             size = math.prod(shape)
@@ -297,7 +298,7 @@ def errors(problem: Problem, guide, reference: dict, num_draws: int) -> tuple[fl
     (against the reference's `mean` and `sd` instead where it has them: exact moments)."""
     supports = latent_supports(problem)
     ref = flatten(unconstrain(reference["draws"], supports))
-    draws = flatten(guide_draws(guide, supports, num_draws))
+    draws = flatten(guide_draws(guide, supports, num_draws, problem.args))
     ref_mean, ref_sd = reference.get("mean", ref.mean(0)), reference.get("sd", ref.std(0))
     mean_err = ((draws.mean(0) - ref_mean).abs() / ref_sd).max().item()
     return mean_err, (draws.std(0) / ref_sd).log().abs().max().item()

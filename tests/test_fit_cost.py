@@ -37,3 +37,24 @@ def test_table_gives_each_guide_its_time_over_autonormals_on_the_same_model():
     table = robust.markdown_table(time_ratios(rows), COLUMNS).splitlines()
     assert table[0].endswith("| time ratio |") and len(table) == 2 + len(rows)
     assert table[3].split("|")[-2].strip() == "1.50"
+
+
+def test_draws_of_a_guide_in_non_centred_coordinates_are_taken_at_the_models_arguments():
+    import pyro
+
+    from benchmarks.fit_cost import robust
+    from pyro_nf.autoguides import AutoSplineFlow
+    from tests.models import SCHOOLS_SIGMA, SCHOOLS_Y, schools
+
+    def model(y, sigma):
+        schools(y, sigma)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoSplineFlow(model, warm_start=None, noncentered=True)
+    guide(SCHOOLS_Y, SCHOOLS_SIGMA)
+    supports = {
+        name: site["fn"].support for name, site in guide.prototype_trace.iter_stochastic_nodes()
+    }
+    draws = robust.guide_draws(guide, supports, 64, (SCHOOLS_Y, SCHOOLS_SIGMA))
+    assert draws["theta"].shape == (64, 8) and bool(torch.isfinite(draws["theta"]).all())
