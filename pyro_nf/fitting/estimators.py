@@ -18,6 +18,7 @@ from pyro.infer import Trace_ELBO
 from torch import Tensor
 
 from pyro_nf.distribution import FlowDistribution
+from pyro_nf.importance import log_mean_exp
 from pyro_nf.log_joint import subsampled_plates
 from pyro_nf.noncentering import NonCenteredDistribution
 
@@ -241,7 +242,7 @@ class _ImportanceWeightedELBO(_PathDerivativeELBO):
     ) -> Tensor:
         log_weights = self._log_weights(model, guide, args, kwargs)
         normalised = torch.softmax(log_weights.detach(), dim=0)
-        bound = torch.logsumexp(log_weights.detach(), dim=0) - math.log(len(log_weights))
+        bound = log_mean_exp(log_weights.detach())
         surrogate = (normalised.square() * log_weights).sum()
         return -bound - (surrogate - surrogate.detach())  # the bound's value, DReG's gradient
 
