@@ -19,7 +19,7 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.transforms import Transform
 from torch import Tensor, nn
 
-from pyro_nf.flows.core import has_inverse
+from pyro_nf.flows.core import layers_without_inverse
 
 __all__ = ["FlowDistribution", "FlowTransform"]
 
@@ -55,10 +55,6 @@ def _detached_parameters(module: nn.Module) -> Iterator[None]:
     finally:
         for submodule, name, param in saved:
             submodule._parameters[name] = param
-
-
-def _layers(flow: nn.Module) -> list[nn.Module]:
-    return list(getattr(flow, "layers", [flow]))
 
 
 class ScoresOwnDraws:
@@ -230,8 +226,8 @@ class FlowDistribution(ScoresOwnDraws, TorchDistribution):
         False
         """
         if isinstance(self.flow, nn.Module):
-            if not has_inverse(self.flow):
-                missing = [type(x).__name__ for x in _layers(self.flow) if not has_inverse(x)]
+            missing = [type(layer).__name__ for layer in layers_without_inverse(self.flow)]
+            if missing:
                 raise NotImplementedError(
                     f"the flow layer {', '.join(missing)} has no inverse (no "
                     "inverse_and_log_det), and a law with detached parameters scores points "

@@ -42,6 +42,7 @@ __all__ = [
     "as_pyro_module",
     "has_inverse",
     "inverse_softplus",
+    "layers_without_inverse",
 ]
 
 #: softplus^{-1}(1): the pre-activation whose softplus is exactly one.
@@ -287,8 +288,23 @@ def has_inverse(flow: nn.Module) -> bool:
     >>> has_inverse(FlowStack([InvertiblePlanar(2)])), has_inverse(FlowStack([Planar(2)]))
     (True, False)
     """
+    return not layers_without_inverse(flow)
+
+
+def layers_without_inverse(flow: nn.Module) -> list[nn.Module]:
+    """The layers of `flow` (a `FlowStack` or a single layer) that cannot invert any point
+    (see `has_inverse`).
+
+    Examples
+    --------
+    >>> from pyro.distributions.transforms import Planar
+    >>> from pyro_nf.flows import InvertiblePlanar
+    >>> [type(layer).__name__ for layer in layers_without_inverse(
+    ...     FlowStack([InvertiblePlanar(2), Planar(2)]))]
+    ['Planar']
+    """
     layers = flow.layers if isinstance(flow, FlowStack) else [flow]
-    return all(_layer_has_inverse(layer) for layer in layers)
+    return [layer for layer in layers if not _layer_has_inverse(layer)]
 
 
 def as_pyro_module(module: nn.Module) -> None:
