@@ -29,6 +29,21 @@ class Schedule:
     further multiplied by a factor falling geometrically from 1 to `anneal_to`, so that a
     fit which runs out of budget still ends at a small learning rate.
 
+    On a minibatch loss (a subsampled plate; `fit` finds it at setup and calls
+    `ScheduleState.subsampled`), a window is whole passes over the plate (epochs), at
+    least `window` steps, so each member is seen in every window; the loss of a window is
+    then a noisy estimate whose standard error includes the minibatch-to-minibatch
+    variance. Such a loss can stay within its noise while the parameters still travel (a
+    global many posterior sds from its optimum changes it by less than the minibatches'
+    noise), so a window without improvement counts towards a plateau only where the
+    parameters have stopped moving: their drift (`ParameterDrift`: the correlation of
+    successive changes of their window means, per tensor, less its noise) is at most
+    `drift`. Otherwise the window reports `"moving"`, for at most `drift_patience`
+    windows since the last improvement or decay (four times as many at the first rate),
+    after which the plateau counts anyway: at small rates the iterates mix slowly, and a
+    slow drift would hold the rate up without end. Full-batch fits never look at the
+    drift.
+
     With `average` (the default), at each decay and at the stop the parameters are set
     to the mean of their iterates over the plateau windows (Polyak averaging, see
     `IterateAverage`): at a fixed learning rate the iterates fluctuate around the optimum,
@@ -37,8 +52,8 @@ class Schedule:
 
     Examples
     --------
-    >>> Schedule(window=50).patience
-    2
+    >>> Schedule(window=50).patience, Schedule().drift, Schedule().drift_patience
+    (2, 0.1, 6)
     >>> Schedule(anneal_fraction=0.5).anneal_factor(0.75)  # halfway through the anneal
     0.31622776601683794
     """
@@ -106,7 +121,8 @@ class ScheduleState:
 
     Feed it every step's loss with `record`; it reports what the step ended: `"step"` (a
     window still filling), `"improved"` or `"stale"` (a window ended with or without
-    improvement), `"decay"` (a plateau: the rate was decayed) or `"stop"` (the plateau
+    improvement), `"moving"` (on a minibatch loss: no improvement, but the parameters still
+    move), `"decay"` (a plateau: the rate was decayed) or `"stop"` (the plateau
     after the last decay: converged).
 
     Examples
@@ -174,7 +190,7 @@ class ScheduleState:
             self.best, self.stale, self.unimproved = mean, 0, 0
             return IMPROVED
         self.unimproved += 1
-        if self._moving() and self.unimproved < schedule.drift_patience:
+        if self._moving() and self.unimproved < self._drift_patience():
             self.stale = 0
             return MOVING
         self.stale += 1
@@ -185,6 +201,12 @@ class ScheduleState:
             return STOP
         self.decays, self.stale, self.unimproved = self.decays + 1, 0, 0
         return DECAY
+
+    def _drift_patience(self) -> int:
+        """Windows since the last improvement or decay that moving parameters may add:
+        four times `Schedule.drift_patience` at the first rate, where the iterates mix
+        fastest and a drift is travel, not slow mixing."""
+        return self.schedule.drift_patience * (4 if self.decays == 0 else 1)
 
     def _moving(self) -> bool:
         """On a minibatch loss: whether the parameters still move (or it is not known)."""
