@@ -69,10 +69,10 @@ def test_a_subsampled_fit_stops_on_its_own_near_the_exact_posterior(groups, fres
     assert 200 <= result.epochs and result.num_steps < 0.5 * result.step_limit
     assert result.drift is not None
     errors = score(autonormal_draws(guide), exact_moments(groups), ["mu", "log_tau", "theta"])
-    # AutoNormal's means are good, its sds are not (mean-field): the means are checked.
-    print(errors)
-    for site in ("mu", "log_tau", "theta"):
-        assert abs(errors[site]["mean_error"]) < 0.25, (site, errors[site])
+    # AutoNormal's means are good, its globals' sds are not (mean-field): the means are
+    # checked. Measured: 0.07, 0.19 and 0.09 sd (0.03, 0.12 and 0.06 at full batch).
+    assert abs(errors["mu"]["mean_error"]) < 0.3 and abs(errors["log_tau"]["mean_error"]) < 0.3
+    assert errors["theta"]["mean_error"] < 0.15
 
 
 def test_a_full_batch_fit_keeps_the_loss_rule(groups, fresh_pyro_state):

@@ -81,3 +81,13 @@ def test_a_full_batch_loss_ignores_the_drift():
     state = Schedule(window=2, patience=1, num_decays=0).start(1.0)
     events = [state.record(v, lambda: 0.9) for v in (1.0, 1.0, 1.0, 1.0)]
     assert events == ["step", "improved", "step", "stop"] and state.last_drift is None
+
+
+def test_after_a_decay_moving_parameters_hold_a_plateau_off_for_a_while_only():
+    schedule = Schedule(window=2, patience=1, num_decays=2, drift_patience=2)
+    state = schedule.start(1.0)
+    state.subsampled(epoch_steps=2)
+    moving = lambda: 0.9  # noqa: E731 - the parameters never stop
+    events = [state.record(1.0, moving) for _ in range(26)][1::2]
+    # the first rate waits 4 x 2 windows, the next 2; a plateau of one window each time
+    assert events == ["improved", *["moving"] * 7, "decay", "moving", "decay", "moving", "stop"]
