@@ -55,7 +55,8 @@ def find_subsampling(
     """The subsampled plate of one trace of `guide` and of `model` replayed against it (the
     one with the most steps an epoch, where several are), or None.
 
-    Call it once the guide is set up: the traces are taken without gradients.
+    Call it once the guide is set up: the traces are taken without gradients. An autoguide
+    keeps a trace of the model (``prototype_trace``), which is read instead: no model run.
 
     Examples
     --------
@@ -71,9 +72,12 @@ def find_subsampling(
     >>> find_subsampling(model, guide, (torch.zeros(10),), {}) is None  # all 10 every step
     True
     """
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    plates = {**subsampled_plates(guide_trace), **subsampled_plates(trace)}
+    traces = [getattr(guide, "prototype_trace", None)]
+    if traces[0] is None:
+        with torch.no_grad(), poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            replayed = poutine.replay(model, trace=guide_trace)
+            traces = [guide_trace, poutine.trace(replayed).get_trace(*args, **kwargs)]
+    plates = {name: plate for trace in traces for name, plate in subsampled_plates(trace).items()}
     found = [Subsampling(name, size, full) for name, (size, full) in plates.items()]
     return max(found, key=lambda s: s.epoch_steps, default=None)
