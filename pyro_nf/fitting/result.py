@@ -61,8 +61,9 @@ class FitResult:
         full-batch loss.
     drift : float or None
         On a minibatch loss, the parameters' drift at the last window (the correlation of
-        successive changes of their window means, `ParameterDrift`): a converged fit
-        stopped with it at most `Schedule.drift`.
+        successive changes of their window means, `ParameterDrift`): at most
+        `Schedule.drift` where the parameters came to rest, above it where the last rate
+        ended after `Schedule.drift_patience` windows of slow drift.
 
     Examples
     --------
