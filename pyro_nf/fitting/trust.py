@@ -352,8 +352,9 @@ def _draws(draw: Callable[[int], Tensor], target: int, budget: float) -> tuple[T
         spent += seconds
         rates.append(seconds / size)
     drawn = sum(chunk.numel() for chunk in chunks)
-    rate = min(rates)
-    more = min(target - drawn, int(max(budget - spent, 0.0) / rate))
+    rate = max(min(rates), 1e-9)  # a clock too coarse to see a probe reads as free
+    affordable = max(budget - spent, 0.0) / rate  # inf without a budget
+    more = target - drawn if affordable >= target - drawn else int(affordable)
     if drawn + more < min(MIN_DRAWS, target):
         return torch.cat(chunks), (
             f"too costly: {MIN_DRAWS} draws, the fewest that k-hat needs, would take about "
