@@ -184,30 +184,41 @@ def judge_fit(
     if num_khat_samples == 0:
         return Trust(None, 0, 0.0, "unchecked", "k-hat not computed (num_khat_samples=0)")
     begun = time.perf_counter()
-    budget = max(TIME_FRACTION * fit_time, MIN_BUDGET)
-    khat, count, reason = None, 0, None
-    try:
-        with fixed_random_state(_device(guide)), torch.no_grad():
-            prototype = _Prototype.trace(model, guide, args, kwargs)
-            reason = _why_not(prototype)
-            if reason is None:
-                draw = _LogWeights(model, guide, args, kwargs, prototype.plate_nesting())
-                target = num_khat_samples or TARGET_DRAWS
-                log_w, reason = _draws(draw, target, math.inf if num_khat_samples else budget)
-                count = log_w.numel()
-                if reason is None:
-                    khat = khat_from_log_weights(log_w)
-    except Exception as error:  # noqa: BLE001 - the fit is done; a diagnostic must not lose it
-        reason = f"drawing the log weights failed ({type(error).__name__}: {error})"
+    budget = math.inf if num_khat_samples else max(TIME_FRACTION * fit_time, MIN_BUDGET)
+    # Every guide run (the advice's too) draws from its own stream: a fit with the check
+    # leaves the caller's random state as one without it.
+    with fixed_random_state(_device(guide)), torch.no_grad():
+        try:
+            khat, count, text = _khat(
+                model, guide, args, kwargs, num_khat_samples or TARGET_DRAWS, budget
+            )
+            if khat is not None:
+                text = _advice(khat, verdict_of(khat), count, guide, args, kwargs, estimator)
+        except Exception as error:  # noqa: BLE001 - the fit is done; a diagnostic must not lose it
+            khat, count, text = None, 0, f"drawing failed ({type(error).__name__}: {error})"
     seconds = time.perf_counter() - begun
     if khat is None:
-        logger.info("fit: k-hat not computed: %s", reason)
-        return Trust(None, count, seconds, "unchecked", reason)
+        logger.info("fit: k-hat not computed: %s", text)
+        return Trust(None, 0, seconds, "unchecked", text)
     verdict = verdict_of(khat)
-    advice = _advice(khat, verdict, count, guide, args, kwargs, estimator)
     level = logging.WARNING if verdict == "not to be trusted" else logging.INFO
-    logger.log(level, "fit: k-hat %.2f (%d draws): %s", khat, count, advice)
-    return Trust(khat, count, seconds, verdict, advice)
+    logger.log(level, "fit: k-hat %.2f (%d draws): %s", khat, count, text)
+    return Trust(khat, count, seconds, verdict, text)
+
+
+def _khat(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, target: int, budget: float
+) -> tuple[float | None, int, str]:
+    """k-hat and its draw count, or None and why there is none."""
+    prototype = _Prototype.trace(model, guide, args, kwargs)
+    reason = _why_not(prototype)
+    if reason is not None:
+        return None, 0, reason
+    draw = _LogWeights(model, guide, args, kwargs, prototype.plate_nesting())
+    log_w, reason = _draws(draw, target, budget)
+    if reason is not None:
+        return None, 0, reason
+    return khat_from_log_weights(log_w), log_w.numel(), ""
 
 
 def _device(guide: Callable) -> torch.device | None:
