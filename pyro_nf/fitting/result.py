@@ -103,19 +103,25 @@ class FitResult:
         return statistics.median(self.step_times) if self.step_times else math.nan
 
     def summary(self) -> str:
-        """How the fit ended, its time split, particles, threads and final rate on one line;
-        k-hat and its verdict on the next.
+        """One line: how the fit ended, its time split, particles, threads, final rate and
+        k-hat, with the advice where the verdict is not good.
 
         Examples
         --------
         >>> result = FitResult([1.0], -1.0, 1, 0.5, False, 0.01, setup_time=0.5)
-        >>> for part in result.summary().split(", particles "):
+        >>> for part in result.summary().split(", "):
         ...     print(part)
-        fit: 1 steps, num_steps, 0.5 s (setup 0.5 s, nan ms/step)
-        1, threads 1, lr 0.01, ELBO -1
-        k-hat: unchecked (k-hat not computed)
+        fit: 1 steps
+        num_steps
+        0.5 s (setup 0.5 s
+        nan ms/step)
+        particles 1
+        threads 1
+        lr 0.01
+        ELBO -1
+        k-hat unchecked (k-hat not computed)
         >>> result.khat, result.num_khat_samples, result.verdict = 0.31, 4000, "good"
-        >>> result.summary().splitlines()[1]
+        >>> result.summary().split("ELBO -1, ")[-1]
         'k-hat 0.31 (4000 draws, 0 s): good'
         """
         counts = "->".join(str(count) for _, count in self.particle_schedule) or str(
@@ -125,15 +131,15 @@ class FitResult:
             f"fit: {self.num_steps} steps, {self.stop_reason}, {self.wall_time:.3g} s "
             f"(setup {self.setup_time:.3g} s, {1e3 * self.step_time:.3g} ms/step), "
             f"particles {counts}, threads {self.num_threads}, lr {self.lr:.2g}, "
-            f"ELBO {self.elbo:.6g}\n{self._trust_line()}"
+            f"ELBO {self.elbo:.6g}, {self._trust()}"
         )
 
-    def _trust_line(self) -> str:
+    def _trust(self) -> str:
         """k-hat and the verdict (a good one needs no advice); why not, where unchecked."""
         if self.khat is None:
-            return f"k-hat: {self.verdict} ({self.advice})"
-        line = (
+            return f"k-hat {self.verdict} ({self.advice})"
+        text = (
             f"k-hat {self.khat:.2f} ({self.num_khat_samples} draws, {self.khat_time:.2g} s): "
             f"{self.verdict}"
         )
-        return line if self.verdict == "good" else f"{line}. {self.advice}"
+        return text if self.verdict == "good" else f"{text}. {self.advice}"

@@ -248,7 +248,8 @@ class _Prototype(NamedTuple):
         dims = [
             frame.dim
             for trace in (self.first, self.model)
-            for _, site in trace.iter_stochastic_nodes()
+            for site in trace.nodes.values()
+            if site["type"] == "sample"  # observed sites too
             for frame in site["cond_indep_stack"]
             if frame.vectorized
         ]
