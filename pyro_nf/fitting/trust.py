@@ -33,6 +33,7 @@ from pyro_nf.checks import check_int
 from pyro_nf.fitting.estimators import supports_stl, vmapped_log_weights
 from pyro_nf.importance import check_psis_draws, khat_from_log_weights
 from pyro_nf.log_joint import subsampled_plates
+from pyro_nf.structured import AutoStructuredFlow
 from pyro_nf.summaries import fixed_random_state
 
 __all__ = [
@@ -419,12 +420,9 @@ def _advice(
 def _what_to_try(guide: Callable, args: tuple, kwargs: dict, estimator: str) -> list[str]:
     """The remedies that apply to this guide and fit."""
     parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
-    flows = [part for part in parts if isinstance(part, AutoFlow)]
-    tries = []
-    if flows:
-        layers = [part.flow_options.get("num_layers") for part in flows]
-        tries.append(f"more flow layers (num_layers, now {', '.join(map(str, layers))})")
-    if len(flows) < len(parts):
+    layers = [text for text in map(_layers, parts) if text is not None]
+    tries = [f"more flow layers ({'; '.join(layers)})"] if layers else []
+    if len(layers) < len(parts):
         tries.append("a flow guide (AutoSplineFlow(model)) where a Gaussian or hand-written one is")
     if estimator != "iw" and supports_stl(guide, args, kwargs):
         tries.append('estimator="iw" with num_particles=8 (its guide covers the mass)')
@@ -433,3 +431,14 @@ def _what_to_try(guide: Callable, args: tuple, kwargs: dict, estimator: str) -> 
     else:
         tries.append("exact draws by NUTS (nuts_mcmc)")
     return tries
+
+
+def _layers(guide: Callable) -> str | None:
+    """A flow guide's layer counts, as its arguments name them; None for other guides."""
+    if isinstance(guide, AutoFlow):
+        return f"num_layers, now {guide.flow_options.get('num_layers')}"
+    if isinstance(guide, AutoStructuredFlow):
+        inner = guide.global_guide
+        now = "" if inner is None else f", now {inner.flow_options.get('num_layers')}"
+        return f"num_layers{now}; local_layers, now {guide.local_layers}"
+    return None
