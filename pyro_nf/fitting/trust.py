@@ -7,8 +7,9 @@ How many draws is decided by their measured cost: a probe of 32 draws, then 128,
 many more (up to `TARGET_DRAWS`) as fit in `TIME_FRACTION` of the fit's time; fewer than
 `MIN_DRAWS` leave k-hat to chance, so it is then reported as unaffordable, not noisy.
 Where k-hat means nothing (a subsampled model, a point-estimate guide, sites the guide does
-not draw) the verdict says why. Nothing here raises or warns: a high k-hat is information
-about the posterior, reported in `FitResult` and on the ``pyro_nf`` logger.
+not draw) the verdict says why. Nothing here raises for a model or a guide, nor warns: a
+high k-hat is information about the posterior, reported in `FitResult` and on the
+``pyro_nf`` logger.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Trust(NamedTuple):
     khat : float or None
         PSIS k-hat of the guide's log weights; None where it was not computed.
     num_khat_samples : int
-        Draws it rests on (0 where none were taken).
+        Draws it rests on (0 where it was not computed).
     khat_time : float
         Seconds the check took.
     verdict : str
