@@ -109,17 +109,10 @@ class FitResult:
         Examples
         --------
         >>> result = FitResult([1.0], -1.0, 1, 0.5, False, 0.01, setup_time=0.5)
-        >>> for part in result.summary().split(", "):
+        >>> for part in result.summary().split(", particles "):
         ...     print(part)
-        fit: 1 steps
-        num_steps
-        0.5 s (setup 0.5 s
-        nan ms/step)
-        particles 1
-        threads 1
-        lr 0.01
-        ELBO -1
-        k-hat unchecked (k-hat not computed)
+        fit: 1 steps, num_steps, 0.5 s (setup 0.5 s, nan ms/step)
+        1, threads 1, lr 0.01, ELBO -1, k-hat unchecked (k-hat not computed)
         >>> result.khat, result.num_khat_samples, result.verdict = 0.31, 4000, "good"
         >>> result.summary().split("ELBO -1, ")[-1]
         'k-hat 0.31 (4000 draws, 0 s): good'
