@@ -9,7 +9,7 @@ import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 
-from pyro_nf import AutoSplineFlow, fit
+from pyro_nf import AutoPlanarFlow, AutoSplineFlow, fit
 from pyro_nf.fitting import trust
 from pyro_nf.fitting.trust import MIN_DRAWS, TARGET_DRAWS, judge_fit
 
@@ -102,8 +102,9 @@ def test_a_bad_count_is_refused_before_the_fit(value, error):
     assert not pyro.get_param_store()  # refused before the guide was set up
 
 
-def test_a_subsampled_model_says_why_there_is_no_khat():
-    result = _fit(subsampled, AutoNormal(subsampled), num_steps=20)
+@pytest.mark.parametrize("guide_class", [AutoNormal, AutoPlanarFlow])
+def test_a_subsampled_model_says_why_there_is_no_khat(guide_class):
+    result = _fit(subsampled, guide_class(subsampled), num_steps=20)
     assert result.khat is None and result.verdict == "unchecked"
     assert "subsamples plate 'data' (10 of 100" in result.advice
     assert result.advice in result.summary()
