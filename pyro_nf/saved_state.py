@@ -175,15 +175,17 @@ class GuideState:
         """How a guide's ``signature`` differs from the saved one, as ``what: saved ...,
         this guide ...`` phrases."""
         saved = {"structure": "joint"} | self.signature
-        return _site_differences(saved["sites"], signature["sites"]) + [
+        differences = _site_differences(saved["sites"], signature["sites"]) + [
             f"{what}: saved {saved[key]!r}, this guide {signature[key]!r}"
-            for key, what in (
-                ("flow", "flow"),
-                ("flow_options", "flow options"),
-                ("structure", "form"),
-            )
+            for key, what in (("flow", "flow"), ("flow_options", "flow options"))
             if saved[key] != signature[key]
         ]
+        if saved["structure"] != signature["structure"]:
+            differences.append(
+                f"form: saved {saved['structure']!r}, this guide {signature['structure']!r} "
+                f"(build it with structured={saved['structure'] == 'structured'})"
+            )
+        return differences
 
     def restore_start(self, guide: Any) -> Start:
         """The saved start, in the coordinates and with the whitening it was learned in."""

@@ -82,7 +82,8 @@ def attach_structured(guide: Any, args: tuple, kwargs: dict) -> AutoStructuredFl
     )
     guide.structured_guide = structured
     keep_own_master(structured)
-    structured._setup_prototype(*args, **kwargs)
+    with torch.enable_grad():  # it finds hierarchical sites by autograd, even from median()
+        structured._setup_prototype(*args, **kwargs)
     check_no_hidden_parents(guide, args, kwargs)
     return structured
 
