@@ -238,16 +238,17 @@ def test_a_state_of_the_other_form_is_refused_both_ways():
         structured.load_state_dict(joint.state_dict())
 
 
-def test_a_param_store_of_the_other_form_is_refused(tmp_path):
-    structured, _ = _structured_and_joint()
-    pyro.clear_param_store()
-    structured = AutoPlanarFlow(model)
-    structured(Y, 10)
+@pytest.mark.parametrize("saved", ["structured", "joint"])
+def test_a_param_store_of_the_other_form_is_refused(tmp_path, saved):
+    arguments = {"structured": (Y, 10), "joint": (Y,)}  # "auto" takes the form on minibatches
+    AutoPlanarFlow(model, structured=saved == "structured")(*arguments[saved])
     pyro.get_param_store().save(tmp_path / "store.pt")
     pyro.clear_param_store()
     pyro.get_param_store().load(tmp_path / "store.pt")
-    with pytest.raises(ValueError, match="form: saved 'structured', this guide 'joint'"):
-        AutoPlanarFlow(model, structured=False)(Y)
+    other = "joint" if saved == "structured" else "structured"
+    message = f"form: saved '{saved}', this guide '{other}' \\(build it with structured="
+    with pytest.raises(ValueError, match=message):
+        AutoPlanarFlow(model, structured=saved == "joint")(*arguments[other])
 
 
 def test_pickling_round_trips_the_draws():
