@@ -133,6 +133,14 @@ def test_a_bad_structured_argument_is_refused_where_given(structured):
         AutoFlow(model, structured=structured)
 
 
+def test_the_structured_form_is_refused_for_a_model_without_a_plate_of_latent_sites():
+    def plateless():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="no plate of the model holds a latent site.*'auto'"):
+        AutoPlanarFlow(plateless, structured=True)()
+
+
 def test_a_hundred_thousand_members_never_build_the_joint_form():
     y = torch.zeros(100_000)
     guide = AutoPlanarFlow(model)

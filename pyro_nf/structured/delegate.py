@@ -68,6 +68,12 @@ def attach_structured(guide: Any, args: tuple, kwargs: dict) -> AutoStructuredFl
     >>> guide()["a"].shape, type(guide.structured_guide).__name__  # set up by attach_structured
     (torch.Size([200]), 'AutoStructuredFlow')
     """
+    if not guide._prototype_frames:
+        raise ValueError(
+            f"{type(guide).__name__}(structured=True): no plate of the model holds a latent "
+            "site, so the structured form has no members to give parameters to; leave "
+            "structured='auto' (the default), which takes the joint flow here"
+        )
     summaries = {}
     if guide.num_summary_samples is not None:
         summaries["num_summary_samples"] = guide.num_summary_samples
