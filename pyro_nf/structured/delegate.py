@@ -23,16 +23,17 @@ from pyro.infer.autoguide import AutoGuide
 from .guide import AutoStructuredFlow
 from .rule import check_structured, choose_structure
 
-# The rule's two functions are part of what `AutoFlow` reads here (one lazy import).
+# With the rule's two functions: all that `AutoFlow` reads of its structured form (one
+# lazy import, as `pyro_nf.structured` imports `pyro_nf.autoguides`).
 __all__ = [
     "STRUCTURED_LR",
+    "PlatesOf",
     "attach_structured",
+    "check_no_hidden_parents",
     "check_structured",
     "choose_structure",
     "joint_only",
     "keep_own_master",
-    "PlatesOf",
-    "check_no_hidden_parents",
 ]
 
 #: Adam's rate for the structured form: the rate `pyro_nf.fit` gives `AutoStructuredFlow`
@@ -131,8 +132,8 @@ class PlatesOf:
     all its parts (its plates draw the subsamples the model replays); else those of the
     guide's ``create_plates``, if any.
 
-    A plain object holding the guide (a module would make it a submodule of its own
-    submodule), so the structured guide pickles with it.
+    A plain object holding the guide (as a module, the guide would become a submodule of
+    its own submodule); it pickles with the structured guide.
 
     Examples
     --------
