@@ -208,3 +208,19 @@ def test_a_guide_that_fails_to_draw_is_reported_not_raised():
     result = judge_fit(gaussian, broken_guide, (), {}, fit_time=1.0)
     assert result.khat is None and result.verdict == "unchecked"
     assert "RuntimeError: no draws today" in result.advice
+
+
+def test_a_structured_guide_is_told_of_its_local_layers_not_neutra():
+    def hierarchical(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        with pyro.plate("groups", len(y)):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+
+    y = torch.linspace(-1.0, 3.0, 8)
+    guide = AutoSplineFlow(hierarchical, structured=True)
+    result = judge_fit(hierarchical, guide, (y,), {}, fit_time=1.0, num_khat_samples=100)
+    assert guide.structured_guide is not None and result.verdict != "good"  # untrained
+    assert "local_layers, now 1" in result.advice
+    assert "nuts_mcmc" in result.advice and "neutra_mcmc" not in result.advice  # no joint flow

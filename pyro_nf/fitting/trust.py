@@ -427,19 +427,28 @@ def _what_to_try(guide: Callable, args: tuple, kwargs: dict, estimator: str) -> 
         tries.append("a flow guide (AutoSplineFlow(model)) where a Gaussian or hand-written one is")
     if estimator != "iw" and supports_stl(guide, args, kwargs):
         tries.append('estimator="iw" with num_particles=8 (its guide covers the mass)')
-    if isinstance(guide, AutoFlow):
+    if _structured(guide) is None and isinstance(guide, AutoFlow):
         tries.append("exact draws by NUTS in the flow's space (neutra_mcmc)")
     else:
         tries.append("exact draws by NUTS (nuts_mcmc)")
     return tries
 
 
+def _structured(guide: Callable) -> AutoStructuredFlow | None:
+    """The structured guide that does the work: the guide itself, or the one an `AutoFlow`
+    in the structured form hands its calls to (which has no joint flow for NeuTra)."""
+    if isinstance(guide, AutoStructuredFlow):
+        return guide
+    return getattr(guide, "structured_guide", None) if isinstance(guide, AutoFlow) else None
+
+
 def _layers(guide: Callable) -> str | None:
     """A flow guide's layer counts, as its arguments name them; None for other guides."""
+    structured = _structured(guide)
+    if structured is not None:
+        inner = structured.global_guide
+        now = "" if inner is None else f", now {inner.flow_options.get('num_layers')}"
+        return f"num_layers{now}; local_layers, now {structured.local_layers}"
     if isinstance(guide, AutoFlow):
         return f"num_layers, now {guide.flow_options.get('num_layers')}"
-    if isinstance(guide, AutoStructuredFlow):
-        inner = guide.global_guide
-        now = "" if inner is None else f", now {inner.flow_options.get('num_layers')}"
-        return f"num_layers{now}; local_layers, now {guide.local_layers}"
     return None
