@@ -37,8 +37,6 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro.distributions.transforms import biject_to
-from torch import Tensor
 
 from benchmarks import exact_hierarchical
 from benchmarks.fit_cost import PROBLEMS as ROBUST_PROBLEMS
@@ -51,6 +49,7 @@ from benchmarks.plain_svi import (
     moment_errors,
     reference,
     robust,
+    unconstrained,
 )
 from pyro_nf import AutoSplineFlow, fit, reweighted
 
@@ -71,23 +70,6 @@ def exact_nn100(problem: robust.Problem) -> dict:
     mean = torch.cat([moments.mean[names[n]].reshape(-1) for n in sorted(names)])
     sd = torch.cat([moments.sd[names[n]].reshape(-1) for n in sorted(names)])
     return {"mean": mean, "sd": sd, "source": "exact"}
-
-
-def unconstrained(problem: robust.Problem, draws: dict[str, Tensor]) -> Tensor:
-    """Draws of every latent site in unconstrained space, flattened in `robust.flatten`'s
-    order.
-
-    Examples
-    --------
-    >>> import pyro.distributions as dist
-    >>> def model():
-    ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
-    >>> unconstrained(robust.Problem("s", model, ()), {"s": torch.ones(3)}).tolist()
-    [[0.0], [0.0], [0.0]]
-    """
-    supports = robust.latent_supports(problem)
-    values = {name: biject_to(supports[name]).inv(draws[name]) for name in supports}
-    return robust.flatten(values)
 
 
 def corrections(

@@ -33,9 +33,12 @@ def test_both_benchmarks_run_on_a_tiny_setting(tmp_path):
     try:
         small = ["--models", "years", "--num-draws", "300", "--fit-steps", "20"]
         out = tmp_path / "plain.json"
-        plain_svi.main([*small, "--steps", "20", "--snippet-steps", "20", "--out", str(out)])
+        plain = ["--steps", "20", "--snippet-steps", "20", "--psis-draws", "100"]
+        plain_svi.main([*small, *plain, "--out", str(out)])
         rows = json.loads(out.read_text())["rows"]
-        assert [r["method"] for r in rows] == ["snippet", "recipe", "fit"]
+        methods = ["snippet", "snippet+psis", "recipe", "recipe+psis", "fit", "fit+psis"]
+        assert [r["method"] for r in rows] == methods
+        assert all(r["seconds"] > p["seconds"] for p, r in zip(rows[::2], rows[1::2]))
         assert all(r["steps"] <= 20 and r["seconds"] > 0 for r in rows)
         assert {r["reference"] for r in rows} == {"exact"}
         out = tmp_path / "tail.json"
