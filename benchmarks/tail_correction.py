@@ -154,7 +154,7 @@ def study(name: str, ref: dict, args: argparse.Namespace) -> list[dict]:
     runs = []
     if name in args.iw_models:
         runs.append((args.iw_particles, None))
-    if refined:
+    if refined and args.strong_particles:
         runs.append((args.strong_particles, args.strong_time * fit_s))
     for particles, max_time in runs:
         with torch.no_grad():  # each refinement starts from the converged guide
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iw-steps", type=int, default=1000)
     parser.add_argument("--iw-models", nargs="*", default=["garch200"])
     parser.add_argument("--refine-models", nargs="*", default=["garch200"])
-    parser.add_argument("--strong-particles", type=int, default=32)
+    parser.add_argument("--strong-particles", type=int, default=32, help="0: no such run")
     parser.add_argument("--strong-time", type=float, default=1.0, help="times the first fit")
     parser.add_argument("--more-draws", type=int, default=16000)
     parser.add_argument("--fit-steps", type=int, default=5000, help="the first fit's bound")
