@@ -11,7 +11,8 @@ otherwise; exact for the normal-normal model with 100 groups, `nn100`,
 - ``raw``: moments of `--num-draws` guide draws;
 - ``raw+psis``: the same draws weighted by `pyro_nf.reweighted` (Pareto-smoothed
   importance weights of `log p(x, z) - log q(z)`), with the PSIS k-hat;
-- ``raw+psisN``: `reweighted` with `--more-draws` draws (models in `--refine-models`);
+- ``raw+psisN``: `reweighted` with N draws for each N of `--more-draws`, `--repeats`
+  times on fresh draws (models in `--refine-models`);
 - ``iwK`` / ``iwK+psis``: a second `fit(..., estimator="iw", num_particles=K)` call (the
   importance-weighted bound with the DReG gradient) from the converged guide at `--iw-lr`
   times `default_lr`, at most `--iw-steps` steps, then raw and reweighted moments of its
@@ -147,10 +148,11 @@ def study(name: str, ref: dict, args: argparse.Namespace) -> list[dict]:
     state = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
     rows = corrections(problem, guide, ref, args, "raw", args.num_draws)
     refined = name in args.refine_models
-    if refined:
-        more = corrections(problem, guide, ref, args, "raw", args.more_draws, psis_only=True)
-        more[0]["correction"] = f"raw+psis{args.more_draws}"
-        rows += more
+    for count in args.more_draws if refined else []:
+        for repeat in range(args.repeats):  # fresh draws of the same guide
+            more = corrections(problem, guide, ref, args, "raw", count, psis_only=True)
+            more[0].update(correction=f"raw+psis{count}", repeat=repeat)
+            rows += more
     runs = []
     if name in args.iw_models:
         runs.append((args.iw_particles, None))
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--refine-models", nargs="*", default=["garch200"])
     parser.add_argument("--strong-particles", type=int, default=32, help="0: no such run")
     parser.add_argument("--strong-time", type=float, default=1.0, help="times the first fit")
-    parser.add_argument("--more-draws", type=int, default=16000)
+    parser.add_argument("--more-draws", type=int, nargs="*", default=[16000])
+    parser.add_argument("--repeats", type=int, default=1, help="of each --more-draws row")
     parser.add_argument("--fit-steps", type=int, default=5000, help="the first fit's bound")
     parser.set_defaults(num_draws=4000)
     args = parser.parse_args(argv)
