@@ -38,7 +38,7 @@ def test_both_benchmarks_run_on_a_tiny_setting(tmp_path):
         rows = json.loads(out.read_text())["rows"]
         methods = ["snippet", "snippet+psis", "recipe", "recipe+psis", "fit", "fit+psis"]
         assert [r["method"] for r in rows] == methods
-        assert all(r["seconds"] > p["seconds"] for p, r in zip(rows[::2], rows[1::2]))
+        assert all(r["seconds"] > p["seconds"] for p, r in zip(rows[::2], rows[1::2], strict=True))
         assert all(r["steps"] <= 20 and r["seconds"] > 0 for r in rows)
         assert {r["reference"] for r in rows} == {"exact"}
         out = tmp_path / "tail.json"
