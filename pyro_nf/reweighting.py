@@ -23,7 +23,6 @@ import torch
 from pyro import poutine
 from pyro.distributions import Delta
 from pyro.infer.importance import vectorized_importance_weights
-from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
@@ -33,6 +32,7 @@ from pyro_nf.checks import check_int
 from pyro_nf.diagnostics import _site_dims
 from pyro_nf.fitting.estimators import vmap_draws
 from pyro_nf.importance import check_psis_draws, pareto_smooth, truncate_log_weights
+from pyro_nf.log_joint import subsampled_plates
 
 __all__ = ["Reweighted", "reweighted"]
 
@@ -281,14 +281,12 @@ def _check_guide(run: _Run) -> tuple[Trace, Trace]:
         guide_trace = poutine.trace(run.guide).get_trace(*run.args, **run.kwargs)
         replayed = poutine.replay(run.model, trace=guide_trace)
         model_trace = poutine.trace(replayed).get_trace(*run.args, **run.kwargs)
-    for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and isinstance(site["fn"], _Subsample):
-            if len(site["value"]) < site["fn"].size:
-                raise ValueError(
-                    f"reweighted: the model subsamples plate {name!r} ({len(site['value'])} "
-                    f"of {site['fn'].size}); importance weights need the full likelihood: "
-                    "call the model on all its data (no subsample_size)"
-                )
+    for name, (size, full_size) in subsampled_plates(model_trace).items():
+        raise ValueError(
+            f"reweighted: the model subsamples plate {name!r} ({size} of {full_size}); "
+            "importance weights need the full likelihood: call the model on all its data "
+            "(no subsample_size)"
+        )
     guide_sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
     if all(isinstance(site["fn"], Delta) for site in guide_sites):
         raise ValueError(
