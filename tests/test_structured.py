@@ -68,8 +68,8 @@ def test_member_draw_is_the_same_in_a_minibatch_and_in_the_full_plate():
         batch_log_q = batch.nodes[site]["fn"].log_prob(batch.nodes[site]["value"])
         assert torch.allclose(batch_log_q, full_log_q, atol=1e-5)
     # and the member's parameters are the same rows
-    loc = pyro.param("AutoStructuredFlow.locs.groups")
-    assert loc.shape == (J, 1)
+    shift = pyro.param("AutoStructuredFlow.factor_shifts.groups")
+    assert shift.shape == (J, 1)
 
 
 def _flat_grad(guide, loss):
