@@ -25,7 +25,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
-from .layout import LocalPlate, LocalSite
+from .layout import LocalPlate
 from .model_runs import prior_rows
 
 __all__ = ["NEWTON_STEPS", "laplace_factors"]
@@ -197,6 +197,7 @@ def laplace_factors(
     >>> import pyro, pyro.distributions as dist
     >>> from pyro.distributions.transforms import biject_to
     >>> from pyro.distributions import constraints
+    >>> from pyro_nf.structured.layout import LocalSite
     >>> y = torch.tensor([1.0, 2.0, 3.0])
     >>> def model():
     ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))

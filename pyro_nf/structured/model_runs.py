@@ -2,7 +2,8 @@
 
 `read_plates` reads which members of each local plate this call of the model uses
 (its own subsample, the user's indices, or the whole plate), checking the plate's size
-and the indices, and the priors of the sites drawn as prior times factor; `local_values` maps each member's unconstrained row to the local sites'
+and the indices, and the priors of the sites drawn as prior times factor at the guide's
+global values; `local_values` maps each member's unconstrained row to the local sites'
 values, reading the prior of every non-centred site at the guide's global values (so a
 member's spread follows each draw of the population scale). Each run stops once it has
 what it needs, before the likelihood.
