@@ -1,15 +1,23 @@
 """The structured local-global flow guide: q(globals) x prod_j q(locals_j | globals).
 
 The global latent sites (those outside the local plates) get a joint flow (`AutoFlow` on
-the model with the local sites hidden). Each plate holding local latent sites gets, per
-member, a location and a scale for all that member's local sites together (one row), held
+the model with the local sites hidden). Each plate holding local latent sites gets
+per-member parameters for all that member's local sites together (one row), held
 plate-aware as Pyro's `AutoNormal` holds its parameters: full-size parameters whose rows
 Pyro's plate reads at the subsample's indices, so a step touches only the minibatch's
-rows. Each row goes through one flow shared by the plate's members and conditioned on the
-global draw (`pyro_nf.structured.member_flow`). A local site whose location-scale prior
-depends on other latent sites (``a_j ~ Normal(mu, tau)``) is non-centred: the row holds
-``u_j`` and the site gets ``mu + tau * u_j`` at the guide's draw of ``mu`` and ``tau``, so
-the members' spread follows each draw of the population scale (the funnel).
+rows. A local site whose location-scale prior depends on other latent sites
+(``a_j ~ Normal(mu, tau)``) is non-centred: the row holds ``u_j`` and the site gets
+``mu + tau * u_j`` at the guide's draw of ``mu`` and ``tau``, so the members' spread
+follows each draw of the population scale (the funnel).
+
+Where every site of a plate is non-centred with a Normal prior, a member's conditional is
+its prior at the global draw times a Gaussian factor of its own
+(`pyro_nf.structured.factor`), exact for a likelihood Gaussian in the member's values;
+the factors start at the Laplace approximation of each member's likelihood
+(`pyro_nf.structured.factor_start`), and the globals' flow at the Laplace approximation of
+the collapsed posterior (`pyro_nf.structured.global_start`). Any other plate's rows are
+a location plus slopes on the global draw plus a scale times one flow shared by the
+plate's members and conditioned on the global draw (`pyro_nf.structured.member_flow`).
 
 The local sites are sampled inside the model's own plate with its subsample, so Pyro's
 plate scaling makes log q and the ELBO unbiased under subsampling; nothing is scaled here.
@@ -62,14 +70,19 @@ class AutoStructuredFlow(AutoGuide):
     parameters on each plate's local sites pushed through a flow conditioned on the globals.
 
     The posterior is $q(g)\prod_j q(\ell_j \mid g)$: $g$, the unconstrained global latent
-    vector, follows `AutoFlow`'s flow; member $j$'s row of local values is
-    $x_j = m_j + s_j \odot f(\varepsilon_j; c_j)$, $\varepsilon_j \sim N(0, I)$, with
-    $m_j, s_j$ the member's parameters, $f$ one flow shared by the plate's members and
-    $c_j = (g, m_j, \log s_j)$ its context. Local sites with a location-scale prior that
-    depends on other latent sites are non-centred ($a_j = \mu + \tau x_j$ at the guide's
-    $\mu, \tau$). Works with subsampled plates (``pyro.plate(..., subsample_size=B)``):
-    a step reads and updates only the subsample's rows, and Pyro's plate scaling keeps
-    the ELBO unbiased.
+    vector, follows `AutoFlow`'s flow. Where every local site of a plate has a Normal
+    prior depending on the globals, member $j$'s conditional is that prior times a
+    Gaussian factor $N(\Lambda_j^{-1} h_j, \Lambda_j^{-1})$ of its own (exact for a
+    likelihood Gaussian in the member's values), started at the Laplace approximation of
+    the member's likelihood; the globals then start at the Laplace approximation of their
+    collapsed posterior. Otherwise member $j$'s row of local values is
+    $x_j = m_j + W_j \bar g + s_j \odot f(\varepsilon_j; c_j)$,
+    $\varepsilon_j \sim N(0, I)$, with $m_j, W_j, s_j$ the member's parameters, $f$ one
+    flow shared by the plate's members and $c_j = (\bar g, m_j, \log s_j)$ its context.
+    Local sites with a location-scale prior that depends on other latent sites are
+    non-centred ($a_j = \mu + \tau x_j$ at the guide's $\mu, \tau$). Works with
+    subsampled plates (``pyro.plate(..., subsample_size=B)``): a step reads and updates
+    only the subsample's rows, and Pyro's plate scaling keeps the ELBO unbiased.
 
     Parameters
     ----------
@@ -78,10 +91,10 @@ class AutoStructuredFlow(AutoGuide):
     flow : str
         The globals' flow family (see `AutoFlow`).
     local_flow : str
-        Extra layers of the members' flow before its conditional affine layer: ``"none"``
-        (default: each member Gaussian given the globals) or a family with a conditional
-        variant (``"iaf"``, ``"spline"``, ...; ``"iaf"`` and ``"spline"`` need two
-        values per member).
+        Extra layers of the members' flow (before the conditional affine layer, or on the
+        standardised draw of prior times factor): ``"none"`` (default: each member
+        Gaussian given the globals) or a family with a conditional variant (``"iaf"``,
+        ``"spline"``, ...; ``"iaf"`` and ``"spline"`` need two values per member).
     local_layers : int
         Layers of ``local_flow``.
     local_plates : sequence of str, optional
@@ -92,8 +105,9 @@ class AutoStructuredFlow(AutoGuide):
     init_loc_fn : callable
         Per-site initialisation, as in Pyro (default `init_to_median`).
     init_scale : float
-        Initial scale of every member's values (non-centred units for non-centred sites)
-        and of the globals.
+        Initial scale of the members' values drawn by the affine form (non-centred units
+        for non-centred sites), and of the globals where they get no collapsed Laplace
+        start.
     num_summary_samples : int
         Monte-Carlo draws behind `median` and `quantiles`.
     create_plates : callable, optional
