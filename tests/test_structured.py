@@ -268,3 +268,21 @@ def test_rule_chooses_structured_for_subsampled_or_large_plates():
 def test_autonormal_control_has_no_funnel():
     # The contrast to the funnel test: a mean-field guide's spread does not follow tau.
     assert _spread_tau_correlation(AutoNormal(model)) < 0.3
+
+
+@pytest.mark.slow
+def test_population_scale_sd_matches_the_exact_posterior():
+    # The conditionals are exact on this model (prior times each group's Gaussian factor),
+    # so nothing pulls q(log tau) narrow; the bar is the benchmark's: sd within 10%.
+    from benchmarks import exact_hierarchical as eh
+    from pyro_nf import fit
+
+    exact = eh.simulate(300, seed=0)
+    data = eh.Groups(exact.ybar.float(), exact.num_obs.float(), exact.sigma)
+    guide = AutoStructuredFlow(eh.model)
+    fit(eh.model, guide, *data, progress=False, seed=0, num_particles=1, num_threads=1)
+    with torch.no_grad():
+        draws = Predictive(eh.model, guide=guide, num_samples=2000, return_sites=["tau"])(*data)
+    errors = eh.score({"log_tau": draws["tau"].log()}, eh.exact_moments(exact), ["log_tau"])
+    assert abs(errors["log_tau"]["log_sd_ratio"]) < math.log(1.1)
+    assert abs(errors["log_tau"]["mean_error"]) < 0.2
