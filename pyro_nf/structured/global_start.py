@@ -6,13 +6,14 @@ conditional ``q(locals | g)`` is Gaussian with a closed-form density, so for any
     log p(y, g) ~= log p(y, x, g) - log q(x | g)        (x: the conditional's mean)
 
 (exact where the conditional is, as on the normal-normal model at every ``g``). Its mode
-and curvature in the globals' unconstrained coordinates give the globals' flow a start
-whose base Gaussian already has the posterior's location and scales, so the flow only
-learns the shape; with the locals' factors refreshed at that mode (a second Laplace pass,
-for likelihoods whose curvature depends on a global, such as radon's noise scale). Without
-it the base starts at ``init_scale`` around the prior's median, and a spline flow learns a
-posterior sd many times smaller by squeezing its middle, which stretches its tails (rare
-draws hundreds of posterior sds out, seen at 1000 groups).
+and curvature in the globals' unconstrained coordinates (`pyro_nf.laplace`) give the
+globals' flow a Laplace start, as `AutoFlow`'s warm start does for a whole model: the flow
+learns in the coordinates the approximation whitens, so it only learns the shape and
+Adam's steps are in posterior sds; with the locals' factors refreshed at that mode (a
+second Laplace pass, for likelihoods whose curvature depends on a global, such as radon's
+noise scale). Without it the base starts at ``init_scale`` around the prior's median, and
+a spline flow learns a posterior sd many times smaller by squeezing its middle, which
+stretches its tails (rare draws hundreds of posterior sds out, seen at 1000 groups).
 
 Not used where a local plate is subsampled (the collapsed density would need every
 member) or draws its members by the affine form.
@@ -23,19 +24,18 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import torch
 from pyro import poutine
 from torch import Tensor
+
+from pyro_nf.laplace import LaplaceApproximation, laplace_approximation
+from pyro_nf.starts import Start
 
 if TYPE_CHECKING:
     from .guide import AutoStructuredFlow
 
-__all__ = ["collapsed_log_joint", "global_values", "laplace_globals"]
+__all__ = ["collapsed_log_joint", "collapsed_start", "global_values", "laplace_globals"]
 
 logger = logging.getLogger("pyro_nf")
-
-#: L-BFGS iterations for the mode of the collapsed posterior.
-MAX_ITER = 100
 
 
 def global_values(guide: AutoStructuredFlow, z: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -80,34 +80,31 @@ def _is_subsample(node: dict) -> bool:
 
 def laplace_globals(
     guide: AutoStructuredFlow, z: Tensor, args: tuple, kwargs: dict
-) -> tuple[Tensor, Tensor] | None:
-    """The mode of `collapsed_log_joint` from ``z`` (L-BFGS) and the marginal sds of its
-    Laplace approximation; None where no mode with a positive-definite Hessian is found.
-    """
-    z = z.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([z], max_iter=MAX_ITER, line_search_fn="strong_wolfe")
+) -> LaplaceApproximation | None:
+    """The Laplace approximation of `collapsed_log_joint` from ``z`` (`pyro_nf.laplace`'s
+    search); None where it finds no mode with a positive-definite Hessian."""
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = -collapsed_log_joint(guide, z, args, kwargs)
-        loss.backward()
-        return loss
+    def log_density(x: Tensor) -> Tensor:
+        return collapsed_log_joint(guide, x, args, kwargs)
 
-    with torch.enable_grad():
-        try:
-            optimizer.step(closure)
-        except (ValueError, RuntimeError) as error:  # a draw outside the model's support
-            logger.info("AutoStructuredFlow: no collapsed mode for the globals (%s)", error)
-            return None
-        mode = z.detach()
-        hessian = torch.autograd.functional.hessian(
-            lambda x: -collapsed_log_joint(guide, x, args, kwargs), mode
-        )
-    if not (torch.isfinite(mode).all() and torch.isfinite(hessian).all()):
-        return None
-    hessian = (hessian + hessian.mT) / 2
     try:
-        covariance = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
-    except RuntimeError:  # torch.linalg.LinAlgError: not positive definite
+        approx = laplace_approximation(log_density, z.detach(), warn=False)
+    except (ValueError, RuntimeError) as error:  # a point outside the model's support
+        logger.info("AutoStructuredFlow: no collapsed mode for the globals (%s)", error)
         return None
-    return mode, covariance.diagonal().sqrt()
+    if not approx.converged:
+        logger.info("AutoStructuredFlow: no collapsed mode for the globals (%s)", approx.reason)
+        return None
+    return approx
+
+
+def collapsed_start(z: Tensor, approx: LaplaceApproximation) -> Start:
+    """The globals' flow's start at ``approx``, learning in the coordinates it whitens
+    (so that Adam's steps are in posterior sds, however narrow the posterior)."""
+    return Start(
+        loc=z.detach(),
+        noncentering=None,
+        laplace=approx,
+        scale=1.0,
+        reason="the Laplace approximation of the collapsed posterior (AutoStructuredFlow)",
+    )

@@ -49,7 +49,7 @@ from pyro_nf.summaries import fixed_random_state
 
 from .factor import draw, factor_from_precision, factor_precision, product_with_prior
 from .factor_start import laplace_factors
-from .global_start import global_values, laplace_globals
+from .global_start import collapsed_start, global_values, laplace_globals
 from .layout import LocalPlate, LocalSite, local_site
 from .member_flow import member_flow
 from .model_runs import check_indices, check_size, local_values, read_plates
@@ -348,21 +348,25 @@ class AutoStructuredFlow(AutoGuide):
                 for name, site in self._global_sites.items()
             ]
         )
-        found = None
+        approx = None
         for _ in range(2):  # the factors refreshed at the first mode, then the mode again
-            found = laplace_globals(self, z, args, kwargs) or found
-            if found is None:
+            approx = laplace_globals(self, approx.loc if approx else z, args, kwargs) or approx
+            if approx is None:
                 return
-            z = found[0]
-            values = {name: value.detach() for name, value in global_values(self, z)[0].items()}
+            values = global_values(self, approx.loc)[0]
+            values = {name: value.detach() for name, value in values.items()}
             for plate in plates:
                 dtype = _deep_getattr(self.factor_shifts, plate.name).dtype
                 tril, shift = self._laplace_factors(plate, values, dtype, args, kwargs)
                 deep_setattr(self.factor_trils, plate.name, tril)
                 deep_setattr(self.factor_shifts, plate.name, shift)
+        start = collapsed_start(z, approx)
+        # A Laplace start after all: its saved state says so, and a load checks it.
+        self.global_guide.warm_start = "laplace"
+        self.global_guide._adopt(start)
         with torch.no_grad():
-            self.global_guide.loc.copy_(found[0])
-        self.global_guide.scale = found[1]
+            self.global_guide.loc.copy_(start.base_loc)
+        self.global_guide.scale = torch.full_like(start.loc, start.scale)
         logger.info("AutoStructuredFlow: globals started at their collapsed Laplace approximation")
 
     # ---- a draw -------------------------------------------------------------------------
@@ -378,8 +382,8 @@ class AutoStructuredFlow(AutoGuide):
             self._global_transforms[name].inv(values[name]).reshape(-1)
             for name in self._global_sites
         ]
-        posterior = self.global_guide.get_posterior(*args, **kwargs)
-        return (torch.cat(parts) - posterior.loc) / posterior.scale
+        loc, scale = self.global_guide._loc_scale(*args, **kwargs)
+        return (torch.cat(parts) - loc) / scale
 
     def _create_plates(self, *args: Any, **kwargs: Any) -> dict:
         """The model's plates other than the local ones (created per call, as Pyro does),
