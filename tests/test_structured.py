@@ -123,6 +123,22 @@ def test_locals_spread_follows_the_population_scale():
     assert _spread_tau_correlation(AutoStructuredFlow(model)) > 0.5
 
 
+def test_conditional_of_the_locals_is_exact_from_the_start():
+    # Prior times each member's Laplace-started Gaussian factor: on the normal-normal
+    # model, the exact conditional of every group given (mu, tau), before any step.
+    guide = AutoStructuredFlow(model)
+    with torch.no_grad():
+        draws = Predictive(model, guide=guide, num_samples=200, return_sites=["mu", "tau", "a"])(
+            YBAR, SE
+        )
+    mu, tau = draws["mu"].reshape(-1, 1), draws["tau"].reshape(-1, 1)
+    precision = tau**-2 + SE**-2
+    mean = (mu / tau**2 + YBAR / SE**2) / precision
+    z = (draws["a"].reshape(200, J) - mean) * precision.sqrt()
+    assert z.mean().abs() < 0.06 and (z.std() - 1).abs() < 0.06
+    assert draws["tau"].std() > 0.05  # over a spread of global draws, not one point
+
+
 def test_median_quantiles_and_predictive_give_every_member():
     guide = AutoStructuredFlow(model, num_summary_samples=50)
     _fit(guide, 5, YBAR, SE, None, 4)

@@ -196,6 +196,7 @@ class AutoStructuredFlow(AutoGuide):
             self.prototype_trace = None  # a failed set-up leaves the guide as it was
             raise
 
+    @torch.enable_grad()  # a first call may come under no_grad (Predictive's)
     def _setup_parts(self, args: tuple, kwargs: dict) -> None:
         sites = dict(self.prototype_trace.iter_stochastic_nodes())
         plate_of = self._local_plate_of(sites)
