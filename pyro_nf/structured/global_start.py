@@ -37,6 +37,11 @@ __all__ = ["collapsed_log_joint", "collapsed_start", "global_values", "laplace_g
 
 logger = logging.getLogger("pyro_nf")
 
+#: The base's initial scale in the coordinates the Laplace approximation whitens: wider
+#: than the approximation, as the ELBO's gradients narrow a too-wide guide faster than they
+#: widen a too-narrow one (radon's log sigma_b: sd 51% small from 1.0, 47% from 1.5).
+START_SCALE = 1.5
+
 
 def global_values(guide: AutoStructuredFlow, z: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """The global sites' values at the unconstrained vector ``z`` and ``log|det dg/dz|``."""
@@ -105,6 +110,6 @@ def collapsed_start(z: Tensor, approx: LaplaceApproximation) -> Start:
         loc=z.detach(),
         noncentering=None,
         laplace=approx,
-        scale=1.0,
+        scale=START_SCALE,
         reason="the Laplace approximation of the collapsed posterior (AutoStructuredFlow)",
     )
