@@ -18,8 +18,11 @@ scales and correlations are far from unit (flat priors on unscaled predictors, s
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pyro
 import pyro.distributions as dist
@@ -43,6 +46,10 @@ from pyro_nf.starts import Start, choose_start
 from pyro_nf.summaries import fixed_random_state
 from pyro_nf.whitening import Whitening
 
+if TYPE_CHECKING:
+    from pyro_nf.structured import AutoStructuredFlow
+    from pyro_nf.structured.rule import StructureChoice
+
 __all__ = [
     "AutoFlow",
     "AutoIAFFlow",
@@ -54,6 +61,9 @@ __all__ = [
 
 WARM_STARTS = ("laplace", None)
 
+#: `median` and `quantiles`' draws in the joint form, unless ``num_summary_samples`` is given.
+JOINT_SUMMARY_SAMPLES = 4000
+
 
 def _check_no_subsampled_locals(trace: Trace, guide_name: str) -> None:
     for name, site in trace.iter_stochastic_nodes():
@@ -63,10 +73,18 @@ def _check_no_subsampled_locals(trace: Trace, guide_name: str) -> None:
                     f"{guide_name}: latent site {name!r} is local to the subsampled plate "
                     f"{frame.name!r} ({frame.size} of {frame.full_size} per step). A guide "
                     "over one joint vector would tie it to subsample positions and train to a "
-                    "wrong answer. Use the structured guide, a flow on the global latents "
-                    "and plate-aware parameters for each member, conditioned on the globals:\n"
-                    "    guide = pyro_nf.AutoStructuredFlow(model)"
+                    "wrong answer, so structured=False cannot take this model. Leave "
+                    "structured='auto' (the default) or pass structured=True for the "
+                    "structured form, a flow on the global latents and plate-aware "
+                    "parameters for each member, conditioned on the globals:\n"
+                    f"    guide = pyro_nf.{guide_name}(model)"
                 )
+
+
+def _structured_form() -> ModuleType:
+    """`pyro_nf.structured.delegate`, imported on first use (`pyro_nf.structured` imports
+    this module)."""
+    return importlib.import_module("pyro_nf.structured.delegate")
 
 
 def _check_choices(warm_start: str | None, noncentered: str | bool) -> tuple:
@@ -91,6 +109,19 @@ class AutoFlow(AutoContinuous):
     and $\sigma$ at ``init_scale``. The start is chosen on the guide's first call (it needs
     the model's arguments), unless Pyro's param store holds a loaded fit of this guide
     (see the docs' page on saving and loading guides).
+
+    On a hierarchical model whose plate of local latent sites is subsampled or has at
+    least 100 members, the guide takes the structured form instead, before it builds
+    anything of the joint one: it hands every call to an `AutoStructuredFlow` (this flow
+    on the global latents, per-member parameters on each plate's locals) built with the
+    same flow, options, ``init_loc_fn``, ``init_scale`` and ``create_plates``, held as
+    ``structured_guide``. The choice is made by
+    `pyro_nf.structured.rule.choose_structure`, kept in `structure` and logged on the
+    ``pyro_nf`` logger; ``structured=`` forces either form. `median`, `quantiles`,
+    Pyro's `Predictive`, `state_dict`, pickling and `pyro_nf.fit` work in both forms;
+    what needs one flow over the joint latent vector (`get_posterior`, `get_transform`,
+    `get_base_dist`, `_loc_scale`, `laplace`, NeuTra) raises an error in the structured
+    form, naming ``structured=False``.
 
     Parameters
     ----------
@@ -134,9 +165,23 @@ class AutoFlow(AutoContinuous):
         starts in whichever coordinates, these or the model's own, give the start with the
         best ELBO; ``False`` keeps the model's coordinates. The choice is kept in
         `noncentering` (None for the model's coordinates).
-    num_summary_samples : int
+    num_summary_samples : int, optional
         Monte-Carlo draws used by `median` and `quantiles`, which have no
-        closed form for a flow.
+        closed form for a flow; default 4000 in the joint form and `AutoStructuredFlow`'s
+        500 in the structured one (each of whose draws covers every member of the plates).
+    structured : {"auto", True, False}
+        The guide's form. ``"auto"`` (default): the structured form where a plate holding
+        latent sites is subsampled or has at least 100 members
+        (`pyro_nf.structured.rule.LARGE_PLATE_SIZE`), the joint flow otherwise (small
+        models such as eight schools keep every correlation of the joint flow). True or
+        False force a form; the joint form refuses local latent sites in a subsampled
+        plate. ``warm_start`` and ``noncentered`` shape the joint form only: the
+        structured one starts at ``init_loc_fn``'s point and non-centres local sites
+        itself.
+    create_plates : callable, optional
+        As in Pyro's autoguides: ``create_plates(*args, **kwargs)`` returns the model's
+        plates (one or a list), for the guide to use with the user's own subsample
+        indices, or the whole plate when predicting.
     **flow_options
         Family-specific options, e.g. ``count_bins``, ``bound`` and ``tails`` for
         splines.
@@ -156,6 +201,11 @@ class AutoFlow(AutoContinuous):
         unconstrained ones, once set up; None when it learns in the model's coordinates.
     whitening : Whitening or None
         The start's whitening map $W$, once set up.
+    structure : StructureChoice or None
+        The form taken and why, once set up (see
+        `pyro_nf.structured.rule.StructureChoice`).
+    structured_guide : AutoStructuredFlow or None
+        The guide of the structured form, once set up in it.
 
     Examples
     --------
@@ -183,6 +233,17 @@ class AutoFlow(AutoContinuous):
     True
     >>> guide.state_dict()["_extra_state"]["start"]["kind"]
     'laplace'
+
+    A plate of 200 groups makes the structured form the default (or ``structured=False``
+    keeps the joint one):
+
+    >>> def groups_model():
+    ...     tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    ...     with pyro.plate("groups", 200):
+    ...         pyro.sample("a", dist.Normal(0.0, tau))
+    >>> guide = AutoFlow(groups_model, flow="planar")
+    >>> guide()["a"].shape, guide.structure.form
+    (torch.Size([200]), 'structured')
     """
 
     #: The flow family a named subclass is bound to (None: chosen by ``flow``).
@@ -196,9 +257,11 @@ class AutoFlow(AutoContinuous):
         hidden_dims: Sequence[int] | None = None,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
-        num_summary_samples: int = 4000,
+        num_summary_samples: int | None = None,
         warm_start: str | None = "laplace",
         noncentered: str | bool = "auto",
+        structured: bool | str = "auto",
+        create_plates: Callable | None = None,
         **flow_options: object,
     ) -> None:
         if flow is not None and self.flow_name is not None and flow != self.flow_name:
@@ -217,20 +280,40 @@ class AutoFlow(AutoContinuous):
         self.flow_options |= self._flow_builder.options
         # Wider starts overflow float32 log densities (and any exp-transformed site first).
         self._init_scale = check_positive("init_scale", init_scale, maximum=1e6)
-        self.num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
+        self.num_summary_samples = None
+        if num_summary_samples is not None:
+            self.num_summary_samples = check_int(
+                "num_summary_samples", num_summary_samples, minimum=1
+            )
         self.warm_start, self.noncentered = _check_choices(warm_start, noncentered)
+        self.structured = _structured_form().check_structured(structured)
+        self.structure: StructureChoice | None = None
         self.start: Start | None = None
         self.whitening: Whitening | None = None
         self._arguments: tuple[tuple, dict] | None = None  # set by model_arguments only
+        self._raw_model = (model,)  # a tuple: not a submodule (Pyro wraps self.model)
+        self.init_loc_fn = init_loc_fn  # for the structured form (Pyro keeps it in the wrap)
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self.create_plates = create_plates
+        self.structured_guide: AutoStructuredFlow | None = None
 
     @property
     def default_lr(self) -> float:
-        return self.flow_spec.lr
+        """The flow family's rate, or the structured form's once known (``fit`` reads it
+        before the guide is set up: under ``structured="auto"`` it gets the family's)."""
+        structured = self.structured is True or (self.structure and self.structure.structured)
+        return _structured_form().STRUCTURED_LR if structured else self.flow_spec.lr
 
     @property
     def laplace(self) -> LaplaceApproximation | None:
+        if self.structured_guide is not None:
+            raise _structured_form().joint_only(self, "laplace")
         return None if self.start is None else self.start.laplace
+
+    @property
+    def raw_model(self) -> Callable:
+        """The model as given (`model` is Pyro's, wrapped in ``init_loc_fn``)."""
+        return self._raw_model[0]
 
     @property
     def noncentering(self) -> NonCentering | None:
@@ -241,21 +324,37 @@ class AutoFlow(AutoContinuous):
         with self._pyro_context:
             try:
                 super()._setup_prototype(*args, **kwargs)
-                _check_no_subsampled_locals(self.prototype_trace, type(self).__name__)
-                self._latent_layout = LatentLayout(self)
-                flow = self._build_flow()
-                start = saved_start(self, args, kwargs) or self._new_start(args, kwargs)
+                rule = _structured_form()
+                self.structure = rule.choose_structure(self.prototype_trace, self.structured)
+                if self.structure.structured:  # decided before anything joint is built
+                    saved_start(self, args, kwargs)  # checks a loaded fit's form
+                    rule.attach_structured(self, args, kwargs)
+                    GuideState.of(self).write(self._pyro_name)
+                else:
+                    self._setup_joint(args, kwargs)
             except Exception:
-                self.prototype_trace = None  # a failed setup leaves the guide as it was
+                # A failed setup leaves the guide as it was.
+                self.prototype_trace = self.structure = self.structured_guide = None
                 raise
-            self._adopt(start)
-            self.loc = nn.Parameter(start.base_loc)
-            self.scale = PyroParam(
-                torch.full_like(start.loc, start.scale), constraints.softplus_positive
-            )
-            as_pyro_module(flow)  # parameters of the guide's own
-            self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
-            GuideState.take_parameters(self._pyro_name, "flow", self.flow)
+
+    def _setup_joint(self, args: tuple, kwargs: dict) -> None:
+        _check_no_subsampled_locals(self.prototype_trace, type(self).__name__)
+        self._latent_layout = LatentLayout(self)
+        flow = self._build_flow()
+        start = saved_start(self, args, kwargs) or self._new_start(args, kwargs)
+        self._adopt(start)
+        self.loc = nn.Parameter(start.base_loc)
+        self.scale = PyroParam(
+            torch.full_like(start.loc, start.scale), constraints.softplus_positive
+        )
+        as_pyro_module(flow)  # parameters of the guide's own
+        self.flow = flow.to(dtype=start.loc.dtype, device=start.loc.device)
+        GuideState.take_parameters(self._pyro_name, "flow", self.flow)
+
+    def _update_master(self, master_ref: object) -> None:
+        # Pyro hands a composite guide's master down to every AutoGuide inside; the
+        # structured form's guide stays its own (see pyro_nf.structured.delegate).
+        self.master = master_ref
 
     def _build_flow(self) -> FlowStack:
         try:
@@ -283,7 +382,7 @@ class AutoFlow(AutoContinuous):
 
         See `AutoFlow`'s example.
         """
-        return {} if self.start is None else GuideState.of(self).as_dict()
+        return {} if self.structure is None else GuideState.of(self).as_dict()
 
     def _load_from_state_dict(
         self, state_dict: dict, prefix: str, *args: object, **kwargs: object
@@ -295,11 +394,14 @@ class AutoFlow(AutoContinuous):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: dict) -> None:
-        """Take the saved start (whitening and coordinates), checked by then.
+        """Take the saved start (whitening and coordinates), checked by then; the
+        structured form has none (its guide loads its own parameters).
 
         See `AutoFlow`'s example.
         """
-        self._adopt(GuideState.from_dict(state).restore_start(self))
+        saved = GuideState.from_dict(state)
+        if saved.start is not None:
+            self._adopt(saved.restore_start(self))
 
     @contextmanager
     def model_arguments(self, *args: object, **kwargs: object) -> Iterator[None]:
@@ -343,6 +445,8 @@ class AutoFlow(AutoContinuous):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        if self.structured_guide is not None:
+            return self.structured_guide(*args, **kwargs)
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         result = {}
@@ -360,6 +464,7 @@ class AutoFlow(AutoContinuous):
         """The flow distribution over the unconstrained joint latent vector: base, flow,
         whitening and, in non-centred coordinates, the map to the model's coordinates at
         the model's arguments (see `model_arguments`)."""
+        self._joint("get_posterior")
         posterior = FlowDistribution(
             self.loc, self.scale, self.flow, validate_args=False, whitening=self.whitening
         )
@@ -374,7 +479,7 @@ class AutoFlow(AutoContinuous):
 
         See `AutoFlow`'s example.
         """
-        loc = self._setup_loc("get_base_dist")
+        loc = self._joint("get_base_dist")
         return dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
 
     def get_transform(self, *args: object, **kwargs: object) -> Transform:
@@ -388,7 +493,7 @@ class AutoFlow(AutoContinuous):
 
         See `AutoFlow`'s example.
         """
-        self._setup_loc("get_transform")
+        self._joint("get_transform")
         return self.get_posterior(*args, **kwargs).as_transform()
 
     def _loc_scale(self, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
@@ -397,15 +502,19 @@ class AutoFlow(AutoContinuous):
 
         See `AutoFlow`'s example.
         """
-        loc = self._setup_loc("_loc_scale")
+        loc = self._joint("_loc_scale")
         return self.whitening(loc)[0], self.whitening.marginal_scale(self.scale)
 
-    def _setup_loc(self, method: str) -> Tensor:
+    def _joint(self, method: str) -> Tensor:
+        """The base's ``loc``, for a method of the joint form: an error naming ``method``
+        if the guide is not set up, or took the structured form."""
         if self.prototype_trace is None:
             raise RuntimeError(
                 f"{type(self).__name__}.{method}: the guide is not set up yet; fit it (or "
                 "call it once) on the model's arguments first"
             )
+        if self.structured_guide is not None:
+            raise _structured_form().joint_only(self, method)
         return self.loc
 
     def quantiles(
@@ -419,6 +528,8 @@ class AutoFlow(AutoContinuous):
         (real, positive, intervals) these are the marginal quantiles; for simplex or
         Cholesky-factor sites they are points in the support, not marginal quantiles.
         The draws are the same on every call, from a fixed seed in a forked random state.
+        In the structured form, `AutoStructuredFlow.quantiles`: every member of each
+        plate, whatever the model's subsample.
 
         Parameters
         ----------
@@ -436,9 +547,11 @@ class AutoFlow(AutoContinuous):
         probs = check_probabilities("quantiles", quantiles)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        if self.structured_guide is not None:
+            return self.structured_guide.quantiles(probs, *args, **kwargs)
         posterior = self.get_posterior(*args, **kwargs)
         with fixed_random_state(self.loc.device), torch.no_grad():
-            samples = posterior.rsample((self.num_summary_samples,))
+            samples = posterior.rsample((self.num_summary_samples or JOINT_SUMMARY_SAMPLES,))
         probs = probs.to(dtype=samples.dtype, device=samples.device)
         # One quantile at a time: a batch dimension would not broadcast with plated sites.
         values = [self._latent_layout.constrain_all(z) for z in torch.quantile(samples, probs, 0)]
@@ -450,6 +563,16 @@ class AutoFlow(AutoContinuous):
         Exactly ``quantiles([0.5])``, from the same draws; see `quantiles`.
         """
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
+
+    def __getstate__(self) -> dict:
+        # Pyro's AutoGuide drops the model when pickled; so does this guide (the joint form
+        # needs it only to set up, the structured form's guide keeps its own).
+        return dict(super().__getstate__()) | {"_raw_model": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.structured_guide is not None:
+            _structured_form().keep_own_master(self.structured_guide)
 
 
 _NAMED_GUIDE_EXAMPLE = """

@@ -2,7 +2,10 @@
 
 All functions take a model and a fitted guide (any Pyro guide) and draw from the guide
 in an extra outermost plate where the model allows it, else by ``torch.func.vmap``, else
-one draw at a time (`pyro_nf.batching`). The comparison with reference draws is in
+one draw at a time (`pyro_nf.batching`). They read the model on its full data: a
+subsampled plate (``subsample_size``) is refused, with what to pass instead, where it
+would make the answer wrong (importance weights of a rescaled minibatch; draws of other
+members in each draw). The comparison with reference draws is in
 `pyro_nf.comparison`; what importance weights say, in `pyro_nf.importance`.
 """
 
@@ -33,6 +36,7 @@ from pyro_nf.importance import (
     evidence_from_log_weights,
     khat_from_log_weights,
 )
+from pyro_nf.log_joint import subsampled_plates
 
 __all__ = [
     "log_evidence",
@@ -61,6 +65,30 @@ def _prototype(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> t
         if frame.vectorized
     ]
     return model_trace, -min(dims) if dims else 0
+
+
+def _check_full_plates(trace: Trace, purpose: str, latent_only: bool = False) -> None:
+    """Refuse a model trace with a subsampled plate (only one holding a latent site where
+    ``latent_only``), naming it and what to pass instead."""
+    if latent_only:
+        trace = trace.copy()
+        for name in [name for name, site in trace.nodes.items() if site.get("is_observed")]:
+            trace.remove_node(name)
+    plates = subsampled_plates(trace)
+    if not plates:
+        return
+    name, (size, full_size) = next(iter(plates.items()))
+    what = (
+        "each draw would hold other members of it"
+        if latent_only
+        else "the importance weights would be those of a rescaled minibatch, not of log p(x, z)"
+    )
+    raise ValueError(
+        f"{purpose}: the model subsamples the plate {name!r} ({size} of {full_size} per "
+        f"call), so {what}. Pass the model's full data: arguments under which it draws no "
+        "subsample (e.g. batch_size=None), or a version of the model without "
+        "subsample_size"
+    )
 
 
 def _batches(num_samples: int, batch_size: int | None) -> list[int]:
@@ -149,6 +177,12 @@ def log_importance_weights(
     Tensor
         Shape ``(num_samples,)``.
 
+    Raises
+    ------
+    ValueError
+        Where the model subsamples a plate at these arguments: the weights need the
+        full data.
+
     Examples
     --------
     A guide equal to the posterior (here the prior itself, `N(0, 1)`) has every log
@@ -164,10 +198,17 @@ def log_importance_weights(
     (torch.Size([5]), True)
     """
     run = _Run(model, guide, args, kwargs)
-    _, nesting = _prototype(*run)
+    return _log_weights(run, num_samples, batch_size, "log_importance_weights")
+
+
+@torch.no_grad()
+def _log_weights(run: _Run, num_samples: int, batch_size: int | None, purpose: str) -> Tensor:
+    """`log_importance_weights`, its errors naming ``purpose``."""
+    trace, nesting = _prototype(*run)
+    _check_full_plates(trace, purpose)
     first, *rest = _batches(num_samples, batch_size)
     way, chunk = choose_batching(
-        lambda way: _LOG_WEIGHTS[way](run, first, nesting), purpose="log_importance_weights"
+        lambda way: _LOG_WEIGHTS[way](run, first, nesting), purpose=purpose
     )
     chunks = [chunk, *(_LOG_WEIGHTS[way](run, size, nesting) for size in rest)]
     return torch.cat(chunks).detach()
@@ -224,9 +265,7 @@ def psis_khat(
     True
     """
     check_psis_draws("num_samples", check_int("num_samples", num_samples, minimum=1))
-    log_w = log_importance_weights(
-        model, guide, *args, num_samples=num_samples, batch_size=batch_size, **kwargs
-    )
+    log_w = _log_weights(_Run(model, guide, args, kwargs), num_samples, batch_size, "psis_khat")
     return khat_from_log_weights(log_w)
 
 
@@ -270,10 +309,8 @@ def log_evidence(
     >>> estimate.log_evidence >= estimate.elbo, abs(estimate.log_evidence + 1.5155) < 0.1
     (True, True)
     """
-    log_w = log_importance_weights(
-        model, guide, *args, num_samples=num_samples, batch_size=batch_size, **kwargs
-    )
-    return evidence_from_log_weights(log_w)
+    run = _Run(model, guide, args, kwargs)
+    return evidence_from_log_weights(_log_weights(run, num_samples, batch_size, "log_evidence"))
 
 
 def _site_dims(name: str, site: dict, num_dims: int) -> list[str]:
@@ -405,6 +442,7 @@ def to_inference_data(
     """
     check_int("num_samples", num_samples, minimum=1)
     trace, nesting = _prototype(model, guide, args, kwargs)
+    _check_full_plates(trace, "to_inference_data", latent_only=True)
     sites = {
         name: site
         for name, site in trace.nodes.items()

@@ -38,6 +38,7 @@ from pyro_nf.diagnostics import _site_dims
 from pyro_nf.distribution import _detached_parameters
 from pyro_nf.fitting.threads import choose_threads, restored_threads
 from pyro_nf.saved_state import site_signature
+from pyro_nf.structured import AutoStructuredFlow
 
 __all__ = ["MCMCResult", "neutra_mcmc", "nuts_mcmc"]
 
@@ -288,6 +289,7 @@ def nuts_mcmc(
 
 
 def _check_guide(guide: object, sites: dict[str, dict]) -> None:
+    _check_joint(guide)
     if not isinstance(guide, AutoFlow):
         raise TypeError(
             "neutra_mcmc: guide must be a fitted pyro_nf flow guide (AutoFlow or one of "
@@ -315,6 +317,21 @@ def _check_guide(guide: object, sites: dict[str, dict]) -> None:
             "its draws would be mapped through the supports it was fitted with, not the "
             "model's. Fit the guide to this model first, e.g. pyro_nf.fit(model, guide, *args)"
         )
+
+
+def _check_joint(guide: object) -> None:
+    """Refuse a guide of the structured form: NeuTra needs one flow over every latent site."""
+    structure = getattr(guide, "structure", None)
+    if not (isinstance(guide, AutoStructuredFlow) or (structure and structure.structured)):
+        return
+    reason = f" ({structure.reason})" if structure else ""
+    raise ValueError(
+        f"neutra_mcmc: the {type(guide).__name__} guide is of the structured form{reason}, "
+        "a flow on the global latents and per-member parameters on the local ones; NeuTra "
+        "needs one flow over every latent site, which only the joint form has. Fit "
+        "AutoFlow(model, structured=False) on the model's full data (no subsample_size) "
+        "and pass that guide, or sample the model with nuts_mcmc"
+    )
 
 
 def _site_differences(guide: AutoFlow, sites: dict[str, dict]) -> list[str]:
@@ -401,7 +418,9 @@ def neutra_mcmc(
     model : callable
         The Pyro model the guide was fitted to.
     guide : AutoFlow
-        A fitted pyro_nf flow guide (any family, any coordinates or warm start).
+        A fitted pyro_nf flow guide (any family, any coordinates or warm start), of the
+        joint form: a guide that took the structured form (`AutoFlow.structure`) has no
+        flow over every latent site, and is refused with what to do instead.
     *args, **kwargs
         The model's arguments.
     num_samples, warmup_steps, num_chains, progress, seed, nuts_options

@@ -1,12 +1,14 @@
 """What a flow guide's saved parameters mean, and the check that they are loaded into the same.
 
 A flow guide's parameters are numbers in a packing of the model's latent sites (their
-order, shapes and supports), shaped by the flow's family and options, and learned in the
+order, shapes and supports), shaped by the flow's family and options and by the guide's
+form (joint, or structured: see `pyro_nf.structured.delegate`), and learned in the
 coordinates its start chose (non-centred or not, whitened by a Laplace start or not). The
-same tensors loaded into a guide of another model, flow or start have the right shapes
-often enough and a wrong meaning (two sites swapped, a spline's interval rescaled), so a
-guide saves a description of itself beside its tensors, `GuideState`: the signature
-(sites and flow), which must match on load, and the start, which the load restores.
+same tensors loaded into a guide of another model, flow, form or start have the right
+shapes often enough and a wrong meaning (two sites swapped, a spline's interval
+rescaled), so a guide saves a description of itself beside its tensors, `GuideState`:
+the signature (sites, flow and form), which must match on load, and the start, which the
+load restores (the structured form has none: its guide's parameters are all it needs).
 
 Both ways Pyro saves a guide carry it: the guide's ``state_dict`` (its ``_extra_state``)
 and Pyro's param store, as ``<guide name>.state`` (the description encoded in a tensor)
@@ -40,6 +42,9 @@ __all__ = ["GuideState", "check_saved", "saved_start", "site_signature"]
 def site_signature(sites: Iterable[tuple[str, dict]]) -> dict[str, dict[str, Any]]:
     """Shape and support of each latent site (not a plate's subsample site), by name, in order.
 
+    The shape is over whole plates: a subsampled plate's dimension counts its full size,
+    so a guide fitted on minibatches and one set up on the full data agree.
+
     Parameters
     ----------
     sites : iterable of (str, dict)
@@ -55,10 +60,21 @@ def site_signature(sites: Iterable[tuple[str, dict]]) -> dict[str, dict[str, Any
     {'s': {'shape': [], 'support': 'GreaterThanEq(lower_bound=0.0)'}}
     """
     return {
-        name: {"shape": list(site["value"].shape), "support": repr(site["fn"].support)}
+        name: {"shape": _full_shape(site), "support": repr(site["fn"].support)}
         for name, site in sites
         if not site["infer"].get("is_auxiliary") and not site_is_subsample(site)
     }
+
+
+def _full_shape(site: dict) -> list[int]:
+    """The site's shape with each subsampled plate's dimension at the plate's full size."""
+    shape = list(site["value"].shape)
+    batch_end = len(shape) - len(site["fn"].event_shape)
+    for frame in site["cond_indep_stack"]:
+        axis = batch_end + frame.dim
+        if frame.vectorized and 0 <= axis < batch_end and shape[axis] == frame.size:
+            shape[axis] = frame.full_size or frame.size
+    return shape
 
 
 def _plain(value: object) -> Any:
@@ -74,13 +90,14 @@ class GuideState:
     ----------
     signature : dict
         ``sites`` (`site_signature` of the guide's prototype), ``flow`` (the family's
-        name) and ``flow_options`` (every option that shapes a parameter).
-    start : dict
+        name), ``flow_options`` (every option that shapes a parameter) and ``structure``
+        (``"joint"`` or ``"structured"``; states saved before it was recorded are joint).
+    start : dict or None
         The start's ``coordinates``, ``noncentred_sites``, ``kind`` (``"laplace"`` or
         ``"isotropic"``), ``scale`` and the Laplace approximation's ``laplace`` record
-        (or None).
+        (or None); None in the structured form.
     whitening : dict of str to Tensor
-        The start's whitening map's tensors (none for the identity).
+        The start's whitening map's tensors (none for the identity or the structured form).
 
     Examples
     --------
@@ -100,7 +117,7 @@ class GuideState:
     """
 
     signature: dict[str, Any]
-    start: dict[str, Any]
+    start: dict[str, Any] | None
     whitening: dict[str, Tensor]
 
     @staticmethod
@@ -111,12 +128,15 @@ class GuideState:
                 "sites": site_signature(guide.prototype_trace.iter_stochastic_nodes()),
                 "flow": guide.flow_spec.name,
                 "flow_options": {k: v for k, v in guide.flow_options.items() if v is not None},
+                "structure": guide.structure.form,
             }
         )
 
     @classmethod
     def of(cls, guide: Any) -> GuideState:
         """The state of a set-up flow guide."""
+        if guide.structure.structured:
+            return cls(cls.signature_of(guide), None, {})
         start: Start = guide.start
         laplace, noncentering = start.laplace, start.noncentering
         record = None
@@ -154,12 +174,18 @@ class GuideState:
     def differences(self, signature: dict[str, Any]) -> list[str]:
         """How a guide's ``signature`` differs from the saved one, as ``what: saved ...,
         this guide ...`` phrases."""
-        saved = self.signature
-        return _site_differences(saved["sites"], signature["sites"]) + [
+        saved = {"structure": "joint"} | self.signature
+        differences = _site_differences(saved["sites"], signature["sites"]) + [
             f"{what}: saved {saved[key]!r}, this guide {signature[key]!r}"
             for key, what in (("flow", "flow"), ("flow_options", "flow options"))
             if saved[key] != signature[key]
         ]
+        if saved["structure"] != signature["structure"]:
+            differences.append(
+                f"form: saved {saved['structure']!r}, this guide {signature['structure']!r} "
+                f"(build it with structured={saved['structure'] == 'structured'})"
+            )
+        return differences
 
     def restore_start(self, guide: Any) -> Start:
         """The saved start, in the coordinates and with the whitening it was learned in."""
@@ -289,20 +315,21 @@ def check_saved(guide: Any, saved: GuideState, how: str, args: tuple, kwargs: di
             "the model's arguments, then load"
         )
     differences = saved.differences(GuideState.signature_of(guide))
-    differences += _start_differences(guide, saved.start, args, kwargs)
+    if saved.start is not None and not guide.structure.structured:
+        differences += _start_differences(guide, saved.start, args, kwargs)
     if differences:
         raise ValueError(
             f"{type(guide).__name__} {how}: the saved state is of another guide "
             f"({'; '.join(differences)}). Build the guide for the same model (sites, "
             "shapes, supports, in the same order), with the same flow options and "
-            "noncentered= / warm_start= choices, as the saved one; to fit another "
-            "model instead, call pyro.clear_param_store() first"
+            "structured= / noncentered= / warm_start= choices, as the saved one; to fit "
+            "another model instead, call pyro.clear_param_store() first"
         )
 
 
 def saved_start(guide: Any, args: tuple, kwargs: dict) -> Start | None:
     """The start of a fit loaded into Pyro's param store under the guide's name, checked;
-    None where there is none.
+    None where there is none (or the fit is of the structured form, which has none).
 
     A state another guide wrote in this process (not loaded) is a leftover of that guide:
     the new guide replaces it and its parameters, as it replaces its own on a second
@@ -322,7 +349,7 @@ def saved_start(guide: Any, args: tuple, kwargs: dict) -> Start | None:
     if saved is None:
         return None
     check_saved(guide, saved, "set-up from Pyro's param store", args, kwargs)
-    return saved.restore_start(guide)
+    return None if saved.start is None else saved.restore_start(guide)
 
 
 def _start_differences(guide: Any, saved: dict, args: tuple, kwargs: dict) -> list[str]:

@@ -369,7 +369,7 @@ def test_local_latent_under_subsampled_plate_is_refused():
         with pyro.plate("data", len(data), subsample_size=3):
             pyro.sample("local", dist.Normal(loc, 1.0))
 
-    guide = AutoSplineFlow(model)
+    guide = AutoSplineFlow(model, structured=False)  # "auto" takes the structured form
     with pytest.raises(ValueError, match="'local' is local to the subsampled plate 'data'"):
         guide(DATA)
 

@@ -490,7 +490,9 @@ def init_scale_model():
 @pytest.mark.parametrize("flow", _families(fast="planar", min_dim=106))
 def test_init_scale(flow, init_scale):
     # The plain start honours init_scale; a warm start replaces it (see the next test).
-    guide = autoguides.AutoFlow(init_scale_model, flow=flow, init_scale=init_scale, warm_start=None)
+    guide = autoguides.AutoFlow(
+        init_scale_model, flow=flow, init_scale=init_scale, warm_start=None, structured=False
+    )
     guide()
     loc, scale = guide._loc_scale()
     scale_rms = scale.pow(2).mean().sqrt().item()
@@ -499,7 +501,7 @@ def test_init_scale(flow, init_scale):
 
 
 def test_loc_scale_is_the_laplace_start_under_the_warm_start():
-    guide = autoguides.AutoPlanarFlow(init_scale_model)
+    guide = autoguides.AutoPlanarFlow(init_scale_model, structured=False)
     guide()
     loc, scale = guide._loc_scale()
     assert guide.start.laplace is not None

@@ -340,3 +340,40 @@ def test_inference_data_of_a_model_written_for_one_draw_is_batched_by_vmap():
         draws.mean(0), torch.linalg.solve(precision, DESIGN.T @ RESPONSE), atol=0.06
     )
     assert torch.allclose(draws.T.cov(), torch.linalg.inv(precision), atol=0.04)
+
+
+def subsampled(y=Y, batch_size=None):
+    """`hierarchical` whose groups may be subsampled."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    with pyro.plate("group", len(y), subsample_size=batch_size) as j:
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, SIGMA), obs=y[j])
+
+
+def subsampled_data(y=Y, batch_size=None):
+    """`conjugate` whose data may be subsampled: no latent site in the plate."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", len(y), subsample_size=batch_size) as j:
+        pyro.sample("y", dist.Normal(mu, SIGMA), obs=y[j])
+
+
+def test_importance_weights_need_the_full_data():
+    guide = AutoNormal(subsampled_data)
+    assert log_importance_weights(subsampled_data, guide, num_samples=5).shape == (5,)
+    for check in (log_importance_weights, psis_khat, log_evidence):
+        message = f"{check.__name__}: the model subsamples the plate 'data' \\(2 of 4 .*full data"
+        with pytest.raises(ValueError, match=message):
+            check(subsampled_data, guide, Y, 2, num_samples=50)
+
+
+def test_inference_data_needs_every_member_of_a_plate_of_latent_sites():
+    with pytest.raises(
+        ValueError, match="to_inference_data: .* 'group' \\(2 of 4.*batch_size=None"
+    ):
+        to_inference_data(subsampled, AutoNormal(subsampled), Y, 2, num_samples=5)
+    idata = to_inference_data(subsampled, AutoNormal(subsampled), Y, num_samples=5)
+    assert idata.posterior["theta"].shape == (1, 5, 4)
+    # Subsampled data alone leaves the posterior draws whole.
+    idata = to_inference_data(subsampled_data, AutoNormal(subsampled_data), Y, 2, num_samples=5)
+    assert idata.posterior["mu"].shape == (1, 5)

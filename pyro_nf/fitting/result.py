@@ -50,6 +50,20 @@ class FitResult:
     thread_times : dict of int to float
         The fastest step, in seconds, at each thread count tried (empty where none was
         measured).
+    khat : float or None
+        PSIS k-hat of the fitted guide (`pyro_nf.fitting.trust`): below 0.5 the guide is
+        close to the posterior, 0.5 to 0.7 usable with care, above 0.7 its tails and
+        moments are not to be trusted. None where it was not computed (``advice`` says
+        why).
+    num_khat_samples : int
+        Guide draws k-hat rests on, chosen by their measured cost (0 where none).
+    khat_time : float
+        Seconds the k-hat check took (not in `wall_time`).
+    verdict : str
+        `"good"`, `"usable with care"`, `"not to be trusted"` or `"unchecked"`.
+    advice : str
+        The verdict in plain words, with what to try (more layers, ``estimator="iw"``,
+        `neutra_mcmc`), or why k-hat was not computed.
 
     Examples
     --------
@@ -77,6 +91,11 @@ class FitResult:
     batching: str = "plate"
     num_threads: int = 1
     thread_times: dict[int, float] = field(default_factory=dict)
+    khat: float | None = None
+    num_khat_samples: int = 0
+    khat_time: float = 0.0
+    verdict: str = "unchecked"
+    advice: str = field(default="k-hat not computed", repr=False)
 
     @property
     def step_time(self) -> float:
@@ -84,15 +103,19 @@ class FitResult:
         return statistics.median(self.step_times) if self.step_times else math.nan
 
     def summary(self) -> str:
-        """One line: how the fit ended, its time split, particles, threads and final rate.
+        """One line: how the fit ended, its time split, particles, threads, final rate and
+        k-hat, with the advice where the verdict is not good.
 
         Examples
         --------
-        >>> line = FitResult([1.0], -1.0, 1, 0.5, False, 0.01, setup_time=0.5).summary()
-        >>> for part in line.split(", particles "):
+        >>> result = FitResult([1.0], -1.0, 1, 0.5, False, 0.01, setup_time=0.5)
+        >>> for part in result.summary().split(", particles "):
         ...     print(part)
         fit: 1 steps, num_steps, 0.5 s (setup 0.5 s, nan ms/step)
-        1, threads 1, lr 0.01, ELBO -1
+        1, threads 1, lr 0.01, ELBO -1, k-hat unchecked (k-hat not computed)
+        >>> result.khat, result.num_khat_samples, result.verdict = 0.31, 4000, "good"
+        >>> result.summary().split("ELBO -1, ")[-1]
+        'k-hat 0.31 (4000 draws, 0 s): good'
         """
         counts = "->".join(str(count) for _, count in self.particle_schedule) or str(
             self.num_particles
@@ -101,5 +124,15 @@ class FitResult:
             f"fit: {self.num_steps} steps, {self.stop_reason}, {self.wall_time:.3g} s "
             f"(setup {self.setup_time:.3g} s, {1e3 * self.step_time:.3g} ms/step), "
             f"particles {counts}, threads {self.num_threads}, lr {self.lr:.2g}, "
-            f"ELBO {self.elbo:.6g}"
+            f"ELBO {self.elbo:.6g}, {self._trust()}"
         )
+
+    def _trust(self) -> str:
+        """k-hat and the verdict (a good one needs no advice); why not, where unchecked."""
+        if self.khat is None:
+            return f"k-hat {self.verdict} ({self.advice})"
+        text = (
+            f"k-hat {self.khat:.2f} ({self.num_khat_samples} draws, {self.khat_time:.2g} s): "
+            f"{self.verdict}"
+        )
+        return text if self.verdict == "good" else f"{text}. {self.advice}"

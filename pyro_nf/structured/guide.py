@@ -286,6 +286,7 @@ class AutoStructuredFlow(AutoGuide):
             init_scale=self.init_scale,
             warm_start=None,
             noncentered=False,
+            structured=False,
             **self._global_options,
         )
 

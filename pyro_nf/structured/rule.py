@@ -6,7 +6,7 @@ plates grow: on the normal-normal model the default spline guide took 10x AutoNo
 time at 100 groups (116 s against 12 s, 603k parameters) and went NaN at 1000 and 2000;
 and it cannot hold a subsampled plate's locals at all. So the structured form is chosen
 where a plate holding latent sites is subsampled or has at least `LARGE_PLATE_SIZE`
-members.
+members. Every `AutoFlow` applies the rule when it is set up (``structured="auto"``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pyro.poutine.trace_struct import Trace
 
-__all__ = ["LARGE_PLATE_SIZE", "StructureChoice", "choose_structure"]
+__all__ = ["LARGE_PLATE_SIZE", "StructureChoice", "check_structured", "choose_structure"]
 
 logger = logging.getLogger("pyro_nf")
 
@@ -36,11 +36,39 @@ class StructureChoice:
         The plates that decided it (subsampled or large), empty for the joint form.
     reason : str
         One line saying why.
+
+    Examples
+    --------
+    >>> choice = StructureChoice(False, (), "structured=False given")
+    >>> choice.structured, choice.form
+    (False, 'joint')
     """
 
     structured: bool
     plates: tuple[str, ...]
     reason: str
+
+    @property
+    def form(self) -> str:
+        """``"structured"`` or ``"joint"``, as saved states record it."""
+        return "structured" if self.structured else "joint"
+
+
+def check_structured(structured: object) -> bool | str:
+    """``structured`` itself where it is ``"auto"``, True or False; else a ValueError.
+
+    Examples
+    --------
+    >>> check_structured("auto")
+    'auto'
+    >>> check_structured("yes")
+    Traceback (most recent call last):
+    ...
+    ValueError: structured must be 'auto', True or False, got 'yes'
+    """
+    if not (isinstance(structured, bool) or structured == "auto"):
+        raise ValueError(f"structured must be 'auto', True or False, got {structured!r}")
+    return structured
 
 
 def choose_structure(
@@ -61,7 +89,8 @@ def choose_structure(
     Returns
     -------
     StructureChoice
-        Also logged on the ``pyro_nf`` logger.
+        Logged on the ``pyro_nf`` logger: at INFO where the rule decided, at DEBUG where
+        the form was forced (the caller's own choice is no news to them).
 
     Examples
     --------
@@ -75,8 +104,7 @@ def choose_structure(
     >>> choice.structured, choice.plates
     (True, ('groups',))
     """
-    if not (isinstance(structured, bool) or structured == "auto"):
-        raise ValueError(f"structured must be 'auto', True or False, got {structured!r}")
+    check_structured(structured)
     deciding = []
     for _, site in trace.iter_stochastic_nodes():
         for frame in site["cond_indep_stack"]:
@@ -84,17 +112,21 @@ def choose_structure(
             if frame.size != full_size or full_size >= large_plate_size:
                 if frame.name not in deciding:
                     deciding.append(frame.name)
-    if structured == "auto":
-        structured = bool(deciding)
+    if structured != "auto":
+        plates = tuple(deciding) if structured else ()
+        choice = StructureChoice(structured, plates, f"structured={structured} given")
+        logger.debug("guide form: %s", choice.reason)
+        return choice
+    if deciding:
         reason = (
             f"plate(s) {deciding} hold latent sites and are subsampled or have at least "
             f"{large_plate_size} members: the structured local-global guide"
-            if structured
-            else f"no plate of latent sites is subsampled or has {large_plate_size} members: "
-            "the joint flow"
         )
     else:
-        reason = f"structured={structured} given"
-    choice = StructureChoice(structured, tuple(deciding) if structured else (), reason)
+        reason = (
+            f"no plate of latent sites is subsampled or has {large_plate_size} members: "
+            "the joint flow"
+        )
+    choice = StructureChoice(bool(deciding), tuple(deciding), reason)
     logger.info("guide form: %s", choice.reason)
     return choice

@@ -1,0 +1,454 @@
+"""Whether a fitted guide can be trusted: PSIS k-hat at the end of `fit`, at a bounded cost.
+
+After training, `fit` draws from the guide, computes the log weights
+``log p(x, z) - log q(z)`` and their PSIS k-hat (`pyro_nf.importance.khat_from_log_weights`,
+the package's one implementation), and turns it into a plain verdict with what to try.
+How many draws is decided by their measured cost: a probe of 32 draws, then 128, then as
+many more (up to `TARGET_DRAWS`) as fit in `TIME_FRACTION` of the fit's time; fewer than
+`MIN_DRAWS` leave k-hat to chance, so it is then reported as unaffordable, not noisy.
+Where k-hat means nothing (a subsampled model, a point-estimate guide, sites the guide does
+not draw) the verdict says why. Nothing here raises for a model or a guide, nor warns: a
+high k-hat is information about the posterior, reported in `FitResult` and on the
+``pyro_nf`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoGuideList
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+
+from pyro_nf.autoguides import AutoFlow
+from pyro_nf.batching import Batching, choose_batching
+from pyro_nf.checks import check_int
+from pyro_nf.fitting.estimators import supports_stl, vmapped_log_weights
+from pyro_nf.importance import check_psis_draws, khat_from_log_weights
+from pyro_nf.log_joint import subsampled_plates
+from pyro_nf.structured import AutoStructuredFlow
+from pyro_nf.summaries import fixed_random_state
+
+__all__ = [
+    "KHAT_GOOD",
+    "KHAT_USABLE",
+    "MIN_DRAWS",
+    "TARGET_DRAWS",
+    "TIME_FRACTION",
+    "VERDICTS",
+    "Trust",
+    "check_khat_samples",
+    "judge_fit",
+    "verdict_of",
+]
+
+logger = logging.getLogger("pyro_nf")
+
+#: k-hat below this: the guide is close to the posterior (Vehtari et al., 2024).
+KHAT_GOOD = 0.5
+#: k-hat above this: the guide misses posterior mass; tails and moments are not to be trusted.
+KHAT_USABLE = 0.7
+#: Draws taken where they are cheap: k-hat's own error is small at a few thousand.
+TARGET_DRAWS = 4000
+#: Fewest draws worth a k-hat: 500 estimate it reliably up to 0.63 (S > 10^(1 / (1 - k))).
+MIN_DRAWS = 500
+#: The check's share of the fit's time, and the least it is allowed (a few model runs).
+TIME_FRACTION, MIN_BUDGET = 0.1, 0.2
+#: The probe sizes: the first times a draw, the second whether larger batches pay.
+_PROBES = (32, 128)
+#: The largest batch after the probes, where a batch of 128 drew cheaper per draw than
+#: one of 32 (Python overhead, amortised by batching); else batches stay at 128, which
+#: bounds the memory of models whose draws cost arithmetic (a matrix per draw).
+_LARGE_BATCH = 1024
+
+#: What `FitResult.verdict` says.
+VERDICTS = ("good", "usable with care", "not to be trusted", "unchecked")
+
+
+class Trust(NamedTuple):
+    """What k-hat says of a fitted guide, as `FitResult` reports it.
+
+    Attributes
+    ----------
+    khat : float or None
+        PSIS k-hat of the guide's log weights; None where it was not computed.
+    num_khat_samples : int
+        Draws it rests on (0 where it was not computed).
+    khat_time : float
+        Seconds the check took.
+    verdict : str
+        One of `VERDICTS`.
+    advice : str
+        In plain words: what the verdict means and what to try, or why k-hat was not
+        computed.
+
+    Examples
+    --------
+    >>> Trust(0.3, 4000, 0.1, "good", "").verdict
+    'good'
+    """
+
+    khat: float | None
+    num_khat_samples: int
+    khat_time: float
+    verdict: str
+    advice: str
+
+
+def check_khat_samples(num_khat_samples: object) -> int | None:
+    """`fit`'s ``num_khat_samples`` checked: None (chosen by cost), 0 (off) or at least 21.
+
+    Examples
+    --------
+    >>> check_khat_samples(None), check_khat_samples(0), check_khat_samples(2000)
+    (None, 0, 2000)
+    >>> check_khat_samples(10)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: num_khat_samples=10 is too few draws for PSIS k-hat...
+    """
+    if num_khat_samples is None:
+        return None
+    count = check_int("num_khat_samples", num_khat_samples, minimum=0)
+    return count if count == 0 else check_psis_draws("num_khat_samples", count)
+
+
+def verdict_of(khat: float) -> str:
+    """The verdict on a k-hat: `"good"` below 0.5, `"usable with care"` to 0.7, else (NaN
+    and inf included) `"not to be trusted"`.
+
+    Examples
+    --------
+    >>> verdict_of(0.2), verdict_of(0.6), verdict_of(1.2), verdict_of(-math.inf)
+    ('good', 'usable with care', 'not to be trusted', 'good')
+    """
+    if khat < KHAT_GOOD:
+        return "good"
+    if khat <= KHAT_USABLE:
+        return "usable with care"
+    return "not to be trusted"
+
+
+def judge_fit(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    fit_time: float,
+    num_khat_samples: int | None = None,
+    estimator: str = "elbo",
+) -> Trust:
+    """PSIS k-hat of a fitted guide and its verdict, at a cost bounded by the fit's time.
+
+    The draws come from a fixed random stream (the caller's is left as it was), batched in
+    a particle plate, by vmap or one at a time as `pyro_nf.diagnostics.log_importance_weights`
+    decides. With ``num_khat_samples=None`` their number follows their measured cost (see
+    the module's docstring); an int takes that many whatever they cost; 0 takes none.
+
+    Parameters
+    ----------
+    model, guide, args, kwargs
+        The fitted model and guide and their arguments, as given to `fit`.
+    fit_time : float
+        Seconds the fit took: the check's budget is `TIME_FRACTION` of it (at least
+        `MIN_BUDGET`).
+    num_khat_samples : int, optional
+        Draws to take (see above).
+    estimator : str
+        The fit's estimator, so the advice does not suggest the one already used.
+
+    Returns
+    -------
+    Trust
+        Never raises for the guide or the model: where k-hat cannot be computed, the
+        verdict is `"unchecked"` and ``advice`` says why.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> pyro.clear_param_store()
+    >>> trust = judge_fit(model, AutoNormal(model, init_scale=1.0), (), {}, fit_time=1.0)
+    >>> trust.verdict, trust.num_khat_samples
+    ('good', 4000)
+    """
+    if num_khat_samples == 0:
+        return Trust(None, 0, 0.0, "unchecked", "k-hat not computed (num_khat_samples=0)")
+    begun = time.perf_counter()
+    budget = math.inf if num_khat_samples else max(TIME_FRACTION * fit_time, MIN_BUDGET)
+    # Every guide run (the advice's too) draws from its own stream: a fit with the check
+    # leaves the caller's random state as one without it.
+    with fixed_random_state(_device(guide)), torch.no_grad():
+        try:
+            khat, count, text = _khat(
+                model, guide, args, kwargs, num_khat_samples or TARGET_DRAWS, budget
+            )
+            if khat is not None:
+                text = _advice(khat, verdict_of(khat), count, guide, args, kwargs, estimator)
+        except Exception as error:  # noqa: BLE001 - the fit is done; a diagnostic must not lose it
+            khat, count, text = None, 0, f"drawing failed ({type(error).__name__}: {error})"
+    seconds = time.perf_counter() - begun
+    if khat is None:
+        logger.info("fit: k-hat not computed: %s", text)
+        return Trust(None, 0, seconds, "unchecked", text)
+    verdict = verdict_of(khat)
+    level = logging.WARNING if verdict == "not to be trusted" else logging.INFO
+    logger.log(level, "fit: k-hat %.2f (%d draws): %s", khat, count, text)
+    return Trust(khat, count, seconds, verdict, text)
+
+
+def _khat(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, target: int, budget: float
+) -> tuple[float | None, int, str]:
+    """k-hat and its draw count, or None and why there is none."""
+    prototype = _Prototype.trace(model, guide, args, kwargs)
+    reason = _why_not(prototype)
+    if reason is not None:
+        return None, 0, reason
+    draw = _LogWeights(model, guide, args, kwargs, prototype.plate_nesting())
+    log_w, reason = _draws(draw, target, budget)
+    if reason is not None:
+        return None, 0, reason
+    return khat_from_log_weights(log_w), log_w.numel(), ""
+
+
+def _device(guide: Callable) -> torch.device | None:
+    """The device of the guide's parameters (its random stream is fixed too), if any."""
+    parameters = getattr(guide, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return None if first is None else first.device
+
+
+class _Prototype(NamedTuple):
+    """Two guide traces and the model replayed against the first."""
+
+    first: Trace
+    second: Trace
+    model: Trace
+
+    @staticmethod
+    def trace(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> _Prototype:
+        with poutine.block():
+            first = poutine.trace(guide).get_trace(*args, **kwargs)
+            second = poutine.trace(guide).get_trace(*args, **kwargs)
+            replayed = poutine.replay(model, trace=first)
+            return _Prototype(first, second, poutine.trace(replayed).get_trace(*args, **kwargs))
+
+    def plate_nesting(self) -> int:
+        """How many plate dimensions the model and guide use (Pyro's max_plate_nesting)."""
+        dims = [
+            frame.dim
+            for trace in (self.first, self.model)
+            for site in trace.nodes.values()
+            if site["type"] == "sample"  # observed sites too
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        ]
+        return -min(dims, default=0)
+
+
+def _why_not(prototype: _Prototype) -> str | None:
+    """Why log weights of this model and guide mean nothing; None where they are fine."""
+    plates = subsampled_plates(prototype.model)
+    if plates:
+        name, (size, full_size) = next(iter(plates.items()))
+        return (
+            f"the model subsamples plate {name!r} ({size} of {full_size} per run): log "
+            "weights need the likelihood of the full data; call pyro_nf.psis_khat with a "
+            "model that reads all of it"
+        )
+    missing = [name for name in _latent(prototype.model) if name not in prototype.first.nodes]
+    if missing:
+        return (
+            f"the guide does not draw the model's latent sites {missing} (left to "
+            "enumeration or to the prior), so its log density is not the joint's"
+        )
+    fixed = [name for name in _latent(prototype.first) if _same_draw(prototype, name)]
+    if fixed:
+        return (
+            f"the guide is a point estimate at {fixed} (a Delta or MAP guide draws the same "
+            "value every time): it has no spread whose tails k-hat could judge"
+        )
+    return None
+
+
+def _latent(trace: Trace) -> list[str]:
+    """The names of a trace's unobserved sample sites, subsample sites left out."""
+    return [name for name, _ in prune_subsample_sites(trace).iter_stochastic_nodes()]
+
+
+def _same_draw(prototype: _Prototype, name: str) -> bool:
+    """Whether a continuous guide site took the same value in two draws (a point mass)."""
+    site, other = prototype.first.nodes[name], prototype.second.nodes.get(name)
+    if site["fn"].support.is_discrete or other is None:
+        return False
+    return torch.equal(site["value"], other["value"])
+
+
+class _LogWeights:
+    """``log p(x, z) - log q(z)`` for `count` draws of the guide in one pass: in a particle
+    plate, by vmap or one at a time, the way decided once, by the first call.
+
+    Not `pyro_nf.diagnostics.log_importance_weights`: importing that module costs 2-3 s
+    of ArviZ import (more than many fits), it tries every way again at each call, and it
+    splits a vmapped pass at 256 draws; Pyro's ELBO here also checks every site's shape
+    against its plates, so a plate probe cannot succeed by a chance broadcast.
+    """
+
+    def __init__(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, nesting: int
+    ) -> None:
+        self.run = (model, guide, args, kwargs)
+        self.nesting = nesting
+        self.way: Batching | None = None
+
+    def __call__(self, count: int) -> Tensor:
+        if self.way is None:
+            self.way, log_w = choose_batching(
+                lambda way: self._draw(way, count), purpose="fit's k-hat draws"
+            )
+            return log_w
+        return self._draw(self.way, count)
+
+    def _draw(self, way: Batching, count: int) -> Tensor:
+        if way is Batching.VMAP:
+            elbo = Trace_ELBO(num_particles=count, max_plate_nesting=self.nesting)
+            return vmapped_log_weights(elbo, *self.run)
+        if way is Batching.LOOP:
+            elbo = Trace_ELBO(max_plate_nesting=self.nesting)
+            return torch.stack([_log_weight(*elbo._get_trace(*self.run)) for _ in range(count)])
+        elbo = Trace_ELBO(
+            num_particles=count, vectorize_particles=True, max_plate_nesting=self.nesting
+        )
+        model_trace, guide_trace = elbo._get_vectorized_trace(*self.run)
+        return _per_draw(model_trace, count) - _per_draw(guide_trace, count)
+
+
+def _log_weight(model_trace: Trace, guide_trace: Trace) -> Tensor:
+    return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+
+
+def _per_draw(trace: Trace, count: int) -> Tensor:
+    """Each draw's summed log density in a trace whose leftmost dimension is the particle
+    plate (every site sits inside it), shape `(count,)`."""
+    trace.compute_log_prob()
+    return sum(
+        site["log_prob"].reshape(count, -1).sum(-1)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    )
+
+
+def _draws(draw: Callable[[int], Tensor], target: int, budget: float) -> tuple[Tensor, str | None]:
+    """Up to `target` log weights in `budget` seconds: the probes, then the rest at the
+    cheaper probe's rate; with a reason where fewer than `MIN_DRAWS` were affordable."""
+    chunks: list[Tensor] = []
+    rates: list[float] = []
+    spent = 0.0
+    for size in _PROBES:
+        size = min(size, target - sum(chunk.numel() for chunk in chunks))
+        if size < 2 or (rates and spent + size * rates[-1] > budget):
+            break
+        begun = time.perf_counter()
+        chunks.append(draw(size))
+        seconds = time.perf_counter() - begun
+        spent += seconds
+        rates.append(seconds / size)
+    drawn = sum(chunk.numel() for chunk in chunks)
+    rate = max(min(rates), 1e-9)  # a clock too coarse to see a probe reads as free
+    affordable = max(budget - spent, 0.0) / rate  # inf without a budget
+    more = target - drawn if affordable >= target - drawn else int(affordable)
+    if drawn + more < min(MIN_DRAWS, target):
+        return torch.cat(chunks), (
+            f"too costly: {MIN_DRAWS} draws, the fewest that k-hat needs, would take about "
+            f"{MIN_DRAWS * rate:.3g} s at {1e3 * rate:.3g} ms a draw, more than the "
+            f"{budget:.3g} s allowed ({TIME_FRACTION:.0%} of the fit); give fit "
+            "num_khat_samples, or call pyro_nf.psis_khat"
+        )
+    amortised = len(rates) == len(_PROBES) and rates[1] < 0.7 * rates[0]
+    batch = _LARGE_BATCH if amortised else _PROBES[-1]
+    while more > 0:
+        size = min(batch, more)
+        chunks.append(draw(max(size, 2))[:size])  # one draw alone takes no particle plate
+        more -= size
+    return torch.cat(chunks), None
+
+
+def _advice(
+    khat: float,
+    verdict: str,
+    count: int,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    estimator: str,
+) -> str:
+    """What a verdict means, in plain words, with what to try where the fit falls short."""
+    if verdict == "good":
+        return (
+            f"k-hat {khat:.2f} < {KHAT_GOOD}: the guide is close to the posterior (k-hat "
+            "cannot see a mode the guide never found)"
+        )
+    reliable = 1 - 1 / math.log10(count)
+    caveat = (
+        f" ({count} draws estimate k-hat reliably only up to {reliable:.2f})"
+        if khat > reliable and math.isfinite(khat)
+        else ""
+    )
+    tries = "; ".join(_what_to_try(guide, args, kwargs, estimator))
+    if verdict == "usable with care":
+        return (
+            f"k-hat {khat:.2f} in {KHAT_GOOD}-{KHAT_USABLE}: usable with care; means are "
+            f"fine, tails and sds may be short{caveat}. To do better: {tries}"
+        )
+    return (
+        f"k-hat {khat:.2f} > {KHAT_USABLE}: do not trust this fit's tails or moments; the "
+        f"guide misses posterior mass{caveat}. Try: {tries}"
+    )
+
+
+def _what_to_try(guide: Callable, args: tuple, kwargs: dict, estimator: str) -> list[str]:
+    """The remedies that apply to this guide and fit."""
+    parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+    layers = [text for text in map(_layers, parts) if text is not None]
+    tries = [f"more flow layers ({'; '.join(layers)})"] if layers else []
+    if len(layers) < len(parts):
+        tries.append("a flow guide (AutoSplineFlow(model)) where a Gaussian or hand-written one is")
+    if estimator != "iw" and supports_stl(guide, args, kwargs):
+        tries.append('estimator="iw" with num_particles=8 (its guide covers the mass)')
+    if _structured(guide) is None and isinstance(guide, AutoFlow):
+        tries.append("exact draws by NUTS in the flow's space (neutra_mcmc)")
+    else:
+        tries.append("exact draws by NUTS (nuts_mcmc)")
+    return tries
+
+
+def _structured(guide: Callable) -> AutoStructuredFlow | None:
+    """The structured guide that does the work: the guide itself, or the one an `AutoFlow`
+    in the structured form hands its calls to (which has no joint flow for NeuTra)."""
+    if isinstance(guide, AutoStructuredFlow):
+        return guide
+    return getattr(guide, "structured_guide", None) if isinstance(guide, AutoFlow) else None
+
+
+def _layers(guide: Callable) -> str | None:
+    """A flow guide's layer counts, as its arguments name them; None for other guides."""
+    structured = _structured(guide)
+    if structured is not None:
+        inner = structured.global_guide
+        now = "" if inner is None else f", now {inner.flow_options.get('num_layers')}"
+        return f"num_layers{now}; local_layers, now {structured.local_layers}"
+    if isinstance(guide, AutoFlow):
+        return f"num_layers, now {guide.flow_options.get('num_layers')}"
+    return None
