@@ -172,6 +172,31 @@ def test_state_dict_round_trip_and_pickling_reproduce_draws():
     assert torch.allclose(fresh(YBAR, SE)["a"], expected)
 
 
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_param_store_save_and_load_restore_a_fresh_guide(tmp_path, batch_size):
+    guide = AutoStructuredFlow(model, num_summary_samples=20)
+    _fit(guide, 20, YBAR, SE, None, batch_size)
+    expected = guide.median(YBAR, SE, None, batch_size)
+    path = tmp_path / "params.pt"
+    pyro.get_param_store().save(path)
+    pyro.clear_param_store()
+    pyro.get_param_store().load(path)
+    fresh = AutoStructuredFlow(model, num_summary_samples=20)
+    fresh(YBAR, SE, None, batch_size)  # set up from the store, not from a new start
+    restored = fresh.median(YBAR, SE, None, batch_size)
+    for name, value in expected.items():
+        assert torch.allclose(restored[name], value), name
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_median_as_the_first_call_sets_the_guide_up(batch_size):
+    guide = AutoStructuredFlow(model, num_summary_samples=20)
+    with torch.no_grad():
+        median = guide.median(YBAR, SE, None, batch_size)
+    assert median["a"].shape == (J,) and bool(torch.isfinite(median["a"]).all())
+    assert guide(YBAR, SE, None, batch_size)["a"].shape == (batch_size or J,)
+
+
 def test_plate_size_change_and_indices_outside_the_plate_are_refused():
     guide = AutoStructuredFlow(model, create_plates=plates_of)
     guide(YBAR, SE)

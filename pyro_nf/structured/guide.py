@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.checks import check_int, check_positive, check_probabilities
 from pyro_nf.noncentering import _loc_scale_prior, find_hierarchical_sites
+from pyro_nf.saved_state import GuideState, _written_here
 from pyro_nf.summaries import fixed_random_state
 
 from .factor import draw, factor_from_precision, factor_precision, product_with_prior
@@ -353,6 +354,11 @@ class AutoStructuredFlow(AutoGuide):
         plates = self.local_plates.values()
         if self.global_guide is None or not all(plate.gaussian_factor for plate in plates):
             return
+        if self._loaded_start():
+            # Pyro's param store holds a loaded fit: its factors and globals (start
+            # included) are the guide's; a new start would overwrite them.
+            self.global_guide._setup_prototype(*args, **kwargs)
+            return
         if any(
             self._prototype_frames[plate.name].size != plate.size for plate in plates
         ):  # the collapsed density needs every member
@@ -384,6 +390,18 @@ class AutoStructuredFlow(AutoGuide):
             self.global_guide.loc.copy_(start.base_loc)
         self.global_guide.scale = torch.full_like(start.loc, start.scale)
         logger.info("AutoStructuredFlow: globals started at their collapsed Laplace approximation")
+
+    def _loaded_start(self) -> bool:
+        """Whether Pyro's param store holds a loaded (not written here) state of the
+        globals' guide with a Laplace start; if so, the globals' guide is told so, so
+        that its set-up restores that start instead of refusing it."""
+        name = self.global_guide._pyro_name
+        saved = None if _written_here(name) else GuideState.read(name)
+        if saved is None or saved.start is None:
+            return False
+        if saved.start["kind"] == "laplace":
+            self.global_guide.warm_start = "laplace"
+        return True
 
     # ---- a draw -------------------------------------------------------------------------
 
