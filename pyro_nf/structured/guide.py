@@ -350,7 +350,8 @@ class AutoStructuredFlow(AutoGuide):
     def _start_globals(self, args: tuple, kwargs: dict) -> None:
         """Start the globals' flow at the Laplace approximation of their collapsed
         posterior, and the factors at its mode (`pyro_nf.structured.global_start`), where
-        every local plate is drawn as prior times factor and none is subsampled."""
+        every local plate is drawn as prior times factor and at most one (the only one)
+        is subsampled (then read in chunks of its subsample size)."""
         plates = self.local_plates.values()
         if self.global_guide is None or not all(plate.gaussian_factor for plate in plates):
             return
@@ -359,10 +360,14 @@ class AutoStructuredFlow(AutoGuide):
             # included) are the guide's; a new start would overwrite them.
             self.global_guide._setup_prototype(*args, **kwargs)
             return
-        if any(
-            self._prototype_frames[plate.name].size != plate.size for plate in plates
-        ):  # the collapsed density needs every member
-            return
+        chunk_size = None
+        subsampled = [
+            plate for plate in plates if self._prototype_frames[plate.name].size != plate.size
+        ]
+        if subsampled:  # the collapsed density reads every member, a minibatch at a time
+            if len(plates) > 1:
+                return
+            chunk_size = self._prototype_frames[subsampled[0].name].size
         self.global_guide._setup_prototype(*args, **kwargs)  # the members' context reads it
         z = torch.cat(
             [
@@ -372,7 +377,10 @@ class AutoStructuredFlow(AutoGuide):
         )
         approx = None
         for _ in range(2):  # the factors refreshed at the first mode, then the mode again
-            approx = laplace_globals(self, approx.loc if approx else z, args, kwargs) or approx
+            approx = (
+                laplace_globals(self, approx.loc if approx else z, args, kwargs, chunk_size)
+                or approx
+            )
             if approx is None:
                 return
             values = global_values(self, approx.loc)[0]
@@ -574,12 +582,19 @@ class AutoStructuredFlow(AutoGuide):
         return self._draw_locals(global_values, args, kwargs, plates)
 
     def _draw_locals(
-        self, global_values: dict, args: tuple, kwargs: dict, plates: dict | None = None
+        self,
+        global_values: dict,
+        args: tuple,
+        kwargs: dict,
+        plates: dict | None = None,
+        given: dict[str, Tensor] | None = None,
     ) -> dict:
-        """Each local plate's members given the globals' values (as sample sites); return
-        every site's value."""
+        """Each local plate's members (those the model's plates draw, or ``given``) given
+        the globals' values (as sample sites); return every site's value."""
         plates = self._create_plates(*args, **kwargs) if plates is None else plates
-        indices, priors = self._read_plates(plates, global_values, args, kwargs)
+        if given is not None:
+            plates = {name: plate for name, plate in plates.items() if name not in given}
+        indices, priors = self._read_plates(plates, global_values, args, kwargs, given)
         outputs = self._local_draw(plates, global_values, indices, priors, args, kwargs)
         result = dict(global_values)
         for name, (value, log_density) in outputs.items():
