@@ -401,7 +401,7 @@ class AutoStructuredFlow(AutoGuide):
                 tril, shift = self._laplace_factors(plate, values, dtype, args, kwargs)
                 deep_setattr(self.factor_trils, plate.name, tril)
                 deep_setattr(self.factor_shifts, plate.name, shift)
-        start = collapsed_start(z, approx)
+        start = collapsed_start(z, approx, subsampled=chunk_size is not None)
         # A Laplace start after all: its saved state says so, and a load checks it.
         self.global_guide.warm_start = "laplace"
         self.global_guide._adopt(start)
