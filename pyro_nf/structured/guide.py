@@ -740,6 +740,21 @@ class AutoStructuredFlow(AutoGuide):
         """Posterior median of every site and member: ``quantiles([0.5])``'s row."""
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
 
+    # ---- saving -------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # A plate's factors are held (buffers) where it is subsampled and learned
+        # (parameters, "..._unconstrained") on the full data: the same numbers, so a state
+        # of either loads into either. Renamed in place, before the submodules load.
+        own = {prefix + key for key in self.state_dict()}
+        heads = (prefix + "factor_trils.", prefix + "factor_shifts.")
+        for key in [key for key in state_dict if key.startswith(heads) and key not in own]:
+            for other in (key + "_unconstrained", key.removesuffix("_unconstrained")):
+                if other in own and other not in state_dict:
+                    state_dict[other] = state_dict.pop(key)
+                    break
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     # ---- pickling -----------------------------------------------------------------------
 
     def __getstate__(self) -> dict:
