@@ -173,7 +173,9 @@ class LogWeights:
         (``"psis_khat"``, say).
     pass_size : int, optional
         Most draws per pass (bounds memory); default all of a call's draws at once.
-        Vmapped passes hold at most `VMAP_PASS` draws.
+    vmap_pass_size : int, optional
+        Most draws per vmapped pass, where that is the way (default `VMAP_PASS`); None
+        for `pass_size` alone (a caller whose calls are bounded already).
 
     Attributes
     ----------
@@ -204,10 +206,12 @@ class LogWeights:
         *,
         purpose: str = "log weights",
         pass_size: int | None = None,
+        vmap_pass_size: int | None = VMAP_PASS,
     ) -> None:
         self.run = (model, guide, args, kwargs)
         self.purpose = purpose
-        self.pass_size = None if pass_size is None else check_int("pass_size", pass_size, minimum=1)
+        self.pass_size = _pass_size("pass_size", pass_size)
+        self.vmap_pass_size = _pass_size("vmap_pass_size", vmap_pass_size)
         self.prototype = Prototype.trace(model, guide, args, kwargs)
         self.way: Batching | None = None
         self._nesting = self.prototype.plate_nesting()
@@ -235,7 +239,10 @@ class LogWeights:
         elbo = Trace_ELBO(max_plate_nesting=self._nesting)
         if way is Batching.VMAP:
             return torch.cat(
-                [vmap_draws(lambda _: self._one(elbo), n) for n in passes(count, VMAP_PASS)]
+                [
+                    vmap_draws(lambda _: self._one(elbo), n)
+                    for n in passes(count, self.vmap_pass_size)
+                ]
             )
         return torch.stack([self._one(elbo) for _ in range(count)])
 
@@ -254,6 +261,10 @@ class LogWeights:
         return _per_draw(model_trace, count, self._rank + 1) - _per_draw(
             guide_trace, count, self._rank + 1
         )
+
+
+def _pass_size(name: str, size: int | None) -> int | None:
+    return None if size is None else check_int(name, size, minimum=1)
 
 
 def _per_draw(trace: Trace, count: int, rank: int) -> Tensor:

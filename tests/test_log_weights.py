@@ -78,7 +78,7 @@ def test_the_way_is_decided_once_and_passes_are_bounded(caplog):
     assert "batching by" not in caplog.text  # the plate worked at once: nothing tried
 
 
-def test_vmapped_passes_hold_at_most_vmap_pass_draws(monkeypatch):
+def test_vmapped_passes_hold_at_most_vmap_pass_size_draws(monkeypatch):
     design = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 
     def regression():  # written for one draw: ``design @ z`` takes no particle plate
@@ -86,14 +86,16 @@ def test_vmapped_passes_hold_at_most_vmap_pass_draws(monkeypatch):
         pyro.sample("y", dist.Normal(design @ z, 1.0).to_event(1), obs=torch.zeros(3))
 
     guide = AutoSplineFlow(regression)
-    drawer = LogWeights(regression, guide, (), {})
-    monkeypatch.setattr("pyro_nf.log_weights.VMAP_PASS", 16)
     calls = []
     monkeypatch.setattr(
         "pyro_nf.log_weights.vmap_draws", lambda draw, n: calls.append(n) or torch.zeros(n)
     )
+    drawer = LogWeights(regression, guide, (), {}, vmap_pass_size=16)
     assert drawer(40).shape == (40,)
     assert drawer.way is Batching.VMAP and calls == [16, 16, 8]
+    calls.clear()
+    unbounded = LogWeights(regression, guide, (), {}, pass_size=30, vmap_pass_size=None)
+    assert unbounded(40).shape == (40,) and calls == [30, 10]
 
 
 def test_the_prototype_counts_undeclared_dimensions():
@@ -104,7 +106,11 @@ def test_the_prototype_counts_undeclared_dimensions():
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"pass_size": 0}, "pass_size"), ({"pass_size": 2.5}, "pass_size")],
+    [
+        ({"pass_size": 0}, "pass_size"),
+        ({"pass_size": 2.5}, "pass_size"),
+        ({"vmap_pass_size": -1}, "vmap_pass_size"),
+    ],
 )
 def test_bad_pass_sizes_are_named(options, message):
     model = lambda: pyro.sample("x", dist.Normal(0.0, 1.0))  # noqa: E731

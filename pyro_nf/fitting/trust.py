@@ -211,7 +211,10 @@ def _khat(
     model: Callable, guide: Callable, args: tuple, kwargs: dict, target: int, budget: float
 ) -> tuple[float | None, int, str]:
     """k-hat and its draw count, or None and why there is none."""
-    log_weights = LogWeights(model, guide, args, kwargs, purpose="fit's k-hat draws")
+    # `_draws` bounds every pass (at most `_LARGE_BATCH`), vmapped ones too.
+    log_weights = LogWeights(
+        model, guide, args, kwargs, purpose="fit's k-hat draws", vmap_pass_size=None
+    )
     reason = _why_not(log_weights.prototype, guide, args, kwargs)
     if reason is not None:
         return None, 0, reason
