@@ -60,9 +60,8 @@ class Prototype(NamedTuple):
     --------
     >>> import pyro.distributions as dist
     >>> from pyro.infer.autoguide import AutoNormal
-    >>> def model(y):
-    ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-    ...     pyro.sample("y", dist.Normal(mu, 1.0), obs=y)  # a vector, no plate
+    >>> def model(y):  # y's dimension in no plate
+    ...     pyro.sample("y", dist.Normal(pyro.sample("mu", dist.Normal(0.0, 1.0)), 1.0), obs=y)
     >>> prototype = Prototype.trace(model, AutoNormal(model), (torch.zeros(3),), {})
     >>> prototype.plate_nesting(), prototype.batch_rank()
     (0, 1)
