@@ -17,6 +17,9 @@ arma), three ways of training `AutoSplineFlow(model)` at its defaults:
   take no particle plate).
 - ``fit``: `pyro_nf.fit` at its defaults (`num_steps=5000` an upper bound).
 
+With `--psis-draws N`, each method's row is followed by a ``+psis`` row: the same guide's
+summaries reweighted by `pyro_nf.reweighted` (N draws), its time added to the method's.
+
 The methods of one model run one after the other in one process, each timed end to end
 (the guide's warm start included), so their times compare. Errors are over every scalar
 latent parameter in unconstrained space, against exact moments where they can be computed
@@ -44,13 +47,14 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro.distributions.transforms import biject_to
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch import Tensor
 
 from benchmarks import exact_garch, exact_regression
 from benchmarks.fit_cost import PROBLEMS, ROOT, robust
-from pyro_nf import AutoSplineFlow, fit
+from pyro_nf import AutoSplineFlow, fit, reweighted
 from pyro_nf.laplace import laplace_approximation
 from pyro_nf.log_joint import unconstrained_log_joint
 
@@ -205,6 +209,43 @@ def moment_errors(draws: Tensor, ref: dict, weights: Tensor | None = None) -> tu
     return mean_err, (sd / ref["sd"]).log().abs().max().item()
 
 
+def unconstrained(problem: robust.Problem, draws: dict[str, Tensor]) -> Tensor:
+    """Draws of every latent site in unconstrained space, flattened in `robust.flatten`'s
+    order.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> def model():
+    ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    >>> unconstrained(robust.Problem("s", model, ()), {"s": torch.ones(3)}).tolist()
+    [[0.0], [0.0], [0.0]]
+    """
+    supports = robust.latent_supports(problem)
+    values = {name: biject_to(supports[name]).inv(draws[name]) for name in supports}
+    return robust.flatten(values)
+
+
+def reweighted_row(problem: robust.Problem, guide, ref: dict, row: dict, num_draws: int) -> dict:
+    """`row` for `guide`'s summaries reweighted by `pyro_nf.reweighted` (`num_draws` draws):
+    its errors, k-hat, and the method's time plus the reweighting's."""
+    start = time.perf_counter()
+    posterior = reweighted(problem.model, guide, *problem.args, num_draws=num_draws)
+    seconds = time.perf_counter() - start
+    draws = unconstrained(problem, posterior.draws)
+    mean_err, sd_err = moment_errors(draws, ref, posterior.weights.to(draws.dtype))
+    return {
+        **row,
+        "method": f"{row['method']}+psis",
+        "mean_err": mean_err,
+        "sd_err": sd_err,
+        "seconds": row["seconds"] + seconds,
+        "khat": posterior.khat,
+        "psis_ess": posterior.ess,
+        "load": _load(),
+    }
+
+
 def run_method(
     problem: robust.Problem, method: str, ref: dict, args: argparse.Namespace
 ) -> tuple[dict, object]:
@@ -270,6 +311,9 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--snippet-steps", type=int, default=5000)
     parser.add_argument("--fit-steps", type=int, default=5000, help="fit's num_steps")
+    parser.add_argument(
+        "--psis-draws", type=int, default=0, help="add each method reweighted (0: none)"
+    )
     parser.set_defaults(num_draws=10000)
     return parser
 
@@ -290,7 +334,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in args.seeds:
             for method in args.methods:
                 args.seed = seed
-                rows.append(run_method(problem, method, ref, args)[0])
+                row, guide = run_method(problem, method, ref, args)
+                rows.append(row)
+                if args.psis_draws:
+                    rows.append(reweighted_row(problem, guide, ref, row, args.psis_draws))
+                    print(json.dumps(rows[-1]), flush=True)
     print(robust.markdown_table(rows, COLUMNS))
     if args.out:
         keys = ("steps", "final_lr", "particles", "snippet_steps")

@@ -1,18 +1,23 @@
-"""Correcting a converged flow guide's tails: PSIS-reweighted moments against a short
-importance-weighted-bound refinement, on the robust set.
+"""Correcting a converged flow guide's tails: PSIS-reweighted summaries (`pyro_nf.reweighted`)
+against importance-weighted-bound refinements, on the robust set.
 
 The reverse-KL ELBO leaves a guide narrower than the posterior where the posterior has a
 long tail (garch200's `beta_frac`, the left tail of log tau in centred eight schools).
 After `fit()` at its defaults has converged on `AutoSplineFlow(model)`, this measures,
 against the references of `benchmarks.plain_svi` (exact moments where computable, NUTS
-otherwise):
+otherwise; exact for the normal-normal model with 100 groups, `nn100`,
+`benchmarks.exact_hierarchical`):
 
 - ``raw``: moments of `--num-draws` guide draws;
-- ``psis``: the same draws reweighted by Pareto-smoothed importance weights
-  (`arviz.psislw` of `log p(x, z) - log q(z)`), with the PSIS k-hat;
-- ``iw``: a second `fit(..., estimator="iw", num_particles=8)` call from the converged
-  guide at `--iw-lr` times `default_lr`, then raw moments of its draws (and k-hat);
-- ``iw+psis``: the refined guide's draws reweighted as in ``psis``.
+- ``raw+psis``: the same draws weighted by `pyro_nf.reweighted` (Pareto-smoothed
+  importance weights of `log p(x, z) - log q(z)`), with the PSIS k-hat;
+- ``raw+psisN``: `reweighted` with N draws for each N of `--more-draws`, `--repeats`
+  times on fresh draws (models in `--refine-models`);
+- ``iwK`` / ``iwK+psis``: a second `fit(..., estimator="iw", num_particles=K)` call (the
+  importance-weighted bound with the DReG gradient) from the converged guide at `--iw-lr`
+  times `default_lr`, at most `--iw-steps` steps, then raw and reweighted moments of its
+  draws; K = `--iw-particles` with no time bound, and K = `--strong-particles` bounded to
+  `--strong-time` times the first fit's time (models in `--refine-models`).
 
 The added time of each correction is reported as a multiple of the first fit's time
 (the same process, one after the other).
@@ -26,100 +31,101 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import arviz
 import pyro
 import torch
-from pyro import poutine
-from pyro.distributions.transforms import biject_to
-from torch import Tensor
 
-from benchmarks.fit_cost import PROBLEMS
-from benchmarks.plain_svi import CACHE, _load, moment_errors, reference, robust
-from pyro_nf import AutoSplineFlow, fit
-from pyro_nf.fitting.estimators import vmap_draws
-
-
-def weighted_draws(
-    problem: robust.Problem, guide, num_draws: int, chunk: int = 64
-) -> tuple[Tensor, Tensor]:
-    """`num_draws` guide draws of every latent site in unconstrained space, flattened in
-    `robust.flatten`'s order, with their log importance weights `log p(x, z) - log q(z)`,
-    batched by `torch.func.vmap`, `chunk` draws a pass.
-
-    Examples
-    --------
-    >>> import pyro.distributions as dist
-    >>> def model():
-    ...     pyro.sample("x", dist.Normal(0.0, 1.0))
-    >>> pyro.clear_param_store()
-    >>> guide = AutoSplineFlow(model, init_scale=1.0, warm_start=None)
-    >>> log_w, draws = weighted_draws(robust.Problem("normal", model, ()), guide, 10)
-    >>> log_w.shape, draws.shape
-    (torch.Size([10]), torch.Size([10, 1]))
-    """
-    supports = robust.latent_supports(problem)
-    guide(*problem.args)  # parameters are made outside vmap
-
-    def one(_: Tensor) -> tuple[Tensor, Tensor]:
-        guide_trace = poutine.trace(guide).get_trace(*problem.args)
-        replayed = poutine.replay(problem.model, trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(*problem.args)
-        log_w = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
-        values = [
-            biject_to(supports[name]).inv(model_trace.nodes[name]["value"]).reshape(-1)
-            for name in sorted(supports)
-        ]
-        return log_w, torch.cat(values)
-
-    log_ws, draws = [], []
-    with torch.no_grad():
-        for begin in range(0, num_draws, chunk):
-            log_w, values = vmap_draws(one, min(chunk, num_draws - begin))
-            log_ws.append(log_w)
-            draws.append(values)
-    return torch.cat(log_ws), torch.cat(draws)
+from benchmarks import exact_hierarchical
+from benchmarks.fit_cost import PROBLEMS as ROBUST_PROBLEMS
+from benchmarks.fit_cost import ROOT
+from benchmarks.plain_svi import (
+    CACHE,
+    MEAN_BAR,
+    SD_BAR,
+    _load,
+    moment_errors,
+    reference,
+    robust,
+    unconstrained,
+)
+from pyro_nf import AutoSplineFlow, fit, reweighted
 
 
-def psis_weights(log_w: Tensor) -> tuple[Tensor, float]:
-    """Normalised Pareto-smoothed importance weights and the PSIS k-hat.
+def nn100_problem() -> robust.Problem:
+    """The normal-normal hierarchical model, centred, 100 groups (`exact_hierarchical`)."""
+    data = exact_hierarchical.simulate(100, seed=0)
+    return robust.Problem("nn100", exact_hierarchical.model, tuple(data))
 
-    Examples
-    --------
-    >>> gen = torch.Generator().manual_seed(0)
-    >>> weights, khat = psis_weights(0.1 * torch.randn(1000, generator=gen))
-    >>> round(float(weights.sum()), 6), khat < 0.5
-    (1.0, True)
-    """
-    smoothed, khat = arviz.psislw(log_w.numpy().copy())
-    return torch.as_tensor(smoothed).exp(), float(khat)
+
+PROBLEMS: dict[str, Callable[[], robust.Problem]] = {**ROBUST_PROBLEMS, "nn100": nn100_problem}
+
+
+def exact_nn100(problem: robust.Problem) -> dict:
+    """Exact means and sds of nn100 in unconstrained space, in `robust.flatten`'s order."""
+    moments = exact_hierarchical.exact_moments(exact_hierarchical.Groups(*problem.args))
+    names = {"mu": "mu", "tau": "log_tau", "theta": "theta"}  # sorted site -> reference site
+    mean = torch.cat([moments.mean[names[n]].reshape(-1) for n in sorted(names)])
+    sd = torch.cat([moments.sd[names[n]].reshape(-1) for n in sorted(names)])
+    return {"mean": mean, "sd": sd, "source": "exact"}
 
 
 def corrections(
-    problem: robust.Problem, guide, ref: dict, args: argparse.Namespace, label: str
+    problem: robust.Problem,
+    guide,
+    ref: dict,
+    args: argparse.Namespace,
+    label: str,
+    num_draws: int,
+    psis_only: bool = False,
 ) -> list[dict]:
     """Raw and PSIS-reweighted errors of `guide` (rows labelled `label` and
-    `label + "+psis"`), with k-hat and the seconds the draws and weights took."""
+    `label + "+psis"`, or only the latter), with k-hat and the seconds `reweighted` took."""
     start = time.perf_counter()
-    log_w, draws = weighted_draws(problem, guide, args.num_draws, args.chunk)
-    weights, khat = psis_weights(log_w)
+    posterior = reweighted(problem.model, guide, *problem.args, num_draws=num_draws)
     seconds = time.perf_counter() - start
+    draws = unconstrained(problem, posterior.draws)
     raw = moment_errors(draws, ref)
-    corrected = moment_errors(draws, ref, weights)
-    ess = float(1.0 / (weights**2).sum())
-    base = {"khat": khat, "psis_ess": ess, "draw_s": seconds}
-    return [
-        {"correction": label, "mean_err": raw[0], "sd_err": raw[1], **base},
-        {"correction": f"{label}+psis", "mean_err": corrected[0], "sd_err": corrected[1], **base},
-    ]
+    corrected = moment_errors(draws, ref, posterior.weights.to(draws.dtype))
+    base = {"khat": posterior.khat, "psis_ess": posterior.ess, "draw_s": seconds}
+    base["num_draws"] = num_draws
+    psis = {"correction": f"{label}+psis", "mean_err": corrected[0], "sd_err": corrected[1]}
+    rows = [{**psis, **base}]
+    if not psis_only:
+        rows.insert(0, {"correction": label, "mean_err": raw[0], "sd_err": raw[1], **base})
+    return rows
 
 
-def study(name: str, ref: dict, args: argparse.Namespace) -> list[dict]:
-    """The default fit of one model and seed, then its corrections; one row per correction."""
-    problem = PROBLEMS[name]()
+def refine(
+    problem: robust.Problem,
+    guide,
+    args: argparse.Namespace,
+    particles: int,
+    max_time: float | None,
+) -> tuple[float, int]:
+    """A second `fit` by the importance-weighted bound from the converged guide: its
+    seconds and steps."""
+    start = time.perf_counter()
+    result = fit(
+        problem.model,
+        guide,
+        *problem.args,
+        estimator="iw",
+        num_particles=particles,
+        lr=args.iw_lr * guide.default_lr,
+        num_steps=args.iw_steps,
+        max_time=max_time,
+        progress=False,
+        seed=args.seed,
+    )
+    return time.perf_counter() - start, result.num_steps
+
+
+def _first_fit(problem: robust.Problem, args: argparse.Namespace):
+    """A fresh default guide fitted by `fit()` at its defaults: the guide, seconds, steps."""
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     guide = AutoSplineFlow(problem.model)
@@ -132,34 +138,45 @@ def study(name: str, ref: dict, args: argparse.Namespace) -> list[dict]:
         progress=False,
         seed=args.seed,
     )
-    fit_s = time.perf_counter() - start
-    rows = corrections(problem, guide, ref, args, "raw")
-    start = time.perf_counter()
-    second = fit(
-        problem.model,
-        guide,
-        *problem.args,
-        estimator="iw",
-        num_particles=args.iw_particles,
-        lr=args.iw_lr * guide.default_lr,
-        num_steps=args.iw_steps,
-        progress=False,
-        seed=args.seed,
-    )
-    iw_s = time.perf_counter() - start
-    iw_rows = corrections(problem, guide, ref, args, "iw")
-    for row in iw_rows:
-        row.update(iw_s=iw_s, iw_steps=second.num_steps)
-    rows += iw_rows
+    return guide, time.perf_counter() - start, first.num_steps
+
+
+def study(name: str, ref: dict, args: argparse.Namespace) -> list[dict]:
+    """The default fit of one model and seed, then its corrections; one row per correction."""
+    problem = PROBLEMS[name]()
+    guide, fit_s, fit_steps = _first_fit(problem, args)
+    state = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    rows = corrections(problem, guide, ref, args, "raw", args.num_draws)
+    refined = name in args.refine_models
+    for count in args.more_draws if refined else []:
+        for repeat in range(args.repeats):  # fresh draws of the same guide
+            more = corrections(problem, guide, ref, args, "raw", count, psis_only=True)
+            more[0].update(correction=f"raw+psis{count}", repeat=repeat)
+            rows += more
+    runs = []
+    if name in args.iw_models:
+        runs.append((args.iw_particles, None))
+    if refined and args.strong_particles:
+        runs.append((args.strong_particles, args.strong_time * fit_s))
+    for particles, max_time in runs:
+        with torch.no_grad():  # each refinement starts from the converged guide
+            for key, value in state.items():
+                pyro.get_param_store()[key].copy_(value)
+        iw_s, iw_steps = refine(problem, guide, args, particles, max_time)
+        iw_rows = corrections(problem, guide, ref, args, f"iw{particles}", args.num_draws)
+        for row in iw_rows:
+            row.update(iw_s=iw_s, iw_steps=iw_steps)
+        rows += iw_rows
     for row in rows:
-        added = row["draw_s"] * row["correction"].endswith("psis") + row.get("iw_s", 0.0)
+        added = row["draw_s"] * ("psis" in row["correction"]) + row.get("iw_s", 0.0)
         row.update(
             model=name,
             seed=args.seed,
             fit_s=fit_s,
-            fit_steps=first.num_steps,
+            fit_steps=fit_steps,
             added_s=added,
             added_ratio=added / fit_s,
+            bars=row["mean_err"] < MEAN_BAR and row["sd_err"] < SD_BAR,
             load=_load(),
         )
         print(json.dumps(row), flush=True)
@@ -172,10 +189,12 @@ COLUMNS: dict[str, Callable[[dict], str]] = {
     "guide": lambda r: r["correction"],
     "max mean err (sd)": lambda r: f"{r['mean_err']:.3f}",
     "max abs log sd ratio": lambda r: f"{r['sd_err']:.3f}",
+    "bars": lambda r: "yes" if r["bars"] else "no",
     "k-hat": lambda r: f"{r['khat']:.2f}",
-    "PSIS ESS": lambda r: f"{r['psis_ess']:.0f}",
+    "PSIS ESS": lambda r: f"{r['psis_ess']:.0f} / {r['num_draws']}",
     "fit (s)": lambda r: f"{r['fit_s']:.1f}",
     "added (x fit)": lambda r: f"{r['added_ratio']:.2f}",
+    "load": lambda r: f"{r['load']:.1f}",
 }
 
 
@@ -186,21 +205,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iw-lr", type=float, default=0.1, help="times default_lr")
     parser.add_argument("--iw-particles", type=int, default=8)
     parser.add_argument("--iw-steps", type=int, default=1000)
+    parser.add_argument("--iw-models", nargs="*", default=["garch200"])
+    parser.add_argument("--refine-models", nargs="*", default=["garch200"])
+    parser.add_argument("--strong-particles", type=int, default=32, help="0: no such run")
+    parser.add_argument("--strong-time", type=float, default=1.0, help="times the first fit")
+    parser.add_argument("--more-draws", type=int, nargs="*", default=[16000])
+    parser.add_argument("--repeats", type=int, default=1, help="of each --more-draws row")
     parser.add_argument("--fit-steps", type=int, default=5000, help="the first fit's bound")
-    parser.add_argument("--chunk", type=int, default=32, help="draws per vmap pass")
     parser.set_defaults(num_draws=4000)
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float64)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     rows = []
     for name in args.models:
-        ref = reference(name, PROBLEMS[name](), args)
+        problem = PROBLEMS[name]()
+        ref = exact_nn100(problem) if name == "nn100" else reference(name, problem, args)
         for seed in args.seeds:
             args.seed = seed
             rows += study(name, ref, args)
     print(robust.markdown_table(rows, COLUMNS))
     if args.out:
-        settings = {k: getattr(args, k) for k in ("num_draws", "iw_lr", "iw_particles", "iw_steps")}
-        out = {"threads": torch.get_num_threads(), **settings, "rows": rows}
+        keys = ("num_draws", "more_draws", "iw_lr", "iw_particles", "iw_steps")
+        keys += ("strong_particles", "strong_time")
+        out = {"commit": commit, "threads": torch.get_num_threads()}
+        out.update({k: getattr(args, k) for k in keys}, rows=rows)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
     return rows

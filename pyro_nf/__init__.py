@@ -34,6 +34,7 @@ _EXPORTS = {
     "log_evidence": "pyro_nf.diagnostics",
     "log_importance_weights": "pyro_nf.diagnostics",
     "psis_khat": "pyro_nf.diagnostics",
+    "reweighted": "pyro_nf.reweighting",
     "to_inference_data": "pyro_nf.diagnostics",
     "FlowDistribution": "pyro_nf.distribution",
     "FLOWS": "pyro_nf.flows.registry",

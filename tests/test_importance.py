@@ -1,4 +1,5 @@
-"""What importance weights say: PSIS k-hat and the log evidence with its standard error."""
+"""What importance weights say: PSIS k-hat, the smoothed and truncated weights, and the log
+evidence with its standard error."""
 
 import math
 import warnings
@@ -12,6 +13,8 @@ from pyro_nf.importance import (
     evidence_from_log_weights,
     khat_from_log_weights,
     log_mean_exp,
+    pareto_smooth,
+    truncate_log_weights,
 )
 
 
@@ -103,3 +106,60 @@ def test_log_mean_exp_does_not_overflow():
         log_mean_exp(log_weights), torch.tensor([1000.0 + math.log(2.0), -1000.0])
     )
     assert torch.allclose(log_mean_exp(log_weights, dim=1), log_weights[:, 0] - math.log(2.0))
+
+
+@pytest.mark.parametrize("num_draws", [21, 256, 4000])
+def test_pareto_smoothed_weights_agree_with_arviz_psislw(num_draws):
+    for seed in range(3):
+        log_weights = torch.randn(num_draws, generator=_generator(seed), dtype=torch.float64)
+        log_weights = 5.0 + log_weights * (0.5 + seed)
+        with warnings.catch_warnings():  # arviz warns of a k-hat above 0.7
+            warnings.simplefilter("ignore")
+            reference, khat = az.psislw(log_weights.numpy().copy())
+        smoothed = pareto_smooth(log_weights)
+        assert smoothed.khat == pytest.approx(float(khat), abs=1e-8)
+        reference = torch.as_tensor(reference)
+        assert torch.allclose(smoothed.log_weights, reference, atol=1e-10)
+        assert smoothed.ess == pytest.approx(float(1 / (reference * 2).exp().sum()))
+
+
+def test_smoothing_tames_the_largest_weight_of_a_heavy_tail():
+    # Pareto(1) weights: infinite mean, the largest of 2000 holds much of the raw mass.
+    uniform = torch.rand(2000, generator=_generator(5), dtype=torch.float64)
+    log_weights = -uniform.log()  # log of Pareto(1, 1) draws, 1 / u
+    smoothed = pareto_smooth(log_weights)
+    raw = torch.softmax(log_weights, 0)
+    assert smoothed.khat > 0.7
+    assert smoothed.log_weights.exp().max() <= raw.max() + 1e-12
+    assert smoothed.log_weights.exp().sum().item() == pytest.approx(1.0)
+
+
+def test_smoothing_equal_and_zero_weights():
+    equal = pareto_smooth(torch.full((50,), 3.0))
+    assert equal.khat == -math.inf and torch.allclose(
+        equal.log_weights.exp(), torch.full((50,), 0.02, dtype=torch.float64)
+    )
+    log_weights = torch.randn(100, generator=_generator(6), dtype=torch.float64)
+    log_weights[7] = -math.inf
+    smoothed = pareto_smooth(log_weights)
+    assert smoothed.log_weights[7] == -math.inf and smoothed.khat == math.inf
+    assert smoothed.log_weights.exp().sum().item() == pytest.approx(1.0)
+    for bad in (math.nan, math.inf):
+        log_weights[7] = bad
+        with pytest.raises(ValueError, match="NaN or \\+inf"):
+            pareto_smooth(log_weights)
+
+
+def test_truncated_weights_are_capped_at_sqrt_s_times_their_mean():
+    log_weights = torch.randn(400, generator=_generator(7), dtype=torch.float64)
+    log_weights[0] = 8.0  # one draw that would take 80% of the weight
+    weights = truncate_log_weights(log_weights).exp()
+    raw = log_weights.exp()
+    cap = raw.mean() * math.sqrt(400)
+    capped = raw.clamp(max=float(cap))
+    assert torch.allclose(weights, capped / capped.sum())
+    assert weights[0] < 0.3 < torch.softmax(log_weights, 0)[0]
+    untouched = 0.01 * torch.randn(400, generator=_generator(8), dtype=torch.float64)
+    assert torch.allclose(
+        truncate_log_weights(untouched), untouched - torch.logsumexp(untouched, 0)
+    )

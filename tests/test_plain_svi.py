@@ -1,20 +1,17 @@
-"""The plain-SVI benchmark and the tail-correction study: their weighting, their draws'
-log weights, and a tiny end-to-end run of each on the years regression (exact moments).
+"""The plain-SVI benchmark and the tail-correction study: their weighting and a tiny
+end-to-end run of each on the years regression (exact moments); the weights themselves are
+`pyro_nf.reweighted`'s (tests/test_reweighting.py).
 
 Runtime: about 1 minute on 2 cores.
 """
 
 import json
 
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 
 from benchmarks import plain_svi, tail_correction
-from benchmarks.plain_svi import moment_errors, recipe_optimizer, robust
-from benchmarks.tail_correction import psis_weights, weighted_draws
-from pyro_nf import AutoSplineFlow
+from benchmarks.plain_svi import moment_errors, recipe_optimizer
 
 
 def test_weighted_moments_use_the_weights():
@@ -32,47 +29,26 @@ def test_recipe_rate_falls_to_its_final_fraction():
     assert optim.pt_optim_args["lrd"] ** 200 == pytest.approx(0.05)
 
 
-def test_draws_carry_their_own_log_weights():
-    torch.set_default_dtype(torch.float64)
-    try:
-
-        def model():
-            pyro.sample("x", dist.LogNormal(0.5, 0.7))
-
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        guide = AutoSplineFlow(model, init_scale=0.5, warm_start=None)
-        log_w, draws = weighted_draws(robust.Problem("lognormal", model, ()), guide, 50, chunk=16)
-        # log p(x) - log q(x) in constrained space equals the same difference in log x
-        log_p = dist.Normal(0.5, 0.7).log_prob(draws[:, 0])
-        log_q = guide.get_posterior().log_prob(draws)
-        assert torch.allclose(log_w, log_p - log_q, atol=1e-6)
-    finally:
-        torch.set_default_dtype(torch.float32)
-
-
-def test_psis_weights_are_normalised_and_flag_heavy_tails():
-    gen = torch.Generator().manual_seed(0)
-    light, light_khat = psis_weights(0.1 * torch.randn(2000, generator=gen, dtype=torch.float64))
-    heavy = torch.distributions.Pareto(1.0, 1.0).sample((2000,)).log().double()
-    assert light.sum().item() == pytest.approx(1.0) and light_khat < 0.5
-    assert psis_weights(heavy)[1] > 0.7
-
-
 def test_both_benchmarks_run_on_a_tiny_setting(tmp_path):
     try:
         small = ["--models", "years", "--num-draws", "300", "--fit-steps", "20"]
         out = tmp_path / "plain.json"
-        plain_svi.main([*small, "--steps", "20", "--snippet-steps", "20", "--out", str(out)])
+        plain = ["--steps", "20", "--snippet-steps", "20", "--psis-draws", "100"]
+        plain_svi.main([*small, *plain, "--out", str(out)])
         rows = json.loads(out.read_text())["rows"]
-        assert [r["method"] for r in rows] == ["snippet", "recipe", "fit"]
+        methods = ["snippet", "snippet+psis", "recipe", "recipe+psis", "fit", "fit+psis"]
+        assert [r["method"] for r in rows] == methods
+        assert all(r["seconds"] > p["seconds"] for p, r in zip(rows[::2], rows[1::2], strict=True))
         assert all(r["steps"] <= 20 and r["seconds"] > 0 for r in rows)
         assert {r["reference"] for r in rows} == {"exact"}
         out = tmp_path / "tail.json"
-        tail_correction.main([*small, "--iw-steps", "10", "--chunk", "100", "--out", str(out)])
+        tail = ["--iw-steps", "10", "--iw-models", "years", "--refine-models", "years"]
+        tail += ["--more-draws", "400", "--strong-particles", "4", "--out", str(out)]
+        tail_correction.main([*small, *tail])
         rows = json.loads(out.read_text())["rows"]
-        assert [r["correction"] for r in rows] == ["raw", "raw+psis", "iw", "iw+psis"]
-        assert all(0 < r["psis_ess"] <= 300 and r["added_ratio"] >= 0 for r in rows)
-        assert rows[0]["added_s"] == 0.0 and rows[2]["iw_steps"] <= 10
+        labels = ["raw", "raw+psis", "raw+psis400", "iw8", "iw8+psis", "iw4", "iw4+psis"]
+        assert [r["correction"] for r in rows] == labels
+        assert all(0 < r["psis_ess"] <= r["num_draws"] and r["added_ratio"] >= 0 for r in rows)
+        assert rows[0]["added_s"] == 0.0 and rows[3]["iw_steps"] <= 10
     finally:
         torch.set_default_dtype(torch.float32)

@@ -20,7 +20,7 @@ import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 
-from .guide import AutoStructuredFlow
+from .guide import DEFAULT_LR, AutoStructuredFlow
 from .rule import check_structured, choose_structure
 
 # With the rule's two functions: all that `AutoFlow` reads of its structured form (one
@@ -37,8 +37,8 @@ __all__ = [
 ]
 
 #: Adam's rate for the structured form: the rate `pyro_nf.fit` gives `AutoStructuredFlow`
-#: (which names none), the one docs/hierarchical.md measures it at.
-STRUCTURED_LR = 1e-2
+#: (its ``default_lr``), the one docs/hierarchical.md measures it at.
+STRUCTURED_LR = DEFAULT_LR
 
 
 def attach_structured(guide: Any, args: tuple, kwargs: dict) -> AutoStructuredFlow:

@@ -36,6 +36,9 @@ class LocalSite:
     noncentred : bool
         Whether the site's value is ``loc + scale * u`` with its prior's ``loc`` and
         ``scale`` (a location-scale prior depending on other latent sites).
+    gaussian : bool
+        Whether that prior is Normal (so that a Gaussian factor times the prior is
+        Gaussian: the plate's members are drawn as prior times factor).
 
     Examples
     --------
@@ -53,6 +56,7 @@ class LocalSite:
     plate_axis: int
     member_shape: tuple[int, ...]
     noncentred: bool
+    gaussian: bool = False
 
     @property
     def size(self) -> int:
@@ -114,17 +118,29 @@ class LocalPlate:
         return columns
 
     @property
+    def gaussian_factor(self) -> bool:
+        """Whether every site is non-centred with a Normal prior: the members are then
+        drawn as their prior times a Gaussian factor (`pyro_nf.structured.factor`)."""
+        return all(site.noncentred and site.gaussian for site in self.sites)
+
+    @property
     def param_shape(self) -> tuple[int, ...]:
         """Shape of a per-member parameter: the members on the plate's axis, then the row
         (so that Pyro's plate reads only the subsample's rows)."""
-        return (self.size,) + (1,) * (-self.dim - 1) + (self.dim_total,)
+        return self.param_shape_of(self.dim_total)
+
+    def param_shape_of(self, width: int) -> tuple[int, ...]:
+        """Shape of a per-member parameter of ``width`` numbers per member."""
+        return (self.size,) + (1,) * (-self.dim - 1) + (width,)
 
     def batch_view(self, rows: Tensor) -> Tensor:
         """Rows ``(members, dim_total)`` viewed with the plate on its own axis."""
         return rows.reshape((rows.shape[0],) + (1,) * (-self.dim - 1) + (rows.shape[-1],))
 
 
-def local_site(name: str, site: dict, plate_dim: int, noncentred: bool) -> LocalSite:
+def local_site(
+    name: str, site: dict, plate_dim: int, noncentred: bool, gaussian: bool = False
+) -> LocalSite:
     """The `LocalSite` of a traced site in a plate at ``plate_dim``.
 
     Examples
@@ -139,4 +155,4 @@ def local_site(name: str, site: dict, plate_dim: int, noncentred: bool) -> Local
     unconstrained = transform.inv(site["value"])
     axis = plate_dim - transform.domain.event_dim
     shape = tuple(unconstrained.movedim(axis, 0).shape[1:])
-    return LocalSite(name, transform, fn.event_dim, axis, shape, noncentred)
+    return LocalSite(name, transform, fn.event_dim, axis, shape, noncentred, gaussian)

@@ -85,8 +85,10 @@ def member_flow(
     flow: str = "none",
     num_layers: int = 1,
     hidden_dims: Sequence[int] | None = None,
+    affine: bool = True,
 ) -> FlowStack:
-    """The members' flow: ``num_layers`` layers of ``flow``, then a `ConditionalAffine`.
+    """The members' flow: ``num_layers`` layers of ``flow``, then (with ``affine``) a
+    `ConditionalAffine`.
 
     Parameters
     ----------
@@ -102,6 +104,9 @@ def member_flow(
         Layers of ``flow`` (ignored for ``"none"``).
     hidden_dims : sequence of int, optional
         Hidden widths of those layers' networks.
+    affine : bool
+        End with a `ConditionalAffine` layer (not for members drawn as prior times a
+        Gaussian factor, whose conditional location and scale are exact already).
 
     Returns
     -------
@@ -117,4 +122,4 @@ def member_flow(
     (2, torch.Size([5, 2]))
     """
     layers = list(_conditional_flow(flow, dim, context_dim, num_layers, hidden_dims).layers)
-    return FlowStack([*layers, ConditionalAffine(dim, context_dim)])
+    return FlowStack([*layers, ConditionalAffine(dim, context_dim)] if affine else layers)

@@ -1,8 +1,9 @@
 """Two short runs of the model inside the guide, blocked from every outer handler.
 
-`find_subsamples` reads which members of each local plate this call of the model uses
+`read_plates` reads which members of each local plate this call of the model uses
 (its own subsample, the user's indices, or the whole plate), checking the plate's size
-and the indices; `local_values` maps each member's unconstrained row to the local sites'
+and the indices, and the priors of the sites drawn as prior times factor at the guide's
+global values; `local_values` maps each member's unconstrained row to the local sites'
 values, reading the prior of every non-centred site at the guide's global values (so a
 member's spread follows each draw of the population scale). Each run stops once it has
 what it needs, before the likelihood.
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
 from pyro.poutine.messenger import Messenger
@@ -23,7 +25,7 @@ from pyro_nf.noncentering import _loc_scale_prior
 
 from .layout import LocalPlate, LocalSite
 
-__all__ = ["find_subsamples", "local_values"]
+__all__ = ["local_values", "prior_rows", "read_plates"]
 
 #: A site's columns of the members' ``(loc, scale, y)`` rows.
 MemberRows = tuple[Tensor, Tensor, Tensor]
@@ -63,36 +65,67 @@ def check_size(plate: LocalPlate, size: int) -> None:
         )
 
 
-class _FindSubsamples(Messenger):
-    """Record each local plate's subsample; give every latent site a placeholder."""
+class _ReadPlates(Messenger):
+    """Record each local plate's subsample (or give it the known indices) and the prior of
+    each site asked for; give every latent site a placeholder."""
 
-    def __init__(self, plates: dict[str, LocalPlate], placeholders: dict[str, Callable]) -> None:
+    def __init__(
+        self,
+        plates: dict[str, LocalPlate],
+        placeholders: dict[str, Callable],
+        given: dict[str, Tensor],
+        prior_sites: dict[str, LocalSite],
+    ) -> None:
         super().__init__()
         self.plates, self.placeholders = plates, placeholders
+        self.given, self.prior_sites = given, prior_sites
         self.indices: dict[str, Tensor] = {}
+        self.priors: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def _done(self) -> bool:
+        return len(self.indices) == len(self.plates) and len(self.priors) == len(self.prior_sites)
 
     def _pyro_sample(self, msg: dict) -> None:
         name = msg["name"]
         if isinstance(msg["fn"], _Subsample) and name in self.plates:
             plate = self.plates[name]
             check_size(plate, msg["fn"].size)
-            if msg["value"] is None:
+            if name in self.given:
+                msg["value"] = self.given[name]
+            elif msg["value"] is None:
                 msg["value"] = msg["fn"].sample()
             self.indices[name] = check_indices(plate, msg["value"])
-            if len(self.indices) == len(self.plates):
-                raise _Done
         elif name in self.placeholders and not msg["is_observed"]:
+            if name in self.prior_sites:
+                self.priors[name] = prior_rows(self.prior_sites[name], msg["fn"])
             msg["value"] = self.placeholders[name](msg)
+        else:
+            return
+        if self._done():
+            raise _Done
 
 
-def find_subsamples(
+def prior_rows(site: LocalSite, fn: Any) -> tuple[Tensor, Tensor]:
+    """A non-centred site's prior location and scale, as rows ``(members, size)``."""
+    prior = _loc_scale_prior(fn)
+    shape = fn.shape()
+    return (
+        site.pack(torch.broadcast_to(prior.loc, shape)),
+        site.pack(torch.broadcast_to(prior.scale, shape)),
+    )
+
+
+def read_plates(
     model: Callable,
     plates: dict[str, LocalPlate],
     placeholders: dict[str, Callable],
     args: tuple,
     kwargs: dict,
-) -> dict[str, Tensor]:
-    """The members of each local plate that this call of the model uses.
+    given: dict[str, Tensor] | None = None,
+    prior_sites: dict[str, LocalSite] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """The members of each local plate that this call of the model uses, and the priors
+    of the sites asked for at this run's values.
 
     Parameters
     ----------
@@ -101,29 +134,39 @@ def find_subsamples(
     plates : dict
         The local plates by name.
     placeholders : dict
-        Site name -> ``f(msg) -> value`` for the latent sites met before the last plate.
+        Site name -> ``f(msg) -> value`` for the latent sites met before the run ends.
     args, kwargs
         The model's arguments.
+    given : dict, optional
+        Plate name -> indices already known (the user's plates): used, not drawn.
+    prior_sites : dict, optional
+        Non-centred site name -> its `LocalSite`: the sites whose location-scale prior
+        to record.
 
     Returns
     -------
-    dict
-        Plate name -> index tensor (the model's own subsample, drawn here as the model
-        would, its given indices, or ``arange`` of the whole plate).
+    indices : dict
+        Plate name -> index tensor (the given indices, the model's own subsample, drawn
+        here as the model would, or ``arange`` of the whole plate).
+    priors : dict
+        Site name -> its prior's ``(loc, scale)`` as rows ``(members, size)``.
     """
-    finder = _FindSubsamples(plates, placeholders)
-    with poutine.block(), finder:
+    reader = _ReadPlates(plates, placeholders, given or {}, prior_sites or {})
+    with poutine.block(), reader:
         try:
             model(*args, **kwargs)
         except _Done:
             pass
-    missing = sorted(set(plates) - set(finder.indices))
+    missing = sorted(set(plates) - set(reader.indices))
     if missing:
         raise ValueError(
             f"the model did not open the plate(s) {missing} that the guide was set up on; "
             "call the guide with the model's own arguments"
         )
-    return finder.indices
+    missing = sorted(set(prior_sites or {}) - set(reader.priors))
+    if missing:
+        raise ValueError(f"the model did not sample the local site(s) {missing} in this call")
+    return reader.indices, reader.priors
 
 
 class _LocalValues(Messenger):
