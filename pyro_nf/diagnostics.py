@@ -2,11 +2,11 @@
 
 All functions take a model and a fitted guide (any Pyro guide) and draw from the guide
 in an extra outermost plate where the model allows it, else by ``torch.func.vmap``, else
-one draw at a time (`pyro_nf.batching`); the log weights come from `pyro_nf.log_weights`,
-as `fit`'s k-hat does. They read the model on its full data: a
-subsampled plate (``subsample_size``) is refused, with what to pass instead, where it
-would make the answer wrong (importance weights of a rescaled minibatch; draws of other
-members in each draw). The comparison with reference draws is in
+one draw at a time (`pyro_nf.batching`); the log weights come from the drawer `fit`'s
+k-hat uses too (`pyro_nf.log_weights`). They read the model on its full data: a subsampled
+plate (``subsample_size``) is refused, with what to pass instead, where it would make the
+answer wrong (importance weights of a rescaled minibatch; draws of other members in each
+draw). The comparison with reference draws is in
 `pyro_nf.comparison`; what importance weights say, in `pyro_nf.importance`.
 """
 
@@ -353,7 +353,7 @@ def to_inference_data(
     problem = full_data_problem(prototype.model, "to_inference_data", latent_only=True)
     if problem is not None:
         raise ValueError(problem)
-    trace = prune_subsample_sites(prototype.model)
+    trace, rank = prune_subsample_sites(prototype.model), prototype.batch_rank()
     sites = {
         name: site
         for name, site in trace.nodes.items()
@@ -368,7 +368,7 @@ def to_inference_data(
     dims = {name: _site_dims(name, site, len(shapes[name])) for name, site in sites.items()}
 
     def group(names: list[str], predictive: bool = False) -> dict[str, np.ndarray]:
-        sites = _Sites(names, shapes, num_samples, prototype.batch_rank(), predictive)
+        sites = _Sites(names, shapes, num_samples, rank, predictive)
         draws = _draw(_Run(model, guide, args, kwargs), sites)
         return {name: _numpy(value)[None] for name, value in draws.items()}
 
