@@ -281,4 +281,4 @@ def _per_draw(trace: Trace, count: int, rank: int) -> Tensor:
                 f"plate of {count} draws at dimension {-rank}: not one per draw"
             )
         sums.append(log_prob.reshape(count, -1).sum(-1))
-    return torch.stack(sums).sum(0)
+    return sum(sums[1:], start=sums[0])  # sites may differ in dtype
