@@ -57,3 +57,37 @@ def test_a_schedule_serves_many_runs():
 def test_bad_settings(kwargs, error, message):
     with pytest.raises(error, match=message):
         Schedule(**kwargs)
+
+
+def test_a_minibatch_loss_gets_windows_of_whole_epochs():
+    state = Schedule(window=100).start(1.0)
+    state.subsampled(epoch_steps=30)
+    assert state.window == 120 and state.epoch_steps == 30
+    state = Schedule(window=100).start(1.0)
+    state.subsampled(epoch_steps=250)  # one epoch is longer than the window
+    assert state.window == 250
+
+
+def test_on_a_minibatch_loss_a_plateau_waits_for_the_parameters():
+    state = Schedule(window=2, patience=1, num_decays=1).start(1.0)
+    state.subsampled(epoch_steps=2)
+    drifts = iter([None, 0.6, 0.05, 0.05])  # unknown, moving, then at rest twice
+    events = [state.record(v, lambda: next(drifts)) for v in (1.0, 1.0) * 4]
+    assert events == ["step", "improved", "step", "moving", "step", "decay", "step", "stop"]
+    assert state.last_drift == 0.05 and state.converged
+
+
+def test_a_full_batch_loss_ignores_the_drift():
+    state = Schedule(window=2, patience=1, num_decays=0).start(1.0)
+    events = [state.record(v, lambda: 0.9) for v in (1.0, 1.0, 1.0, 1.0)]
+    assert events == ["step", "improved", "step", "stop"] and state.last_drift is None
+
+
+def test_after_a_decay_moving_parameters_hold_a_plateau_off_for_a_while_only():
+    schedule = Schedule(window=2, patience=1, num_decays=2, drift_patience=2)
+    state = schedule.start(1.0)
+    state.subsampled(epoch_steps=2)
+    moving = lambda: 0.9  # noqa: E731 - the parameters never stop
+    events = [state.record(1.0, moving) for _ in range(26)][1::2]
+    # the first rate waits 4 x 2 windows, the next 2; a plateau of one window each time
+    assert events == ["improved", *["moving"] * 7, "decay", "moving", "decay", "moving", "stop"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pyro_nf.fitting.schedule import DECAY, IMPROVED, STEP, STOP
+from pyro_nf.fitting.schedule import DECAY, IMPROVED, MOVING, STEP, STOP
 
 __all__ = ["IterateAverage"]
 
@@ -15,7 +15,8 @@ class IterateAverage:
 
     Call `add` with the parameters after every optimiser step and `end` with what
     `ScheduleState.record` reported. Each finished window's mean iterate is kept while the
-    loss stalls (at most `patience` windows, the plateau), dropped when a window improves,
+    loss stalls (at most `patience` windows, the plateau), dropped when a window improves
+    (or, on a minibatch loss, when the parameters still move),
     and at a decay or the stop the parameters are set to the mean over the kept windows.
     The parameters are the caller's (who may add some later), passed to each call.
 
@@ -49,7 +50,7 @@ class IterateAverage:
         """Close a window (any event but `"step"`) and apply the average at a plateau."""
         if event == STEP:
             return
-        kept = [] if event == IMPROVED else self.window_means[1 - self.patience :]
+        kept = [] if event in (IMPROVED, MOVING) else self.window_means[1 - self.patience :]
         self.window_means = [*kept, {k: v / window for k, v in self.sums.items()}]
         self.sums = {}
         if event in (DECAY, STOP):

@@ -13,6 +13,8 @@ out); `Objective` evaluates the loss with the batching it decided once at setup.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import math
 import statistics
 import time
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 from pyro_nf.batching import Batching
 from pyro_nf.fitting.arguments import check_fit_arguments
 from pyro_nf.fitting.averaging import IterateAverage
+from pyro_nf.fitting.drift import ParameterDrift
 from pyro_nf.fitting.estimators import check_unsubsampled
 from pyro_nf.fitting.guard import NonFiniteGuard, find_nonfinite_site
 from pyro_nf.fitting.inputs import nonfinite_arguments
@@ -34,17 +37,25 @@ from pyro_nf.fitting.particles import ParticleEffort
 from pyro_nf.fitting.result import FitResult
 from pyro_nf.fitting.runaway import RunawayWatch
 from pyro_nf.fitting.schedule import DECAY, STOP, Schedule, ScheduleState
+from pyro_nf.fitting.subsampling import Subsampling, find_subsampling
 from pyro_nf.fitting.threads import ThreadChoice, restored_threads
 from pyro_nf.fitting.trust import check_khat_samples, judge_fit
 
 __all__ = ["fit"]
+
+logger = logging.getLogger("pyro_nf")
+
+#: The step limit where `num_steps` is not given, and, where a plate is subsampled, the
+#: number of the plateau rule's windows (of whole epochs) it allows if that is more: there
+#: the rule spends at least five windows at each learning rate.
+DEFAULT_STEPS, DEFAULT_WINDOWS = 5000, 150
 
 
 def fit(
     model: Callable,
     guide: Callable,
     *args: object,
-    num_steps: int = 5000,
+    num_steps: int | None = None,
     lr: float | None = None,
     num_particles: int | None = None,
     estimator: str = "elbo",
@@ -72,8 +83,11 @@ def fit(
         A Pyro model and any Pyro guide (ours, AutoNormal, hand-written).
     *args, **kwargs
         The model's and guide's arguments.
-    num_steps : int
-        Maximum number of steps.
+    num_steps : int, optional
+        Maximum number of steps. Default: 5000, or, where a plate is subsampled (the loss
+        a minibatch estimate), 150 of the plateau rule's windows if that is more (a window
+        there is whole passes over the plate, at least `Schedule.window` steps; see
+        `Schedule`); `FitResult.step_limit` says which.
     lr : float, optional
         Initial learning rate; defaults to `guide.default_lr` where the guide has one
         (pyro_nf's flow guides), else to the `lr` of a Pyro `optimizer`, else 1e-2.
@@ -173,7 +187,15 @@ def fit(
     True
     """
     constructor, optim_args, lr0 = check_fit_arguments(
-        guide, num_steps, lr, num_particles, estimator, optimizer, schedule, max_time, num_threads
+        guide,
+        DEFAULT_STEPS if num_steps is None else num_steps,
+        lr,
+        num_particles,
+        estimator,
+        optimizer,
+        schedule,
+        max_time,
+        num_threads,
     )
     num_khat_samples = check_khat_samples(num_khat_samples)
     schedule = schedule or Schedule()
@@ -231,22 +253,29 @@ class _Training:
         self.step_times: list[float] = []
         self.stop_reason = "num_steps"
         self.ema: float | None = None
+        self.subsampling: Subsampling | None = None
+        self.drift: ParameterDrift | None = None
 
     def run(
         self,
-        num_steps: int,
+        num_steps: int | None,
         max_time: float | None,
         constructor: Callable,
         optim_args: dict,
-        lr0: float,
+        lr0: float | None,
         progress: bool,
     ) -> FitResult:
         """Step until converged, out of steps or out of time; the result."""
-        self.num_steps, self.max_time = num_steps, max_time
+        self.num_steps, self.max_time = num_steps or DEFAULT_STEPS, max_time
+        self.default_steps = num_steps is None
         self.constructor, self.optim_args = constructor, optim_args
-        self.state: ScheduleState = self.schedule.start(lr0)
-        self.lr = lr0
-        bar = tqdm(total=num_steps, disable=not progress, desc="fit", dynamic_ncols=True)
+        # Without a rate given, the guide's, read once it is set up (at the first step).
+        self.guide_rate = lr0 is None
+        self.state: ScheduleState = self.schedule.start(lr0 or optim_args["lr"])
+        self.lr = self.state.lr0
+        self.bar = bar = tqdm(
+            total=self.num_steps, disable=not progress, desc="fit", dynamic_ncols=True
+        )
         try:
             self._steps(bar)
         except KeyboardInterrupt as interrupt:
@@ -258,17 +287,21 @@ class _Training:
         return self.result()
 
     def _steps(self, bar: tqdm) -> None:
-        for step in range(self.num_steps):
+        for step in itertools.count():
+            if step >= self.num_steps:  # read at every step: the setup may raise it
+                return
             if self.out_of_time():
                 self.stop_reason = "max_time"
                 return
             event = self.step(step)
             if self.average is not None:
                 self.average.add(self.params)
-                self.average.end(event, self.schedule.window, self.params)
+                self.average.end(event, self.state.window, self.params)
             if event == DECAY:
                 self.effort.raise_limit()
                 self.objective.switch_estimator()
+                if self.drift is not None:
+                    self.drift.reset()  # the average moved the parameters
             if self.watch is not None:
                 self.watch.observe(step)
             self.show(bar, step)
@@ -294,6 +327,8 @@ class _Training:
         loss = self._evaluate(step, self._setup_loss if step == 0 else self._loss)
         if self.optimizer is None:
             self.optimizer = self._make_optimizer(loss)
+            if self.guide_rate:
+                self.state = self.schedule.start(self.objective.guide.default_lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         value = loss.item()
@@ -307,9 +342,12 @@ class _Training:
         if step == 0:
             self._decide_batching()
         self._time(step, time.perf_counter() - begun)
-        window = self.schedule.window
+        window = self.state.window
         self.ema = value if self.ema is None else self.ema + (value - self.ema) / window
-        return self.state.record(value)
+        if self.drift is None:
+            return self.state.record(value)
+        self.drift.add(self.params)
+        return self.state.record(value, self.drift.close)
 
     def _fraction(self, step: int) -> float:
         fraction = step / self.num_steps
@@ -357,6 +395,27 @@ class _Training:
             )
         objective = self.objective
         self.watch = RunawayWatch.for_guide(objective.guide, objective.args, objective.kwargs)
+        self._decide_subsampling()
+
+    def _decide_subsampling(self) -> None:
+        """After the setup step: where the loss is a minibatch estimate, windows of whole
+        epochs and the parameters' drift in the plateau rule (`ScheduleState.subsampled`)."""
+        objective = self.objective
+        found = find_subsampling(objective.model, objective.guide, objective.args, objective.kwargs)
+        if found is None:
+            return
+        self.subsampling, self.drift = found, ParameterDrift()
+        self.state.subsampled(found.epoch_steps)
+        if self.default_steps:
+            self.num_steps = max(DEFAULT_STEPS, DEFAULT_WINDOWS * self.state.window)
+            self.bar.total = self.num_steps
+            self.bar.set_description(f"fit ({found.size} of {found.full_size})", refresh=False)
+        logger.info(
+            "fit: the loss is a minibatch estimate (%s): windows of %d steps, and a plateau "
+            "needs the parameters at rest",
+            found.describe(),
+            self.state.window,
+        )
 
     def _make_optimizer(self, loss: torch.Tensor) -> torch.optim.Optimizer:
         """The optimiser over the parameters the first loss evaluation discovered."""
@@ -382,7 +441,9 @@ class _Training:
             left = typical * (self.num_steps - step - 1)
             if self.max_time is not None:
                 left = min(left, max(self.max_time - self.elapsed(), 0.0))
+            epochs = {} if self.subsampling is None else {"epoch": self._epochs(step + 1)}
             bar.set_postfix(
+                **epochs,
                 elbo=f"{-self.ema:.4g}",
                 lr=f"{self.lr:.2g}",
                 particles=self.effort.particles,
@@ -392,9 +453,13 @@ class _Training:
             )
         bar.update()
 
+    def _epochs(self, steps: int) -> str:
+        """Passes over the subsampled plate in `steps` steps, for the progress bar."""
+        return f"{steps / self.subsampling.epoch_steps:.3g}"
+
     def result(self) -> FitResult:
         losses = self.losses
-        tail = losses[-self.schedule.window :]
+        tail = losses[-self.state.window :]
         batching = self.objective.batching
         return FitResult(
             losses=list(losses),
@@ -411,4 +476,7 @@ class _Training:
             batching=batching.value if batching is not None else Batching.PLATE.value,
             num_threads=self.threads.count,
             thread_times=dict(self.threads.times),
+            step_limit=self.num_steps,
+            subsampling=self.subsampling,
+            drift=self.state.last_drift,
         )

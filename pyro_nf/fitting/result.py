@@ -6,6 +6,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from pyro_nf.fitting.subsampling import Subsampling
+
 __all__ = ["STOP_REASONS", "FitResult"]
 
 #: Why a fit ended, as `FitResult.stop_reason` says it.
@@ -50,6 +52,18 @@ class FitResult:
     thread_times : dict of int to float
         The fastest step, in seconds, at each thread count tried (empty where none was
         measured).
+    step_limit : int or None
+        The step limit the fit ran under: `num_steps`, or its default (5000, more where a
+        plate is subsampled, see `fit`).
+    subsampling : Subsampling or None
+        Where the loss was a minibatch estimate: the subsampled plate, its minibatch size
+        and its size (`epochs` says how many passes over it the fit made); None for a
+        full-batch loss.
+    drift : float or None
+        On a minibatch loss, the parameters' drift at the last window (the correlation of
+        successive changes of their window means, `ParameterDrift`): at most
+        `Schedule.drift` where the parameters came to rest, above it where the last rate
+        ended after `Schedule.drift_patience` windows of slow drift.
     khat : float or None
         PSIS k-hat of the fitted guide (`pyro_nf.fitting.trust`): below 0.5 the guide is
         close to the posterior, 0.5 to 0.7 usable with care, above 0.7 its tails and
@@ -91,6 +105,9 @@ class FitResult:
     batching: str = "plate"
     num_threads: int = 1
     thread_times: dict[int, float] = field(default_factory=dict)
+    step_limit: int | None = None
+    subsampling: Subsampling | None = None
+    drift: float | None = None
     khat: float | None = None
     num_khat_samples: int = 0
     khat_time: float = 0.0
@@ -101,6 +118,21 @@ class FitResult:
     def step_time(self) -> float:
         """Median seconds per step after the setup (NaN for a one-step fit)."""
         return statistics.median(self.step_times) if self.step_times else math.nan
+
+    @property
+    def epochs(self) -> float | None:
+        """Passes over the subsampled plate's members (None for a full-batch loss).
+
+        Examples
+        --------
+        >>> result = FitResult([], 0.0, 250, 1.0, True, 0.01)
+        >>> result.subsampling = Subsampling("groups", 10, 100)
+        >>> result.epochs
+        25.0
+        """
+        if self.subsampling is None:
+            return None
+        return self.num_steps / self.subsampling.epoch_steps
 
     def summary(self) -> str:
         """One line: how the fit ended, its time split, particles, threads, final rate and
@@ -120,8 +152,16 @@ class FitResult:
         counts = "->".join(str(count) for _, count in self.particle_schedule) or str(
             self.num_particles
         )
+        minibatch = ""
+        if self.subsampling is not None:
+            sub = self.subsampling
+            drift = "" if self.drift is None else f", drift {self.drift:.2g}"
+            minibatch = (
+                f" ({self.epochs:.3g} epochs of minibatches {sub.size} of {sub.full_size} "
+                f"in plate {sub.plate!r}{drift})"
+            )
         return (
-            f"fit: {self.num_steps} steps, {self.stop_reason}, {self.wall_time:.3g} s "
+            f"fit: {self.num_steps} steps{minibatch}, {self.stop_reason}, {self.wall_time:.3g} s "
             f"(setup {self.setup_time:.3g} s, {1e3 * self.step_time:.3g} ms/step), "
             f"particles {counts}, threads {self.num_threads}, lr {self.lr:.2g}, "
             f"ELBO {self.elbo:.6g}, {self._trust()}"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from pyro import poutine
 from pyro.distributions import Distribution, ImproperUniform
+from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
@@ -78,6 +79,9 @@ class RunawayWatch:
         self.sites = sites
         self.reference: dict[str, float] = {}
         self.warned = False
+        # A subsampled plate's indices, held fixed over the draws: the spread is then each
+        # member's, not that of the members across minibatches.
+        self.subsample: dict[str, Tensor] | None = None
 
     @classmethod
     def for_guide(cls, guide: Callable, args: tuple, kwargs: dict) -> RunawayWatch | None:
@@ -112,7 +116,11 @@ class RunawayWatch:
             warnings.warn(self._message(runaway, step), ImproperPosteriorWarning, stacklevel=5)
 
     def _draw(self) -> poutine.Trace:
-        return poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
+        guide = poutine.condition(self.guide, data=self.subsample or {})
+        trace = poutine.trace(guide).get_trace(*self.args, **self.kwargs)
+        if self.subsample is None:
+            self.subsample = _subsample_indices(trace)
+        return trace
 
     def _unconstrained(self, trace: poutine.Trace, name: str) -> Tensor:
         return biject_to(self.sites[name].support).inv(trace.nodes[name]["value"])
@@ -136,6 +144,15 @@ class RunawayWatch:
             "change the model so the data determine them (two flat parameters entering only "
             "as a + b, say)."
         )
+
+
+def _subsample_indices(trace: poutine.Trace) -> dict[str, Tensor]:
+    """The indices each subsampled plate drew in `trace`, by plate name."""
+    return {
+        name: site["value"]
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and isinstance(site["fn"], _Subsample)
+    }
 
 
 def _improper(fn: Distribution) -> bool:
