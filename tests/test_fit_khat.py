@@ -106,7 +106,8 @@ def test_a_bad_count_is_refused_before_the_fit(value, error):
 def test_a_subsampled_model_says_why_there_is_no_khat(guide_class):
     result = _fit(subsampled, guide_class(subsampled), num_steps=20)
     assert result.khat is None and result.verdict == "unchecked"
-    assert "subsamples plate 'data' (10 of 100" in result.advice
+    assert "subsamples the plate 'data' (10 of 100" in result.advice
+    assert "pyro_nf.psis_khat" in result.advice  # where to ask with the full data
     assert result.advice in result.summary()
 
 
