@@ -87,8 +87,8 @@ def test_vmapped_passes_hold_at_most_vmap_pass_size_draws(monkeypatch):
 
     guide = AutoSplineFlow(regression)
     calls = []
-    monkeypatch.setattr(
-        "pyro_nf.log_weights.vmap_draws", lambda draw, n: calls.append(n) or torch.zeros(n)
+    monkeypatch.setattr(  # a pass: log weights and no site's draws
+        "pyro_nf.log_weights.vmap_draws", lambda draw, n: calls.append(n) or (torch.zeros(n), {})
     )
     drawer = LogWeights(regression, guide, (), {}, vmap_pass_size=16)
     assert drawer(40).shape == (40,)

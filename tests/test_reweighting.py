@@ -190,7 +190,12 @@ def subsampled():
 @pytest.mark.parametrize(
     ("model", "guide", "kwargs", "message"),
     [
-        (subsampled, AutoNormal, {}, r"subsamples plate 'data' \(10 of 100\).*no subsample_size"),
+        (
+            subsampled,
+            AutoNormal,
+            {},
+            r"subsamples the plate 'data' \(10 of 100 per call\).*without subsample_size",
+        ),
         (student_t, AutoDelta, {}, "the guide has no density .* AutoDelta"),
         (student_t, AutoNormal, {"num_draws": 20}, r"num_draws=20 is too few draws"),
         (student_t, AutoNormal, {"batch_size": 0}, "batch_size"),
