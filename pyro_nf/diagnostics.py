@@ -39,6 +39,7 @@ __all__ = [
     "log_evidence",
     "log_importance_weights",
     "psis_khat",
+    "site_dims",
     "to_inference_data",
 ]
 
@@ -220,8 +221,32 @@ def log_evidence(
     return evidence_from_log_weights(_log_weights(run, num_samples, batch_size, "log_evidence"))
 
 
-def _site_dims(name: str, site: dict, num_dims: int) -> list[str]:
-    """Dimension names of a site's value: its plates, else ``{name}_dim_{i}``."""
+def site_dims(name: str, site: dict, num_dims: int) -> list[str]:
+    """ArviZ dimension names of a site's value (one draw of it, ``num_dims`` dimensions):
+    a plate's name where a vectorised plate holds the dimension, else ``{name}_dim_{i}``.
+
+    Shared by every export of draws to ArviZ (`to_inference_data`, `pyro_nf.reweighted`,
+    `pyro_nf.neutra_mcmc`), so one site's dimensions bear one name everywhere.
+
+    Parameters
+    ----------
+    name : str
+        The site's name.
+    site : dict
+        The site in a trace (its distribution and plates are read).
+    num_dims : int
+        The number of dimensions of one draw of its value.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> def model():
+    ...     with pyro.plate("groups", 3):
+    ...         pyro.sample("x", dist.Normal(torch.zeros(3, 2), 1.0).to_event(1))
+    >>> trace = poutine.trace(model).get_trace()
+    >>> site_dims("x", trace.nodes["x"], 2)
+    ['groups', 'x_dim_1']
+    """
     dims = [f"{name}_dim_{i}" for i in range(num_dims)]
     batch_dims = len(site["fn"].batch_shape)
     for frame in site["cond_indep_stack"]:
@@ -365,7 +390,7 @@ def to_inference_data(
     if not latent:
         raise ValueError("to_inference_data: the model has no latent sample sites")
     shapes = {name: tuple(site["value"].shape) for name, site in sites.items()}
-    dims = {name: _site_dims(name, site, len(shapes[name])) for name, site in sites.items()}
+    dims = {name: site_dims(name, site, len(shapes[name])) for name, site in sites.items()}
 
     def group(names: list[str], predictive: bool = False) -> dict[str, np.ndarray]:
         sites = _Sites(names, shapes, num_samples, rank, predictive)

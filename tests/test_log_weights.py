@@ -87,8 +87,8 @@ def test_vmapped_passes_hold_at_most_vmap_pass_size_draws(monkeypatch):
 
     guide = AutoSplineFlow(regression)
     calls = []
-    monkeypatch.setattr(
-        "pyro_nf.log_weights.vmap_draws", lambda draw, n: calls.append(n) or torch.zeros(n)
+    monkeypatch.setattr(  # a pass: log weights and no site's draws
+        "pyro_nf.log_weights.vmap_draws", lambda draw, n: calls.append(n) or (torch.zeros(n), {})
     )
     drawer = LogWeights(regression, guide, (), {}, vmap_pass_size=16)
     assert drawer(40).shape == (40,)
@@ -118,3 +118,43 @@ def test_bad_pass_sizes_are_named(options, message):
         LogWeights(model, AutoNormal(model), (), {}, **options)
     with pytest.raises(ValueError, match="count"):
         LogWeights(model, AutoNormal(model), (), {})(0)
+
+
+Y3 = torch.tensor([1.0, -0.5, 2.0])
+
+
+def plated():
+    """A global, a plate of locals, a deterministic site of the draws and one of the data."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("groups", 3):
+        x = pyro.sample("x", dist.Normal(mu, 1.0))
+        pyro.deterministic("twice", 2 * x)
+        pyro.sample("y", dist.Normal(x, 0.5), obs=Y3)
+    pyro.deterministic("total", Y3.sum())
+
+
+@pytest.mark.parametrize("way", list(Batching))
+def test_draws_come_with_their_own_log_weights_whichever_the_way(way):
+    guide = AutoSplineFlow(plated, warm_start=None, init_scale=0.5)
+    drawer = LogWeights(plated, guide, (), {}, pass_size=4)
+    drawer.way = way  # as if the probe had chosen it
+    draws, log_w = drawer.draws_and_log_weights(10, ["mu", "x", "twice", "total"])
+    mu, x = draws["mu"], draws["x"]
+    assert (mu.shape, x.shape, log_w.shape) == ((10,), (10, 3), (10,))
+    assert torch.equal(draws["twice"], 2 * x) and torch.equal(draws["total"], Y3.sum().expand(10))
+    log_p = (
+        dist.Normal(0.0, 1.0).log_prob(mu)
+        + dist.Normal(mu[:, None], 1.0).log_prob(x).sum(-1)
+        + dist.Normal(x, 0.5).log_prob(Y3).sum(-1)
+    )
+    log_q = guide.get_posterior().log_prob(torch.cat([mu[:, None], x], -1))
+    torch.testing.assert_close(log_w, log_p - log_q, atol=1e-4, rtol=0)
+    assert not torch.equal(mu[:4], mu[4:8])  # every pass draws afresh
+
+
+def test_sites_the_model_lacks_are_named():
+    drawer = LogWeights(plated, AutoNormal(plated), (), {})
+    with pytest.raises(ValueError, match=r"sites: \['z'\] are not sample sites"):
+        drawer.draws_and_log_weights(5, ["x", "z"])
+    with pytest.raises(TypeError, match="sites must be a sequence"):
+        drawer.draws_and_log_weights(5, "x")

@@ -326,12 +326,17 @@ def _advice(
     if verdict == "usable with care":
         return (
             f"k-hat {khat:.2f} in {KHAT_GOOD}-{KHAT_USABLE}: usable with care; means are "
-            f"fine, tails and sds may be short{caveat}. To do better: {tries}"
+            f"fine, tails and sds may be short{caveat}. {_REWEIGHT}. To do better: {tries}"
         )
     return (
         f"k-hat {khat:.2f} > {KHAT_USABLE}: do not trust this fit's tails or moments; the "
-        f"guide misses posterior mass{caveat}. Try: {tries}"
+        f"guide misses posterior mass{caveat}. {_REWEIGHT}. Try: {tries}"
     )
+
+
+#: The correction that needs no refit, offered wherever the verdict is not good (k-hat is
+#: only computed on the full data, which `pyro_nf.reweighted` needs too).
+_REWEIGHT = "pyro_nf.reweighted(model, guide, *args) gives PSIS-corrected moments and quantiles now"
 
 
 def _what_to_try(guide: Callable, args: tuple, kwargs: dict, estimator: str) -> list[str]:
