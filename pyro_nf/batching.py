@@ -13,9 +13,13 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["Batching", "BATCHINGS", "choose_batching"]
+import pyro
+import torch
+from torch import Tensor
+
+__all__ = ["Batching", "BATCHINGS", "choose_batching", "vmap_draws"]
 
 logger = logging.getLogger("pyro_nf")
 
@@ -89,3 +93,22 @@ def choose_batching(
             )
     last = ways[-1]
     return last, probe(last)
+
+
+def vmap_draws(draw: Callable[[Tensor], Any], num_draws: int) -> Any:
+    """`draw(i)` for `i` in `range(num_draws)`, batched by ``torch.func.vmap``, each draw
+    with its own randomness: a tensor or a dict of tensors, the draws along dimension 0.
+
+    The `Batching.VMAP` way, for models that take no particle plate (one written for one
+    draw, such as ``x @ beta``): vmap leaves the model's shapes alone. Validation is off
+    inside: its NaN checks are control flow vmap cannot batch (a non-finite loss is caught
+    by `fit`'s guard all the same). Pyro's own distributions draw in place, which vmap
+    refuses, so this batches what pyro_nf's flow guides draw (an `AutoNormal` raises).
+
+    Examples
+    --------
+    >>> vmap_draws(lambda _: torch.randn(2), 3).shape
+    torch.Size([3, 2])
+    """
+    with pyro.validation_enabled(False):
+        return torch.func.vmap(draw, randomness="different")(torch.arange(num_draws))

@@ -2,10 +2,11 @@
 
 All functions take a model and a fitted guide (any Pyro guide) and draw from the guide
 in an extra outermost plate where the model allows it, else by ``torch.func.vmap``, else
-one draw at a time (`pyro_nf.batching`). They read the model on its full data: a
-subsampled plate (``subsample_size``) is refused, with what to pass instead, where it
-would make the answer wrong (importance weights of a rescaled minibatch; draws of other
-members in each draw). The comparison with reference draws is in
+one draw at a time (`pyro_nf.batching`); the log weights come from the drawer `fit`'s
+k-hat uses too (`pyro_nf.log_weights`). They read the model on its full data: a subsampled
+plate (``subsample_size``) is refused, with what to pass instead, where it would make the
+answer wrong (importance weights of a rescaled minibatch; draws of other members in each
+draw). The comparison with reference draws is in
 `pyro_nf.comparison`; what importance weights say, in `pyro_nf.importance`.
 """
 
@@ -20,87 +21,29 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
-from pyro.infer.enum import get_importance_trace
-from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from pyro_nf.batching import Batching, choose_batching
+from pyro_nf.batching import Batching, choose_batching, vmap_draws
 from pyro_nf.checks import check_int
-from pyro_nf.fitting.estimators import vmap_draws, vmapped_log_weights
 from pyro_nf.importance import (
     LogEvidence,
     check_psis_draws,
     evidence_from_log_weights,
     khat_from_log_weights,
 )
-from pyro_nf.log_joint import subsampled_plates
+from pyro_nf.log_weights import VMAP_PASS, LogWeights, Prototype, full_data_problem, passes
 
 __all__ = [
     "log_evidence",
     "log_importance_weights",
     "psis_khat",
+    "site_dims",
     "to_inference_data",
 ]
 
 _SAMPLE_PLATE = "_pyro_nf_samples"
-
-
-def _prototype(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Trace, int]:
-    """One model trace replayed against the guide, and the model's plate nesting."""
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    model_trace = prune_subsample_sites(model_trace)
-    dims = [
-        frame.dim
-        for trace in (model_trace, guide_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return model_trace, -min(dims) if dims else 0
-
-
-def _check_full_plates(trace: Trace, purpose: str, latent_only: bool = False) -> None:
-    """Refuse a model trace with a subsampled plate (only one holding a latent site where
-    ``latent_only``), naming it and what to pass instead."""
-    if latent_only:
-        trace = trace.copy()
-        for name in [name for name, site in trace.nodes.items() if site.get("is_observed")]:
-            trace.remove_node(name)
-    plates = subsampled_plates(trace)
-    if not plates:
-        return
-    name, (size, full_size) = next(iter(plates.items()))
-    what = (
-        "each draw would hold other members of it"
-        if latent_only
-        else "the importance weights would be those of a rescaled minibatch, not of log p(x, z)"
-    )
-    raise ValueError(
-        f"{purpose}: the model subsamples the plate {name!r} ({size} of {full_size} per "
-        f"call), so {what}. Pass the model's full data: arguments under which it draws no "
-        "subsample (e.g. batch_size=None), or a version of the model without "
-        "subsample_size"
-    )
-
-
-def _batches(num_samples: int, batch_size: int | None) -> list[int]:
-    """The sizes of the batches ``num_samples`` draws are taken in."""
-    check_int("num_samples", num_samples, minimum=1)
-    size = num_samples if batch_size is None else check_int("batch_size", batch_size, minimum=1)
-    return [min(size, num_samples - start) for start in range(0, num_samples, size)]
-
-
-#: Draws per vmap pass where the model takes no particle plate: a vmapped draw is a whole
-#: model run, holding whatever the model holds per draw.
-_VMAP_DRAWS = 256
 
 
 class _Run(NamedTuple):
@@ -110,41 +53,6 @@ class _Run(NamedTuple):
     guide: Callable
     args: tuple
     kwargs: dict
-
-
-def _plate_log_weights(run: _Run, size: int, nesting: int) -> Tensor:
-    """`size` log weights batched in a particle plate."""
-    log_w, _, _ = vectorized_importance_weights(
-        run.model, run.guide, *run.args, num_samples=size, max_plate_nesting=nesting, **run.kwargs
-    )
-    return log_w.reshape(size)
-
-
-def _vmapped_log_weights(run: _Run, size: int, nesting: int) -> Tensor:
-    """`size` log weights batched by vmap (a model written for one draw), as `fit` batches
-    its particles, `_VMAP_DRAWS` at a time."""
-    return torch.cat(
-        [
-            vmapped_log_weights(Trace_ELBO(num_particles=n, max_plate_nesting=nesting), *run)
-            for n in _batches(size, _VMAP_DRAWS)
-        ]
-    )
-
-
-def _looped_log_weights(run: _Run, size: int, nesting: int) -> Tensor:
-    """`size` log weights drawn one at a time."""
-    draws = []
-    for _ in range(size):
-        model_trace, guide_trace = get_importance_trace("flat", math.inf, *run)
-        draws.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
-    return torch.stack(draws)
-
-
-_LOG_WEIGHTS = {
-    Batching.PLATE: _plate_log_weights,
-    Batching.VMAP: _vmapped_log_weights,
-    Batching.LOOP: _looped_log_weights,
-}
 
 
 @torch.no_grad()
@@ -197,21 +105,21 @@ def log_importance_weights(
     >>> log_w.shape, bool(log_w.abs().max() < 1e-5)
     (torch.Size([5]), True)
     """
-    run = _Run(model, guide, args, kwargs)
-    return _log_weights(run, num_samples, batch_size, "log_importance_weights")
+    return _log_weights(
+        _Run(model, guide, args, kwargs), num_samples, batch_size, "log_importance_weights"
+    )
 
 
-@torch.no_grad()
 def _log_weights(run: _Run, num_samples: int, batch_size: int | None, purpose: str) -> Tensor:
     """`log_importance_weights`, its errors naming ``purpose``."""
-    trace, nesting = _prototype(*run)
-    _check_full_plates(trace, purpose)
-    first, *rest = _batches(num_samples, batch_size)
-    way, chunk = choose_batching(
-        lambda way: _LOG_WEIGHTS[way](run, first, nesting), purpose=purpose
-    )
-    chunks = [chunk, *(_LOG_WEIGHTS[way](run, size, nesting) for size in rest)]
-    return torch.cat(chunks).detach()
+    check_int("num_samples", num_samples, minimum=1)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, minimum=1)
+    log_weights = LogWeights(*run, purpose=purpose, pass_size=batch_size)
+    problem = full_data_problem(log_weights.prototype.model, purpose)
+    if problem is not None:
+        raise ValueError(problem)
+    return log_weights(num_samples)
 
 
 def psis_khat(
@@ -313,8 +221,32 @@ def log_evidence(
     return evidence_from_log_weights(_log_weights(run, num_samples, batch_size, "log_evidence"))
 
 
-def _site_dims(name: str, site: dict, num_dims: int) -> list[str]:
-    """Dimension names of a site's value: its plates, else ``{name}_dim_{i}``."""
+def site_dims(name: str, site: dict, num_dims: int) -> list[str]:
+    """ArviZ dimension names of a site's value (one draw of it, ``num_dims`` dimensions):
+    a plate's name where a vectorised plate holds the dimension, else ``{name}_dim_{i}``.
+
+    Shared by every export of draws to ArviZ (`to_inference_data`, `pyro_nf.reweighted`,
+    `pyro_nf.neutra_mcmc`), so one site's dimensions bear one name everywhere.
+
+    Parameters
+    ----------
+    name : str
+        The site's name.
+    site : dict
+        The site in a trace (its distribution and plates are read).
+    num_dims : int
+        The number of dimensions of one draw of its value.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> def model():
+    ...     with pyro.plate("groups", 3):
+    ...         pyro.sample("x", dist.Normal(torch.zeros(3, 2), 1.0).to_event(1))
+    >>> trace = poutine.trace(model).get_trace()
+    >>> site_dims("x", trace.nodes["x"], 2)
+    ['groups', 'x_dim_1']
+    """
     dims = [f"{name}_dim_{i}" for i in range(num_dims)]
     batch_dims = len(site["fn"].batch_shape)
     for frame in site["cond_indep_stack"]:
@@ -325,12 +257,13 @@ def _site_dims(name: str, site: dict, num_dims: int) -> list[str]:
 
 class _Sites(NamedTuple):
     """What `to_inference_data` draws for one group: the sites, their shapes per draw, how
-    many draws, the model's plate nesting and whether observed sites are redrawn."""
+    many draws, the sites' batch rank (the sample plate goes left of it) and whether
+    observed sites are redrawn."""
 
     names: list[str]
     shapes: dict[str, tuple[int, ...]]
     num_samples: int
-    nesting: int
+    rank: int
     predictive: bool
 
 
@@ -343,7 +276,7 @@ def _draw_one(run: _Run, predictive: bool) -> Trace:
 
 def _plate_draws(run: _Run, sites: _Sites) -> dict[str, Tensor]:
     """Draws of the sites in one run of guide and model under a sample plate."""
-    plate = pyro.plate(_SAMPLE_PLATE, sites.num_samples, dim=-sites.nesting - 1)
+    plate = pyro.plate(_SAMPLE_PLATE, sites.num_samples, dim=-sites.rank - 1)
     plated = _Run(plate(run.model), plate(run.guide), run.args, run.kwargs)
     trace = _draw_one(plated, sites.predictive)
     draws = {}
@@ -357,13 +290,13 @@ def _plate_draws(run: _Run, sites: _Sites) -> dict[str, Tensor]:
 
 
 def _vmapped_draws(run: _Run, sites: _Sites) -> dict[str, Tensor]:
-    """Draws of the sites batched by `vmap_draws`, `_VMAP_DRAWS` at a time."""
+    """Draws of the sites batched by `vmap_draws`, `VMAP_PASS` at a time."""
 
     def draw(_: Tensor) -> dict[str, Tensor]:
         trace = _draw_one(run, sites.predictive)
         return {name: trace.nodes[name]["value"] for name in sites.names}
 
-    chunks = [vmap_draws(draw, size) for size in _batches(sites.num_samples, _VMAP_DRAWS)]
+    chunks = [vmap_draws(draw, size) for size in passes(sites.num_samples, VMAP_PASS)]
     return {name: torch.cat([chunk[name] for chunk in chunks]) for name in sites.names}
 
 
@@ -441,8 +374,11 @@ def to_inference_data(
     ((1, 10), ('data',))
     """
     check_int("num_samples", num_samples, minimum=1)
-    trace, nesting = _prototype(model, guide, args, kwargs)
-    _check_full_plates(trace, "to_inference_data", latent_only=True)
+    prototype = Prototype.trace(model, guide, args, kwargs)
+    problem = full_data_problem(prototype.model, "to_inference_data", latent_only=True)
+    if problem is not None:
+        raise ValueError(problem)
+    trace, rank = prune_subsample_sites(prototype.model), prototype.batch_rank()
     sites = {
         name: site
         for name, site in trace.nodes.items()
@@ -454,10 +390,10 @@ def to_inference_data(
     if not latent:
         raise ValueError("to_inference_data: the model has no latent sample sites")
     shapes = {name: tuple(site["value"].shape) for name, site in sites.items()}
-    dims = {name: _site_dims(name, site, len(shapes[name])) for name, site in sites.items()}
+    dims = {name: site_dims(name, site, len(shapes[name])) for name, site in sites.items()}
 
     def group(names: list[str], predictive: bool = False) -> dict[str, np.ndarray]:
-        sites = _Sites(names, shapes, num_samples, nesting, predictive)
+        sites = _Sites(names, shapes, num_samples, rank, predictive)
         draws = _draw(_Run(model, guide, args, kwargs), sites)
         return {name: _numpy(value)[None] for name, value in draws.items()}
 

@@ -34,7 +34,7 @@ from pyro.infer.reparam import NeuTraReparam
 from torch import Tensor
 
 from pyro_nf.autoguides import AutoFlow
-from pyro_nf.diagnostics import _site_dims
+from pyro_nf.diagnostics import site_dims
 from pyro_nf.distribution import _detached_parameters
 from pyro_nf.fitting.threads import choose_threads, restored_threads
 from pyro_nf.saved_state import site_signature
@@ -215,9 +215,7 @@ def _run(
         for name in by_chain[0]
     }
     stats = {name: np.stack([chain.stats[name] for chain in chains]) for name in chains[0].stats}
-    dims = {
-        name: _site_dims(name, sites[name], value.ndim - 2) for name, value in posterior.items()
-    }
+    dims = {name: site_dims(name, sites[name], value.ndim - 2) for name, value in posterior.items()}
     idata = az.from_dict(posterior=posterior, sample_stats=stats, dims=dims)
     evaluations = sum(chain.num_gradient_evaluations for chain in chains)
     return MCMCResult(samples, idata, evaluations, seconds, threads)

@@ -13,26 +13,22 @@ got worse beyond Monte-Carlo error. The guide itself is left untouched.
 from __future__ import annotations
 
 import logging
-import math
+import math  # noqa: F401 - the doctests use it
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import arviz as az
 import pyro  # noqa: F401 - the doctests use it
 import torch
-from pyro import poutine
 from pyro.distributions import Delta
-from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from pyro_nf.batching import Batching, choose_batching
 from pyro_nf.checks import check_int
-from pyro_nf.diagnostics import _site_dims
-from pyro_nf.fitting.estimators import vmap_draws
+from pyro_nf.diagnostics import site_dims
 from pyro_nf.importance import check_psis_draws, pareto_smooth, truncate_log_weights
-from pyro_nf.log_joint import subsampled_plates
+from pyro_nf.log_weights import LogWeights, Prototype, full_data_problem
 
 __all__ = ["Reweighted", "reweighted"]
 
@@ -46,9 +42,6 @@ KHAT_RELIABLE = 0.7
 #: largest weight, overweights the tail, and the weights are truncated instead
 #: (`pyro_nf.importance.truncate_log_weights`, which says what was measured).
 KHAT_TRUNCATE = 1.0
-
-#: Draws per vmap pass where the model takes no particle plate (as `pyro_nf.diagnostics`).
-_VMAP_DRAWS = 256
 
 
 class Reweighted:
@@ -261,47 +254,25 @@ def _interpolate(probs: Tensor, positions: Tensor, values: Tensor) -> Tensor:
     return low + fraction * (high - low)
 
 
-class _Run(NamedTuple):
-    model: Callable
-    guide: Callable
-    args: tuple
-    kwargs: dict
-
-
-class _Sites(NamedTuple):
-    """The sites drawn, their shapes per draw and the model's plate nesting."""
-
-    shapes: dict[str, tuple[int, ...]]
-    nesting: int
-
-
-def _check_guide(run: _Run) -> tuple[Trace, Trace]:
-    """One guide trace and the model replayed on it; errors for what cannot be weighted."""
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(run.guide).get_trace(*run.args, **run.kwargs)
-        replayed = poutine.replay(run.model, trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(*run.args, **run.kwargs)
-    for name, (size, full_size) in subsampled_plates(model_trace).items():
-        raise ValueError(
-            f"reweighted: the model subsamples plate {name!r} ({size} of {full_size}); "
-            "importance weights need the full likelihood: call the model on all its data "
-            "(no subsample_size)"
-        )
-    guide_sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
+def _check_guide(prototype: Prototype) -> None:
+    """A ValueError for a model and guide whose draws cannot be weighted."""
+    problem = full_data_problem(prototype.model, "reweighted")
+    if problem is not None:
+        raise ValueError(problem)
+    guide_sites = [site for site in prototype.guide.nodes.values() if site["type"] == "sample"]
     if all(isinstance(site["fn"], Delta) for site in guide_sites):
         raise ValueError(
             "reweighted: the guide has no density (every site is a point mass, as in "
             "AutoDelta); importance weights need a guide that draws from a distribution, "
             "such as AutoFlow or AutoNormal"
         )
-    latent = [n for n, s in _model_sites(model_trace).items() if not s["is_observed"]]
-    missing = [name for name in latent if name not in guide_trace.nodes]
+    latent = [n for n, s in _model_sites(prototype.model).items() if not s["is_observed"]]
+    missing = [name for name in latent if name not in prototype.guide.nodes]
     if missing:
         raise ValueError(
             f"reweighted: the guide does not draw the model's latent sites {missing}; "
             "the weights need q's density at every latent site"
         )
-    return guide_trace, model_trace
 
 
 def _model_sites(trace: Trace) -> dict[str, dict]:
@@ -313,73 +284,6 @@ def _model_sites(trace: Trace) -> dict[str, dict]:
         and not site["infer"].get("is_auxiliary")
         and (not site["is_observed"] or site["infer"].get("_deterministic"))
     }
-
-
-def _plate_nesting(traces: Sequence[Trace]) -> int:
-    dims = [
-        frame.dim
-        for trace in traces
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return -min(dims) if dims else 0
-
-
-def _plate_batch(run: _Run, sites: _Sites, size: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """`size` draws and log weights in one run under a particle plate."""
-    log_w, model_trace, _ = vectorized_importance_weights(
-        run.model,
-        run.guide,
-        *run.args,
-        num_samples=size,
-        max_plate_nesting=sites.nesting,
-        **run.kwargs,
-    )
-    draws = {}
-    for name, shape in sites.shapes.items():
-        value = model_trace.nodes[name]["value"]
-        full = (size, *shape)
-        if value.numel() < math.prod(full):
-            value = value.expand(full)
-        draws[name] = value.reshape(full)
-    return log_w.reshape(size), draws
-
-
-def _one_draw(run: _Run, sites: _Sites) -> tuple[Tensor, dict[str, Tensor]]:
-    guide_trace = poutine.trace(run.guide).get_trace(*run.args, **run.kwargs)
-    replayed = poutine.replay(run.model, trace=guide_trace)
-    model_trace = poutine.trace(replayed).get_trace(*run.args, **run.kwargs)
-    log_w = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
-    return log_w, {name: model_trace.nodes[name]["value"] for name in sites.shapes}
-
-
-def _vmap_batch(run: _Run, sites: _Sites, size: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """`size` draws and log weights batched by vmap, `_VMAP_DRAWS` a pass."""
-    chunks = [
-        vmap_draws(lambda _: _one_draw(run, sites), min(_VMAP_DRAWS, size - begin))
-        for begin in range(0, size, _VMAP_DRAWS)
-    ]
-    return _concatenate(chunks)
-
-
-def _loop_batch(run: _Run, sites: _Sites, size: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """`size` draws and log weights, one run of guide and model each."""
-    draws = [_one_draw(run, sites) for _ in range(size)]
-    log_w = torch.stack([log_w for log_w, _ in draws])
-    return log_w, {name: torch.stack([d[name] for _, d in draws]) for name in sites.shapes}
-
-
-def _concatenate(
-    chunks: Sequence[tuple[Tensor, dict[str, Tensor]]],
-) -> tuple[Tensor, dict[str, Tensor]]:
-    log_w = torch.cat([log_w for log_w, _ in chunks])
-    names = chunks[0][1]
-    return log_w, {name: torch.cat([draws[name] for _, draws in chunks]) for name in names}
-
-
-_BATCHES = {Batching.PLATE: _plate_batch, Batching.VMAP: _vmap_batch, Batching.LOOP: _loop_batch}
 
 
 @torch.no_grad()
@@ -402,8 +306,10 @@ def reweighted(
     equal its own. k-hat says how far the weights can be trusted (logged at INFO on the
     ``pyro_nf`` logger). The guide is not changed; the raw draws stay in ``.draws``.
 
-    Draws are batched in a particle plate where the model takes one, else by
-    ``torch.func.vmap``, else one at a time (`pyro_nf.batching.choose_batching`).
+    Draws come from the package's one drawer (`pyro_nf.log_weights.LogWeights`, as
+    `pyro_nf.psis_khat`'s do): batched in a particle plate where the model takes one (left
+    of every batch dimension, declared by a plate or not), else by ``torch.func.vmap``,
+    else one at a time (`pyro_nf.batching.choose_batching`).
 
     Parameters
     ----------
@@ -440,24 +346,17 @@ def reweighted(
     """
     check_psis_draws("num_draws", check_int("num_draws", num_draws, minimum=1))
     check_int("batch_size", batch_size, minimum=1)
-    run = _Run(model, guide, args, kwargs)
-    guide_trace, model_trace = _check_guide(run)
-    model_sites = _model_sites(model_trace)
-    shapes = {name: tuple(site["value"].shape) for name, site in model_sites.items()}
-    dims = {name: _site_dims(name, site, len(shapes[name])) for name, site in model_sites.items()}
-    sites = _Sites(shapes, _plate_nesting([model_trace, guide_trace]))
-    sizes = [min(batch_size, num_draws - begin) for begin in range(0, num_draws, batch_size)]
-    way, first = choose_batching(
-        lambda way: _BATCHES[way](run, sites, sizes[0]), purpose="reweighted"
-    )
-    log_w, draws = _concatenate([first, *(_BATCHES[way](run, sites, n) for n in sizes[1:])])
-    log_w = log_w.detach()
+    drawer = LogWeights(model, guide, args, kwargs, purpose="reweighted", pass_size=batch_size)
+    _check_guide(drawer.prototype)
+    sites = _model_sites(drawer.prototype.model)
+    draws, log_w = drawer.draws_and_log_weights(num_draws, list(sites))
+    dims = {name: site_dims(name, site, draws[name].dim() - 1) for name, site in sites.items()}
     smoothed = pareto_smooth(log_w)
     weighting, log_weights = "pareto-smoothed", smoothed.log_weights
     if smoothed.khat >= KHAT_TRUNCATE:
         weighting, log_weights = "truncated", truncate_log_weights(log_w)
     result = Reweighted(
-        {name: value.detach() for name, value in draws.items()},
+        draws,
         log_w,
         khat=smoothed.khat,
         dims=dims,

@@ -16,6 +16,7 @@ from pyro_nf.fitting.trust import MIN_DRAWS, TARGET_DRAWS, judge_fit
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 
 Y = torch.tensor([1.0, -1.0, 0.5])
+REWEIGHT = "pyro_nf.reweighted(model, guide, *args) gives PSIS-corrected moments and quantiles"
 
 
 def gaussian():
@@ -62,10 +63,18 @@ def test_a_heavy_tailed_posterior_fitted_by_autonormal_is_not_to_be_trusted(capl
         result = _fit(student, AutoNormal(student))
     assert result.khat > 0.8  # 0.89-0.91 over seeds 0-5 (measured)
     assert result.verdict == "not to be trusted"
-    for remedy in ("AutoSplineFlow", 'estimator="iw"', "nuts_mcmc"):
+    for remedy in ("AutoSplineFlow", 'estimator="iw"', "nuts_mcmc", REWEIGHT):
         assert remedy in result.advice
     assert "not to be trusted" in result.summary() and result.advice in result.summary()
     assert [r.levelno for r in caplog.records if "k-hat" in r.getMessage()] == [logging.WARNING]
+
+
+@pytest.mark.parametrize("khat", [0.3, 0.6, 0.9, float("inf")])
+def test_a_fit_short_of_good_is_pointed_to_reweighted_draws(khat):
+    verdict = trust.verdict_of(khat)
+    advice = trust._advice(khat, verdict, 4000, AutoNormal(gaussian), (), {}, "elbo")
+    assert (REWEIGHT in advice) is (verdict != "good")
+    assert len(advice) < 450  # read in one line of `FitResult.summary()`
 
 
 def test_a_flow_guide_is_told_of_its_layers_and_neutra():
@@ -106,7 +115,8 @@ def test_a_bad_count_is_refused_before_the_fit(value, error):
 def test_a_subsampled_model_says_why_there_is_no_khat(guide_class):
     result = _fit(subsampled, guide_class(subsampled), num_steps=20)
     assert result.khat is None and result.verdict == "unchecked"
-    assert "subsamples plate 'data' (10 of 100" in result.advice
+    assert "subsamples the plate 'data' (10 of 100" in result.advice
+    assert "pyro_nf.psis_khat" in result.advice  # where to ask with the full data
     assert result.advice in result.summary()
 
 

@@ -62,6 +62,23 @@ def test_default_learning_rates():
     assert result.lr == 0.02
 
 
+def test_the_guides_rate_is_read_after_its_set_up():
+    """An AutoFlow that takes the structured form at its first call trains at that form's
+    rate, not at the flow family's it reported before the call."""
+
+    def model():
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("groups", 50, subsample_size=10):
+            a = pyro.sample("a", dist.Normal(0.0, tau))
+            pyro.sample("y", dist.Normal(a, 1.0), obs=torch.zeros(10))
+
+    guide = AutoSplineFlow(model)
+    before = guide.default_lr
+    result = fit(model, guide, num_steps=1, progress=False, num_khat_samples=0)
+    assert guide.structure.structured
+    assert result.lr == guide.default_lr != before
+
+
 def test_schedule_anneals_the_last_steps():
     schedule = Schedule(window=1000, anneal_fraction=0.5, anneal_to=0.1)
     result = fit(normal_model, AutoNormal(normal_model), num_steps=100, lr=1e-2,

@@ -20,6 +20,7 @@ from scipy import stats
 
 from pyro_nf import AutoSplineFlow, reweighted
 from pyro_nf.reweighting import Reweighted
+from tests.test_log_weights import exact_guide, undeclared
 
 PROBS = [0.05, 0.25, 0.5, 0.75, 0.95]
 
@@ -158,6 +159,17 @@ def test_log_weights_are_the_model_over_the_guide_for_a_model_without_plates():
     assert torch.allclose(posterior.log_weights, log_p - log_q, atol=1e-4)
 
 
+def test_data_outside_any_plate_is_not_broadcast_against_as_many_draws():
+    # The draws' plate once took the data's undeclared dimension: at 30 draws of 30 data
+    # each draw was weighed on one datum (log weights near -3, sd 0.8, where log p(y) = -50.7).
+    y = torch.linspace(-2.0, 2.0, 30)
+    guide, log_evidence = exact_guide(y)
+    posterior = reweighted(undeclared, guide, y, num_draws=len(y))
+    log_w = posterior.log_weights
+    torch.testing.assert_close(log_w, torch.full_like(log_w, log_evidence), atol=1e-3, rtol=0)
+    assert posterior.draws["mu"].shape == (30,) and posterior.khat == -math.inf
+
+
 def test_resampled_draws_and_inference_data_follow_the_weights():
     draws = {"x": torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])}
     log_w = torch.tensor([-math.inf, 0.0, math.log(3.0)])
@@ -190,7 +202,12 @@ def subsampled():
 @pytest.mark.parametrize(
     ("model", "guide", "kwargs", "message"),
     [
-        (subsampled, AutoNormal, {}, r"subsamples plate 'data' \(10 of 100\).*no subsample_size"),
+        (
+            subsampled,
+            AutoNormal,
+            {},
+            r"subsamples the plate 'data' \(10 of 100 per call\).*without subsample_size",
+        ),
         (student_t, AutoDelta, {}, "the guide has no density .* AutoDelta"),
         (student_t, AutoNormal, {"num_draws": 20}, r"num_draws=20 is too few draws"),
         (student_t, AutoNormal, {"batch_size": 0}, "batch_size"),

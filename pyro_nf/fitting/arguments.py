@@ -25,9 +25,11 @@ def check_fit_arguments(
     schedule: object,
     max_time: object,
     num_threads: object,
-) -> tuple[Callable, dict, float]:
+) -> tuple[Callable, dict, float | None]:
     """Every argument of `fit` checked, before any setup; the optimiser's constructor, its
-    keyword arguments and the initial learning rate.
+    keyword arguments and the initial learning rate (None: the guide's `default_lr`, to be
+    read once the guide is set up, since a guide may choose its rate at set-up, as
+    `AutoFlow` does when it takes the structured form).
 
     Examples
     --------
@@ -51,12 +53,10 @@ def check_fit_arguments(
     if num_threads is not None:
         check_int("num_threads", num_threads, minimum=1)
     constructor, optim_args = optimizer_factory(optimizer)
-    optim_lr = optim_args.pop("lr", None)
-    lr0 = lr if lr is not None else getattr(guide, "default_lr", optim_lr or 1e-2)
-    _check_positive("lr", lr0)
+    lr0 = _initial_rate(guide, lr, optim_args.pop("lr", None))
     if max_time is not None:
         _check_positive("max_time", max_time)
-    return constructor, {"lr": lr0, **optim_args}, lr0
+    return constructor, {"lr": lr0 or 1e-2, **optim_args}, lr0
 
 
 def _check_positive(name: str, value: object) -> None:
@@ -64,6 +64,16 @@ def _check_positive(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a positive finite number, got {value!r}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _initial_rate(guide: object, lr: object, optim_lr: object) -> float | None:
+    """`lr` checked; else None where the guide has a `default_lr` (read after its set-up,
+    which may choose it); else the Pyro optimiser's rate or 1e-2."""
+    if lr is None and hasattr(guide, "default_lr"):
+        return None
+    lr0 = lr if lr is not None else optim_lr or 1e-2
+    _check_positive("lr", lr0)
+    return lr0
 
 
 def optimizer_factory(optimizer: object) -> tuple[Callable, dict]:

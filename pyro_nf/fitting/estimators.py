@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
-import pyro
+import pyro  # noqa: F401 - the doctests use it
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from torch import Tensor
 
+from pyro_nf.batching import vmap_draws
 from pyro_nf.distribution import FlowDistribution
 from pyro_nf.importance import log_mean_exp
 from pyro_nf.log_joint import subsampled_plates
@@ -153,25 +153,6 @@ def _log_weight(
             if not site["fn"].has_rsample:
                 raise NotImplementedError(f"site {site['name']!r} has no rsample")
     return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
-
-
-def vmap_draws(draw: Callable[[Tensor], Any], num_draws: int) -> Any:
-    """`draw(i)` for `i` in `range(num_draws)`, batched by ``torch.func.vmap``, each draw
-    with its own randomness: a tensor or a dict of tensors, the draws along dimension 0.
-
-    For models that take no particle plate (one written for one draw, such as
-    ``x @ beta``): vmap leaves the model's shapes alone. Validation is off inside:
-    its NaN checks are control flow vmap cannot batch (a non-finite loss is caught by
-    `fit`'s guard all the same). Pyro's own distributions draw in place, which vmap
-    refuses, so this batches what pyro_nf's flow guides draw (an `AutoNormal` raises).
-
-    Examples
-    --------
-    >>> vmap_draws(lambda _: torch.randn(2), 3).shape
-    torch.Size([3, 2])
-    """
-    with pyro.validation_enabled(False):
-        return torch.func.vmap(draw, randomness="different")(torch.arange(num_draws))
 
 
 def vmapped_log_weights(

@@ -262,15 +262,17 @@ class _Training:
         max_time: float | None,
         constructor: Callable,
         optim_args: dict,
-        lr0: float,
+        lr0: float | None,
         progress: bool,
     ) -> FitResult:
         """Step until converged, out of steps or out of time; the result."""
         self.num_steps, self.max_time = num_steps or DEFAULT_STEPS, max_time
         self.default_steps = num_steps is None
         self.constructor, self.optim_args = constructor, optim_args
-        self.state: ScheduleState = self.schedule.start(lr0)
-        self.lr = lr0
+        # Without a rate given, the guide's, read once it is set up (at the first step).
+        self.guide_rate = lr0 is None
+        self.state: ScheduleState = self.schedule.start(lr0 or optim_args["lr"])
+        self.lr = self.state.lr0
         self.bar = bar = tqdm(
             total=self.num_steps, disable=not progress, desc="fit", dynamic_ncols=True
         )
@@ -325,6 +327,8 @@ class _Training:
         loss = self._evaluate(step, self._setup_loss if step == 0 else self._loss)
         if self.optimizer is None:
             self.optimizer = self._make_optimizer(loss)
+            if self.guide_rate:
+                self.state = self.schedule.start(self.objective.guide.default_lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         value = loss.item()

@@ -22,18 +22,16 @@ from typing import NamedTuple
 
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoGuideList
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from pyro_nf.autoguides import AutoFlow
-from pyro_nf.batching import Batching, choose_batching
 from pyro_nf.checks import check_int
-from pyro_nf.fitting.estimators import supports_stl, vmapped_log_weights
+from pyro_nf.fitting.estimators import supports_stl
 from pyro_nf.importance import check_psis_draws, khat_from_log_weights
-from pyro_nf.log_joint import subsampled_plates
+from pyro_nf.log_weights import LogWeights, Prototype, full_data_problem
 from pyro_nf.structured import AutoStructuredFlow
 from pyro_nf.summaries import fixed_random_state
 
@@ -150,9 +148,10 @@ def judge_fit(
     """PSIS k-hat of a fitted guide and its verdict, at a cost bounded by the fit's time.
 
     The draws come from a fixed random stream (the caller's is left as it was), batched in
-    a particle plate, by vmap or one at a time as `pyro_nf.diagnostics.log_importance_weights`
-    decides. With ``num_khat_samples=None`` their number follows their measured cost (see
-    the module's docstring); an int takes that many whatever they cost; 0 takes none.
+    a particle plate, by vmap or one at a time as `pyro_nf.log_weights.LogWeights` decides
+    (the drawer of `pyro_nf.psis_khat` too, decided once here for all the passes). With
+    ``num_khat_samples=None`` their number follows their measured cost (see the module's
+    docstring); an int takes that many whatever they cost; 0 takes none.
 
     Parameters
     ----------
@@ -212,12 +211,14 @@ def _khat(
     model: Callable, guide: Callable, args: tuple, kwargs: dict, target: int, budget: float
 ) -> tuple[float | None, int, str]:
     """k-hat and its draw count, or None and why there is none."""
-    prototype = _Prototype.trace(model, guide, args, kwargs)
-    reason = _why_not(prototype)
+    # `_draws` bounds every pass (at most `_LARGE_BATCH`), vmapped ones too.
+    log_weights = LogWeights(
+        model, guide, args, kwargs, purpose="fit's k-hat draws", vmap_pass_size=None
+    )
+    reason = _why_not(log_weights.prototype, guide, args, kwargs)
     if reason is not None:
         return None, 0, reason
-    draw = _LogWeights(model, guide, args, kwargs, prototype.plate_nesting())
-    log_w, reason = _draws(draw, target, budget)
+    log_w, reason = _draws(log_weights, target, budget)
     if reason is not None:
         return None, 0, reason
     return khat_from_log_weights(log_w), log_w.numel(), ""
@@ -230,51 +231,20 @@ def _device(guide: Callable) -> torch.device | None:
     return None if first is None else first.device
 
 
-class _Prototype(NamedTuple):
-    """Two guide traces and the model replayed against the first."""
-
-    first: Trace
-    second: Trace
-    model: Trace
-
-    @staticmethod
-    def trace(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> _Prototype:
-        with poutine.block():
-            first = poutine.trace(guide).get_trace(*args, **kwargs)
-            second = poutine.trace(guide).get_trace(*args, **kwargs)
-            replayed = poutine.replay(model, trace=first)
-            return _Prototype(first, second, poutine.trace(replayed).get_trace(*args, **kwargs))
-
-    def plate_nesting(self) -> int:
-        """How many plate dimensions the model and guide use (Pyro's max_plate_nesting)."""
-        dims = [
-            frame.dim
-            for trace in (self.first, self.model)
-            for site in trace.nodes.values()
-            if site["type"] == "sample"  # observed sites too
-            for frame in site["cond_indep_stack"]
-            if frame.vectorized
-        ]
-        return -min(dims, default=0)
-
-
-def _why_not(prototype: _Prototype) -> str | None:
+def _why_not(prototype: Prototype, guide: Callable, args: tuple, kwargs: dict) -> str | None:
     """Why log weights of this model and guide mean nothing; None where they are fine."""
-    plates = subsampled_plates(prototype.model)
-    if plates:
-        name, (size, full_size) = next(iter(plates.items()))
-        return (
-            f"the model subsamples plate {name!r} ({size} of {full_size} per run): log "
-            "weights need the likelihood of the full data; call pyro_nf.psis_khat with a "
-            "model that reads all of it"
-        )
-    missing = [name for name in _latent(prototype.model) if name not in prototype.first.nodes]
+    problem = full_data_problem(prototype.model, "k-hat after the fit")
+    if problem is not None:
+        return f"{problem}, to pyro_nf.psis_khat"
+    missing = [name for name in _latent(prototype.model) if name not in prototype.guide.nodes]
     if missing:
         return (
             f"the guide does not draw the model's latent sites {missing} (left to "
             "enumeration or to the prior), so its log density is not the joint's"
         )
-    fixed = [name for name in _latent(prototype.first) if _same_draw(prototype, name)]
+    with poutine.block():
+        second = poutine.trace(guide).get_trace(*args, **kwargs)
+    fixed = [name for name in _latent(prototype.guide) if _same_draw(prototype.guide, second, name)]
     if fixed:
         return (
             f"the guide is a point estimate at {fixed} (a Delta or MAP guide draws the same "
@@ -288,66 +258,12 @@ def _latent(trace: Trace) -> list[str]:
     return [name for name, _ in prune_subsample_sites(trace).iter_stochastic_nodes()]
 
 
-def _same_draw(prototype: _Prototype, name: str) -> bool:
-    """Whether a continuous guide site took the same value in two draws (a point mass)."""
-    site, other = prototype.first.nodes[name], prototype.second.nodes.get(name)
+def _same_draw(first: Trace, second: Trace, name: str) -> bool:
+    """Whether a continuous guide site took the same value in two runs (a point mass)."""
+    site, other = first.nodes[name], second.nodes.get(name)
     if site["fn"].support.is_discrete or other is None:
         return False
     return torch.equal(site["value"], other["value"])
-
-
-class _LogWeights:
-    """``log p(x, z) - log q(z)`` for `count` draws of the guide in one pass: in a particle
-    plate, by vmap or one at a time, the way decided once, by the first call.
-
-    Not `pyro_nf.diagnostics.log_importance_weights`: importing that module costs 2-3 s
-    of ArviZ import (more than many fits), it tries every way again at each call, and it
-    splits a vmapped pass at 256 draws; Pyro's ELBO here also checks every site's shape
-    against its plates, so a plate probe cannot succeed by a chance broadcast.
-    """
-
-    def __init__(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, nesting: int
-    ) -> None:
-        self.run = (model, guide, args, kwargs)
-        self.nesting = nesting
-        self.way: Batching | None = None
-
-    def __call__(self, count: int) -> Tensor:
-        if self.way is None:
-            self.way, log_w = choose_batching(
-                lambda way: self._draw(way, count), purpose="fit's k-hat draws"
-            )
-            return log_w
-        return self._draw(self.way, count)
-
-    def _draw(self, way: Batching, count: int) -> Tensor:
-        if way is Batching.VMAP:
-            elbo = Trace_ELBO(num_particles=count, max_plate_nesting=self.nesting)
-            return vmapped_log_weights(elbo, *self.run)
-        if way is Batching.LOOP:
-            elbo = Trace_ELBO(max_plate_nesting=self.nesting)
-            return torch.stack([_log_weight(*elbo._get_trace(*self.run)) for _ in range(count)])
-        elbo = Trace_ELBO(
-            num_particles=count, vectorize_particles=True, max_plate_nesting=self.nesting
-        )
-        model_trace, guide_trace = elbo._get_vectorized_trace(*self.run)
-        return _per_draw(model_trace, count) - _per_draw(guide_trace, count)
-
-
-def _log_weight(model_trace: Trace, guide_trace: Trace) -> Tensor:
-    return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
-
-
-def _per_draw(trace: Trace, count: int) -> Tensor:
-    """Each draw's summed log density in a trace whose leftmost dimension is the particle
-    plate (every site sits inside it), shape `(count,)`."""
-    trace.compute_log_prob()
-    return sum(
-        site["log_prob"].reshape(count, -1).sum(-1)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-    )
 
 
 def _draws(draw: Callable[[int], Tensor], target: int, budget: float) -> tuple[Tensor, str | None]:
@@ -380,7 +296,7 @@ def _draws(draw: Callable[[int], Tensor], target: int, budget: float) -> tuple[T
     batch = _LARGE_BATCH if amortised else _PROBES[-1]
     while more > 0:
         size = min(batch, more)
-        chunks.append(draw(max(size, 2))[:size])  # one draw alone takes no particle plate
+        chunks.append(draw(size))
         more -= size
     return torch.cat(chunks), None
 
@@ -410,12 +326,17 @@ def _advice(
     if verdict == "usable with care":
         return (
             f"k-hat {khat:.2f} in {KHAT_GOOD}-{KHAT_USABLE}: usable with care; means are "
-            f"fine, tails and sds may be short{caveat}. To do better: {tries}"
+            f"fine, tails and sds may be short{caveat}. {_REWEIGHT}. To do better: {tries}"
         )
     return (
         f"k-hat {khat:.2f} > {KHAT_USABLE}: do not trust this fit's tails or moments; the "
-        f"guide misses posterior mass{caveat}. Try: {tries}"
+        f"guide misses posterior mass{caveat}. {_REWEIGHT}. Try: {tries}"
     )
+
+
+#: The correction that needs no refit, offered wherever the verdict is not good (k-hat is
+#: only computed on the full data, which `pyro_nf.reweighted` needs too).
+_REWEIGHT = "pyro_nf.reweighted(model, guide, *args) gives PSIS-corrected moments and quantiles now"
 
 
 def _what_to_try(guide: Callable, args: tuple, kwargs: dict, estimator: str) -> list[str]:
