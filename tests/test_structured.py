@@ -14,6 +14,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_nf.structured import AutoStructuredFlow
+from pyro_nf.structured.global_start import collapsed_log_joint
 from pyro_nf.structured.rule import choose_structure
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
@@ -67,9 +68,9 @@ def test_member_draw_is_the_same_in_a_minibatch_and_in_the_full_plate():
         full_log_q = full.nodes[site]["fn"].log_prob(full.nodes[site]["value"])[members]
         batch_log_q = batch.nodes[site]["fn"].log_prob(batch.nodes[site]["value"])
         assert torch.allclose(batch_log_q, full_log_q, atol=1e-5)
-    # and the member's parameters are the same rows
-    shift = pyro.param("AutoStructuredFlow.factor_shifts.groups")
-    assert shift.shape == (J, 1)
+    # and the member's factors are the same rows, held (not learned) on a subsampled plate
+    assert guide.factor_shifts.groups.shape == (J, 1)
+    assert "AutoStructuredFlow.factor_shifts.groups" not in pyro.get_param_store()
 
 
 def _flat_grad(guide, loss):
@@ -170,6 +171,42 @@ def test_state_dict_round_trip_and_pickling_reproduce_draws():
     fresh.load_state_dict(state)
     pyro.set_rng_seed(3)
     assert torch.allclose(fresh(YBAR, SE)["a"], expected)
+
+
+@pytest.mark.parametrize("batch_size", [4, 6])  # 6: the last chunk wraps round the plate
+def test_collapsed_start_reads_a_subsampled_plate_in_chunks(batch_size):
+    guide = AutoStructuredFlow(model)
+    guide(YBAR, SE, None, batch_size)
+    assert guide.global_guide.start.laplace is not None  # the collapsed start, not skipped
+    z = torch.tensor([0.7, -0.3])
+    full = collapsed_log_joint(guide, z, (YBAR, SE), {})
+    chunked = collapsed_log_joint(guide, z, (YBAR, SE, None, batch_size), {}, batch_size)
+    assert torch.allclose(chunked, full, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_param_store_save_and_load_restore_a_fresh_guide(tmp_path, batch_size):
+    guide = AutoStructuredFlow(model, num_summary_samples=20)
+    _fit(guide, 20, YBAR, SE, None, batch_size)
+    expected = guide.median(YBAR, SE, None, batch_size)
+    path = tmp_path / "params.pt"
+    pyro.get_param_store().save(path)
+    pyro.clear_param_store()
+    pyro.get_param_store().load(path)
+    fresh = AutoStructuredFlow(model, num_summary_samples=20)
+    fresh(YBAR, SE, None, batch_size)  # set up from the store, not from a new start
+    restored = fresh.median(YBAR, SE, None, batch_size)
+    for name, value in expected.items():
+        assert torch.allclose(restored[name], value), name
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_median_as_the_first_call_sets_the_guide_up(batch_size):
+    guide = AutoStructuredFlow(model, num_summary_samples=20)
+    with torch.no_grad():
+        median = guide.median(YBAR, SE, None, batch_size)
+    assert median["a"].shape == (J,) and bool(torch.isfinite(median["a"]).all())
+    assert guide(YBAR, SE, None, batch_size)["a"].shape == (batch_size or J,)
 
 
 def test_plate_size_change_and_indices_outside_the_plate_are_refused():

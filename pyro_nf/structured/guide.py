@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.checks import check_int, check_positive, check_probabilities
 from pyro_nf.noncentering import _loc_scale_prior, find_hierarchical_sites
+from pyro_nf.saved_state import GuideState, _written_here
 from pyro_nf.summaries import fixed_random_state
 
 from .factor import draw, factor_from_precision, factor_precision, product_with_prior
@@ -331,6 +332,13 @@ class AutoStructuredFlow(AutoGuide):
         approximation of the member's likelihood at the initial globals."""
         initial = {name: site["value"].detach() for name, site in self._global_sites.items()}
         tril, shift = self._laplace_factors(plate, initial, dtype, args, kwargs)
+        if self._holds_factors(plate):
+            # Held, not learned, on a subsampled plate: learned from one visit an epoch,
+            # the factors' noise pulled the globals away (J = 100,000 in minibatches of
+            # 1000: log tau 24 posterior sds off after 2000 steps; 0.15 with them held).
+            _set_buffer(self.factor_trils, plate.name, tril)
+            _set_buffer(self.factor_shifts, plate.name, shift)
+            return
         deep_setattr(self.factor_trils, plate.name, PyroParam(tril, event_dim=1))
         deep_setattr(self.factor_shifts, plate.name, PyroParam(shift, event_dim=1))
 
@@ -349,14 +357,28 @@ class AutoStructuredFlow(AutoGuide):
     def _start_globals(self, args: tuple, kwargs: dict) -> None:
         """Start the globals' flow at the Laplace approximation of their collapsed
         posterior, and the factors at its mode (`pyro_nf.structured.global_start`), where
-        every local plate is drawn as prior times factor and none is subsampled."""
+        every local plate is drawn as prior times factor and at most one (the only one)
+        is subsampled (then read in chunks of its subsample size)."""
         plates = self.local_plates.values()
         if self.global_guide is None or not all(plate.gaussian_factor for plate in plates):
             return
-        if any(
-            self._prototype_frames[plate.name].size != plate.size for plate in plates
-        ):  # the collapsed density needs every member
+        if self._loaded_start():
+            # Pyro's param store holds a loaded fit: its learned factors and globals
+            # (start included) are the guide's; a new start would overwrite them. Held
+            # factors are not in the store: they are recomputed where the start put them.
+            self.global_guide._setup_prototype(*args, **kwargs)
+            start = self.global_guide.start
+            if start.laplace is not None:
+                self._refresh_held_factors(start.laplace.loc, args, kwargs)
             return
+        chunk_size = None
+        subsampled = [
+            plate for plate in plates if self._prototype_frames[plate.name].size != plate.size
+        ]
+        if subsampled:  # the collapsed density reads every member, a minibatch at a time
+            if len(plates) > 1:
+                return
+            chunk_size = self._prototype_frames[subsampled[0].name].size
         self.global_guide._setup_prototype(*args, **kwargs)  # the members' context reads it
         z = torch.cat(
             [
@@ -366,7 +388,10 @@ class AutoStructuredFlow(AutoGuide):
         )
         approx = None
         for _ in range(2):  # the factors refreshed at the first mode, then the mode again
-            approx = laplace_globals(self, approx.loc if approx else z, args, kwargs) or approx
+            approx = (
+                laplace_globals(self, approx.loc if approx else z, args, kwargs, chunk_size)
+                or approx
+            )
             if approx is None:
                 return
             values = global_values(self, approx.loc)[0]
@@ -376,7 +401,7 @@ class AutoStructuredFlow(AutoGuide):
                 tril, shift = self._laplace_factors(plate, values, dtype, args, kwargs)
                 deep_setattr(self.factor_trils, plate.name, tril)
                 deep_setattr(self.factor_shifts, plate.name, shift)
-        start = collapsed_start(z, approx)
+        start = collapsed_start(z, approx, subsampled=chunk_size is not None)
         # A Laplace start after all: its saved state says so, and a load checks it.
         self.global_guide.warm_start = "laplace"
         self.global_guide._adopt(start)
@@ -384,6 +409,32 @@ class AutoStructuredFlow(AutoGuide):
             self.global_guide.loc.copy_(start.base_loc)
         self.global_guide.scale = torch.full_like(start.loc, start.scale)
         logger.info("AutoStructuredFlow: globals started at their collapsed Laplace approximation")
+
+    def _refresh_held_factors(self, z: Tensor, args: tuple, kwargs: dict) -> None:
+        """The held (not learned) factors at the globals' unconstrained ``z``."""
+        values = {name: value.detach() for name, value in global_values(self, z)[0].items()}
+        for plate in self.local_plates.values():
+            if self._holds_factors(plate):
+                dtype = _deep_getattr(self.factor_shifts, plate.name).dtype
+                tril, shift = self._laplace_factors(plate, values, dtype, args, kwargs)
+                deep_setattr(self.factor_trils, plate.name, tril)
+                deep_setattr(self.factor_shifts, plate.name, shift)
+
+    def _holds_factors(self, plate: LocalPlate) -> bool:
+        """Whether the plate's factors are held (a subsampled plate), not learned."""
+        return plate.gaussian_factor and self._prototype_frames[plate.name].size != plate.size
+
+    def _loaded_start(self) -> bool:
+        """Whether Pyro's param store holds a loaded (not written here) state of the
+        globals' guide with a Laplace start; if so, the globals' guide is told so, so
+        that its set-up restores that start instead of refusing it."""
+        name = self.global_guide._pyro_name
+        saved = None if _written_here(name) else GuideState.read(name)
+        if saved is None or saved.start is None:
+            return False
+        if saved.start["kind"] == "laplace":
+            self.global_guide.warm_start = "laplace"
+        return True
 
     # ---- a draw -------------------------------------------------------------------------
 
@@ -556,12 +607,19 @@ class AutoStructuredFlow(AutoGuide):
         return self._draw_locals(global_values, args, kwargs, plates)
 
     def _draw_locals(
-        self, global_values: dict, args: tuple, kwargs: dict, plates: dict | None = None
+        self,
+        global_values: dict,
+        args: tuple,
+        kwargs: dict,
+        plates: dict | None = None,
+        given: dict[str, Tensor] | None = None,
     ) -> dict:
-        """Each local plate's members given the globals' values (as sample sites); return
-        every site's value."""
+        """Each local plate's members (those the model's plates draw, or ``given``) given
+        the globals' values (as sample sites); return every site's value."""
         plates = self._create_plates(*args, **kwargs) if plates is None else plates
-        indices, priors = self._read_plates(plates, global_values, args, kwargs)
+        if given is not None:
+            plates = {name: plate for name, plate in plates.items() if name not in given}
+        indices, priors = self._read_plates(plates, global_values, args, kwargs, given)
         outputs = self._local_draw(plates, global_values, indices, priors, args, kwargs)
         result = dict(global_values)
         for name, (value, log_density) in outputs.items():
@@ -682,6 +740,21 @@ class AutoStructuredFlow(AutoGuide):
         """Posterior median of every site and member: ``quantiles([0.5])``'s row."""
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
 
+    # ---- saving -------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # A plate's factors are held (buffers) where it is subsampled and learned
+        # (parameters, "..._unconstrained") on the full data: the same numbers, so a state
+        # of either loads into either. Renamed in place, before the submodules load.
+        own = {prefix + key for key in self.state_dict()}
+        heads = (prefix + "factor_trils.", prefix + "factor_shifts.")
+        for key in [key for key in state_dict if key.startswith(heads) and key not in own]:
+            for other in (key + "_unconstrained", key.removesuffix("_unconstrained")):
+                if other in own and other not in state_dict:
+                    state_dict[other] = state_dict.pop(key)
+                    break
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     # ---- pickling -----------------------------------------------------------------------
 
     def __getstate__(self) -> dict:
@@ -691,6 +764,16 @@ class AutoStructuredFlow(AutoGuide):
         self._model, self.master = model, master
         state["_model"] = model
         return state
+
+
+def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
+    """``module``'s buffer at the dotted ``name`` (submodules made as needed)."""
+    *parents, leaf = name.split(".")
+    for part in parents:
+        if not hasattr(module, part):
+            setattr(module, part, PyroModule())
+        module = getattr(module, part)
+    module.register_buffer(leaf, value)
 
 
 def _initial_rows(site: LocalSite, traced: dict) -> Tensor:
