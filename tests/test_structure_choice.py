@@ -317,3 +317,21 @@ def test_neutra_mcmc_refuses_the_structured_form(kind):
     guide(LARGE)
     with pytest.raises(ValueError, match="neutra_mcmc: .*structured form.*structured=False"):
         neutra_mcmc(model, guide, LARGE, num_samples=5, progress=False)
+
+
+def test_a_particle_plate_around_the_structured_form_is_refused_naming_the_way_out():
+    def model(y):
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        with pyro.plate("groups", len(y)):
+            a = pyro.sample("a", dist.Normal(0.0, tau))
+            pyro.sample("y", dist.Normal(a, 1.0), obs=y)
+
+    y = torch.randn(120)
+    guide = AutoSplineFlow(model)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    with pytest.raises(NotImplementedError, match="vectorize_particles"):
+        svi.step(y)
+    assert guide.structure.structured
+    loss = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO(num_particles=4)).step(y)
+    assert math.isfinite(loss)

@@ -40,6 +40,8 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
+from pyro.poutine.indep_messenger import IndepMessenger
+from pyro.poutine.runtime import _PYRO_STACK
 from torch import Tensor, nn
 
 from pyro_nf.autoguides import AutoFlow
@@ -602,6 +604,7 @@ class AutoStructuredFlow(AutoGuide):
         """Draw the globals, then each local plate's members; return every site's value."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        _check_no_outer_plate(set(self._prototype_frames))
         plates = self._create_plates(*args, **kwargs)  # the global guide reads them
         global_values = {} if self.global_guide is None else self.global_guide(*args, **kwargs)
         return self._draw_locals(global_values, args, kwargs, plates)
@@ -774,6 +777,24 @@ def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
             setattr(module, part, PyroModule())
         module = getattr(module, part)
     module.register_buffer(leaf, value)
+
+
+def _check_no_outer_plate(known: set[str]) -> None:
+    """Refuse a vectorised plate around the guide that is not one of the model's, such as
+    the particle plate of ``Trace_ELBO(vectorize_particles=True)``: the members' draws are
+    made for one global draw at a time."""
+    outer = [
+        frame.name
+        for frame in _PYRO_STACK
+        if isinstance(frame, IndepMessenger) and frame._vectorized and frame.name not in known
+    ]
+    if outer:
+        raise NotImplementedError(
+            f"AutoStructuredFlow: called inside the vectorised plate {outer[0]!r}, which is "
+            "not one of the model's: the structured form draws one particle at a time. Use "
+            "Trace_ELBO(num_particles=N) without vectorize_particles=True, or pyro_nf.fit, "
+            "which batches particles where the guide allows it"
+        )
 
 
 def _initial_rows(site: LocalSite, traced: dict) -> Tensor:
