@@ -255,6 +255,31 @@ def test_two_sites_a_member_and_a_positive_local():
     assert median["ab"].shape == (10, 1, 2) and bool((median["s"] > 0).all())
 
 
+def _intercepts_and_slopes(x, y, group):
+    mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 5.0).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(torch.ones(2)).to_event(1))
+    with pyro.plate("groups", 12):
+        a = pyro.sample("a", dist.Normal(mu[0], sigma[0]))
+        b = pyro.sample("b", dist.Normal(mu[1], sigma[1]))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(a[group] + b[group] * x, 0.5), obs=y)
+
+
+def test_collapsed_start_with_two_locals_a_member():
+    # A member of two Normal locals has a 2 x 2 factor, multiplied by its prior in
+    # float64 during the collapsed mode search while the factors stay float32: the
+    # start must not fall back to an isotropic one (it once did, on radon).
+    gen = torch.Generator().manual_seed(1)
+    group = torch.arange(12).repeat(5)
+    x = torch.randn(60, generator=gen)
+    y = 1.0 + 0.3 * torch.randn(12, generator=gen)[group] + 0.5 * x + 0.5 * torch.randn(60)
+    guide = AutoStructuredFlow(_intercepts_and_slopes)
+    guide(x, y, group)
+    start = guide.global_guide.start
+    assert start.laplace is not None and "collapsed" in start.reason
+    assert guide.local_plates["groups"].dim_total == 2
+
+
 def _known_scale_model(ybar, se, tau=0.7):
     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
     with pyro.plate("groups", len(ybar)):

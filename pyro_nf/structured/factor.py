@@ -101,6 +101,10 @@ def product_with_prior(
     >>> round(mean.item(), 4), round(R.item() ** -2, 4)
     (0.8, 0.2)
     """
+    # One dtype for all: the globals' collapsed start evaluates this in float64 while the
+    # factors' parameters stay in the guide's dtype (matmul does not promote).
+    dtype = torch.promote_types(prior_loc.dtype, L.dtype)
+    prior_loc, prior_scale, L, shift = (t.to(dtype) for t in (prior_loc, prior_scale, L, shift))
     scaled = prior_scale.unsqueeze(-1) * L  # S L
     if L.shape[-1] == 1:  # a scalar per member: no factorisation needed
         precision = 1.0 + scaled.squeeze(-1).square()
