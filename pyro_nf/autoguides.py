@@ -111,7 +111,7 @@ class AutoFlow(AutoContinuous):
     (see the docs' page on saving and loading guides).
 
     On a hierarchical model whose plate of local latent sites is subsampled or has at
-    least 100 members, the guide takes the structured form instead, before it builds
+    least 50 members, the guide takes the structured form instead, before it builds
     anything of the joint one: it hands every call to an `AutoStructuredFlow` (this flow
     on the global latents, per-member parameters on each plate's locals) built with the
     same flow, options, ``init_loc_fn``, ``init_scale`` and ``create_plates``, held as
@@ -171,7 +171,7 @@ class AutoFlow(AutoContinuous):
         500 in the structured one (each of whose draws covers every member of the plates).
     structured : {"auto", True, False}
         The guide's form. ``"auto"`` (default): the structured form where a plate holding
-        latent sites is subsampled or has at least 100 members
+        latent sites is subsampled or has at least 50 members
         (`pyro_nf.structured.rule.LARGE_PLATE_SIZE`), the joint flow otherwise (small
         models such as eight schools keep every correlation of the joint flow). True or
         False force a form; the joint form refuses local latent sites in a subsampled

@@ -336,14 +336,17 @@ def _advice(
 
 #: The correction that needs no refit, offered wherever the verdict is not good (k-hat is
 #: only computed on the full data, which `pyro_nf.reweighted` needs too).
-_REWEIGHT = "pyro_nf.reweighted(model, guide, *args) gives PSIS-corrected moments and quantiles now"
+_REWEIGHT = "pyro_nf.reweighted(model, guide, *args) gives PSIS-corrected moments now"
 
 
 def _what_to_try(guide: Callable, args: tuple, kwargs: dict, estimator: str) -> list[str]:
     """The remedies that apply to this guide and fit."""
     parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
     layers = [text for text in map(_layers, parts) if text is not None]
-    tries = [f"more flow layers ({'; '.join(layers)})"] if layers else []
+    # First: on garch200 and small hierarchical models the short tails came from gradient
+    # noise, not from the family (docs/robust.md, "Short tails from gradient noise").
+    tries = ["num_particles=32 (gradient noise cuts tails)"]
+    tries += [f"more flow layers ({'; '.join(layers)})"] if layers else []
     if len(layers) < len(parts):
         tries.append("a flow guide (AutoSplineFlow(model)) where a Gaussian or hand-written one is")
     if estimator != "iw" and supports_stl(guide, args, kwargs):
