@@ -99,9 +99,9 @@ def fit(
         the model propagates unchanged. Default:
         chosen by the measured cost of a step (`ParticleEffort`): doubled from 1 (up to
         256) while a step costs at most twice the one-particle step, the allowed multiple
-        doubling at each learning-rate decay; batched by vmap, one particle until the
-        first decay, then at most 8 at a multiple that stays at two; 1 where the model
-        cannot be batched. `FitResult.particle_schedule` says what was drawn when.
+        doubling at each learning-rate decay; batched by vmap, at most 32 at a multiple
+        that stays at two; 1 where the model cannot be batched.
+        `FitResult.particle_schedule` says what was drawn when.
         Timings vary with the machine's load, so two default fits with the same `seed`
         may draw different counts; give `num_particles` for a fit that repeats exactly.
     estimator : {"auto", "elbo", "stl", "iw"}

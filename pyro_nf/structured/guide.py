@@ -45,6 +45,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from torch import Tensor, nn
 
 from pyro_nf.autoguides import AutoFlow
+from pyro_nf.batching import StandardNormal
 from pyro_nf.checks import check_int, check_positive, check_probabilities
 from pyro_nf.noncentering import _loc_scale_prior, find_hierarchical_sites
 from pyro_nf.saved_state import GuideState, _written_here
@@ -551,7 +552,7 @@ class AutoStructuredFlow(AutoGuide):
         zeros = plate.batch_view(torch.zeros_like(like))
         eps = pyro.sample(
             f"_{self._pyro_name}_{plate.name}_eps",
-            dist.Normal(zeros, 1.0).to_event(1),
+            StandardNormal(zeros, 1.0).to_event(1),  # vmap batches its draws
             infer={"is_auxiliary": True},
         ).reshape(members, -1)
         y, log_det = push(eps)
