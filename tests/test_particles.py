@@ -21,21 +21,33 @@ def test_overhead_dominated_steps_get_the_most_particles():
     assert effort.particles == 256 and not effort.probing
 
 
-def test_vmapped_particles_are_probed_from_the_first_step_up_to_their_cap():
+def test_vmapped_particles_wait_for_the_first_decay_then_stop_at_their_cap():
     effort = ParticleEffort()
     assert effort.probe_particles == 2  # the batching is decided at two particles
     effort.begin(Batching.VMAP)
     counts = feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40)
-    assert counts[:3] == [1, 1, 2]  # probing from the start
-    assert effort.particles == effort.max_vmap_particles == 32 and not effort.probing
+    assert counts == [1] * 40 and not effort.probing
+    effort.raise_limit()
+    feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40, start=41)
+    assert effort.particles == effort.max_vmap_particles == 8 and not effort.probing
+    effort.raise_limit()  # at the cap: nothing left to probe
+    assert not effort.probing and effort.cost_ratio == 2.0
+    assert max(count for _, count in effort.history) == 8
+
+
+def test_vmapped_particles_from_the_start_are_probed_at_once_up_to_their_cap():
+    effort = ParticleEffort()
+    effort.begin(Batching.VMAP, from_start=True)
+    counts = feed(effort, lambda p: 0.010 + 1e-5 * p, steps=40)
+    assert counts[:3] == [1, 1, 2]  # probing from the first steps
+    assert effort.particles == effort.max_early_vmap_particles == 32 and not effort.probing
     effort.raise_limit()  # at the cap: nothing left to probe, and the multiple stays
     assert not effort.probing and effort.cost_ratio == 2.0
-    assert max(count for _, count in effort.history) == 32
 
 
-def test_costly_vmapped_particles_keep_one_until_a_decay_probes_again():
+def test_costly_vmapped_particles_from_the_start_keep_one_until_a_decay():
     effort = ParticleEffort()
-    effort.begin(Batching.VMAP)
+    effort.begin(Batching.VMAP, from_start=True)
     feed(effort, lambda p: 0.010 * (p + 1.5) if p > 1 else 0.010, steps=20)
     assert effort.particles == 1 and not effort.probing  # 2 cost 3.5x: back to one
     effort.raise_limit()

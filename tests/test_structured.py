@@ -13,6 +13,9 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
+from pyro_nf import fit
+from pyro_nf.batching import vmap_draws
+from pyro_nf.fitting.estimators import make_elbo
 from pyro_nf.structured import AutoStructuredFlow
 from pyro_nf.structured.global_start import collapsed_log_joint
 from pyro_nf.structured.rule import choose_structure
@@ -364,3 +367,15 @@ def test_population_scale_sd_matches_the_exact_posterior():
     errors = eh.score({"log_tau": draws["tau"].log()}, eh.exact_moments(exact), ["log_tau"])
     assert abs(errors["log_tau"]["log_sd_ratio"]) < math.log(1.1)
     assert abs(errors["log_tau"]["mean_error"]) < 0.2
+
+
+def test_fit_batches_the_structured_guides_particles_by_vmap_from_the_first_steps():
+    guide = AutoStructuredFlow(model)
+    result = fit(model, guide, YBAR, SE, num_steps=40, progress=False, num_khat_samples=0)
+    assert result.batching == "vmap"
+    assert any(step < 20 and count > 1 for step, count in result.particle_schedule)
+    # vmapped particles draw their members independently: two particles, two sets of rows
+    elbo = make_elbo("elbo", 2, vectorize=False, vmap=True)
+    draws = vmap_draws(lambda _: guide(YBAR, SE)["a"], 2)
+    assert draws.shape == (2, J) and not torch.equal(draws[0], draws[1])
+    assert math.isfinite(elbo.differentiable_loss(model, guide, YBAR, SE).item())

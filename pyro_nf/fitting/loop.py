@@ -40,6 +40,7 @@ from pyro_nf.fitting.schedule import DECAY, STOP, Schedule, ScheduleState
 from pyro_nf.fitting.subsampling import Subsampling, find_subsampling
 from pyro_nf.fitting.threads import ThreadChoice, restored_threads
 from pyro_nf.fitting.trust import check_khat_samples, judge_fit
+from pyro_nf.structured.delegate import structured_part
 
 __all__ = ["fit"]
 
@@ -99,8 +100,9 @@ def fit(
         the model propagates unchanged. Default:
         chosen by the measured cost of a step (`ParticleEffort`): doubled from 1 (up to
         256) while a step costs at most twice the one-particle step, the allowed multiple
-        doubling at each learning-rate decay; batched by vmap, at most 32 at a multiple
-        that stays at two; 1 where the model cannot be batched.
+        doubling at each learning-rate decay; batched by vmap, one particle until the
+        first decay, then at most 8 at a multiple that stays at two (the structured
+        guide's: from the first step, at most 32); 1 where the model cannot be batched.
         `FitResult.particle_schedule` says what was drawn when.
         Timings vary with the machine's load, so two default fits with the same `seed`
         may draw different counts; give `num_particles` for a fit that repeats exactly.
@@ -385,7 +387,9 @@ class _Training:
         if self.effort.adaptive:
             self._evaluate(0, lambda: self.objective.setup(self.effort.probe_particles))
         batching = self.objective.batching
-        self.effort.begin(batching)
+        # The structured guide's vmapped particles cost little and its globals' tails need
+        # them from the first step (ParticleEffort).
+        self.effort.begin(batching, from_start=structured_part(self.objective.guide) is not None)
         if batching is Batching.LOOP and not self.effort.adaptive and self.effort.particles > 1:
             warnings.warn(
                 "fit: the model does not vectorise over particles (in a plate or by vmap; "

@@ -27,13 +27,18 @@ class ParticleEffort:
     A policy: step times in (`update`), counts out; how particles are batched is told
     once, by `begin`, from the choice `fit` makes at setup. Where they cannot be batched
     (`Batching.LOOP`) the count stays at one. Where `torch.func.vmap` batches them (a
-    model that takes no particle plate), a vmapped particle can cost a whole model run
-    (GARCH on 1000 returns: 2 particles 2.3 times one) or next to nothing (the structured
-    guide on radon: 32 particles 1.7 times one), so the search runs from the first step as
-    above, up to `max_vmap_particles`, the allowed multiple staying at `cost_ratio`. From
-    the first step, not from the first decay: the shape a flow takes at the first rate is
-    what the later phases keep, and one particle's gradient there leaves tails short
-    (docs/robust.md, "Short tails from gradient noise").
+    model that takes no particle plate), the one-particle step is the guide's unbatched
+    step and a vmapped particle can cost a whole model run (GARCH on 1000 returns: 2
+    particles 2.3 times one): the search waits at one particle until the first decay,
+    where gradient noise starts to matter, then doubles as above up to
+    `max_vmap_particles`, the allowed multiple staying at `cost_ratio`. Told `from_start`
+    (`fit` does for the structured guide, whose vmapped particles cost little: 32 at
+    1.3-1.7 times one), the search runs from the first step instead, up to
+    `max_early_vmap_particles`: the shape a flow takes at the first rate is what the later
+    phases keep, and one particle's gradient there left the population scales' sds
+    20-50% short (docs/robust.md, "Short tails from gradient noise"). On the joint flow's
+    vmapped models it bought less for its cost (the correlated regression: 1.5 times the
+    fit's time for errors of 0.025 / 0.016 against 0.039 / 0.020).
 
     Why cost, not trace size: where the model's arithmetic is cheap a step is Python
     overhead and particles come almost free; where it is not, each one costs. The
@@ -54,7 +59,9 @@ class ParticleEffort:
     """
 
     max_particles: int = 256
-    max_vmap_particles: int = 32
+    max_vmap_particles: int = 8
+    max_early_vmap_particles: int = 32
+    from_start: bool = False
     cost_ratio: float = 2.0
     probe_steps: int = 3
     particles: int = 1
@@ -87,11 +94,13 @@ class ParticleEffort:
         the first count above one the search may reach."""
         return max(self.particles, 2) if self.adaptive else self.particles
 
-    def begin(self, batching: Batching) -> None:
+    def begin(self, batching: Batching, from_start: bool = False) -> None:
         """How particles are batched, decided at setup: a count chosen by this rule stays
-        at one where they cannot be batched."""
-        self.batching = batching
-        if self.adaptive and batching is Batching.LOOP:
+        at one where they cannot be batched, and until the first decay where vmap batches
+        them, unless ``from_start``."""
+        self.batching, self.from_start = batching, from_start
+        waits = batching is Batching.VMAP and not from_start
+        if self.adaptive and (batching is Batching.LOOP or waits):
             self.probing = False
 
     def update(self, seconds: float, step: int) -> int | None:
@@ -140,7 +149,8 @@ class ParticleEffort:
     def limit(self) -> int:
         """The most particles the search may reach with the current batching."""
         if self.batching is Batching.VMAP:
-            return min(self.max_particles, self.max_vmap_particles)
+            cap = self.max_early_vmap_particles if self.from_start else self.max_vmap_particles
+            return min(self.max_particles, cap)
         return self.max_particles
 
     def _record(self, step: int) -> int:

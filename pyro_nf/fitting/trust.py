@@ -32,7 +32,7 @@ from pyro_nf.checks import check_int
 from pyro_nf.fitting.estimators import supports_stl
 from pyro_nf.importance import check_psis_draws, khat_from_log_weights
 from pyro_nf.log_weights import LogWeights, Prototype, full_data_problem
-from pyro_nf.structured import AutoStructuredFlow
+from pyro_nf.structured.delegate import structured_part
 from pyro_nf.summaries import fixed_random_state
 
 __all__ = [
@@ -351,24 +351,16 @@ def _what_to_try(guide: Callable, args: tuple, kwargs: dict, estimator: str) -> 
         tries.append("a flow guide (AutoSplineFlow(model)) where a Gaussian or hand-written one is")
     if estimator != "iw" and supports_stl(guide, args, kwargs):
         tries.append('estimator="iw" with num_particles=8 (its guide covers the mass)')
-    if _structured(guide) is None and isinstance(guide, AutoFlow):
+    if structured_part(guide) is None and isinstance(guide, AutoFlow):
         tries.append("exact draws by NUTS in the flow's space (neutra_mcmc)")
     else:
         tries.append("exact draws by NUTS (nuts_mcmc)")
     return tries
 
 
-def _structured(guide: Callable) -> AutoStructuredFlow | None:
-    """The structured guide that does the work: the guide itself, or the one an `AutoFlow`
-    in the structured form hands its calls to (which has no joint flow for NeuTra)."""
-    if isinstance(guide, AutoStructuredFlow):
-        return guide
-    return getattr(guide, "structured_guide", None) if isinstance(guide, AutoFlow) else None
-
-
 def _layers(guide: Callable) -> str | None:
     """A flow guide's layer counts, as its arguments name them; None for other guides."""
-    structured = _structured(guide)
+    structured = structured_part(guide)
     if structured is not None:
         inner = structured.global_guide
         now = "" if inner is None else f", now {inner.flow_options.get('num_layers')}"

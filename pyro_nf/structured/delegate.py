@@ -34,6 +34,7 @@ __all__ = [
     "choose_structure",
     "joint_only",
     "keep_own_master",
+    "structured_part",
 ]
 
 #: Adam's rate for the structured form: the rate `pyro_nf.fit` gives `AutoStructuredFlow`
@@ -189,3 +190,20 @@ def joint_only(guide: Any, method: str) -> RuntimeError:
         "in a subsampled plate), or use the structured guide's median, quantiles and "
         "Predictive"
     )
+
+
+def structured_part(guide: Any) -> AutoStructuredFlow | None:
+    """The structured guide that does the work: the guide itself, or the one an `AutoFlow`
+    in the structured form hands its calls to; None for any other guide.
+
+    Examples
+    --------
+    >>> def model():
+    ...     pyro.sample("x", pyro.distributions.Normal(0.0, 1.0))
+    >>> structured_part(AutoGuide(model)) is None
+    True
+    """
+    if isinstance(guide, AutoStructuredFlow):
+        return guide
+    part = getattr(guide, "structured_guide", None)
+    return part if isinstance(part, AutoStructuredFlow) else None

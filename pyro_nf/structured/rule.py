@@ -21,10 +21,11 @@ __all__ = ["LARGE_PLATE_SIZE", "StructureChoice", "check_structured", "choose_st
 logger = logging.getLogger("pyro_nf")
 
 #: Members from which a plate of local latent sites makes the structured form the default.
-#: 50: on radon (85 counties) the joint spline flow took 150-200 s to its step limit, 7-9x
-#: AutoNormal's 22 s, against 7-10 s for the structured form, whose globals were as close to
-#: NUTS or closer; on the normal-normal model at 50 groups the joint flow took 33-42 s, the
-#: structured 6-7 s. At 20 groups the joint flow was the more accurate (docs/hierarchical.md).
+#: 50: on radon (85 counties) the joint spline flow took 150-280 s to its step limit, 7-13x
+#: AutoNormal's 22 s, against 15-18 s for the structured form, whose globals were closer to
+#: NUTS; on the normal-normal model at 20 and 50 groups the joint flow took 22-42 s, the
+#: structured 9-12 s, as accurate or more (docs/hierarchical.md, "Radon through the default
+#: guide"). Eight schools (8) stays joint: below 20 groups nothing was measured.
 LARGE_PLATE_SIZE = 50
 
 
