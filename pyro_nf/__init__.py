@@ -35,6 +35,7 @@ _EXPORTS = {
     "log_importance_weights": "pyro_nf.diagnostics",
     "psis_khat": "pyro_nf.diagnostics",
     "reweighted": "pyro_nf.reweighting",
+    "VmapTrace_ELBO": "pyro_nf.fitting.estimators",
     "to_inference_data": "pyro_nf.diagnostics",
     "FlowDistribution": "pyro_nf.distribution",
     "FLOWS": "pyro_nf.flows.registry",
