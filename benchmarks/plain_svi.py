@@ -52,11 +52,13 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch import Tensor
 
-from benchmarks import exact_garch, exact_regression
-from benchmarks.fit_cost import PROBLEMS, ROOT, robust
-from pyro_nf import AutoSplineFlow, fit, reweighted
+from benchmarks import exact_garch, exact_hierarchical, exact_regression
+from benchmarks.fit_cost import PROBLEMS as ROBUST_PROBLEMS
+from benchmarks.fit_cost import ROOT, robust
+from pyro_nf import AutoSplineFlow, VmapTrace_ELBO, fit, reweighted
 from pyro_nf.laplace import laplace_approximation
 from pyro_nf.log_joint import unconstrained_log_joint
+from pyro_nf.structured.delegate import structured_part
 
 MEAN_BAR, SD_BAR = 0.1, 0.095
 CACHE = ROOT / "benchmarks" / "nuts_cache"
@@ -96,6 +98,24 @@ def svi_loop(
     return {"steps": num_steps, "final_loss": sum(losses[-100:]) / len(losses[-100:])}
 
 
+def nn100_problem() -> robust.Problem:
+    """The normal-normal hierarchical model, centred, 100 groups (`exact_hierarchical`)."""
+    data = exact_hierarchical.simulate(100, seed=0)
+    return robust.Problem("nn100", exact_hierarchical.model, tuple(data))
+
+
+PROBLEMS: dict[str, Callable[[], robust.Problem]] = {**ROBUST_PROBLEMS, "nn100": nn100_problem}
+
+
+def exact_nn100(problem: robust.Problem) -> dict:
+    """Exact means and sds of nn100 in unconstrained space, in `robust.flatten`'s order."""
+    moments = exact_hierarchical.exact_moments(exact_hierarchical.Groups(*problem.args))
+    names = {"mu": "mu", "tau": "log_tau", "theta": "theta"}  # sorted site -> reference site
+    mean = torch.cat([moments.mean[names[n]].reshape(-1) for n in sorted(names)])
+    sd = torch.cat([moments.sd[names[n]].reshape(-1) for n in sorted(names)])
+    return {"mean": mean, "sd": sd, "source": "exact"}
+
+
 def run_snippet(problem: robust.Problem, guide, args: argparse.Namespace) -> dict:
     """The README's loop: Adam at `guide.default_lr`, `Trace_ELBO()`, a fixed count."""
     optim = pyro.optim.Adam({"lr": guide.default_lr})
@@ -125,10 +145,18 @@ def takes_particle_plate(problem: robust.Problem) -> bool:
 
 def run_recipe(problem: robust.Problem, guide, args: argparse.Namespace) -> dict:
     """The recipe: `ClippedAdam` from `guide.default_lr` down to `final_lr` times it, and
-    `args.recipe_particles` particles, vectorised where more than one."""
+    `args.recipe_particles` particles where more than one: in a particle plate where the
+    model takes one and the guide is not in the structured form, else by vmap."""
+    guide(*problem.args)  # the guide's form and its rate are set at its first call
     optim = recipe_optimizer(guide.default_lr, args.steps, args.final_lr)
     particles = args.recipe_particles
-    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1)
+    plate = args.recipe_plate and structured_part(guide) is None
+    if particles == 1:
+        elbo = Trace_ELBO()
+    elif plate:
+        elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True)
+    else:
+        elbo = VmapTrace_ELBO(num_particles=particles)
     details = svi_loop(problem, guide, optim, args.steps, elbo)
     return {**details, "particles": particles}
 
@@ -175,6 +203,8 @@ def laplace_draws(problem: robust.Problem, num_draws: int = 4000, widen: float =
 def reference(name: str, problem: robust.Problem, args: argparse.Namespace) -> dict:
     """Reference means and sds in unconstrained space (`mean`, `sd`) and their `source`:
     exact moments for the regressions and the GARCHs (cached), the NUTS chain otherwise."""
+    if name == "nn100":
+        return exact_nn100(problem)
     if name in exact_regression.REGRESSIONS:
         mean, sd = exact_regression.problem_moments(name, problem)
         return {"mean": mean, "sd": sd, "source": "exact"}
@@ -306,8 +336,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--single-particle",
         nargs="*",
-        default=["arma"],
-        help="models the recipe gives one particle although they take a particle plate",
+        default=["arma", "garch"],
+        help="models the recipe gives one particle (one costs a model run)",
     )
     parser.add_argument("--snippet-steps", type=int, default=5000)
     parser.add_argument("--fit-steps", type=int, default=5000, help="fit's num_steps")
@@ -329,8 +359,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.models:
         problem = PROBLEMS[name]()
         ref = reference(name, problem, args)
-        many = takes_particle_plate(problem) and name not in args.single_particle
-        args.recipe_particles = args.particles if many else 1
+        args.recipe_plate = takes_particle_plate(problem)
+        args.recipe_particles = 1 if name in args.single_particle else args.particles
         for seed in args.seeds:
             for method in args.methods:
                 args.seed = seed

@@ -39,12 +39,11 @@ from pathlib import Path
 import pyro
 import torch
 
-from benchmarks import exact_hierarchical
-from benchmarks.fit_cost import PROBLEMS as ROBUST_PROBLEMS
 from benchmarks.fit_cost import ROOT
 from benchmarks.plain_svi import (
     CACHE,
     MEAN_BAR,
+    PROBLEMS,
     SD_BAR,
     _load,
     moment_errors,
@@ -53,24 +52,6 @@ from benchmarks.plain_svi import (
     unconstrained,
 )
 from pyro_nf import AutoSplineFlow, fit, reweighted
-
-
-def nn100_problem() -> robust.Problem:
-    """The normal-normal hierarchical model, centred, 100 groups (`exact_hierarchical`)."""
-    data = exact_hierarchical.simulate(100, seed=0)
-    return robust.Problem("nn100", exact_hierarchical.model, tuple(data))
-
-
-PROBLEMS: dict[str, Callable[[], robust.Problem]] = {**ROBUST_PROBLEMS, "nn100": nn100_problem}
-
-
-def exact_nn100(problem: robust.Problem) -> dict:
-    """Exact means and sds of nn100 in unconstrained space, in `robust.flatten`'s order."""
-    moments = exact_hierarchical.exact_moments(exact_hierarchical.Groups(*problem.args))
-    names = {"mu": "mu", "tau": "log_tau", "theta": "theta"}  # sorted site -> reference site
-    mean = torch.cat([moments.mean[names[n]].reshape(-1) for n in sorted(names)])
-    sd = torch.cat([moments.sd[names[n]].reshape(-1) for n in sorted(names)])
-    return {"mean": mean, "sd": sd, "source": "exact"}
 
 
 def corrections(
@@ -221,7 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name in args.models:
         problem = PROBLEMS[name]()
-        ref = exact_nn100(problem) if name == "nn100" else reference(name, problem, args)
+        ref = reference(name, problem, args)
         for seed in args.seeds:
             args.seed = seed
             rows += study(name, ref, args)
