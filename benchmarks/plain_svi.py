@@ -48,7 +48,7 @@ from pathlib import Path
 import pyro
 import torch
 from pyro.distributions.transforms import biject_to
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch import Tensor
 
@@ -276,6 +276,19 @@ def reweighted_row(problem: robust.Problem, guide, ref: dict, row: dict, num_dra
     }
 
 
+def guide_draws(problem: robust.Problem, guide, num_draws: int) -> Tensor:
+    """Unconstrained draws of every latent site, flattened in `robust.flatten`'s order:
+    from the joint flow directly, from a structured guide through `Predictive` (it has no
+    joint posterior to draw from)."""
+    supports = robust.latent_supports(problem)
+    if structured_part(guide) is None:
+        return robust.flatten(robust.guide_draws(guide, supports, num_draws, problem.args))
+    predictive = Predictive(problem.model, guide=guide, num_samples=num_draws)
+    with torch.no_grad():
+        draws = predictive(*problem.args)
+    return unconstrained(problem, {name: draws[name] for name in supports})
+
+
 def run_method(
     problem: robust.Problem, method: str, ref: dict, args: argparse.Namespace
 ) -> tuple[dict, object]:
@@ -286,9 +299,7 @@ def run_method(
     start = time.perf_counter()
     details = METHODS[method](problem, guide, args)
     seconds = time.perf_counter() - start
-    supports = robust.latent_supports(problem)
-    draws = robust.flatten(robust.guide_draws(guide, supports, args.num_draws, problem.args))
-    mean_err, sd_err = moment_errors(draws, ref)
+    mean_err, sd_err = moment_errors(guide_draws(problem, guide, args.num_draws), ref)
     row = {
         "model": problem.name,
         "method": method,

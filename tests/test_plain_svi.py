@@ -6,6 +6,7 @@ Runtime: about 1 minute on 2 cores.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -50,5 +51,17 @@ def test_both_benchmarks_run_on_a_tiny_setting(tmp_path):
         assert [r["correction"] for r in rows] == labels
         assert all(0 < r["psis_ess"] <= r["num_draws"] and r["added_ratio"] >= 0 for r in rows)
         assert rows[0]["added_s"] == 0.0 and rows[3]["iw_steps"] <= 10
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_the_recipe_vmaps_the_structured_forms_particles(tmp_path):
+    try:
+        out = tmp_path / "nn100.json"
+        argv = ["--models", "nn100", "--methods", "recipe", "--steps", "20"]
+        plain_svi.main([*argv, "--particles", "4", "--num-draws", "200", "--out", str(out)])
+        (row,) = json.loads(out.read_text())["rows"]
+        assert row["particles"] == 4 and row["steps"] == 20 and row["reference"] == "exact"
+        assert math.isfinite(row["mean_err"]) and math.isfinite(row["sd_err"])
     finally:
         torch.set_default_dtype(torch.float32)
