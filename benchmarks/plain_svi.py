@@ -9,12 +9,13 @@ arma), three ways of training `AutoSplineFlow(model)` at its defaults:
   (5000): a constant learning rate to the end.
 - ``recipe``: the same loop with Pyro's `ClippedAdam` decaying the learning rate
   geometrically from `default_lr` to `--final-lr` times it over `--steps` steps
-  (`"lrd": final_lr ** (1 / steps)`), and `Trace_ELBO(num_particles=--particles,
-  vectorize_particles=True)` where the model takes a particle plate and a step is
-  overhead rather than arithmetic (schools, years), `Trace_ELBO()` elsewhere (arma,
-  `--single-particle`, whose particle costs a 200 x 200 matrix: 32 would make a step
-  about 30 times dearer; the correlated regression's `x @ beta` and both GARCHs, which
-  take no particle plate).
+  (`"lrd": final_lr ** (1 / steps)`), and `--particles` (32) particles a step in one
+  pass: `Trace_ELBO(num_particles=32, vectorize_particles=True)` where the model takes a
+  particle plate and the guide is not in the structured form, `pyro_nf.VmapTrace_ELBO`
+  otherwise (the correlated regression's `x @ beta`, the GARCHs' recursion, nn100's
+  structured guide). The `--costly` models, where a particle costs a whole model run (a
+  step at 32 over 5 times one at 1: arma's 200 x 200 matrix, garch's 1000-step
+  recursion), get `--costly-particles` (4).
 - ``fit``: `pyro_nf.fit` at its defaults (`num_steps=5000` an upper bound).
 
 With `--psis-draws N`, each method's row is followed by a ``+psis`` row: the same guide's
@@ -345,11 +346,12 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--final-lr", type=float, default=0.01, help="the recipe's last rate")
     parser.add_argument("--particles", type=int, default=32, help="the recipe's particles")
     parser.add_argument(
-        "--single-particle",
+        "--costly",
         nargs="*",
         default=["arma", "garch"],
-        help="models the recipe gives one particle (one costs a model run)",
+        help="models where a particle costs a model run: --costly-particles for them",
     )
+    parser.add_argument("--costly-particles", type=int, default=4)
     parser.add_argument("--snippet-steps", type=int, default=5000)
     parser.add_argument("--fit-steps", type=int, default=5000, help="fit's num_steps")
     parser.add_argument(
@@ -371,7 +373,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         problem = PROBLEMS[name]()
         ref = reference(name, problem, args)
         args.recipe_plate = takes_particle_plate(problem)
-        args.recipe_particles = 1 if name in args.single_particle else args.particles
+        costly = name in args.costly
+        args.recipe_particles = args.costly_particles if costly else args.particles
         for seed in args.seeds:
             for method in args.methods:
                 args.seed = seed
