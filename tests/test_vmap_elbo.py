@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta
+from pyro.infer.autoguide import AutoDelta, AutoNormal
 
 from pyro_nf import AutoSplineFlow, AutoStructuredFlow, VmapTrace_ELBO
 
@@ -72,6 +72,12 @@ def test_sets_the_guide_up_outside_vmap_and_trains_the_structured_guide():
     losses = [svi.step(y) for _ in range(20)]
     assert all(math.isfinite(loss) for loss in losses)
     assert guide.prototype_trace is not None
+
+
+def test_a_guide_vmap_cannot_batch_gets_a_clear_error():
+    guide = AutoNormal(regression)
+    with pytest.raises(NotImplementedError, match="in-place random op.*vectorize_particles"):
+        VmapTrace_ELBO(num_particles=4).loss_and_grads(regression, guide, X, Y)
 
 
 def test_refuses_a_particle_plate():

@@ -191,7 +191,17 @@ class _VmappedParticles:
     def differentiable_loss(
         self, model: Callable, guide: Callable, *args: object, **kwargs: object
     ) -> Tensor:
-        return -vmapped_log_weights(self, model, guide, args, kwargs).mean()
+        try:
+            return -vmapped_log_weights(self, model, guide, args, kwargs).mean()
+        except RuntimeError as error:
+            if "inplace randomness" not in str(error):
+                raise
+            raise NotImplementedError(
+                f"{type(self).__name__}: the guide or model draws by an in-place random "
+                "op, which torch.func.vmap cannot batch (Pyro's own distributions do, e.g. "
+                "AutoNormal's); use Trace_ELBO(num_particles=N, vectorize_particles=True), "
+                "Trace_ELBO(num_particles=N) (one at a time) or a pyro_nf flow guide"
+            ) from error
 
     def loss_and_grads(
         self, model: Callable, guide: Callable, *args: object, **kwargs: object
