@@ -379,3 +379,18 @@ def test_fit_batches_the_structured_guides_particles_by_vmap_from_the_first_step
     draws = vmap_draws(lambda _: guide(YBAR, SE)["a"], 2)
     assert draws.shape == (2, J) and not torch.equal(draws[0], draws[1])
     assert math.isfinite(elbo.differentiable_loss(model, guide, YBAR, SE).item())
+
+
+def test_vmapped_particles_each_draw_their_own_minibatch():
+    guide = AutoStructuredFlow(model)
+    guide(YBAR, SE, None, 5)
+
+    def particle(_):
+        trace = poutine.trace(guide).get_trace(YBAR, SE, None, 5)
+        return trace.nodes["groups"]["value"]
+
+    indices = vmap_draws(particle, 8)
+    assert indices.shape == (8, 5)
+    assert len({tuple(row.tolist()) for row in indices}) > 1  # not one shared minibatch
+    result = fit(model, guide, YBAR, SE, None, 5, num_steps=30, progress=False)
+    assert result.batching == "vmap" and math.isfinite(result.elbo)

@@ -45,6 +45,10 @@ def check_indices(plate: LocalPlate, indices: Tensor) -> Tensor:
     >>> check_indices(LocalPlate("g", -1, 3), torch.tensor([0, 2])).tolist()
     [0, 2]
     """
+    if torch._C._functorch.is_batchedtensor(indices):
+        # Drawn by the model's own plate inside vmap (each particle its own minibatch):
+        # in range by construction, and vmap cannot read values back to check them.
+        return indices
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= plate.size):
         raise IndexError(
             f"plate {plate.name!r}: subsample indices must lie in [0, {plate.size}), got "
