@@ -17,6 +17,7 @@ from pyro_nf import fit
 from pyro_nf.batching import vmap_draws
 from pyro_nf.fitting.estimators import make_elbo
 from pyro_nf.structured import AutoStructuredFlow
+from pyro_nf.structured.factor import log_normalizer, product_with_prior
 from pyro_nf.structured.global_start import collapsed_log_joint
 from pyro_nf.structured.rule import choose_structure
 
@@ -394,3 +395,48 @@ def test_vmapped_particles_each_draw_their_own_minibatch():
     assert len({tuple(row.tolist()) for row in indices}) > 1  # not one shared minibatch
     result = fit(model, guide, YBAR, SE, None, 5, num_steps=30, progress=False)
     assert result.batching == "vmap" and math.isfinite(result.elbo)
+
+
+def test_log_normalizer_of_a_two_local_member_against_quadrature():
+    loc, scale = torch.tensor([[0.5, -1.0]]), torch.tensor([[1.5, 0.7]])
+    L = torch.tensor([[[1.2, 0.0], [0.4, 0.9]]])
+    shift = torch.tensor([[0.3, -0.2]])
+    mean, R = product_with_prior(loc, scale, L, shift)
+    axis = torch.linspace(-12.0, 12.0, 1201, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    prior = dist.Normal(loc.double(), scale.double()).log_prob(x).sum(-1)
+    precision = (L @ L.mT)[0].double()
+    factor = -0.5 * ((x @ precision) * x).sum(-1) + x @ shift[0].double()
+    step = float(axis[1] - axis[0])
+    exact = torch.logsumexp(prior + factor, 0) + 2 * math.log(step)
+    assert float(log_normalizer(loc, L, shift, mean, R)) == pytest.approx(float(exact), abs=1e-3)
+
+
+def _covariate_model(ybar, se, batch_size=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(2.0))
+    with pyro.plate("groups", len(ybar), subsample_size=batch_size) as j:
+        a = pyro.sample("a", dist.Normal(mu + 0.1 * j.float(), tau))  # a member's own prior
+        pyro.sample("ybar", dist.Normal(a, se[j]), obs=ybar[j])
+
+
+def test_control_variate_cuts_the_minibatch_noise_of_the_globals_gradient():
+    guide = AutoStructuredFlow(model)
+    guide(YBAR, SE, None, 5)
+    assert guide._shared_priors == {"groups": True}  # a_j ~ Normal(mu, tau) for all j
+    params = [p for name, p in guide.named_parameters() if "global_guide" in name]
+    variances, losses = [], []
+    for shared in ({"groups": True}, {}):
+        guide._shared_priors = shared
+        grads = []
+        for seed in range(100):
+            pyro.set_rng_seed(seed)
+            loss = Trace_ELBO().differentiable_loss(model, guide, YBAR, SE, None, 5)
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+            losses.append(loss.item())
+        variances.append(torch.stack(grads).var(0).sum())
+    assert variances[0] < 0.6 * variances[1]
+    assert losses[:100] == pytest.approx(losses[100:], rel=1e-5)  # its value is zero
+    covariate = AutoStructuredFlow(_covariate_model)
+    covariate(YBAR, SE, 5)
+    assert covariate._shared_priors == {"groups": False}  # no control variate there

@@ -41,7 +41,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 from pyro.poutine.indep_messenger import IndepMessenger
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.runtime import _PYRO_STACK, am_i_wrapped
 from torch import Tensor, nn
 
 from pyro_nf.autoguides import AutoFlow
@@ -51,7 +51,13 @@ from pyro_nf.noncentering import _loc_scale_prior, find_hierarchical_sites
 from pyro_nf.saved_state import GuideState, _written_here
 from pyro_nf.summaries import fixed_random_state
 
-from .factor import draw, factor_from_precision, factor_precision, product_with_prior
+from .factor import (
+    draw,
+    factor_from_precision,
+    factor_precision,
+    log_normalizer,
+    product_with_prior,
+)
 from .factor_start import laplace_factors
 from .global_start import collapsed_start, global_values, laplace_globals
 from .layout import LocalPlate, LocalSite, local_site
@@ -178,6 +184,8 @@ class AutoStructuredFlow(AutoGuide):
         self.init_scale = check_positive("init_scale", init_scale, maximum=1e6)
         self.num_summary_samples = check_int("num_summary_samples", num_summary_samples, minimum=1)
         self.local_layers = check_int("local_layers", local_layers, minimum=1)
+        #: Per subsampled plate, whether every member's prior is the same (set-up).
+        self._shared_priors: dict[str, bool] = {}
         self.local_flow = local_flow
         self._local_plate_names = None if local_plates is None else tuple(local_plates)
         self._global_options = dict(
@@ -419,6 +427,10 @@ class AutoStructuredFlow(AutoGuide):
                 tril, shift = self._laplace_factors(plate, values, dtype, args, kwargs)
                 deep_setattr(self.factor_trils, plate.name, tril)
                 deep_setattr(self.factor_shifts, plate.name, shift)
+        self._shared_priors = {
+            plate.name: self._prior_is_shared(plate, values, chunk_size, args, kwargs)
+            for plate in subsampled
+        }
         start = collapsed_start(z, approx, subsampled=chunk_size is not None)
         # A Laplace start after all: its saved state says so, and a load checks it.
         self.global_guide.warm_start = "laplace"
@@ -596,9 +608,7 @@ class AutoStructuredFlow(AutoGuide):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(u, 1, 0)``: the members' non-centred rows ``u`` drawn from their prior times
         their factor, through the optional shared flow in the product's own coordinates."""
-        tril = _deep_getattr(self.factor_trils, plate.name).reshape(plate.size, -1)[members]
-        shift = _deep_getattr(self.factor_shifts, plate.name).reshape(plate.size, -1)[members]
-        mean, R = product_with_prior(*prior, factor_precision(tril, plate.dim_total), shift)
+        mean, R = self._product(plate, members, prior)[2:]
         flow = self.member_flows[index]
         member_context = None
         if len(flow.layers):
@@ -615,6 +625,63 @@ class AutoStructuredFlow(AutoGuide):
         with plates[plate.name]:
             u = self._member_rows(plate, mean, push)
         return u, torch.ones_like(u), torch.zeros_like(u)
+
+    def _product(
+        self, plate: LocalPlate, members: Tensor, prior: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The ``members``' factors (``L``, ``shift``) and their product with ``prior``
+        (``mean``, ``R``; `pyro_nf.structured.factor.product_with_prior`)."""
+        tril = _deep_getattr(self.factor_trils, plate.name).reshape(plate.size, -1)[members]
+        shift = _deep_getattr(self.factor_shifts, plate.name).reshape(plate.size, -1)[members]
+        L = factor_precision(tril, plate.dim_total)
+        return (L, shift, *product_with_prior(*prior, L, shift))
+
+    def _prior_is_shared(
+        self, plate: LocalPlate, values: dict, chunk_size: int, args: tuple, kwargs: dict
+    ) -> bool:
+        """Whether every member of ``plate`` has the same prior at the globals' ``values``
+        (``theta_j ~ Normal(mu, tau)``, no member's own data in it), read a minibatch of
+        ``chunk_size`` at a time: then the whole plate's priors are one member's, which
+        the control variate (`_control_variate`) needs at every step."""
+        others = {
+            name: p
+            for name, p in self._create_plates(*args, **kwargs).items()
+            if name != plate.name
+        }
+        first = None
+        for start in range(0, plate.size, chunk_size):
+            members = torch.arange(start, start + chunk_size) % plate.size
+            given = {plate.name: members}
+            priors = self._read_plates(others, values, args, kwargs, given)[1]
+            rows = torch.cat([priors[site.name][k] for site in plate.sites for k in (0, 1)], -1)
+            first = rows[:1] if first is None else first
+            if not torch.allclose(rows, first.expand_as(rows)):
+                return False
+        return True
+
+    def _control_variate(
+        self, plate: LocalPlate, members: Tensor, prior: tuple[Tensor, Tensor]
+    ) -> None:
+        """On a subsampled plate, add to the ELBO ``H(g) - (N / B) sum_{j in batch} h_j(g)``,
+        ``h_j`` member j's prior-times-factor log normalizer at the global draw and ``H``
+        its sum over the whole plate: zero in expectation over minibatches at every ``g``,
+        so the gradient stays unbiased, while it cancels the minibatch's noise in the
+        members' part of the ELBO wherever the factor is their likelihood (exactly on a
+        Gaussian one). Only where every member's prior is the same (`_prior_is_shared`, at
+        set-up), so that ``H`` needs no model run over the whole plate. Written here
+        because Pyro's plate scaling has no control variate to offer."""
+        if not (self._shared_priors.get(plate.name, False) and am_i_wrapped()):
+            return  # outside inference (a direct call) there is no ELBO to add it to
+        everyone = torch.arange(plate.size, device=members.device)
+        full = tuple(part[:1].expand(plate.size, -1) for part in prior)
+        total = log_normalizer(full[0], *self._product(plate, everyone, full)).sum()
+        batch = log_normalizer(prior[0], *self._product(plate, members, prior)).sum()
+        variate = total - plate.size / len(members) * batch
+        # Its gradient only: its value varies from minibatch to minibatch by the members'
+        # factors' own constants, which would make the loss the user (and fit's plateau
+        # rule) reads far noisier. A factor in the guide enters the ELBO as -log q does.
+        gradient_only = variate - variate.detach()
+        pyro.factor(f"_{self._pyro_name}_{plate.name}_cv", -gradient_only, has_rsample=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict:
         """Draw the globals, then each local plate's members; return every site's value."""
@@ -639,7 +706,9 @@ class AutoStructuredFlow(AutoGuide):
         if given is not None:
             plates = {name: plate for name, plate in plates.items() if name not in given}
         indices, priors = self._read_plates(plates, global_values, args, kwargs, given)
-        outputs = self._local_draw(plates, global_values, indices, priors, args, kwargs)
+        outputs = self._local_draw(
+            plates, global_values, indices, priors, args, kwargs, variate=given is None
+        )
         result = dict(global_values)
         for name, (value, log_density) in outputs.items():
             with ExitStack() as stack:
@@ -664,8 +733,10 @@ class AutoStructuredFlow(AutoGuide):
         priors: dict,
         args: tuple,
         kwargs: dict,
+        variate: bool = False,
     ) -> dict[str, tuple[Tensor, Tensor]]:
-        """The members' rows at ``indices``, mapped to the local sites' values."""
+        """The members' rows at ``indices``, mapped to the local sites' values; with
+        ``variate``, a subsampled plate's control variate (`_control_variate`) too."""
         context = self._global_context(global_values, args, kwargs)
         rows = {}
         for index, plate in enumerate(self.local_plates.values()):
@@ -680,6 +751,9 @@ class AutoStructuredFlow(AutoGuide):
                     for k in (0, 1)
                 )
                 parts = self._factor_rows(index, plates, plate, members, prior, context)
+                subsampled = len(members) < plate.size
+                if variate and subsampled and len(self.local_plates) == 1:
+                    self._control_variate(plate, members, prior)
             else:
                 parts = self._affine_rows(index, plates, plate, members, context)
             for site in plate.sites:
