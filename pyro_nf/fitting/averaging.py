@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from pyro_nf.fitting.schedule import DECAY, IMPROVED, MOVING, STEP, STOP
+from pyro_nf.fitting.window_sum import WindowSum
 
 __all__ = ["IterateAverage"]
 
@@ -34,25 +35,20 @@ class IterateAverage:
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
-        self.sums: dict[str, Tensor] = {}
+        self.running = WindowSum()
         self.window_means: list[dict[str, Tensor]] = []
 
-    @torch.no_grad()
     def add(self, params: dict[str, Tensor]) -> None:
         """Add the current iterate to the window's sum."""
-        for name, param in params.items():
-            if name in self.sums:
-                self.sums[name] += param
-            else:
-                self.sums[name] = param.detach().clone()
+        self.running.add(params)
 
     def end(self, event: str, window: int, params: dict[str, Tensor]) -> None:
         """Close a window (any event but `"step"`) and apply the average at a plateau."""
         if event == STEP:
             return
         kept = [] if event in (IMPROVED, MOVING) else self.window_means[1 - self.patience :]
-        self.window_means = [*kept, {k: v / window for k, v in self.sums.items()}]
-        self.sums = {}
+        self.window_means = [*kept, self.running.means(window)]
+        self.running.clear()
         if event in (DECAY, STOP):
             self.apply(params)
 

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor
 
+from pyro_nf.fitting.window_sum import WindowSum
+
 __all__ = ["ParameterDrift"]
 
 
@@ -58,27 +60,19 @@ class ParameterDrift:
 
     def __init__(self, history: int = 5, noise: float = 2.0, max_allowance: float = 0.5) -> None:
         self.history, self.noise, self.max_allowance = history, noise, max_allowance
-        self.sums: dict[str, Tensor] = {}
-        self.count = 0
+        self.running = WindowSum()
         self.means: list[dict[str, Tensor]] = []
         self.by_tensor: dict[str, float] = {}
 
-    @torch.no_grad()
     def add(self, params: dict[str, Tensor]) -> None:
         """Add the current iterate to the window's sum."""
-        for name, param in params.items():
-            if name in self.sums:
-                self.sums[name] += param
-            else:
-                self.sums[name] = param.detach().clone()
-        self.count += 1
+        self.running.add(params)
 
     def close(self) -> float | None:
         """End a window: the largest excess correlation over the tensors (see the class)."""
-        if self.count:
-            window = {k: v / self.count for k, v in self.sums.items()}
-            self.means = [*self.means[1 - self.history :], window]
-        self.sums, self.count = {}, 0
+        if self.running.count:
+            self.means = [*self.means[1 - self.history :], self.running.means()]
+        self.running.clear()
         if len(self.means) < 3:
             return None
         last = self.means[-1]
@@ -98,4 +92,5 @@ class ParameterDrift:
 
     def reset(self) -> None:
         """Forget the window means (the parameters jumped)."""
-        self.sums, self.count, self.means = {}, 0, []
+        self.running.clear()
+        self.means = []
