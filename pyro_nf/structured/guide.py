@@ -603,12 +603,13 @@ class AutoStructuredFlow(AutoGuide):
         plates: dict,
         plate: LocalPlate,
         members: Tensor,
-        prior: tuple[Tensor, Tensor],
+        mean: Tensor,
+        R: Tensor,
         context: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(u, 1, 0)``: the members' non-centred rows ``u`` drawn from their prior times
-        their factor, through the optional shared flow in the product's own coordinates."""
-        mean, R = self._product(plate, members, prior)[2:]
+        their factor (``mean``, ``R``: `_product`), through the optional shared flow in the
+        product's own coordinates."""
         flow = self.member_flows[index]
         member_context = None
         if len(flow.layers):
@@ -660,23 +661,28 @@ class AutoStructuredFlow(AutoGuide):
         return True
 
     def _control_variate(
-        self, plate: LocalPlate, members: Tensor, prior: tuple[Tensor, Tensor]
+        self,
+        plate: LocalPlate,
+        prior: tuple[Tensor, Tensor],
+        product: tuple[Tensor, Tensor, Tensor, Tensor],
     ) -> None:
         """On a subsampled plate, add to the ELBO ``H(g) - (N / B) sum_{j in batch} h_j(g)``,
         ``h_j`` member j's prior-times-factor log normalizer at the global draw and ``H``
         its sum over the whole plate: zero in expectation over minibatches at every ``g``,
         so the gradient stays unbiased, while it cancels the minibatch's noise in the
         members' part of the ELBO wherever the factor is their likelihood (exactly on a
-        Gaussian one). Only where every member's prior is the same (`_prior_is_shared`, at
-        set-up), so that ``H`` needs no model run over the whole plate. Written here
+        Gaussian one). ``prior`` and ``product`` (`_product`) are the minibatch's. Only
+        where every member's prior is the same (`_prior_is_shared`, at set-up, where the
+        plate is the only local one), so that ``H`` needs no model run over the whole
+        plate. Written here
         because Pyro's plate scaling has no control variate to offer."""
         if not (self._shared_priors.get(plate.name, False) and am_i_wrapped()):
             return  # outside inference (a direct call) there is no ELBO to add it to
-        everyone = torch.arange(plate.size, device=members.device)
+        everyone = torch.arange(plate.size, device=prior[0].device)
         full = tuple(part[:1].expand(plate.size, -1) for part in prior)
         total = log_normalizer(full[0], *self._product(plate, everyone, full)).sum()
-        batch = log_normalizer(prior[0], *self._product(plate, members, prior)).sum()
-        variate = total - plate.size / len(members) * batch
+        batch = log_normalizer(prior[0], *product).sum()
+        variate = total - plate.size / len(prior[0]) * batch
         # Its gradient only: its value varies from minibatch to minibatch by the members'
         # factors' own constants, which would make the loss the user (and fit's plateau
         # rule) reads far noisier. A factor in the guide enters the ELBO as -log q does.
@@ -750,10 +756,10 @@ class AutoStructuredFlow(AutoGuide):
                     torch.cat([priors[site.name][k] for site in plate.sites], dim=-1)
                     for k in (0, 1)
                 )
-                parts = self._factor_rows(index, plates, plate, members, prior, context)
-                subsampled = len(members) < plate.size
-                if variate and subsampled and len(self.local_plates) == 1:
-                    self._control_variate(plate, members, prior)
+                product = self._product(plate, members, prior)
+                parts = self._factor_rows(index, plates, plate, members, *product[2:], context)
+                if variate and len(members) < plate.size:
+                    self._control_variate(plate, prior, product)
             else:
                 parts = self._affine_rows(index, plates, plate, members, context)
             for site in plate.sites:
