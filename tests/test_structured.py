@@ -19,6 +19,7 @@ from pyro_nf.fitting.estimators import make_elbo
 from pyro_nf.structured import AutoStructuredFlow
 from pyro_nf.structured.factor import log_normalizer, product_with_prior
 from pyro_nf.structured.global_start import collapsed_log_joint
+from pyro_nf.structured.guide import FACTOR_SLOPE_SCALE
 from pyro_nf.structured.rule import choose_structure
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
@@ -440,3 +441,27 @@ def test_control_variate_cuts_the_minibatch_noise_of_the_globals_gradient():
     covariate = AutoStructuredFlow(_covariate_model)
     covariate(YBAR, SE, 5)
     assert covariate._shared_priors == {"groups": False}  # no control variate there
+
+
+@pytest.mark.slow
+def test_factor_precision_follows_a_global_noise_scale():
+    # y_jk ~ Normal(a_j, sigma): the members' likelihood curvature is 3 / sigma^2, so the
+    # factors' learned log precision slope on log sigma is -2 (and 0 on mu and tau).
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(J, 1, generator=generator) + 0.5 * torch.randn(J, 3, generator=generator)
+
+    def noisy(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+        with pyro.plate("groups", J):
+            a = pyro.sample("a", dist.Normal(mu, tau))
+            pyro.sample("y", dist.Normal(a.unsqueeze(-1), sigma).to_event(1), obs=y)
+
+    guide = AutoStructuredFlow(noisy)
+    fit(noisy, guide, y, progress=False, seed=0, num_khat_samples=0)
+    scale = guide.global_guide._loc_scale(y)[1]
+    slope = FACTOR_SLOPE_SCALE * guide.factor_slopes.groups.detach() / scale
+    assert list(guide._global_sites) == ["mu", "tau", "sigma"]
+    assert -2.6 < slope[2] < -1.2  # learned: -1.43 and -1.78 on seeds 0 and 1
+    assert slope[:2].abs().max() < 0.3

@@ -80,6 +80,12 @@ MAX_START_CHUNKS = 200
 #: scales learn too slowly at 1e-3 (docs/hierarchical.md).
 DEFAULT_LR = 3e-3
 
+#: The factors' precision slopes on the global draw are learned in units of this: a
+#: noise scale's posterior sd in the globals' whitened coordinates is a small slope
+#: (radon's sigma_y: about 0.05), and Adam's steps in a slope at `DEFAULT_LR`, one
+#: particle a step, are noise of about that size.
+FACTOR_SLOPE_SCALE = 0.1
+
 
 def _deep_getattr(module: nn.Module, name: str) -> Any:
     for part in name.split("."):
@@ -310,11 +316,14 @@ class AutoStructuredFlow(AutoGuide):
     def _setup_members(self, sites: dict, context_dim: int, args: tuple, kwargs: dict) -> None:
         self.locs, self.scales, self.slopes = PyroModule(), PyroModule(), PyroModule()
         self.factor_trils, self.factor_shifts = PyroModule(), PyroModule()
+        self.factor_slopes = PyroModule()
         self.member_flows = nn.ModuleList()
         for plate in self.local_plates.values():
             if plate.gaussian_factor:
                 dtype = sites[plate.sites[0].name]["value"].dtype
                 self._setup_factors(plate, dtype, args, kwargs)
+                slope = torch.zeros(context_dim, dtype=dtype)
+                deep_setattr(self.factor_slopes, plate.name, PyroParam(slope))
             else:
                 self._setup_affine_members(plate, sites, context_dim)
             flow = member_flow(
@@ -628,13 +637,25 @@ class AutoStructuredFlow(AutoGuide):
         return u, torch.ones_like(u), torch.zeros_like(u)
 
     def _product(
-        self, plate: LocalPlate, members: Tensor, prior: tuple[Tensor, Tensor]
+        self, plate: LocalPlate, members: Tensor, prior: tuple[Tensor, Tensor], context: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The ``members``' factors (``L``, ``shift``) and their product with ``prior``
-        (``mean``, ``R``; `pyro_nf.structured.factor.product_with_prior`)."""
+        """The ``members``' factors (``L``, ``shift``) at the global draw ``context`` and
+        their product with ``prior`` (``mean``, ``R``;
+        `pyro_nf.structured.factor.product_with_prior`).
+
+        A factor's precision is its own times ``exp(FACTOR_SLOPE_SCALE * context @ w)``,
+        its mean unchanged, ``w`` the plate's learned `factor_slopes` (zero at the start):
+        where the members' likelihood has a global noise scale (radon's ``sigma_y``), its
+        curvature in the members is proportional to ``sigma^-2``, so a factor fitted at
+        one global draw is too wide or too narrow at another, and the globals' guide
+        narrowed ``sigma``'s posterior to suit it (``log sigma_y``'s sd 10% short)."""
         tril = _deep_getattr(self.factor_trils, plate.name).reshape(plate.size, -1)[members]
         shift = _deep_getattr(self.factor_shifts, plate.name).reshape(plate.size, -1)[members]
         L = factor_precision(tril, plate.dim_total)
+        if context.numel():
+            w = _deep_getattr(self.factor_slopes, plate.name).to(context.dtype)
+            slope = FACTOR_SLOPE_SCALE * (context @ w)
+            L, shift = L * (slope / 2).exp(), shift * slope.exp()
         return (L, shift, *product_with_prior(*prior, L, shift))
 
     def _prior_is_shared(
@@ -665,6 +686,7 @@ class AutoStructuredFlow(AutoGuide):
         plate: LocalPlate,
         prior: tuple[Tensor, Tensor],
         product: tuple[Tensor, Tensor, Tensor, Tensor],
+        context: Tensor,
     ) -> None:
         """On a subsampled plate, add to the ELBO ``H(g) - (N / B) sum_{j in batch} h_j(g)``,
         ``h_j`` member j's prior-times-factor log normalizer at the global draw and ``H``
@@ -680,7 +702,7 @@ class AutoStructuredFlow(AutoGuide):
             return  # outside inference (a direct call) there is no ELBO to add it to
         everyone = torch.arange(plate.size, device=prior[0].device)
         full = tuple(part[:1].expand(plate.size, -1) for part in prior)
-        total = log_normalizer(full[0], *self._product(plate, everyone, full)).sum()
+        total = log_normalizer(full[0], *self._product(plate, everyone, full, context)).sum()
         batch = log_normalizer(prior[0], *product).sum()
         variate = total - plate.size / len(prior[0]) * batch
         # Its gradient only: its value varies from minibatch to minibatch by the members'
@@ -756,10 +778,10 @@ class AutoStructuredFlow(AutoGuide):
                     torch.cat([priors[site.name][k] for site in plate.sites], dim=-1)
                     for k in (0, 1)
                 )
-                product = self._product(plate, members, prior)
+                product = self._product(plate, members, prior, context)
                 parts = self._factor_rows(index, plates, plate, members, *product[2:], context)
                 if variate and len(members) < plate.size:
-                    self._control_variate(plate, prior, product)
+                    self._control_variate(plate, prior, product, context)
             else:
                 parts = self._affine_rows(index, plates, plate, members, context)
             for site in plate.sites:
