@@ -7,12 +7,12 @@ forked random state, the draws are the same on every call (so ``median()`` is ex
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["fixed_random_state"]
+__all__ = ["fixed_random_state", "guide_device"]
 
 
 @contextmanager
@@ -36,3 +36,17 @@ def fixed_random_state(device: torch.device | None = None, seed: int = 0) -> Ite
         if cuda:
             torch.cuda.manual_seed(seed)
         yield
+
+
+def guide_device(guide: Callable) -> torch.device | None:
+    """The device of the guide's parameters (whose random stream `fixed_random_state` fixes
+    too), if it has any.
+
+    Examples
+    --------
+    >>> guide_device(torch.nn.Linear(1, 1)), guide_device(lambda: None)
+    (device(type='cpu'), None)
+    """
+    parameters = getattr(guide, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return None if first is None else first.device

@@ -107,3 +107,37 @@ def test_a_fixed_count_stays_where_the_model_does_not_vectorise():
     effort = ParticleEffort.fixed(4)  # drawn one at a time, as asked
     effort.begin(Batching.LOOP)
     assert effort.update(0.01, 1) is None and effort.particles == 4
+
+
+def test_a_rough_vmapped_start_draws_the_early_cap_until_the_first_decay():
+    effort = ParticleEffort()
+    effort.begin(Batching.VMAP, rough=True)
+    costly = lambda p: 0.010 * p * p  # noqa: E731 - the cost rule would keep one particle
+    counts = feed(effort, costly, steps=20)
+    assert counts == [effort.max_early_vmap_particles] * 20 == [32] * 20
+    effort.raise_limit()  # then the cost rule, from one particle
+    counts = feed(effort, costly, steps=10, start=21)
+    assert counts[:3] == [1] * 3 and counts[-1] == 1 and not effort.probing
+    cheap = ParticleEffort()
+    cheap.begin(Batching.VMAP, rough=True)
+    feed(cheap, lambda p: 0.010 + 1e-5 * p, steps=20)
+    cheap.raise_limit()
+    feed(cheap, lambda p: 0.010 + 1e-5 * p, steps=20, start=21)
+    assert cheap.particles == cheap.max_vmap_particles == 8
+    assert cheap.history[:3] == [(0, 1), (1, 32), (22, 1)]
+
+
+@pytest.mark.parametrize("batching", [Batching.PLATE, Batching.LOOP])
+def test_a_rough_start_changes_nothing_where_vmap_does_not_batch(batching):
+    rough, smooth = ParticleEffort(), ParticleEffort()
+    rough.begin(batching, rough=True)
+    smooth.begin(batching)
+    assert feed(rough, lambda p: 0.010 + 1e-3 * p, 30) == feed(
+        smooth, lambda p: 0.010 + 1e-3 * p, 30
+    )
+
+
+def test_a_fixed_count_ignores_a_rough_start():
+    effort = ParticleEffort.fixed(4)
+    effort.begin(Batching.VMAP, rough=True)
+    assert effort.particles == 4 and effort.history == [(0, 4)]

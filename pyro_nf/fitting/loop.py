@@ -25,6 +25,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from pyro_nf.autoguides import AutoFlow
 from pyro_nf.batching import Batching
 from pyro_nf.fitting.arguments import check_fit_arguments
 from pyro_nf.fitting.averaging import IterateAverage
@@ -37,6 +38,7 @@ from pyro_nf.fitting.particles import ParticleEffort
 from pyro_nf.fitting.result import FitResult
 from pyro_nf.fitting.runaway import RunawayWatch
 from pyro_nf.fitting.schedule import DECAY, STOP, Schedule, ScheduleState
+from pyro_nf.fitting.start_spread import ROUGH_SPREAD, SPREAD_DRAWS, start_spread
 from pyro_nf.fitting.subsampling import Subsampling, find_subsampling
 from pyro_nf.fitting.threads import ThreadChoice, restored_threads
 from pyro_nf.fitting.trust import check_khat_samples, judge_fit
@@ -257,6 +259,7 @@ class _Training:
         self.ema: float | None = None
         self.subsampling: Subsampling | None = None
         self.drift: ParameterDrift | None = None
+        self.start_spread: float | None = None
 
     def run(
         self,
@@ -389,7 +392,8 @@ class _Training:
         batching = self.objective.batching
         # The structured guide's vmapped particles cost little and its globals' tails need
         # them from the first step (ParticleEffort).
-        self.effort.begin(batching, from_start=structured_part(self.objective.guide) is not None)
+        structured = structured_part(self.objective.guide) is not None
+        self.effort.begin(batching, from_start=structured, rough=self._rough_start(batching))
         if batching is Batching.LOOP and not self.effort.adaptive and self.effort.particles > 1:
             warnings.warn(
                 "fit: the model does not vectorise over particles (in a plate or by vmap; "
@@ -400,6 +404,29 @@ class _Training:
         objective = self.objective
         self.watch = RunawayWatch.for_guide(objective.guide, objective.args, objective.kwargs)
         self._decide_subsampling()
+
+    def _rough_start(self, batching: Batching) -> bool:
+        """Whether a joint flow's start is rough (`pyro_nf.fitting.start_spread`), asked
+        only where the count is the rule's and vmap batches it: there the first phase
+        needs many particles that the cost rule would not buy."""
+        objective = self.objective
+        guide = objective.guide
+        asked = self.effort.adaptive and batching is Batching.VMAP
+        if not asked or not isinstance(guide, AutoFlow) or structured_part(guide) is not None:
+            return False
+        spread = start_spread(objective.model, guide, objective.args, objective.kwargs)
+        self.start_spread = spread
+        rough = spread is not None and spread > ROUGH_SPREAD
+        if spread is not None:
+            logger.info(
+                "fit: the start's log weights spread by %.2f (sd, %d draws)%s",
+                spread,
+                SPREAD_DRAWS,
+                f": rough, {self.effort.limit_early} particles from the first step"
+                if rough
+                else "",
+            )
+        return rough
 
     def _decide_subsampling(self) -> None:
         """After the setup step: where the loss is a minibatch estimate, windows of whole
@@ -478,6 +505,7 @@ class _Training:
             step_times=list(self.step_times),
             particle_schedule=list(self.effort.history),
             batching=batching.value if batching is not None else Batching.PLATE.value,
+            start_spread=self.start_spread,
             num_threads=self.threads.count,
             thread_times=dict(self.threads.times),
             step_limit=self.num_steps,

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 from pyro_nf.batching import Batching
 
-__all__ = ["ParticleEffort"]
+__all__ = ["ROUGH_PHASE_DECAYS", "ParticleEffort"]
+
+#: A rough start's many particles last until this many learning-rate decays.
+ROUGH_PHASE_DECAYS = 1
 
 
 @dataclass
@@ -38,7 +41,11 @@ class ParticleEffort:
     phases keep, and one particle's gradient there left the population scales' sds
     20-50% short (docs/robust.md, "Short tails from gradient noise"). On the joint flow's
     vmapped models it bought less for its cost (the correlated regression: 1.5 times the
-    fit's time for errors of 0.025 / 0.016 against 0.039 / 0.020).
+    fit's time for errors of 0.025 / 0.016 against 0.039 / 0.020). There, told that the
+    start is ``rough`` (its log weights spread widely, `pyro_nf.fitting.start_spread`: a
+    posterior far from the Gaussian start), the count is `max_early_vmap_particles` from
+    the first step until `ROUGH_PHASE_DECAYS` decays, then the rule above from one
+    particle: the first phase is where the flow learns the shape the later ones keep.
 
     Why cost, not trace size: where the model's arithmetic is cheap a step is Python
     overhead and particles come almost free; where it is not, each one costs. The
@@ -72,6 +79,8 @@ class ParticleEffort:
     adaptive: bool = True
     history: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])
     _times: list[float] = field(default_factory=list, repr=False)
+    rough: bool = False
+    _drop: bool = field(default=False, repr=False)
     _remeasure: bool = field(default=False, repr=False)
     _resume: int | None = field(default=None, repr=False)
 
@@ -94,18 +103,25 @@ class ParticleEffort:
         the first count above one the search may reach."""
         return max(self.particles, 2) if self.adaptive else self.particles
 
-    def begin(self, batching: Batching, from_start: bool = False) -> None:
+    def begin(self, batching: Batching, from_start: bool = False, rough: bool = False) -> None:
         """How particles are batched, decided at setup: a count chosen by this rule stays
         at one where they cannot be batched, and until the first decay where vmap batches
-        them, unless ``from_start``."""
+        them, unless ``from_start``. A ``rough`` start (`pyro_nf.fitting.start_spread`)
+        where vmap batches them: `max_early_vmap_particles` from the first step on."""
         self.batching, self.from_start = batching, from_start
         waits = batching is Batching.VMAP and not from_start
         if self.adaptive and (batching is Batching.LOOP or waits):
             self.probing = False
+        if self.adaptive and rough and batching is Batching.VMAP:
+            self.particles, self.probing, self.rough = self.limit_early, False, True
+            self._record(1)
 
     def update(self, seconds: float, step: int) -> int | None:
         """Record the time of step `step`; the count from the next step on, or None to
         keep it."""
+        if self._drop:  # a rough start's first phase is over: the rule, from one particle
+            self._drop, self.particles, self.probing, self._times = False, 1, True, []
+            return self._record(step + 1)
         if not (self.adaptive and self.probing):
             return None
         if self._remeasure:  # time the cheapest step again, then go back to the count
@@ -125,6 +141,10 @@ class ParticleEffort:
         if self.batching is Batching.PLATE:
             self.cost_ratio *= 2
         self.decays += 1
+        if self.rough:
+            if self.decays >= ROUGH_PHASE_DECAYS:
+                self.rough, self._drop = False, True
+            return
         if not self.adaptive or self.batching is Batching.LOOP or self.particles >= self.limit:
             return
         self.probing = True
@@ -149,9 +169,17 @@ class ParticleEffort:
     def limit(self) -> int:
         """The most particles the search may reach with the current batching."""
         if self.batching is Batching.VMAP:
-            cap = self.max_early_vmap_particles if self.from_start else self.max_vmap_particles
-            return min(self.max_particles, cap)
+            return (
+                self.limit_early
+                if self.from_start
+                else min(self.max_particles, self.max_vmap_particles)
+            )
         return self.max_particles
+
+    @property
+    def limit_early(self) -> int:
+        """The most vmapped particles drawn from the first step."""
+        return min(self.max_particles, self.max_early_vmap_particles)
 
     def _record(self, step: int) -> int:
         self.history.append((step, self.particles))

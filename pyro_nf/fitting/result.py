@@ -46,6 +46,10 @@ class FitResult:
         `(step, particles)`: the count each step from `step` on drew.
     batching : str
         How particles were batched: `"plate"`, `"vmap"` or `"loop"` (one at a time).
+    start_spread : float or None
+        Where a flow's particles were batched by vmap at the rule's count: the sd of its
+        start's log weights (`pyro_nf.fitting.start_spread`); above 1 the start was rough
+        and the fit drew many particles from its first step. None where not measured.
     num_threads : int
         Torch intra-op threads the fit ran with (after its first steps, where the count
         was measured; see `fit`'s `num_threads`).
@@ -103,6 +107,7 @@ class FitResult:
     step_times: list[float] = field(default_factory=list, repr=False)
     particle_schedule: list[tuple[int, int]] = field(default_factory=list)
     batching: str = "plate"
+    start_spread: float | None = None
     num_threads: int = 1
     thread_times: dict[int, float] = field(default_factory=dict)
     step_limit: int | None = None

@@ -33,7 +33,7 @@ from pyro_nf.fitting.estimators import supports_stl
 from pyro_nf.importance import check_psis_draws, khat_from_log_weights
 from pyro_nf.log_weights import LogWeights, Prototype, full_data_problem
 from pyro_nf.structured.delegate import structured_part
-from pyro_nf.summaries import fixed_random_state
+from pyro_nf.summaries import fixed_random_state, guide_device
 
 __all__ = [
     "KHAT_GOOD",
@@ -188,7 +188,7 @@ def judge_fit(
     budget = math.inf if num_khat_samples else max(TIME_FRACTION * fit_time, MIN_BUDGET)
     # Every guide run (the advice's too) draws from its own stream: a fit with the check
     # leaves the caller's random state as one without it.
-    with fixed_random_state(_device(guide)), torch.no_grad():
+    with fixed_random_state(guide_device(guide)), torch.no_grad():
         try:
             khat, count, text = _khat(
                 model, guide, args, kwargs, num_khat_samples or TARGET_DRAWS, budget
@@ -222,13 +222,6 @@ def _khat(
     if reason is not None:
         return None, 0, reason
     return khat_from_log_weights(log_w), log_w.numel(), ""
-
-
-def _device(guide: Callable) -> torch.device | None:
-    """The device of the guide's parameters (its random stream is fixed too), if any."""
-    parameters = getattr(guide, "parameters", None)
-    first = next(iter(parameters()), None) if callable(parameters) else None
-    return None if first is None else first.device
 
 
 def _why_not(prototype: Prototype, guide: Callable, args: tuple, kwargs: dict) -> str | None:
