@@ -465,3 +465,15 @@ def test_factor_precision_follows_a_global_noise_scale():
     assert list(guide._global_sites) == ["mu", "tau", "sigma"]
     assert -2.6 < slope[2] < -1.2  # learned: -1.43 and -1.78 on seeds 0 and 1
     assert slope[:2].abs().max() < 0.3
+
+
+def test_held_factors_learn_no_precision_slope():
+    # On a subsampled plate the factors are held, and so is their slope (at zero); on the
+    # full plate the slope is learned.
+    subsampled = AutoStructuredFlow(model)
+    _fit(subsampled, 20, YBAR, SE, None, 5)
+    assert torch.equal(subsampled.factor_slopes.groups, torch.zeros(2))
+    pyro.clear_param_store()
+    full = AutoStructuredFlow(model)
+    _fit(full, 20, YBAR, SE)
+    assert full.factor_slopes.groups.abs().max() > 0
