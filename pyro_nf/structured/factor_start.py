@@ -28,7 +28,7 @@ from torch import Tensor
 from .layout import LocalPlate
 from .model_runs import prior_rows
 
-__all__ = ["NEWTON_STEPS", "laplace_factors"]
+__all__ = ["NEWTON_STEPS", "curvature_coordinates", "laplace_factors"]
 
 #: Block-Newton steps towards each member's conditional mode (one is exact for a
 #: likelihood Gaussian in the member's values).
@@ -221,3 +221,32 @@ def laplace_factors(
         shifts.append(shift)
     size = plate.size
     return torch.cat(precisions)[:size], torch.cat(shifts)[:size]
+
+
+def curvature_coordinates(
+    precision_at: Callable[[Tensor], Tensor], z: Tensor, step: float = 0.5, rtol: float = 1e-3
+) -> Tensor:
+    """Which coordinates of the globals' unconstrained ``z`` the members' factor precisions
+    depend on: ``precision_at(z)`` against ``precision_at`` with one coordinate moved by
+    ``step``, within ``rtol`` of each other or of the largest, a boolean per coordinate (a noise scale's, such as ``log sigma`` in
+    ``y ~ Normal(a_j, sigma)``; not a Gaussian likelihood's location parameters, nor the
+    members' own prior's).
+
+    Examples
+    --------
+    >>> # precision n / sigma^2, z = (mu, log sigma): only log sigma moves it
+    >>> curvature_coordinates(lambda z: 3.0 * (-2 * z[1]).exp().reshape(1, 1, 1),
+    ...                       torch.zeros(2)).tolist()
+    [False, True]
+    """
+    base = precision_at(z)
+    # Relative to the largest precision too: a member whose data do not identify a
+    # direction has its precision there floored at a fraction of its prior's
+    # (`MIN_PRECISION`), which moves with the prior's scale but does not matter.
+    atol = rtol * float(base.abs().max())
+    moved = []
+    for k in range(z.numel()):
+        shifted = z.clone()
+        shifted[k] += step
+        moved.append(not torch.allclose(precision_at(shifted), base, rtol=rtol, atol=atol))
+    return torch.tensor(moved, dtype=torch.bool)
