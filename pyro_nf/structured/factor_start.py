@@ -228,9 +228,10 @@ def curvature_coordinates(
 ) -> Tensor:
     """Which coordinates of the globals' unconstrained ``z`` the members' factor precisions
     depend on: ``precision_at(z)`` against ``precision_at`` with one coordinate moved by
-    ``step``, within ``rtol`` of each other or of the largest, a boolean per coordinate (a noise scale's, such as ``log sigma`` in
-    ``y ~ Normal(a_j, sigma)``; not a Gaussian likelihood's location parameters, nor the
-    members' own prior's).
+    ``step``, the same within ``rtol`` of each value or of the largest; a boolean per
+    coordinate (true for a noise scale, such as ``log sigma`` in ``y ~ Normal(a_j,
+    sigma)``; false for a Gaussian likelihood's location parameters, or the members' own
+    prior's).
 
     Examples
     --------
