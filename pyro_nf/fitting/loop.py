@@ -104,7 +104,9 @@ def fit(
         256) while a step costs at most twice the one-particle step, the allowed multiple
         doubling at each learning-rate decay; batched by vmap, one particle until the
         first decay, then at most 8 at a multiple that stays at two (the structured
-        guide's: from the first step, at most 32); 1 where the model cannot be batched.
+        guide's: from the first step, at most 32; a flow whose start is rough, its log
+        weights' sd above 0.8 (`FitResult.start_spread`): 32 until the first decay); 1
+        where the model cannot be batched.
         `FitResult.particle_schedule` says what was drawn when.
         Timings vary with the machine's load, so two default fits with the same `seed`
         may draw different counts; give `num_particles` for a fit that repeats exactly.
