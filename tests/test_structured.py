@@ -12,6 +12,7 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
+from torch import Tensor
 
 from pyro_nf import fit
 from pyro_nf.batching import vmap_draws
@@ -89,9 +90,13 @@ def _flat_grad(guide, loss):
     )
 
 
-def test_subsampled_elbo_gradient_is_unbiased():
+def _minibatch_gradients(control_variate: bool) -> tuple[Tensor, Tensor]:
+    """The full-batch ELBO gradient and 200 minibatch ones (5 of 20 members), at one
+    global draw and the members' base draws fixed, with or without the control variate."""
     guide = AutoStructuredFlow(model, create_plates=plates_of)
     _fit(guide, 30, YBAR, SE, None, 5)
+    if not control_variate:
+        guide._shared_priors = {}
     elbo = Trace_ELBO()
     eps = torch.randn(J, 1)
 
@@ -105,12 +110,24 @@ def test_subsampled_elbo_gradient_is_unbiased():
     full = gradient()
     generator = torch.Generator().manual_seed(1)
     grads = torch.stack([gradient(torch.randperm(J, generator=generator)[:5]) for _ in range(200)])
+    return full, grads
+
+
+def test_subsampled_elbo_gradient_is_unbiased():
+    full, grads = _minibatch_gradients(control_variate=False)
     mean, se = grads.mean(0), grads.std(0) / math.sqrt(len(grads))
     varying = se > 1e-6
     assert varying.sum() > 10  # the minibatch gradient is noisy: the test has teeth
     z = (mean - full)[varying] / se[varying]
     assert z.abs().max() < 5.0
     assert torch.allclose(mean[~varying], full[~varying], atol=1e-4)
+
+
+def test_control_variate_makes_a_gaussian_minibatch_gradient_exact():
+    # Every member's likelihood is Gaussian and its factor exact, so the control variate
+    # cancels the minibatch's noise: each minibatch gradient is the full-batch one.
+    full, grads = _minibatch_gradients(control_variate=True)
+    assert torch.allclose(grads, full.expand_as(grads), rtol=1e-3, atol=1e-3)
 
 
 def _spread_tau_correlation(guide: object) -> float:
@@ -483,3 +500,12 @@ def test_factor_precision_follows_a_global_noise_scale():
     scale = guide.global_guide._loc_scale(NOISY_Y)[1]
     slope = FACTOR_SLOPE_SCALE * guide.factor_slopes.groups.detach() / scale
     assert -2.6 < slope[2] < -1.2
+
+
+def test_collapsed_start_with_the_users_subsampled_plates():
+    # The user's create_plates draws the plate's subsample; the start's own runs must
+    # neither draw it again in their traces nor leave sites in the caller's.
+    guide = AutoStructuredFlow(model, create_plates=plates_of)
+    trace = poutine.trace(guide).get_trace(YBAR, SE, None, 5)
+    assert guide.global_guide.warm_start == "laplace"
+    assert [name for name, node in trace.nodes.items() if name == "groups"] == ["groups"]

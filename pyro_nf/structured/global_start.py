@@ -113,7 +113,8 @@ def _chunk_terms(
     with poutine.block():
         draw = poutine.condition(guide._draw_locals, data=eps)
         given = None if chunk is None else members
-        guide_trace = poutine.trace(draw).get_trace(values, args, kwargs, None, given)
+        plates = None if chunk is None else guide._model_plates()
+        guide_trace = poutine.trace(draw).get_trace(values, args, kwargs, plates, given)
         model = poutine.replay(poutine.condition(guide._raw_model[0], data=values), guide_trace)
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
     if chunk is None:

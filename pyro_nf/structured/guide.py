@@ -253,7 +253,8 @@ class AutoStructuredFlow(AutoGuide):
             for name, site in self._global_sites.items()
         )
         self._setup_members(sites, context_dim, args, kwargs)
-        self._start_globals(args, kwargs)
+        with poutine.block():  # set-up runs: not sites of this call's trace
+            self._start_globals(args, kwargs)
         logger.info(
             "AutoStructuredFlow: global sites %s; local plates %s; non-centred local sites %s",
             list(self._global_sites),
@@ -534,11 +535,18 @@ class AutoStructuredFlow(AutoGuide):
             given = self.create_plates(*args, **kwargs)
             given = [given] if isinstance(given, pyro.plate) else list(given)
             plates = {plate.name: plate for plate in given}
+        self.plates = self._model_plates(plates)
+        return self.plates
+
+    def _model_plates(self, plates: dict | None = None) -> dict:
+        """``plates`` and the model's other plates that are not local ones, as the
+        prototype saw them. Alone (no ``plates``), what a draw at given members needs: the
+        user's ``create_plates`` would draw the local plates' subsample again."""
+        plates = dict(plates or {})
         for name, frame in sorted(self._prototype_frames.items()):
             if name not in plates and name not in self.local_plates:
                 full_size = frame.full_size or frame.size
                 plates[name] = pyro.plate(name, full_size, dim=frame.dim, subsample_size=frame.size)
-        self.plates = plates
         return plates
 
     def _read_plates(
