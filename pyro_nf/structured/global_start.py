@@ -175,7 +175,9 @@ def laplace_globals(
         # float64: at 100,000 members float32's rounding of the log joint (about 1e5
         # nats) defeats the line search (no mode found; found in float64, 12 iterations).
         approx = laplace_approximation(log_density, z.detach().double(), warn=False)
-    except (ValueError, RuntimeError) as error:  # a point outside the model's support
+    # A point outside the model's support, or a singular curvature: no mode. Any other
+    # error is a fault to be seen, not a start to be skipped silently.
+    except (ValueError, torch.linalg.LinAlgError) as error:
         logger.info("AutoStructuredFlow: no collapsed mode for the globals (%s)", error)
         return None
     if not approx.converged:
