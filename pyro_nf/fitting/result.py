@@ -48,8 +48,9 @@ class FitResult:
         How particles were batched: `"plate"`, `"vmap"` or `"loop"` (one at a time).
     start_spread : float or None
         Where a flow's particles were batched by vmap at the rule's count: the sd of its
-        start's log weights (`pyro_nf.fitting.start_spread`); above 1 the start was rough
-        and the fit drew many particles from its first step. None where not measured.
+        start's log weights (`pyro_nf.fitting.start_spread`); above `ROUGH_SPREAD` (0.8)
+        the start was rough and the fit drew many particles until its first decay. None
+        where not measured.
     num_threads : int
         Torch intra-op threads the fit ran with (after its first steps, where the count
         was measured; see `fit`'s `num_threads`).

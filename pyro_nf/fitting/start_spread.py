@@ -5,15 +5,15 @@ weights ``log p(x, z) - log q(z)`` of the start's draws barely vary; where it is
 heavy-tailed they do, and the flow has a shape to learn in its first phase. There a single
 particle's gradient is too noisy to learn it, and what the first phase leaves the later
 phases keep (docs/robust.md, "Short tails from gradient noise"): `fit` then draws
-`ParticleEffort.max_early_vmap_particles` from the first step (`ParticleEffort.begin`).
-Measured at the Laplace start, on 1024 draws (seeds 0 / 1): garch200 1.47 / 1.57, whose sds
-then come out 20-28% short at one particle and right at 32; the correlated regression
-0.28 / 0.29, ARMA 0.54 / 0.48 and GARCH on 1000 returns 0.47 / 0.49, right without them.
+`ParticleEffort.max_early_vmap_particles` until its first decay (`ParticleEffort.begin`).
+Measured at `fit`'s start on sets of 256 draws (seeds 0 and 1): garch200 0.82-1.78, whose
+sds come out 20-28% short at the cost rule's particles and 8-14% with 32 in the first
+phase; the correlated regression 0.54-0.67 and GARCH on 1000 returns 0.37-0.73, right
+without them (docs/robust.md, "A rough start").
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
@@ -22,8 +22,6 @@ from pyro_nf.log_weights import LogWeights, full_data_problem
 from pyro_nf.summaries import fixed_random_state, guide_device
 
 __all__ = ["ROUGH_SPREAD", "SPREAD_DRAWS", "start_spread"]
-
-logger = logging.getLogger("pyro_nf")
 
 #: A start whose log weights spread by more than this (their sd, in nats) is rough.
 ROUGH_SPREAD = 0.8
