@@ -395,7 +395,8 @@ class _Training:
         # The structured guide's vmapped particles cost little and its globals' tails need
         # them from the first step (ParticleEffort).
         structured = structured_part(self.objective.guide) is not None
-        self.effort.begin(batching, from_start=structured, rough=self._rough_start(batching))
+        rough = not structured and self._rough_start(batching)
+        self.effort.begin(batching, from_start=structured, rough=rough)
         if batching is Batching.LOOP and not self.effort.adaptive and self.effort.particles > 1:
             warnings.warn(
                 "fit: the model does not vectorise over particles (in a plate or by vmap; "
@@ -414,7 +415,7 @@ class _Training:
         objective = self.objective
         guide = objective.guide
         asked = self.effort.adaptive and batching is Batching.VMAP
-        if not asked or not isinstance(guide, AutoFlow) or structured_part(guide) is not None:
+        if not asked or not isinstance(guide, AutoFlow):
             return False
         spread = start_spread(objective.model, guide, objective.args, objective.kwargs)
         self.start_spread = spread
