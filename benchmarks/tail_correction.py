@@ -9,6 +9,9 @@ otherwise; exact for the normal-normal model with 100 groups, `nn100`,
 `benchmarks.exact_hierarchical`):
 
 - ``raw``: moments of `--num-draws` guide draws;
+- ``fit``: what `fit()` returns, its `FitResult.reweighted` (the k-hat check's draws,
+  PSIS-weighted) where it kept them, else the raw guide's moments (``fit (raw)``);
+  its time is inside the fit's (``draw_s`` is the check's);
 - ``raw+psis``: the same draws weighted by `pyro_nf.reweighted` (Pareto-smoothed
   importance weights of `log p(x, z) - log q(z)`), with the PSIS k-hat;
 - ``raw+psisN``: `reweighted` with N draws for each N of `--more-draws`, `--repeats`
@@ -106,7 +109,8 @@ def refine(
 
 
 def _first_fit(problem: robust.Problem, args: argparse.Namespace):
-    """A fresh default guide fitted by `fit()` at its defaults: the guide, seconds, steps."""
+    """A fresh default guide fitted by `fit()` at its defaults: the guide, seconds (the
+    k-hat check included), steps and the `FitResult`."""
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     guide = AutoSplineFlow(problem.model)
@@ -119,15 +123,30 @@ def _first_fit(problem: robust.Problem, args: argparse.Namespace):
         progress=False,
         seed=args.seed,
     )
-    return guide, time.perf_counter() - start, first.num_steps
+    return guide, time.perf_counter() - start, first.num_steps, first
+
+
+def fit_summaries(problem: robust.Problem, result, ref: dict, raw: dict) -> dict:
+    """The row of what `fit()` itself returns: its `FitResult.reweighted` summaries where it
+    kept them, else the raw guide's (the ``raw`` row's errors)."""
+    posterior = result.reweighted
+    label = "fit" if posterior is not None else "fit (raw)"
+    row = {"correction": label, "draw_s": result.khat_time, "kept": posterior is not None}
+    if posterior is None:
+        return {**raw, **row, "khat": result.khat or float("nan")}
+    draws = unconstrained(problem, posterior.draws)
+    mean_err, sd_err = moment_errors(draws, ref, posterior.weights.to(draws.dtype))
+    row.update(mean_err=mean_err, sd_err=sd_err, khat=posterior.khat, psis_ess=posterior.ess)
+    return {**row, "num_draws": posterior.num_draws}
 
 
 def study(name: str, ref: dict, args: argparse.Namespace) -> list[dict]:
     """The default fit of one model and seed, then its corrections; one row per correction."""
     problem = PROBLEMS[name]()
-    guide, fit_s, fit_steps = _first_fit(problem, args)
+    guide, fit_s, fit_steps, result = _first_fit(problem, args)
     state = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
     rows = corrections(problem, guide, ref, args, "raw", args.num_draws)
+    rows.append(fit_summaries(problem, result, ref, rows[0]))
     refined = name in args.refine_models
     for count in args.more_draws if refined else []:
         for repeat in range(args.repeats):  # fresh draws of the same guide
@@ -150,6 +169,7 @@ def study(name: str, ref: dict, args: argparse.Namespace) -> list[dict]:
         rows += iw_rows
     for row in rows:
         added = row["draw_s"] * ("psis" in row["correction"]) + row.get("iw_s", 0.0)
+        row.setdefault("khat_s", result.khat_time)
         row.update(
             model=name,
             seed=args.seed,
@@ -175,6 +195,7 @@ COLUMNS: dict[str, Callable[[dict], str]] = {
     "PSIS ESS": lambda r: f"{r['psis_ess']:.0f} / {r['num_draws']}",
     "fit (s)": lambda r: f"{r['fit_s']:.1f}",
     "added (x fit)": lambda r: f"{r['added_ratio']:.2f}",
+    "check (s)": lambda r: f"{r['khat_s']:.1f}",
     "load": lambda r: f"{r['load']:.1f}",
 }
 

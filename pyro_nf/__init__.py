@@ -34,6 +34,7 @@ _EXPORTS = {
     "log_evidence": "pyro_nf.diagnostics",
     "log_importance_weights": "pyro_nf.diagnostics",
     "psis_khat": "pyro_nf.diagnostics",
+    "Reweighted": "pyro_nf.reweighting",
     "reweighted": "pyro_nf.reweighting",
     "VmapTrace_ELBO": "pyro_nf.fitting.estimators",
     "to_inference_data": "pyro_nf.diagnostics",

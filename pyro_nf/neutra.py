@@ -34,7 +34,7 @@ from pyro.infer.reparam import NeuTraReparam
 from torch import Tensor
 
 from pyro_nf.autoguides import AutoFlow
-from pyro_nf.diagnostics import site_dims
+from pyro_nf.dims import site_dims
 from pyro_nf.distribution import _detached_parameters
 from pyro_nf.fitting.threads import choose_threads, restored_threads
 from pyro_nf.saved_state import site_signature

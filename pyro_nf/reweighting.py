@@ -15,9 +15,8 @@ from __future__ import annotations
 import logging
 import math  # noqa: F401 - the doctests use it
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import arviz as az
 import pyro  # noqa: F401 - the doctests use it
 import torch
 from pyro.distributions import Delta
@@ -26,11 +25,14 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from pyro_nf.checks import check_int
-from pyro_nf.diagnostics import site_dims
+from pyro_nf.dims import site_dims
 from pyro_nf.importance import check_psis_draws, pareto_smooth, truncate_log_weights
 from pyro_nf.log_weights import LogWeights, Prototype, full_data_problem
 
-__all__ = ["Reweighted", "reweighted"]
+if TYPE_CHECKING:
+    import arviz as az
+
+__all__ = ["Reweighted", "model_sites", "reweighted", "weighted_draws"]
 
 logger = logging.getLogger("pyro_nf")
 
@@ -228,6 +230,8 @@ class Reweighted:
         >>> posterior.to_inference_data(10).posterior["x"].shape
         (1, 10)
         """
+        import arviz as az  # here, not above: `fit` keeps a Reweighted without ArviZ (1 s)
+
         draws = self.resample(num_samples, generator)
         posterior = {name: value.detach().cpu().numpy()[None] for name, value in draws.items()}
         return az.from_dict(posterior=posterior, dims=self.dims)
@@ -266,7 +270,7 @@ def _check_guide(prototype: Prototype) -> None:
             "AutoDelta); importance weights need a guide that draws from a distribution, "
             "such as AutoFlow or AutoNormal"
         )
-    latent = [n for n, s in _model_sites(prototype.model).items() if not s["is_observed"]]
+    latent = [n for n, s in model_sites(prototype.model).items() if not s["is_observed"]]
     missing = [name for name in latent if name not in prototype.guide.nodes]
     if missing:
         raise ValueError(
@@ -275,8 +279,21 @@ def _check_guide(prototype: Prototype) -> None:
         )
 
 
-def _model_sites(trace: Trace) -> dict[str, dict]:
-    """Latent and deterministic sample sites of a model trace (no observed, no factor)."""
+def model_sites(trace: Trace) -> dict[str, dict]:
+    """Latent and deterministic sample sites of a model trace (no observed, no factor):
+    the sites a `Reweighted` summarises.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyro import poutine
+    >>> def model():
+    ...     x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    ...     pyro.deterministic("twice", 2 * x)
+    ...     pyro.sample("y", dist.Normal(x, 1.0), obs=torch.tensor(0.5))
+    >>> list(model_sites(poutine.trace(model).get_trace()))
+    ['x', 'twice']
+    """
     return {
         name: site
         for name, site in prune_subsample_sites(trace).nodes.items()
@@ -348,29 +365,39 @@ def reweighted(
     check_int("batch_size", batch_size, minimum=1)
     drawer = LogWeights(model, guide, args, kwargs, purpose="reweighted", pass_size=batch_size)
     _check_guide(drawer.prototype)
-    sites = _model_sites(drawer.prototype.model)
-    draws, log_w = drawer.draws_and_log_weights(num_draws, list(sites))
-    dims = {name: site_dims(name, site, draws[name].dim() - 1) for name, site in sites.items()}
-    smoothed = pareto_smooth(log_w)
-    weighting, log_weights = "pareto-smoothed", smoothed.log_weights
-    if smoothed.khat >= KHAT_TRUNCATE:
-        weighting, log_weights = "truncated", truncate_log_weights(log_w)
-    result = Reweighted(
-        draws,
-        log_w,
-        khat=smoothed.khat,
-        dims=dims,
-        weights=log_weights.exp(),
-        weighting=weighting,
-    )
+    sites = model_sites(drawer.prototype.model)
+    result = weighted_draws(*drawer.draws_and_log_weights(num_draws, list(sites)), sites)
     logger.info(
         "reweighted: k-hat %.2f, %s weights, effective sample size %.0f of %d draws%s",
         result.khat,
-        weighting,
+        result.weighting,
         result.ess,
-        num_draws,
+        result.num_draws,
         " (k-hat above 0.7: the weighted summaries converge slowly; more draws help)"
         if result.khat > KHAT_RELIABLE
         else "",
     )
     return result
+
+
+def weighted_draws(draws: dict[str, Tensor], log_w: Tensor, sites: dict[str, dict]) -> Reweighted:
+    """Draws of a model's sites and their raw log weights, made a `Reweighted`: the weights
+    Pareto-smoothed, or truncated at k-hat >= `KHAT_TRUNCATE`; dimensions named after the
+    sites' plates (``sites`` as `model_sites` gives them).
+
+    Examples
+    --------
+    >>> log_w = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    >>> site = {"fn": pyro.distributions.Normal(0.0, 1.0), "cond_indep_stack": ()}
+    >>> posterior = weighted_draws({"x": torch.zeros(100)}, log_w, {"x": site})
+    >>> posterior.weighting, posterior.num_draws, posterior.dims
+    ('pareto-smoothed', 100, {'x': []})
+    """
+    dims = {name: site_dims(name, site, draws[name].dim() - 1) for name, site in sites.items()}
+    smoothed = pareto_smooth(log_w)
+    weighting, log_weights = "pareto-smoothed", smoothed.log_weights
+    if smoothed.khat >= KHAT_TRUNCATE:
+        weighting, log_weights = "truncated", truncate_log_weights(log_w)
+    return Reweighted(
+        draws, log_w, khat=smoothed.khat, dims=dims, weights=log_weights.exp(), weighting=weighting
+    )

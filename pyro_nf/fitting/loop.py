@@ -150,8 +150,10 @@ def fit(
         Guide draws for the PSIS k-hat computed after training (`FitResult.khat`, with a
         plain `FitResult.verdict` and `FitResult.advice`: what to try where the fit is
         not to be trusted, or why k-hat could not be computed; logged on the ``pyro_nf``
-        logger, at WARNING above 0.7). Default (None): chosen by their measured cost, up
-        to 4000 within a tenth of the fit's time (at least 0.2 s), and none where fewer
+        logger, at WARNING above 0.7). The same draws, PSIS-weighted, give corrected
+        summaries (`FitResult.reweighted`: ``mean()``, ``sd()``, ``quantiles()``) where
+        the weights are worth reading. Default (None): chosen by their measured cost, up
+        to 4000 within a quarter of the fit's time (at least 0.2 s), and none where fewer
         than 500 would fit (`pyro_nf.fitting.trust`). An int takes that many (at least
         21); 0 turns the check off.
 

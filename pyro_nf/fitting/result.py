@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from pyro_nf.fitting.subsampling import Subsampling
+from pyro_nf.reweighting import Reweighted
 
 __all__ = ["STOP_REASONS", "FitResult"]
 
@@ -82,7 +83,17 @@ class FitResult:
         `"good"`, `"usable with care"`, `"not to be trusted"` or `"unchecked"`.
     advice : str
         The verdict in plain words, with what to try (more layers, ``estimator="iw"``,
-        `neutra_mcmc`), or why k-hat was not computed.
+        `neutra_mcmc`), or why k-hat was not computed; and whether `reweighted` holds
+        corrected summaries, or why not.
+    reweighted : Reweighted or None
+        The k-hat check's draws with their Pareto-smoothed importance weights: its
+        ``mean()``, ``sd()``, ``quantiles()`` and ``to_inference_data()`` correct the
+        guide's short tails (the reverse-KL ELBO's under-dispersion) at no further cost;
+        ``khat`` and ``ess`` say how far to trust them. None where k-hat was not computed,
+        is 1 or more, or the effective sample size is below 400, and where the draws
+        hold too many values to keep (`pyro_nf.fitting.trust`; ``advice`` says which).
+        The guide is not changed: its own ``median()``, ``quantiles()`` and draws stay
+        the raw fit's.
 
     Examples
     --------
@@ -119,6 +130,7 @@ class FitResult:
     khat_time: float = 0.0
     verdict: str = "unchecked"
     advice: str = field(default="k-hat not computed", repr=False)
+    reweighted: Reweighted | None = field(default=None, repr=False)
 
     @property
     def step_time(self) -> float:
@@ -154,6 +166,11 @@ class FitResult:
         >>> result.khat, result.num_khat_samples, result.verdict = 0.31, 4000, "good"
         >>> result.summary().split("ELBO -1, ")[-1]
         'k-hat 0.31 (4000 draws, 0 s): good'
+        >>> import torch
+        >>> result.reweighted = Reweighted({"x": torch.zeros(4)}, torch.zeros(4), khat=0.31,
+        ...                                dims={"x": []})
+        >>> result.summary().split("ELBO -1, ")[-1]
+        'k-hat 0.31 (4000 draws, 0 s): good; PSIS-corrected summaries in FitResult.reweighted'
         """
         counts = "->".join(str(count) for _, count in self.particle_schedule) or str(
             self.num_particles
@@ -181,4 +198,8 @@ class FitResult:
             f"k-hat {self.khat:.2f} ({self.num_khat_samples} draws, {self.khat_time:.2g} s): "
             f"{self.verdict}"
         )
-        return text if self.verdict == "good" else f"{text}. {self.advice}"
+        if self.verdict != "good":
+            return f"{text}. {self.advice}"
+        if self.reweighted is None:
+            return text
+        return f"{text}; PSIS-corrected summaries in FitResult.reweighted"
