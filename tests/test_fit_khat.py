@@ -89,11 +89,12 @@ def _posterior(log_w):
 @pytest.mark.parametrize(
     "khat, log_w, kept, words",
     [
-        (0.5, torch.zeros(1000), True, "effective sample size 1000 of 1000"),
-        (0.9, torch.zeros(1000), True, "in FitResult.reweighted"),
-        (1.2, torch.zeros(1000), False, "Pareto tail has no mean"),
-        (float("inf"), torch.zeros(1000), False, "Pareto tail has no mean"),
-        (0.5, torch.arange(1000.0) / 100, False, "effective sample size of 200 of 1000"),
+        (0.5, torch.zeros(4000), True, "effective sample size 4000 of 4000"),
+        (0.9, torch.zeros(4000), True, "in FitResult.reweighted"),
+        (1.2, torch.zeros(4000), False, "Pareto tail has no mean"),
+        (float("inf"), torch.zeros(4000), False, "Pareto tail has no mean"),
+        (0.5, torch.zeros(1000), False, "effective sample size of 1000 of 1000"),
+        (0.5, torch.arange(4000.0) / 400, False, "effective sample size of 800 of 4000"),
     ],
 )
 def test_corrected_summaries_are_kept_where_the_weights_are_worth_reading(khat, log_w, kept, words):
