@@ -54,6 +54,8 @@ def factor_precision(tril: Tensor, dim: int) -> Tensor:
     >>> L.tolist()
     [[[1.0, 0.0], [0.5, 1.0]]]
     """
+    if dim == 1:  # the exp of the one entry: five tensor ops fewer a step, forward and back
+        return tril.exp().unsqueeze(-1)
     rows, cols = _tril_indices(dim, tril.device)
     entries = torch.where(rows == cols, tril.exp(), tril)
     L = tril.new_zeros(tril.shape[:-1] + (dim * dim,))
