@@ -132,8 +132,10 @@ def fit_summaries(problem: robust.Problem, result, ref: dict, raw: dict) -> dict
     posterior = result.reweighted
     label = "fit" if posterior is not None else "fit (raw)"
     row = {"correction": label, "draw_s": result.khat_time, "kept": posterior is not None}
-    if posterior is None:
-        return {**raw, **row, "khat": result.khat or float("nan")}
+    if posterior is None:  # the raw guide's errors; the check's own k-hat and draws
+        khat = float("nan") if result.khat is None else result.khat
+        row.update(khat=khat, psis_ess=float("nan"), num_draws=result.num_khat_samples)
+        return {**raw, **row}
     draws = unconstrained(problem, posterior.draws)
     mean_err, sd_err = moment_errors(draws, ref, posterior.weights.to(draws.dtype))
     row.update(mean_err=mean_err, sd_err=sd_err, khat=posterior.khat, psis_ess=posterior.ess)
