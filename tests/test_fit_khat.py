@@ -307,3 +307,41 @@ def test_corrected_summaries_leave_an_exact_guide_as_it_is():
     raw = posterior.draws["x"]
     assert torch.allclose(posterior.mean()["x"], raw.mean(0), atol=error)
     assert torch.allclose(posterior.sd()["x"], raw.std(0), atol=error)
+
+
+def standard():
+    pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+@pytest.fixture
+def one_probe_for_khat(monkeypatch):
+    """The k-hat budget cut to the first probe of 32 draws, enough for k-hat here."""
+    monkeypatch.setattr(trust, "TIME_FRACTION", 0.0)
+    monkeypatch.setattr(trust, "MIN_BUDGET", 0.0)
+    monkeypatch.setattr(trust, "MIN_DRAWS", 21)
+
+
+@pytest.mark.usefixtures("one_probe_for_khat")
+def test_short_tails_get_more_draws_for_corrected_summaries(monkeypatch, caplog):
+    monkeypatch.setattr(trust, "KHAT_GOOD", -float("inf"))  # every k-hat reads as short
+    guide = AutoNormal(standard, init_scale=1.0)  # the posterior: every weight is equal
+    with caplog.at_level(logging.INFO, logger="pyro_nf"):
+        result = judge_fit(standard, guide, (), {}, fit_time=100.0)
+    assert result.num_khat_samples == TARGET_DRAWS  # 32, then the rest for the summaries
+    assert result.reweighted is not None and result.reweighted.num_draws == TARGET_DRAWS
+    assert any("more for corrected summaries" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.usefixtures("one_probe_for_khat")
+def test_a_good_khat_takes_no_more_draws():
+    result = judge_fit(gaussian, AutoNormal(gaussian, init_scale=0.7), (), {}, fit_time=100.0)
+    assert result.khat < trust.KHAT_GOOD and result.num_khat_samples == 32
+    assert result.reweighted is None and "effective sample size of" in result.advice
+
+
+@pytest.mark.usefixtures("one_probe_for_khat")
+def test_no_more_draws_past_the_correction_budget(monkeypatch):
+    monkeypatch.setattr(trust, "KHAT_GOOD", -float("inf"))
+    monkeypatch.setattr(trust, "CORRECTION_FRACTION", 0.0)
+    result = judge_fit(gaussian, AutoNormal(gaussian, init_scale=0.7), (), {}, fit_time=100.0)
+    assert result.num_khat_samples == 32 and result.reweighted is None
