@@ -93,7 +93,8 @@ def _posterior(log_w):
         (0.9, torch.zeros(4000), True, "in FitResult.reweighted"),
         (1.2, torch.zeros(4000), False, "Pareto tail has no mean"),
         (float("inf"), torch.zeros(4000), False, "Pareto tail has no mean"),
-        (0.5, torch.zeros(1000), False, "effective sample size of 1000 of 1000"),
+        (0.5, torch.zeros(1200), True, "effective sample size 1200 of 1200"),
+        (0.5, torch.zeros(500), False, "effective sample size of 500 of 500"),
         (0.5, torch.arange(4000.0) / 400, False, "effective sample size of 800 of 4000"),
     ],
 )

@@ -154,9 +154,9 @@ def fit(
         summaries (`FitResult.reweighted`: ``mean()``, ``sd()``, ``quantiles()``) where
         the weights are worth reading. Default (None): chosen by their measured cost, up
         to 4000 within a quarter of the fit's time (at least 0.2 s), and none where fewer
-        than 500 would fit; where k-hat is 0.5-1 and fewer than 2000 are effective, more,
-        up to 4000, within three quarters of the fit's time (`pyro_nf.fitting.trust`). An int takes that many (at least
-        21); 0 turns the check off.
+        than 500 would fit; where k-hat is 0.5-1 and fewer than 1000 are effective, more,
+        up to 4000, within three quarters of the fit's time (`pyro_nf.fitting.trust`).
+        An int takes that many (at least 21); 0 turns the check off.
 
     Returns
     -------

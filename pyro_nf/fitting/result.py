@@ -90,7 +90,7 @@ class FitResult:
         ``mean()``, ``sd()``, ``quantiles()`` and ``to_inference_data()`` correct the
         guide's short tails (the reverse-KL ELBO's under-dispersion) at no further cost;
         ``khat`` and ``ess`` say how far to trust them. None where k-hat was not computed,
-        is 1 or more, or the effective sample size is below 2000, and where the draws
+        is 1 or more, or the effective sample size is below 1000, and where the draws
         hold too many values to keep (`pyro_nf.fitting.trust`; ``advice`` says which).
         The guide is not changed: its own ``median()``, ``quantiles()`` and draws stay
         the raw fit's.

@@ -74,11 +74,12 @@ MIN_DRAWS = 500
 #: A quarter: where a draw is a costly model run (garch, 1000 returns, 13 ms a draw) it
 #: buys about 600 draws, where a tenth bought 300, too few for any k-hat.
 TIME_FRACTION, MIN_BUDGET = 0.25, 0.2
-#: Fewest effective draws for corrected summaries: their Monte-Carlo error is then 0.022
-#: posterior sd in a mean and 0.016-0.034 in a log sd (kurtosis 3-10), well inside the
-#: 0.1 / 10% bars of docs/robust.md, where the raw guide's summaries have none. At 470-550
-#: effective draws garch's corrected sds came out 10% off where its raw ones were within.
-MIN_ESS = 2000
+#: Fewest effective draws for corrected summaries: their Monte-Carlo error is then 0.03
+#: posterior sd in a mean and 0.02-0.05 in a log sd (kurtosis 3-10), inside the 0.1 / 10%
+#: bars of docs/robust.md, where the raw guide's summaries have none. Measured on garch:
+#: at 470-550 effective draws the corrected log sds came out 0.10 (raw 0.05-0.07); at
+#: 1250-3100 within 0.013-0.044 (docs/robust.md, "Corrected summaries from every fit").
+MIN_ESS = 1000
 #: Where k-hat says the tails may be short (0.5 to 1) but the draws' effective sample size
 #: is below `MIN_ESS`, more are drawn (up to `TARGET_DRAWS`) while the check's time stays
 #: within this share of the fit's: the fit and its corrected summaries within 1.75 times
