@@ -18,11 +18,10 @@ import argparse
 import json
 import time
 
-import pyro
 import torch
 
 from benchmarks.plain_svi import PROBLEMS
-from pyro_nf import AutoSplineFlow, fit
+from benchmarks.tail_correction import first_fit
 from pyro_nf.fitting import trust
 
 #: (TIME_FRACTION, CORRECTION_FRACTION) of each setting compared.
@@ -64,19 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     problem = PROBLEMS[args.model]()
     out = []
     for seed in args.seeds:
-        pyro.clear_param_store()
-        guide = AutoSplineFlow(problem.model)
-        start = time.perf_counter()
-        result = fit(
-            problem.model,
-            guide,
-            *problem.args,
-            num_steps=args.fit_steps,
-            progress=False,
-            seed=seed,
-            num_khat_samples=0,
-        )
-        fit_s = time.perf_counter() - start
+        guide, fit_s, _, result = first_fit(problem, seed, args.fit_steps, num_khat_samples=0)
         rows = check_times(problem, guide, result.wall_time, args.repeats)
         totals = {name: [fit_s + row["check_s"] for row in rows[name]] for name in rows}
         ratios = [c / p for c, p in zip(totals["current"], totals["previous"], strict=True)]

@@ -108,20 +108,21 @@ def refine(
     return time.perf_counter() - start, result.num_steps
 
 
-def _first_fit(problem: robust.Problem, args: argparse.Namespace):
-    """A fresh default guide fitted by `fit()` at its defaults: the guide, seconds (the
-    k-hat check included), steps and the `FitResult`."""
+def first_fit(problem: robust.Problem, seed: int, num_steps: int, **options):
+    """A fresh default guide fitted by `fit()` at its defaults (and `options`): the guide,
+    seconds (the k-hat check included), steps and the `FitResult`."""
     pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
+    pyro.set_rng_seed(seed)
     guide = AutoSplineFlow(problem.model)
     start = time.perf_counter()
     first = fit(
         problem.model,
         guide,
         *problem.args,
-        num_steps=args.fit_steps,
+        num_steps=num_steps,
         progress=False,
-        seed=args.seed,
+        seed=seed,
+        **options,
     )
     return guide, time.perf_counter() - start, first.num_steps, first
 
@@ -145,7 +146,7 @@ def fit_summaries(problem: robust.Problem, result, ref: dict, raw: dict) -> dict
 def study(name: str, ref: dict, args: argparse.Namespace) -> list[dict]:
     """The default fit of one model and seed, then its corrections; one row per correction."""
     problem = PROBLEMS[name]()
-    guide, fit_s, fit_steps, result = _first_fit(problem, args)
+    guide, fit_s, fit_steps, result = first_fit(problem, args.seed, args.fit_steps)
     state = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
     rows = corrections(problem, guide, ref, args, "raw", args.num_draws)
     rows.append(fit_summaries(problem, result, ref, rows[0]))
