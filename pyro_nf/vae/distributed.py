@@ -54,8 +54,11 @@ class DistContext:
         return bool(t.item())
 
     def close(self) -> None:
-        """Tear down the process group if this context created one."""
+        """Tear down the process group if this context created one, once every process
+        has arrived: gloo aborts a process whose peer tore the group down first
+        ("terminate called without an active exception", seen on a loaded machine)."""
         if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
