@@ -274,11 +274,11 @@ def _khat(
     if reason is not None:
         return None, 0, reason, None
     khat = khat_from_log_weights(log_w)
-    if not kept or math.isnan(khat) or khat == math.inf:  # weights that cannot be read
+    if not kept or not khat < KHAT_TRUNCATE:  # NaN too: weights that `_corrected` refuses
         return khat, log_w.numel(), "", None
     posterior = weighted_draws(draws, log_w, sites)
     left = budgets[1] - (time.perf_counter() - begun)
-    short = KHAT_GOOD <= khat < KHAT_TRUNCATE and posterior.ess < MIN_ESS
+    short = khat >= KHAT_GOOD and posterior.ess < MIN_ESS  # k-hat 0.5-1: 1 and up left above
     if short and len(log_w) < target and left > 0:
         more, more_log_w, _ = _draws(draw, target - len(log_w), left)
         logger.info(
@@ -290,7 +290,8 @@ def _khat(
         )
         log_w = torch.cat([log_w, more_log_w])
         draws = {name: torch.cat([draws[name], more[name]]) for name in draws}
-        khat, posterior = khat_from_log_weights(log_w), weighted_draws(draws, log_w, sites)
+        posterior = weighted_draws(draws, log_w, sites)
+        khat = posterior.khat  # the smoothing's own fit: one Pareto fit, not two
     return khat, log_w.numel(), "", posterior
 
 
