@@ -334,6 +334,17 @@ def test_short_tails_get_more_draws_for_corrected_summaries(monkeypatch, caplog)
 
 
 @pytest.mark.usefixtures("one_probe_for_khat")
+def test_one_draw_short_of_the_target_keeps_its_khat(monkeypatch):
+    # The first pass ends one draw short (32 of 33): too few for a further pass, which
+    # drew nothing and lost the k-hat to an empty list of probe rates.
+    monkeypatch.setattr(trust, "KHAT_GOOD", -float("inf"))
+    monkeypatch.setattr(trust, "TARGET_DRAWS", 33)
+    guide = AutoNormal(standard, init_scale=1.0)
+    result = judge_fit(standard, guide, (), {}, fit_time=100.0)
+    assert result.khat is not None and result.num_khat_samples == 32
+
+
+@pytest.mark.usefixtures("one_probe_for_khat")
 def test_a_good_khat_takes_no_more_draws():
     result = judge_fit(gaussian, AutoNormal(gaussian, init_scale=0.7), (), {}, fit_time=100.0)
     assert result.khat < trust.KHAT_GOOD and result.num_khat_samples == 32

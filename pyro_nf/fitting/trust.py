@@ -279,7 +279,8 @@ def _khat(
     posterior = weighted_draws(draws, log_w, sites)
     left = budgets[1] - (time.perf_counter() - begun)
     short = khat >= KHAT_GOOD and posterior.ess < MIN_ESS  # k-hat 0.5-1: 1 and up left above
-    if short and len(log_w) < target and left > 0:
+    # `_draws` probes with at least two draws: one missing draw is not worth a pass.
+    if short and target - len(log_w) >= 2 and left > 0:
         more, more_log_w, _ = _draws(draw, target - len(log_w), left)
         logger.info(
             "fit: k-hat %.2f, %.0f effective draws of %d: %d more for corrected summaries",
