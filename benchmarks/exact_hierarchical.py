@@ -353,7 +353,10 @@ def _site_draws(draws: dict[str, Tensor], name: str) -> Tensor | None:
 
 
 def score(
-    draws: dict[str, Tensor], reference: Moments, sites: list[str] | None = None
+    draws: dict[str, Tensor],
+    reference: Moments,
+    sites: list[str] | None = None,
+    weights: Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """How far draws of an approximation are from reference moments.
 
@@ -366,6 +369,9 @@ def score(
         Means and sds, e.g. `exact_moments` or `benchmarks.radon.load_reference`.
     sites : list of str, optional
         The reference sites to score (each must be in ``draws``); default: every one found.
+    weights : Tensor, optional
+        One weight per draw, shape ``(S,)`` (importance weights, normalised here): the
+        moments are the weighted ones (`pyro_nf.Reweighted`'s corrected summaries).
 
     Returns
     -------
@@ -374,7 +380,9 @@ def score(
         (log of the draws' sd over the reference's). Scalar sites give the signed values;
         sites with members give the 95th percentile over members of the absolute values.
         With S exact draws the noise floor is about ``1 / sqrt(S)`` and ``1 / sqrt(2 S)``
-        (per member; about twice that for the 95th percentile).
+        (per member; about twice that for the 95th percentile) for a Gaussian marginal,
+        more for a skewed one: radon's ``log_sigma_b``, whose lower tail is long, read
+        +0.021 from 1000 draws of one guide and -0.083 from 20,000.
 
     Examples
     --------
@@ -394,12 +402,23 @@ def score(
             raise KeyError(f"score: no draws of site {name!r} (nor of its exponential)")
         mean, sd = reference.mean[name], reference.sd[name]
         value = value.reshape(len(value), *mean.shape).to(mean.dtype)
-        error = (value.mean(0) - mean) / sd
-        ratio = (value.std(0) / sd).log()
+        draw_mean, draw_sd = _moments(value, weights)
+        error = (draw_mean - mean) / sd
+        ratio = (draw_sd / sd).log()
         if mean.dim() > 0:
             error, ratio = error.abs().quantile(0.95), ratio.abs().quantile(0.95)
         result[name] = {"mean_error": float(error), "log_sd_ratio": float(ratio)}
     return result
+
+
+def _moments(value: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mean and sd along dim 0, weighted where ``weights`` are given."""
+    if weights is None:
+        return value.mean(0), value.std(0)
+    shape = (-1,) + (1,) * (value.dim() - 1)
+    w = (weights / weights.sum()).to(value.dtype).reshape(shape)
+    mean = (w * value).sum(0)
+    return mean, (w * (value - mean).square()).sum(0).sqrt()
 
 
 def nuts_draws(data: Groups, warmup: int, num_samples: int, seed: int = 0) -> dict[str, Tensor]:

@@ -40,7 +40,36 @@ def test_main_subsampled_rows_in_fresh_processes(tmp_path, capsys):
 def test_radon_rows_score_every_site(guide):
     row = run_case(Case(guide, "radon", num_steps=5, samples=30))
     assert sorted(row["errors"]) == sorted(hierarchical.SITES["radon"]) and _finite_errors(row)
-    assert row["groups"] == 85 and row["steps"] == 5
+    assert row["groups"] == 85 and row["steps"] == 5 and row["samples"] == 30
+    # The structured guide's draws are weighted too (k-hat and corrected moments).
+    assert (row["corrected"] is None) == (guide == "autonormal")
+    assert (row["khat"] is None) == (guide == "autonormal")
+    if guide == "structured":
+        assert sorted(row["corrected"]) == sorted(row["errors"])
+
+
+def test_default_draws_by_problem_and_size():
+    assert Case("structured", "radon").draws == hierarchical.DRAWS["radon"]
+    assert Case("structured", groups=100).draws == hierarchical.DRAWS["normal"]
+    assert Case("structured", groups=100_000).draws == 1000  # at most MAX_VALUES values
+    assert Case("structured", groups=100, samples=7).draws == 7
+
+
+def test_weighted_score_matches_reweighted_draws():
+    """Weighted moments equal those of the draws repeated in proportion to their weights."""
+    data = simulate(20)
+    reference = hierarchical.exact_moments(data)
+    draws = {"mu": torch.tensor([0.0, 1.0, 2.0]), "tau": torch.tensor([1.0, 2.0, 4.0])}
+    weights = torch.tensor([1.0, 2.0, 1.0])
+    repeated = {name: value.repeat_interleave(2 * weights.long()) for name, value in draws.items()}
+    weighted = hierarchical.score(draws, reference, ["mu", "log_tau"], weights=weights)
+    plain = hierarchical.score(repeated, reference, ["mu", "log_tau"])
+    n = len(repeated["mu"])  # the plain sd divides by n - 1, the weighted one by n
+    for site in ("mu", "log_tau"):
+        assert weighted[site]["mean_error"] == pytest.approx(plain[site]["mean_error"])
+        assert weighted[site]["log_sd_ratio"] == pytest.approx(
+            plain[site]["log_sd_ratio"] + 0.5 * math.log((n - 1) / n)
+        )
 
 
 def test_autonormal_draws_cover_every_member_under_subsampling(fresh_pyro_state):
@@ -49,7 +78,8 @@ def test_autonormal_draws_cover_every_member_under_subsampling(fresh_pyro_state)
     guide = hierarchical.GUIDES["autonormal"](model)
     data = simulate(30)
     hierarchical.fit(model, guide, *data, 5, num_steps=2, progress=False)
-    draws = hierarchical.guide_draws(guide, model, data, ["log_tau", "theta"], 4000)
+    draws, posterior = hierarchical.guide_draws(guide, model, data, 4000)
+    assert posterior is None
     assert draws["theta"].shape == (4000, 30) and bool((draws["tau"] > 0).all())
     loc, scale = guide.locs.theta.detach(), guide.scales.theta.detach()
     tolerance = 5 * float(scale.max()) / math.sqrt(4000)
