@@ -231,6 +231,7 @@ def fit(
             fit_time=result.wall_time,
             num_khat_samples=num_khat_samples,
             estimator=estimator,
+            particles=result.num_particles,
         )
         result = dataclasses.replace(result, **trust._asdict())
     if progress:
