@@ -452,7 +452,7 @@ def _what_to_try(
     layers = [text for text in map(_layers, parts) if text is not None]
     # First: on garch200 and small hierarchical models the short tails came from gradient
     # noise, not from the family (docs/robust.md, "Short tails from gradient noise"); on
-    # radon a structured fit at 32 particles left log sigma_b's sd 16% short, at 128 9%
+    # radon a structured fit at 32 particles left log sigma_b's sd 16% short, at 128 10%
     # (docs/hierarchical.md).
     if particles < 32:
         tries = ["num_particles=32 (gradient noise cuts tails)"]
