@@ -122,3 +122,18 @@ def test_a_short_nuts_run_agrees_with_the_reference_on_the_globals():
 def test_the_docstring_examples_run():
     result = doctest.testmod(radon, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 5 and result.failed == 0
+
+
+def test_run_nuts_counts_divergences_as_mcmc_diagnostics_does():
+    """The count read from the kernel while it runs equals `MCMC.diagnostics()`'s."""
+    from pyro.infer import MCMC, NUTS
+
+    data = load_radon()
+    _, divergences = run_nuts(data, num_chains=1, warmup=20, draws=20, seed=1)
+    pyro.set_rng_seed(1)
+    kernel = NUTS(potential_fn=noncentred_potential(data), target_accept_prob=0.9)
+    start = torch.randn(5 + 2 * NUM_COUNTIES, dtype=torch.float64)
+    mcmc = MCMC(kernel, 20, 20, initial_params={"x": start}, disable_progbar=True)
+    mcmc.run()
+    expected = len(mcmc.diagnostics()["divergences"]["chain 0"])
+    assert divergences == [expected] and expected > 0  # a short warm-up diverges
