@@ -77,8 +77,7 @@ def test_a_heavy_tailed_posterior_fitted_by_autonormal_is_not_to_be_trusted(capl
 def test_every_verdict_says_where_the_corrected_summaries_are(khat):
     verdict = trust.verdict_of(khat)
     note = "the sentence on the corrected summaries"
-    fitted = ("elbo", 32)
-    advice = trust._advice(khat, verdict, 4000, AutoNormal(gaussian), (), {}, fitted, note)
+    advice = trust._advice(khat, verdict, 4000, AutoNormal(gaussian), (), {}, "elbo", 32, note)
     assert note in advice
     assert len(advice) < 600  # read in one line of `FitResult.summary()`
 
@@ -86,7 +85,7 @@ def test_every_verdict_says_where_the_corrected_summaries_are(khat):
 @pytest.mark.parametrize("particles, suggested", [(1, 32), (8, 32), (32, 128), (64, 256)])
 def test_advice_suggests_more_particles_than_the_fit_drew(particles, suggested):
     advice = trust._advice(
-        0.8, "not to be trusted", 4000, AutoNormal(gaussian), (), {}, ("elbo", particles), ""
+        0.8, "not to be trusted", 4000, AutoNormal(gaussian), (), {}, "elbo", particles, ""
     )
     assert f"num_particles={suggested} (" in advice
     assert (f"the fit drew {particles}" in advice) == (particles >= 32)

@@ -233,8 +233,9 @@ def judge_fit(
             if khat is not None:
                 posterior, note = _corrected(posterior, khat)
                 verdict = verdict_of(khat)
-                fitted = (estimator, particles)
-                text = _advice(khat, verdict, count, guide, args, kwargs, fitted, note)
+                text = _advice(
+                    khat, verdict, count, guide, args, kwargs, estimator, particles, note
+                )
         except Exception as error:  # noqa: BLE001 - the fit is done; a diagnostic must not lose it
             khat, count, posterior = None, 0, None
             text = f"drawing failed ({type(error).__name__}: {error})"
@@ -408,7 +409,8 @@ def _advice(
     guide: Callable,
     args: tuple,
     kwargs: dict,
-    fitted: tuple[str, int],
+    estimator: str,
+    particles: int,
     correction: str,
 ) -> str:
     """What a verdict means, in plain words, with what to try where the fit falls short
@@ -425,7 +427,7 @@ def _advice(
         if khat > reliable and math.isfinite(khat)
         else ""
     )
-    tries = "; ".join(_what_to_try(guide, args, kwargs, *fitted))
+    tries = "; ".join(_what_to_try(guide, args, kwargs, estimator, particles))
     if verdict == "usable with care":
         return (
             f"k-hat {khat:.2f} in {KHAT_GOOD}-{KHAT_USABLE}: usable with care; means are "
@@ -438,7 +440,7 @@ def _advice(
 
 
 def _what_to_try(
-    guide: Callable, args: tuple, kwargs: dict, estimator: str, particles: int = 1
+    guide: Callable, args: tuple, kwargs: dict, estimator: str, particles: int
 ) -> list[str]:
     """The remedies that apply to this guide and a fit with `estimator` at `particles`.
 
