@@ -277,6 +277,37 @@ def test_two_sites_a_member_and_a_positive_local():
     assert median["ab"].shape == (10, 1, 2) and bool((median["s"] > 0).all())
 
 
+def _chained_locals(ybar, se):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(2.0))
+    with pyro.plate("groups", len(ybar)):
+        a = pyro.sample("a", dist.Normal(mu, tau))
+        b = pyro.sample("b", dist.Normal(a, tau))
+        pyro.sample("ybar", dist.Normal(b, se), obs=ybar)
+
+
+@pytest.mark.parametrize("model_fn, direct", [(model, {"groups"}), (_chained_locals, set())])
+def test_members_mapped_without_a_model_run_as_by_the_model_run(model_fn, direct):
+    # A plate of prior times factor whose priors read no other local site has its values
+    # mapped through the priors the guide read, without a second model run: the same
+    # draw as the model run gives. Where a prior reads another local site (b given a),
+    # the model run maps them.
+    guide = AutoStructuredFlow(model_fn)
+    guide(YBAR, SE)
+    assert guide._direct_plates == direct
+    traces = []
+    for direct_plates in (direct, set()):
+        guide._direct_plates = direct_plates
+        pyro.set_rng_seed(3)
+        trace = poutine.trace(guide).get_trace(YBAR, SE)
+        trace.compute_log_prob()
+        traces.append(trace)
+    for name in guide._local_sites:
+        mapped, run = (trace.nodes[name] for trace in traces)
+        assert torch.allclose(mapped["value"], run["value"])
+        assert torch.allclose(mapped["log_prob"], run["log_prob"])
+
+
 def _intercepts_and_slopes(x, y, group):
     mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 5.0).to_event(1))
     sigma = pyro.sample("sigma", dist.HalfNormal(torch.ones(2)).to_event(1))

@@ -62,7 +62,14 @@ from .factor_start import curvature_coordinates, laplace_factors
 from .global_start import collapsed_start, global_values, laplace_globals
 from .layout import LocalPlate, LocalSite, local_site
 from .member_flow import member_flow
-from .model_runs import check_indices, check_size, local_values, read_plates
+from .model_runs import (
+    check_indices,
+    check_size,
+    local_values,
+    priors_reading_locals,
+    read_plates,
+    scaled_values,
+)
 
 __all__ = ["AutoStructuredFlow"]
 
@@ -196,6 +203,9 @@ class AutoStructuredFlow(AutoGuide):
         self.local_layers = check_int("local_layers", local_layers, minimum=1)
         #: Per subsampled plate, whether every member's prior is the same (set-up).
         self._shared_priors: dict[str, bool] = {}
+        #: The plates drawn as prior times factor whose sites' priors read no other local
+        #: site (set-up): their values need no model run (`_local_draw`).
+        self._direct_plates: set[str] = set()
         self.local_flow = local_flow
         self._local_plate_names = None if local_plates is None else tuple(local_plates)
         self._global_options = dict(
@@ -247,6 +257,7 @@ class AutoStructuredFlow(AutoGuide):
         self._local_sites = {
             site.name: site for plate in self.local_plates.values() for site in plate.sites
         }
+        self._direct_plates = self._plates_of_global_priors(sites, args, kwargs)
         self._setup_global_guide(list(plate_of))
         context_dim = sum(
             self._global_transforms[name].inv(site["value"]).numel()
@@ -301,6 +312,21 @@ class AutoStructuredFlow(AutoGuide):
                     f"site; plates holding latent sites: {sorted(self._prototype_frames)}"
                 )
         return plate_of
+
+    def _plates_of_global_priors(self, sites: dict, args: tuple, kwargs: dict) -> set[str]:
+        """The plates drawn as prior times factor whose sites' priors read no other local
+        site, at the prototype's values."""
+        gaussian = [plate for plate in self.local_plates.values() if plate.gaussian_factor]
+        if not gaussian:
+            return set()
+        asked = {site.name for plate in gaussian for site in plate.sites}
+        values = {name: site["value"] for name, site in sites.items()}
+        reading = priors_reading_locals(
+            self._raw_model[0], values, set(self._local_sites), asked, args, kwargs
+        )
+        return {
+            plate.name for plate in gaussian if not reading & {site.name for site in plate.sites}
+        }
 
     def _setup_global_guide(self, local_names: list[str]) -> None:
         if not self._global_sites:
@@ -657,11 +683,11 @@ class AutoStructuredFlow(AutoGuide):
         members: Tensor,
         mean: Tensor,
         R: Tensor,
-        context: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(u, 1, 0)``: the members' non-centred rows ``u`` drawn from their prior times
-        their factor (``mean``, ``R``: `_product`), through the optional shared flow in the
-        product's own coordinates."""
+        context: Tensor | None,
+    ) -> Tensor:
+        """The members' non-centred rows ``u`` drawn from their prior times their factor
+        (``mean``, ``R``: `_product`), through the optional shared flow in the product's
+        own coordinates."""
         flow = self.member_flows[index]
         member_context = None
         if len(flow.layers):
@@ -671,16 +697,21 @@ class AutoStructuredFlow(AutoGuide):
             )
 
         def push(eps: Tensor) -> tuple[Tensor, Tensor]:
+            if member_context is None:  # no layers: no call of an empty flow
+                return draw(mean, R, eps)
             z, flow_log_det = flow(eps, context=member_context)
             u, log_det = draw(mean, R, z)
             return u, flow_log_det + log_det
 
         with plates[plate.name]:
-            u = self._member_rows(plate, mean, push)
-        return u, torch.ones_like(u), torch.zeros_like(u)
+            return self._member_rows(plate, mean, push)
 
     def _product(
-        self, plate: LocalPlate, members: Tensor, prior: tuple[Tensor, Tensor], context: Tensor
+        self,
+        plate: LocalPlate,
+        members: Tensor,
+        prior: tuple[Tensor, Tensor],
+        context: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The ``members``' factors (``L``, ``shift``) at the global draw ``context`` and
         their product with ``prior`` (``mean``, ``R``;
@@ -737,7 +768,7 @@ class AutoStructuredFlow(AutoGuide):
         plate: LocalPlate,
         prior: tuple[Tensor, Tensor],
         product: tuple[Tensor, Tensor, Tensor, Tensor],
-        context: Tensor,
+        context: Tensor | None,
     ) -> None:
         """On a subsampled plate, add to the ELBO ``H(g) - (N / B) sum_{j in batch} h_j(g)``,
         ``h_j`` member j's prior-times-factor log normalizer at the global draw and ``H``
@@ -816,9 +847,12 @@ class AutoStructuredFlow(AutoGuide):
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """The members' rows at ``indices``, mapped to the local sites' values; with
         ``variate``, a subsampled plate's control variate (`_control_variate`) too."""
-        context = self._global_context(global_values, args, kwargs)
-        rows = {}
-        for index, plate in enumerate(self.local_plates.values()):
+        context = None
+        indexed = list(enumerate(self.local_plates.values()))
+        if any(self._reads_context(index, plate) for index, plate in indexed):
+            context = self._global_context(global_values, args, kwargs)
+        rows, outputs = {}, {}
+        for index, plate in indexed:
             members = indices[plate.name]
             if plate.name not in plates:
                 plates[plate.name] = pyro.plate(
@@ -830,15 +864,33 @@ class AutoStructuredFlow(AutoGuide):
                     for k in (0, 1)
                 )
                 product = self._product(plate, members, prior, context)
-                parts = self._factor_rows(index, plates, plate, members, *product[2:], context)
+                u = self._factor_rows(index, plates, plate, members, *product[2:], context)
                 if variate and len(members) < plate.size:
                     self._control_variate(plate, prior, product, context)
+                if plate.name in self._direct_plates:
+                    # Mapped here, not in a model run: 4% of a step on the normal-normal model.
+                    for site in plate.sites:
+                        u_site = u[:, plate.columns[site.name]]
+                        outputs[site.name] = scaled_values(site, priors[site.name], u_site)
+                    continue
+                parts = u, torch.ones_like(u), torch.zeros_like(u)
             else:
                 parts = self._affine_rows(index, plates, plate, members, context)
             for site in plate.sites:
                 columns = plate.columns[site.name]
                 rows[site.name] = (site, tuple(part[:, columns] for part in parts))
-        return local_values(self._raw_model[0], global_values, indices, rows, args, kwargs)
+        if rows:
+            values = global_values | {name: value for name, (value, _) in outputs.items()}
+            outputs |= local_values(self._raw_model[0], values, indices, rows, args, kwargs)
+        return outputs
+
+    def _reads_context(self, index: int, plate: LocalPlate) -> bool:
+        """Whether the plate's draw reads the global draw's context: affine rows do; rows
+        of prior times factor only through their flow's layers or a factor slope. Not
+        computed where nothing reads it (3% of a step on the normal-normal model)."""
+        if not plate.gaussian_factor or len(self.member_flows[index].layers):
+            return True
+        return bool(_deep_getattr(self.factor_slope_masks, plate.name).any())
 
     def _draw_every_member(self, args: tuple, kwargs: dict) -> dict[str, Tensor]:
         """One draw of every site over the whole plates, in chunks of the model's own

@@ -1,4 +1,4 @@
-"""Two short runs of the model inside the guide, blocked from every outer handler.
+"""Short runs of the model inside the guide, blocked from every outer handler.
 
 `read_plates` reads which members of each local plate this call of the model uses
 (its own subsample, the user's indices, or the whole plate), checking the plate's size
@@ -6,7 +6,9 @@ and the indices, and the priors of the sites drawn as prior times factor at the 
 global values; `local_values` maps each member's unconstrained row to the local sites'
 values, reading the prior of every non-centred site at the guide's global values (so a
 member's spread follows each draw of the population scale). Each run stops once it has
-what it needs, before the likelihood.
+what it needs, before the likelihood. `scaled_values` maps a non-centred site's rows
+through the priors `read_plates` read, without the second run, where those priors read no
+other local site (`priors_reading_locals`, once at set-up).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
 from pyro_nf.noncentering import _loc_scale_prior
+from pyro_nf.summaries import fixed_random_state
 
 from .layout import LocalPlate, LocalSite
 
-__all__ = ["local_values", "prior_rows", "read_plates"]
+__all__ = ["local_values", "prior_rows", "priors_reading_locals", "read_plates", "scaled_values"]
 
 #: A site's columns of the members' ``(loc, scale, y)`` rows.
 MemberRows = tuple[Tensor, Tensor, Tensor]
@@ -218,6 +221,64 @@ def _site_value(site: LocalSite, fn: Any, rows: MemberRows) -> tuple[Tensor, Ten
     log_det = site.transform.log_abs_det_jacobian(unconstrained, value)
     log_det = sum_rightmost(log_det, log_det.dim() - value.dim() + site.event_dim)
     return value, -log_det - log_scale
+
+
+def priors_reading_locals(
+    model: Callable, values: dict, local: set[str], asked: set[str], args: tuple, kwargs: dict
+) -> set[str]:
+    """The sites of ``asked`` whose location-scale prior depends on another site of
+    ``local``: one model run with every latent site at ``values``, the local sites' as
+    leaves of autograd (random draws made in a forked random stream, which is left as it
+    was).
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> def model():
+    ...     a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    ...     pyro.sample("b", dist.Normal(a, 1.0))
+    >>> values = {"a": torch.tensor(0.5), "b": torch.tensor(1.0)}
+    >>> sorted(priors_reading_locals(model, values, {"a", "b"}, {"a", "b"}, (), {}))
+    ['b']
+    """
+    leaves = {
+        name: value.detach().clone().requires_grad_(name in local) for name, value in values.items()
+    }
+    with fixed_random_state(), torch.enable_grad(), poutine.block():
+        trace = poutine.trace(poutine.condition(model, data=leaves)).get_trace(*args, **kwargs)
+    found = set()
+    for name in asked:
+        prior = _loc_scale_prior(trace.nodes[name]["fn"])
+        outputs = [t.sum() for t in (prior.loc, prior.scale) if t.requires_grad]
+        others = [leaves[other] for other in sorted(local) if other != name]
+        if outputs and others:
+            grads = torch.autograd.grad(outputs, others, allow_unused=True, retain_graph=True)
+            if any(grad is not None for grad in grads):
+                found.add(name)
+    return found
+
+
+def scaled_values(
+    site: LocalSite, prior: tuple[Tensor, Tensor], u: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A non-centred site's value ``prior.loc + prior.scale * u`` and log-density term
+    ``-log|d value / d u|``, from its prior as rows (`prior_rows`) and its members' rows
+    ``u``: what `local_values` gives such a site, without a model run, where its prior
+    reads no other local site (so that the priors `read_plates` read are its own).
+
+    Examples
+    --------
+    >>> from pyro.distributions import constraints
+    >>> from pyro.distributions.transforms import biject_to
+    >>> site = LocalSite("a", biject_to(constraints.real), 0, -1, (), True, True)
+    >>> prior = (torch.ones(3, 1), torch.full((3, 1), 2.0))
+    >>> value, log_density = scaled_values(site, prior, torch.arange(3.0).reshape(3, 1))
+    >>> value.tolist(), round(log_density[0].item(), 4)
+    ([1.0, 3.0, 5.0], -0.6931)
+    """
+    loc, scale = prior
+    log_det = sum_rightmost(site.unpack(scale.log()), site.event_dim)
+    return site.unpack(loc + scale * u), -log_det
 
 
 def local_values(
