@@ -63,12 +63,13 @@ from .global_start import collapsed_start, global_values, laplace_globals
 from .layout import LocalPlate, LocalSite, local_site
 from .member_flow import member_flow
 from .model_runs import (
+    Prior,
     check_indices,
     check_size,
     local_values,
     priors_reading_locals,
     read_plates,
-    scaled_values,
+    site_value,
 )
 
 __all__ = ["AutoStructuredFlow"]
@@ -582,7 +583,7 @@ class AutoStructuredFlow(AutoGuide):
         args: tuple,
         kwargs: dict,
         given: dict[str, Tensor] | None = None,
-    ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    ) -> tuple[dict[str, Tensor], dict[str, Prior]]:
         """Each local plate's members in this call (``given``, the user's plate's indices,
         or those the model's plate draws) and the priors of the sites drawn as prior times
         factor, at this draw of the globals (one short model run, where needed)."""
@@ -697,8 +698,6 @@ class AutoStructuredFlow(AutoGuide):
             )
 
         def push(eps: Tensor) -> tuple[Tensor, Tensor]:
-            if member_context is None:  # no layers: no call of an empty flow
-                return draw(mean, R, eps)
             z, flow_log_det = flow(eps, context=member_context)
             u, log_det = draw(mean, R, z)
             return u, flow_log_det + log_det
@@ -867,13 +866,14 @@ class AutoStructuredFlow(AutoGuide):
                 u = self._factor_rows(index, plates, plate, members, *product[2:], context)
                 if variate and len(members) < plate.size:
                     self._control_variate(plate, prior, product, context)
-                if plate.name in self._direct_plates:
-                    # Mapped here, not in a model run: 4% of a step on the normal-normal model.
-                    for site in plate.sites:
-                        u_site = u[:, plate.columns[site.name]]
-                        outputs[site.name] = scaled_values(site, priors[site.name], u_site)
-                    continue
                 parts = u, torch.ones_like(u), torch.zeros_like(u)
+                if plate.name in self._direct_plates:
+                    # Mapped through the laws read_plates read, as the model run would map
+                    # them (the same arithmetic), without it: 4% of a step at 100 groups.
+                    for site in plate.sites:
+                        site_rows = tuple(part[:, plate.columns[site.name]] for part in parts)
+                        outputs[site.name] = site_value(site, priors[site.name].law, site_rows)
+                    continue
             else:
                 parts = self._affine_rows(index, plates, plate, members, context)
             for site in plate.sites:

@@ -6,15 +6,15 @@ and the indices, and the priors of the sites drawn as prior times factor at the 
 global values; `local_values` maps each member's unconstrained row to the local sites'
 values, reading the prior of every non-centred site at the guide's global values (so a
 member's spread follows each draw of the population scale). Each run stops once it has
-what it needs, before the likelihood. `scaled_values` maps a non-centred site's rows
-through the priors `read_plates` read, without the second run, where those priors read no
-other local site (`priors_reading_locals`, once at set-up).
+what it needs, before the likelihood. Where a plate's priors read no other local site
+(`priors_reading_locals`, once at set-up), the guide maps its rows through the laws
+`read_plates` read (`site_value`, as `local_values` does), without the second run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pyro import poutine
@@ -28,10 +28,26 @@ from pyro_nf.summaries import fixed_random_state
 
 from .layout import LocalPlate, LocalSite
 
-__all__ = ["local_values", "prior_rows", "priors_reading_locals", "read_plates", "scaled_values"]
+__all__ = [
+    "Prior",
+    "local_values",
+    "prior_rows",
+    "priors_reading_locals",
+    "read_plates",
+    "site_value",
+]
 
 #: A site's columns of the members' ``(loc, scale, y)`` rows.
 MemberRows = tuple[Tensor, Tensor, Tensor]
+
+
+class Prior(NamedTuple):
+    """A non-centred site's prior as `read_plates` read it: its location and scale as
+    rows ``(members, size)`` (`prior_rows`), and the law itself, for `site_value`."""
+
+    loc: Tensor
+    scale: Tensor
+    law: Any
 
 
 class _Done(Exception):
@@ -87,7 +103,7 @@ class _ReadPlates(Messenger):
         self.plates, self.placeholders = plates, placeholders
         self.given, self.prior_sites = given, prior_sites
         self.indices: dict[str, Tensor] = {}
-        self.priors: dict[str, tuple[Tensor, Tensor]] = {}
+        self.priors: dict[str, Prior] = {}
 
     def _done(self) -> bool:
         return len(self.indices) == len(self.plates) and len(self.priors) == len(self.prior_sites)
@@ -104,7 +120,8 @@ class _ReadPlates(Messenger):
             self.indices[name] = check_indices(plate, msg["value"])
         elif name in self.placeholders and not msg["is_observed"]:
             if name in self.prior_sites:
-                self.priors[name] = prior_rows(self.prior_sites[name], msg["fn"])
+                fn = msg["fn"]
+                self.priors[name] = Prior(*prior_rows(self.prior_sites[name], fn), fn)
             msg["value"] = self.placeholders[name](msg)
         else:
             return
@@ -130,7 +147,7 @@ def read_plates(
     kwargs: dict,
     given: dict[str, Tensor] | None = None,
     prior_sites: dict[str, LocalSite] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+) -> tuple[dict[str, Tensor], dict[str, Prior]]:
     """The members of each local plate that this call of the model uses, and the priors
     of the sites asked for at this run's values.
 
@@ -192,7 +209,7 @@ class _LocalValues(Messenger):
             msg["value"] = self.indices.get(name, msg["value"])
         elif name in self.rows:
             site, rows = self.rows[name]
-            value, log_density = _site_value(site, msg["fn"], rows)
+            value, log_density = site_value(site, msg["fn"], rows)
             self.outputs[name] = value, log_density
             msg["value"] = value
             if len(self.outputs) == len(self.rows):
@@ -201,8 +218,9 @@ class _LocalValues(Messenger):
             msg["value"] = self.values[name]
 
 
-def _site_value(site: LocalSite, fn: Any, rows: MemberRows) -> tuple[Tensor, Tensor]:
-    """The site's value and the guide's log-density term ``-log|d value / d y|``.
+def site_value(site: LocalSite, fn: Any, rows: MemberRows) -> tuple[Tensor, Tensor]:
+    """The site's value and the guide's log-density term ``-log|d value / d y|``, its
+    law in the model ``fn``.
 
     The member's unconstrained value is ``u = loc + scale * y``; a non-centred site's
     value is ``prior.loc + prior.scale * u`` with the prior's parameters at this run's
@@ -256,29 +274,6 @@ def priors_reading_locals(
             if any(grad is not None for grad in grads):
                 found.add(name)
     return found
-
-
-def scaled_values(
-    site: LocalSite, prior: tuple[Tensor, Tensor], u: Tensor
-) -> tuple[Tensor, Tensor]:
-    """A non-centred site's value ``prior.loc + prior.scale * u`` and log-density term
-    ``-log|d value / d u|``, from its prior as rows (`prior_rows`) and its members' rows
-    ``u``: what `local_values` gives such a site, without a model run, where its prior
-    reads no other local site (so that the priors `read_plates` read are its own).
-
-    Examples
-    --------
-    >>> from pyro.distributions import constraints
-    >>> from pyro.distributions.transforms import biject_to
-    >>> site = LocalSite("a", biject_to(constraints.real), 0, -1, (), True, True)
-    >>> prior = (torch.ones(3, 1), torch.full((3, 1), 2.0))
-    >>> value, log_density = scaled_values(site, prior, torch.arange(3.0).reshape(3, 1))
-    >>> value.tolist(), round(log_density[0].item(), 4)
-    ([1.0, 3.0, 5.0], -0.6931)
-    """
-    loc, scale = prior
-    log_det = sum_rightmost(site.unpack(scale.log()), site.event_dim)
-    return site.unpack(loc + scale * u), -log_det
 
 
 def local_values(
