@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .small_linalg import cholesky, cholesky_solve, solve_upper
+
 __all__ = [
     "draw",
     "factor_from_precision",
@@ -74,7 +76,7 @@ def factor_from_precision(precision: Tensor) -> Tensor:
     [[[4.0, 2.0], [2.0, 5.0]]]
     """
     dim = precision.shape[-1]
-    L = torch.linalg.cholesky(precision)
+    L = cholesky(precision)
     rows, cols = _tril_indices(dim, precision.device)
     entries = L[..., rows, cols]
     return torch.where(rows == cols, entries.log(), entries)
@@ -120,11 +122,10 @@ def product_with_prior(
         b = prior_scale * (shift - L.squeeze(-1).square() * prior_loc)
         return b / precision, root.unsqueeze(-1)
     eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-    R = torch.linalg.cholesky(eye + scaled @ scaled.mT)
+    R = cholesky(eye + scaled @ scaled.mT)
     precision_loc = (L @ (L.mT @ prior_loc.unsqueeze(-1))).squeeze(-1)
     b = prior_scale * (shift - precision_loc)
-    mean = torch.cholesky_solve(b.unsqueeze(-1), R).squeeze(-1)
-    return mean, R
+    return cholesky_solve(b, R), R
 
 
 def draw(mean: Tensor, R: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,8 +140,7 @@ def draw(mean: Tensor, R: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     log_det = -R.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     if R.shape[-1] == 1:
         return mean + z / R.squeeze(-1), log_det
-    solved = torch.linalg.solve_triangular(R.mT, z.unsqueeze(-1), upper=True).squeeze(-1)
-    return mean + solved, log_det
+    return mean + solve_upper(R, z), log_det
 
 
 def log_normalizer(prior_loc: Tensor, L: Tensor, shift: Tensor, mean: Tensor, R: Tensor) -> Tensor:
