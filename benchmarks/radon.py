@@ -141,7 +141,10 @@ def _check_hashes(file: Path, arrays: dict[str, np.ndarray]) -> None:
             )
 
 
-def _globals(dtype: torch.dtype) -> tuple[Tensor, ...]:
+def model_globals(dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """The five global sites, drawn from their priors: ``mu_a, mu_b, sigma_a, sigma_b,
+    sigma_y`` (shared by `model`, `noncentred_model` and
+    `benchmarks.radon_collapsed.collapsed_model`)."""
     zero = torch.zeros((), dtype=dtype)
     mu_a = pyro.sample("mu_a", dist.Normal(zero, MU_SCALE))
     mu_b = pyro.sample("mu_b", dist.Normal(zero, MU_SCALE))
@@ -167,7 +170,7 @@ def model(data: dict[str, Tensor]) -> None:
     >>> trace.nodes["a"]["value"].shape, trace.nodes["y"]["value"].shape
     (torch.Size([85]), torch.Size([919]))
     """
-    mu_a, mu_b, sigma_a, sigma_b, sigma_y = _globals(data["log_radon"].dtype)
+    mu_a, mu_b, sigma_a, sigma_b, sigma_y = model_globals(data["log_radon"].dtype)
     with pyro.plate("counties", NUM_COUNTIES, dim=-1):
         a = pyro.sample("a", dist.Normal(mu_a, sigma_a))
         b = pyro.sample("b", dist.Normal(mu_b, sigma_b))
@@ -185,7 +188,7 @@ def noncentred_model(data: dict[str, Tensor]) -> None:
     (torch.Size([85]), torch.Size([85]))
     """
     dtype = data["log_radon"].dtype
-    mu_a, mu_b, sigma_a, sigma_b, sigma_y = _globals(dtype)
+    mu_a, mu_b, sigma_a, sigma_b, sigma_y = model_globals(dtype)
     with pyro.plate("counties", NUM_COUNTIES, dim=-1):
         standard = dist.Normal(torch.zeros((), dtype=dtype), 1.0)
         z_a = pyro.sample("z_a", standard)
