@@ -12,26 +12,28 @@ same NUTS reference (`benchmarks.radon.load_reference`), whatever a guide does f
 counties. Each county enters through six sums of its homes (`county_sums`), and the 2 x 2
 algebra is written out (Woodbury's identity and the matrix determinant lemma).
 
-Example::
+`main` fits `AutoSplineFlow` to it at each particle count and seed given (``None``:
+`fit`'s own choice) and scores the globals from 20,000 draws::
 
-    from benchmarks import radon, radon_collapsed
-    from pyro_nf import AutoSplineFlow, fit
-    data = radon.load_radon()
-    model = radon_collapsed.collapsed_model
-    fit(model, AutoSplineFlow(model), data, num_particles=256)
+    python -m benchmarks.radon_collapsed --particles 0 256 --seeds 1 3 --out /tmp/c.json
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import time
 
 import pyro
 import torch
 from torch import Tensor
 
 from benchmarks import radon
+from benchmarks.exact_hierarchical import score
+from pyro_nf import AutoSplineFlow, fit, reweighted
 
-__all__ = ["collapsed_log_likelihood", "collapsed_model", "county_sums"]
+__all__ = ["collapsed_log_likelihood", "collapsed_model", "county_sums", "fit_and_score"]
 
 
 def county_sums(data: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -101,3 +103,65 @@ def collapsed_model(data: dict[str, Tensor]) -> None:
     """
     values = radon.model_globals(data["log_radon"].dtype)
     pyro.factor("counties", collapsed_log_likelihood(county_sums(data), *values))
+
+
+def fit_and_score(
+    particles: int | None, seed: int, draws: int = 20_000, num_steps: int | None = None
+) -> dict:
+    """One `fit` of `AutoSplineFlow` to `collapsed_model` at ``particles`` (None: fit's
+    choice), ``seed`` and ``num_steps`` (None: fit's limit); its time, steps, k-hat and
+    each global's errors (``draws`` draws) against the NUTS reference."""
+    data = radon.load_radon()
+    pyro.clear_param_store()
+    guide = AutoSplineFlow(collapsed_model)
+    begun = time.perf_counter()
+    result = fit(
+        collapsed_model,
+        guide,
+        data,
+        num_particles=particles,
+        seed=seed,
+        num_steps=num_steps,
+        progress=False,
+    )
+    seconds = time.perf_counter() - begun
+    pyro.set_rng_seed(123)
+    posterior = reweighted(collapsed_model, guide, data, num_draws=draws)
+    errors = score(posterior.draws, radon.load_reference(), list(radon.GLOBALS))
+    return {
+        "particles": result.num_particles,
+        "seed": seed,
+        "wall_s": seconds,
+        "steps": result.num_steps,
+        "khat": posterior.khat,
+        "errors": errors,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--particles", type=int, nargs="+", default=[0, 256], help="0: fit's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--draws", type=int, default=20_000, help="behind each moment")
+    parser.add_argument("--num-steps", type=int, default=None, help="fit's step limit")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    print("| particles | seed | wall s | steps | k-hat | " + " | ".join(radon.GLOBALS) + " |")
+    for particles in args.particles:
+        for seed in args.seeds:
+            row = fit_and_score(particles or None, seed, args.draws, args.num_steps)
+            rows.append(row)
+            cells = [
+                f"{e['mean_error']:+.3f} / {e['log_sd_ratio']:+.3f}"
+                for e in (row["errors"][name] for name in radon.GLOBALS)
+            ]
+            head = f"| {row['particles']} | {seed} | {row['wall_s']:.1f} | {row['steps']} | "
+            print(head + f"{row['khat']:.2f} | " + " | ".join(cells) + " |", flush=True)
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump(rows, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,19 @@
 """Radon's globals with the counties integrated out (`benchmarks.radon_collapsed`)."""
 
+import json
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
 from benchmarks import radon
-from benchmarks.radon_collapsed import collapsed_log_likelihood, collapsed_model, county_sums
+from benchmarks.radon_collapsed import (
+    collapsed_log_likelihood,
+    collapsed_model,
+    county_sums,
+    main,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_pyro_state")
 
@@ -59,3 +66,14 @@ def test_collapsed_log_likelihood_takes_a_batch_of_globals():
     one = [collapsed_log_likelihood(sums, *(v[k] for v in values)) for k in range(2)]
     assert batched.shape == (2,)
     assert torch.allclose(batched, torch.stack(one))
+
+
+def test_main_prints_and_writes_each_fit(tmp_path, capsys):
+    out = tmp_path / "collapsed.json"
+    argv = ["--particles", "4", "--seeds", "0", "--num-steps", "20", "--draws", "300"]
+    main([*argv, "--out", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["particles"] == 4 and row["steps"] == 20
+    assert set(row["errors"]) == set(radon.GLOBALS)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("| particles | seed |") and printed[1].startswith("| 4 | 0 |")
