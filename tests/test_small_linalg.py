@@ -26,8 +26,8 @@ def test_cholesky_and_solves_match_torch(dim):
     column = b.unsqueeze(-1)
     lower = torch.linalg.solve_triangular(L, column, upper=False).squeeze(-1)
     upper = torch.linalg.solve_triangular(L.mT, column, upper=True).squeeze(-1)
-    assert torch.allclose(small_linalg.solve_lower(L, b), lower, atol=1e-12)
-    assert torch.allclose(small_linalg.solve_upper(L, b), upper, atol=1e-12)
+    assert torch.allclose(small_linalg.solve_triangular(L, b), lower, atol=1e-12)
+    assert torch.allclose(small_linalg.solve_triangular(L, b, transposed=True), upper, atol=1e-12)
     expected = torch.cholesky_solve(column, L).squeeze(-1)
     assert torch.allclose(small_linalg.cholesky_solve(b, L), expected, atol=1e-12)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .small_linalg import cholesky, cholesky_solve, solve_upper
+from .small_linalg import cholesky, cholesky_solve, solve_triangular
 
 __all__ = [
     "draw",
@@ -140,7 +140,7 @@ def draw(mean: Tensor, R: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     log_det = -R.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     if R.shape[-1] == 1:
         return mean + z / R.squeeze(-1), log_det
-    return mean + solve_upper(R, z), log_det
+    return mean + solve_triangular(R, z, transposed=True), log_det
 
 
 def log_normalizer(prior_loc: Tensor, L: Tensor, shift: Tensor, mean: Tensor, R: Tensor) -> Tensor:

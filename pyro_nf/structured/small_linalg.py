@@ -11,10 +11,12 @@ operations per entry, for ``dim`` up to `MAX_WRITTEN_OUT`. Larger matrices go to
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_WRITTEN_OUT", "cholesky", "cholesky_solve", "solve_lower", "solve_upper"]
+__all__ = ["MAX_WRITTEN_OUT", "cholesky", "cholesky_solve", "solve_triangular"]
 
 #: The largest ``dim`` written out: its Cholesky factor takes ``dim^3 / 6`` element-wise
 #: products, a Python loop each.
@@ -46,42 +48,34 @@ def cholesky(A: Tensor) -> Tensor:
     return torch.stack(rows, dim=-2)
 
 
-def solve_lower(L: Tensor, b: Tensor) -> Tensor:
-    """``x`` with ``L x = b``, ``L`` lower triangular ``(..., dim, dim)``, ``b``
-    ``(..., dim)``: forward substitution.
+def solve_triangular(L: Tensor, b: Tensor, transposed: bool = False) -> Tensor:
+    """``x`` with ``L x = b`` (forward substitution), or with ``L^T x = b`` where
+    ``transposed`` (back substitution); ``L`` lower triangular ``(..., dim, dim)``, ``b``
+    ``(..., dim)``.
 
     Examples
     --------
-    >>> solve_lower(torch.tensor([[2.0, 0.0], [1.0, 2.0]]), torch.tensor([2.0, 5.0])).tolist()
+    >>> L = torch.tensor([[2.0, 0.0], [1.0, 2.0]])
+    >>> solve_triangular(L, torch.tensor([2.0, 5.0])).tolist()
+    [1.0, 2.0]
+    >>> solve_triangular(L, torch.tensor([4.0, 4.0]), transposed=True).tolist()
     [1.0, 2.0]
     """
     dim = L.shape[-1]
+    T = L.mT if transposed else L
     if dim > MAX_WRITTEN_OUT:
-        return torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False).squeeze(-1)
-    x: list[Tensor] = []
-    for i in range(dim):
-        known = sum(L[..., i, k] * x[k] for k in range(i))
-        x.append((b[..., i] - known) / L[..., i, i])
-    return torch.stack(x, dim=-1)
+        return torch.linalg.solve_triangular(T, b.unsqueeze(-1), upper=transposed).squeeze(-1)
+    return _substitute(T, b, reversed(range(dim)) if transposed else range(dim))
 
 
-def solve_upper(L: Tensor, b: Tensor) -> Tensor:
-    """``x`` with ``L^T x = b``, ``L`` lower triangular ``(..., dim, dim)``, ``b``
-    ``(..., dim)``: back substitution.
-
-    Examples
-    --------
-    >>> solve_upper(torch.tensor([[2.0, 0.0], [1.0, 2.0]]), torch.tensor([4.0, 4.0])).tolist()
-    [1.0, 2.0]
-    """
-    dim = L.shape[-1]
-    if dim > MAX_WRITTEN_OUT:
-        return torch.linalg.solve_triangular(L.mT, b.unsqueeze(-1), upper=True).squeeze(-1)
-    x: list[Tensor] = [b[..., 0]] * dim
-    for i in reversed(range(dim)):
-        known = sum(L[..., k, i] * x[k] for k in range(i + 1, dim))
-        x[i] = (b[..., i] - known) / L[..., i, i]
-    return torch.stack(x, dim=-1)
+def _substitute(T: Tensor, b: Tensor, order: Iterable[int]) -> Tensor:
+    """``x`` with ``T x = b`` for triangular ``T``, each unknown solved in ``order``
+    from those before it."""
+    x: dict[int, Tensor] = {}
+    for i in order:
+        known = sum(T[..., i, k] * value for k, value in x.items())
+        x[i] = (b[..., i] - known) / T[..., i, i]
+    return torch.stack([x[i] for i in sorted(x)], dim=-1)
 
 
 def cholesky_solve(b: Tensor, L: Tensor) -> Tensor:
@@ -94,4 +88,4 @@ def cholesky_solve(b: Tensor, L: Tensor) -> Tensor:
     >>> cholesky_solve(torch.tensor([8.0, 12.0]), L).tolist()
     [1.0, 2.0]
     """
-    return solve_upper(L, solve_lower(L, b))
+    return solve_triangular(L, solve_triangular(L, b), transposed=True)
