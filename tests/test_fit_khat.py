@@ -91,6 +91,22 @@ def test_advice_suggests_more_particles_than_the_fit_drew(particles, suggested):
     assert (f"the fit drew {particles}" in advice) == (particles >= 32)
 
 
+def test_advice_for_a_structured_fit_names_more_particles_and_a_larger_rate():
+    from pyro_nf.structured import AutoStructuredFlow
+
+    def groups():
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        with pyro.plate("groups", 8):
+            a = pyro.sample("a", dist.Normal(mu, tau))
+            pyro.sample("y", dist.Normal(a, 1.0), obs=torch.zeros(8))
+
+    guide = AutoStructuredFlow(groups)
+    guide()
+    advice = trust._advice(0.8, "not to be trusted", 4000, guide, (), {}, "elbo", 32, "")
+    assert "num_particles=256 with lr=1e-2 (the fit drew 32;" in advice
+
+
 def _posterior(log_w):
     return Reweighted({"x": torch.zeros(len(log_w))}, log_w, khat=0.5, dims={"x": []})
 

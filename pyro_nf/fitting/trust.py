@@ -454,10 +454,16 @@ def _what_to_try(
     layers = [text for text in map(_layers, parts) if text is not None]
     # First: on garch200 and small hierarchical models the short tails came from gradient
     # noise, not from the family (docs/robust.md, "Short tails from gradient noise"); on
-    # radon a structured fit at 32 particles left log sigma_b's sd 16% short, at 128 10%
-    # (docs/hierarchical.md).
+    # radon a structured fit at 32 particles left log sigma_b's sd 8-16% short, at 128 and
+    # Adam's default 3e-3 9-11%, at 256 and 1e-2 within 10% at 4 seeds of 5, in 1.4-2
+    # times AutoNormal's time (docs/hierarchical.md, "Radon's log sigma_b").
     if particles < 32:
         tries = ["num_particles=32 (gradient noise cuts tails)"]
+    elif structured_part(guide) is not None:
+        tries = [
+            f"num_particles={8 * particles} with lr=1e-2 (the fit drew {particles}; gradient "
+            "noise cuts the globals' tails)"
+        ]
     else:
         tries = [
             f"num_particles={4 * particles} (the fit drew {particles}; gradient noise cuts tails)"
