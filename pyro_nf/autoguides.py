@@ -277,6 +277,7 @@ class AutoFlow(AutoContinuous):
         )
         # Every option that shapes a parameter, recorded in the saved state.
         self.flow_options = {"num_layers": self._flow_builder.num_layers}
+        self._num_layers_asked = num_layers  # None: the structured form picks for its globals
         self.flow_options |= self._flow_builder.options
         # Wider starts overflow float32 log densities (and any exp-transformed site first).
         self._init_scale = check_positive("init_scale", init_scale, maximum=1e6)

@@ -14,9 +14,10 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import Tensor
 
-from pyro_nf import fit
+from pyro_nf import AutoFlow, fit
 from pyro_nf.batching import vmap_draws
 from pyro_nf.fitting.estimators import make_elbo
+from pyro_nf.flows import FLOWS
 from pyro_nf.structured import AutoStructuredFlow
 from pyro_nf.structured.factor import log_normalizer, product_with_prior
 from pyro_nf.structured.global_start import collapsed_log_joint
@@ -417,6 +418,34 @@ def test_population_scale_sd_matches_the_exact_posterior():
     errors = eh.score({"log_tau": draws["tau"].log()}, eh.exact_moments(exact), ["log_tau"])
     assert abs(errors["log_tau"]["log_sd_ratio"]) < math.log(1.1)
     assert abs(errors["log_tau"]["mean_error"]) < 0.2
+
+
+def _three_globals(ybar, se):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(2.0))
+    noise = pyro.sample("noise", dist.HalfNormal(1.0))
+    with pyro.plate("groups", len(ybar)):
+        a = pyro.sample("a", dist.Normal(mu, tau))
+        pyro.sample("ybar", dist.Normal(a, se * noise), obs=ybar)
+
+
+@pytest.mark.parametrize(
+    "model_fn, options, layers",
+    [
+        (model, {}, 1),  # mu, tau: one triangular map does any density on two values
+        (_three_globals, {}, FLOWS["spline"].num_layers),
+        (model, {"num_layers": 2}, 2),  # asked for
+        (model, {"flow": "iaf"}, FLOWS["iaf"].num_layers),  # affine: no such guarantee
+    ],
+)
+def test_globals_spline_flow_has_one_layer_on_at_most_two_values(model_fn, options, layers):
+    for guide in (
+        AutoStructuredFlow(model_fn, **options),
+        AutoFlow(model_fn, structured=True, **options),  # the default guides' form
+    ):
+        guide(YBAR, SE)
+        structured = getattr(guide, "structured_guide", None) or guide
+        assert len(structured.global_guide.flow.layers) == layers
 
 
 def test_fit_batches_the_structured_guides_particles_by_vmap_from_the_first_steps():

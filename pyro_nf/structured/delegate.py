@@ -86,7 +86,7 @@ def attach_structured(guide: Any, args: tuple, kwargs: dict) -> AutoStructuredFl
         init_scale=guide._init_scale,
         create_plates=PlatesOf(guide),
         **summaries,
-        **guide.flow_options,
+        **(guide.flow_options | {"num_layers": guide._num_layers_asked}),
     )
     guide.structured_guide = structured
     keep_own_master(structured)

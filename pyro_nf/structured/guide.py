@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from pyro_nf.autoguides import AutoFlow
 from pyro_nf.batching import StandardNormal
 from pyro_nf.checks import check_int, check_positive, check_probabilities
+from pyro_nf.flows import get_flow_spec
 from pyro_nf.noncentering import _loc_scale_prior, find_hierarchical_sites
 from pyro_nf.saved_state import GuideState, _written_here
 from pyro_nf.summaries import fixed_random_state
@@ -259,11 +260,11 @@ class AutoStructuredFlow(AutoGuide):
             site.name: site for plate in self.local_plates.values() for site in plate.sites
         }
         self._direct_plates = self._plates_of_global_priors(sites, args, kwargs)
-        self._setup_global_guide(list(plate_of))
         context_dim = sum(
             self._global_transforms[name].inv(site["value"]).numel()
             for name, site in self._global_sites.items()
         )
+        self._setup_global_guide(list(plate_of), context_dim)
         self._setup_members(sites, context_dim, args, kwargs)
         with poutine.block():  # set-up runs: not sites of this call's trace
             self._start_globals(args, kwargs)
@@ -329,9 +330,18 @@ class AutoStructuredFlow(AutoGuide):
             plate.name for plate in gaussian if not reading & {site.name for site in plate.sites}
         }
 
-    def _setup_global_guide(self, local_names: list[str]) -> None:
+    def _setup_global_guide(self, local_names: list[str], dim: int) -> None:
+        """The globals' flow over their ``dim`` unconstrained values."""
         if not self._global_sites:
             return
+        options = dict(self._global_options)
+        spline = get_flow_spec(options["flow"]).name == "spline"
+        if spline and options["num_layers"] is None and dim <= 2:
+            # One autoregressive spline layer is a triangular map, a spline of the first
+            # value and one of the second given the first: any density on one or two
+            # values. A second layer cost the normal-normal model's step (mu, log tau) a
+            # fifth of its time at 100 groups, its errors within 0.07 sd and 7% either way.
+            options["num_layers"] = 1
         hidden = poutine.block(self._raw_model[0], hide=local_names)
         # No warm start: with the locals hidden, the model's log joint at the globals is
         # a random function (the locals redrawn from their prior on every call).
@@ -342,7 +352,7 @@ class AutoStructuredFlow(AutoGuide):
             warm_start=None,
             noncentered=False,
             structured=False,
-            **self._global_options,
+            **options,
         )
 
     def _setup_members(self, sites: dict, context_dim: int, args: tuple, kwargs: dict) -> None:
