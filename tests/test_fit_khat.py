@@ -89,6 +89,8 @@ def test_advice_suggests_more_particles_than_the_fit_drew(particles, suggested):
     )
     assert f"num_particles={suggested} (" in advice
     assert (f"the fit drew {particles}" in advice) == (particles >= 32)
+    # A Gaussian guide: the flow family first, the likelier remedy.
+    assert advice.index("a flow guide (") < advice.index(f"num_particles={suggested} (")
 
 
 def test_advice_for_a_structured_fit_names_more_particles_and_a_larger_rate():

@@ -447,8 +447,10 @@ def _what_to_try(
     Examples
     --------
     >>> from pyro.infer.autoguide import AutoNormal
-    >>> _what_to_try(AutoNormal(lambda: None), (), {}, "stl", particles=32)[0]
-    'num_particles=128 (the fit drew 32; gradient noise cuts tails)'
+    >>> for remedy in _what_to_try(AutoNormal(lambda: None), (), {}, "stl", particles=32)[:2]:
+    ...     print(remedy)
+    a flow guide (AutoSplineFlow(model)) where a Gaussian or hand-written one is
+    num_particles=128 (the fit drew 32; gradient noise cuts tails)
     """
     parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
     layers = [text for text in map(_layers, parts) if text is not None]
@@ -468,9 +470,12 @@ def _what_to_try(
         tries = [
             f"num_particles={4 * particles} (the fit drew {particles}; gradient noise cuts tails)"
         ]
-    tries += [f"more flow layers ({'; '.join(layers)})"] if layers else []
-    if len(layers) < len(parts):
-        tries.append("a flow guide (AutoSplineFlow(model)) where a Gaussian or hand-written one is")
+    family = "a flow guide (AutoSplineFlow(model)) where a Gaussian or hand-written one is"
+    if not layers:  # no flow: its family, not the noise, is the likelier cause
+        tries.insert(0, family)
+    else:
+        tries.append(f"more flow layers ({'; '.join(layers)})")
+        tries += [family] if len(layers) < len(parts) else []
     if estimator != "iw" and supports_stl(guide, args, kwargs):
         tries.append('estimator="iw" with num_particles=8 (its guide covers the mass)')
     if structured_part(guide) is None and isinstance(guide, AutoFlow):
