@@ -142,7 +142,8 @@ class AutoStructuredFlow(AutoGuide):
         The plates whose latent sites are local (default: every plate holding a latent
         site). A latent site may lie in one local plate only.
     num_layers, hidden_dims, **flow_options
-        The globals' flow (see `AutoFlow`).
+        The globals' flow (see `AutoFlow`). Without ``num_layers``, the family's default,
+        except that a spline flow on at most two global values has one layer.
     init_loc_fn : callable
         Per-site initialisation, as in Pyro (default `init_to_median`).
     init_scale : float
