@@ -93,7 +93,7 @@ def test_advice_suggests_more_particles_than_the_fit_drew(particles, suggested):
     assert advice.index("a flow guide (") < advice.index(f"num_particles={suggested} (")
 
 
-def test_advice_for_a_structured_fit_names_more_particles_and_a_larger_rate():
+def test_advice_for_a_structured_fit_names_the_path_derivative_and_more_particles():
     from pyro_nf.structured import AutoStructuredFlow
 
     def groups():
@@ -106,7 +106,11 @@ def test_advice_for_a_structured_fit_names_more_particles_and_a_larger_rate():
     guide = AutoStructuredFlow(groups)
     guide()
     advice = trust._advice(0.8, "not to be trusted", 4000, guide, (), {}, "elbo", 32, "")
-    assert "num_particles=256 with lr=1e-2 (the fit drew 32;" in advice
+    assert 'estimator="stl" with num_particles=128 (the fit drew 32;' in advice
+    # A fit that already used it: more particles only.
+    advice = trust._advice(0.8, "not to be trusted", 4000, guide, (), {}, "stl", 32, "")
+    assert "Try: num_particles=128 (the fit drew 32;" in advice
+    assert 'estimator="stl"' not in advice
 
 
 def _posterior(log_w):

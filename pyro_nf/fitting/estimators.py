@@ -14,6 +14,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from pyro_nf.batching import vmap_draws
@@ -95,6 +96,9 @@ def supports_stl(guide: Callable, args: tuple, kwargs: dict) -> bool:
     """
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    # As the ELBO scores it: a plate's subsample site (a guide's `create_plates`, the
+    # structured guide's) is pruned there, not scored.
+    trace = prune_subsample_sites(trace)
     try:
         for name, site in trace.nodes.items():
             if site["type"] == "sample" and not site["is_observed"]:

@@ -454,18 +454,23 @@ def _what_to_try(
     """
     parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
     layers = [text for text in map(_layers, parts) if text is not None]
+    stl = estimator != "iw" and supports_stl(guide, args, kwargs)
     # First: on garch200 and small hierarchical models the short tails came from gradient
-    # noise, not from the family (docs/robust.md, "Short tails from gradient noise"); on
-    # radon a structured fit at 32 particles left log sigma_b's sd 8-16% short, at 128 and
-    # Adam's default 3e-3 9-11%, at 256 and 1e-2 within 10% at 4 seeds of 5, in 1.4-2
-    # times AutoNormal's time (docs/hierarchical.md, "Radon's log sigma_b").
+    # noise, not from the family (docs/robust.md, "Short tails from gradient noise"). On
+    # radon a structured fit at 32 particles left log sigma_b's sd 8-16% short; the
+    # path-derivative gradient at 128 particles put it within 10% at all 5 seeds (4-9%
+    # short), at about three times AutoNormal's time; 256 plain particles at lr=1e-2 at 4
+    # seeds of 5 (docs/hierarchical.md, "Radon's log sigma_b").
     if particles < 32:
         tries = ["num_particles=32 (gradient noise cuts tails)"]
     elif structured_part(guide) is not None:
-        tries = [
-            f"num_particles={8 * particles} with lr=1e-2 (the fit drew {particles}; gradient "
-            "noise cuts the globals' tails)"
-        ]
+        drew = f"(the fit drew {particles}; gradient noise cuts the globals' tails)"
+        if not stl:
+            tries = [f"num_particles={8 * particles} with lr=1e-2 {drew}"]
+        elif estimator == "stl":
+            tries = [f"num_particles={4 * particles} {drew}"]
+        else:
+            tries = [f'estimator="stl" with num_particles={4 * particles} {drew}']
     else:
         tries = [
             f"num_particles={4 * particles} (the fit drew {particles}; gradient noise cuts tails)"
@@ -476,7 +481,7 @@ def _what_to_try(
     else:
         tries.append(f"more flow layers ({'; '.join(layers)})")
         tries += [family] if len(layers) < len(parts) else []
-    if estimator != "iw" and supports_stl(guide, args, kwargs):
+    if stl:
         tries.append('estimator="iw" with num_particles=8 (its guide covers the mass)')
     if structured_part(guide) is None and isinstance(guide, AutoFlow):
         tries.append("exact draws by NUTS in the flow's space (neutra_mcmc)")
