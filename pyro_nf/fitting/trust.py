@@ -459,7 +459,7 @@ def _what_to_try(
     # noise, not from the family (docs/robust.md, "Short tails from gradient noise"). On
     # radon a structured fit at 32 particles left log sigma_b's sd 8-16% short; the
     # path-derivative gradient at 128 particles put it within 10% at all 5 seeds (4-9%
-    # short), at about three times AutoNormal's time; 256 plain particles at lr=1e-2 at 4
+    # short), at 2.7-4.1 times AutoNormal's time; 256 plain particles at lr=1e-2 at 4
     # seeds of 5 (docs/hierarchical.md, "Radon's log sigma_b").
     if particles < 32:
         tries = ["num_particles=32 (gradient noise cuts tails)"]
