@@ -125,29 +125,22 @@ def test_iw_fit_recovers_a_gaussian_posterior():
     assert abs(result.elbo - evidence.item()) < 0.05
 
 
-def _groups():
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfNormal(2.0))
-    with pyro.plate("groups", 8):
-        a = pyro.sample("a", dist.Normal(mu, tau))
-        pyro.sample("y", dist.Normal(a, 1.0), obs=torch.arange(8.0))
-
-
 def test_guides_with_plates_of_their_own_support_the_path_derivative():
     # A guide's plate (the structured guide's, `create_plates`) records a subsample site
     # that the ELBO prunes before scoring; it must not count as a site stl cannot detach.
     from pyro_nf.fitting.estimators import supports_stl
     from pyro_nf.structured import AutoStructuredFlow
+    from tests.models import schools
 
-    structured = AutoStructuredFlow(_groups)
-    plated = AutoNormal(_groups, create_plates=lambda: pyro.plate("groups", 8))
+    structured = AutoStructuredFlow(schools)
+    plated = AutoNormal(schools, create_plates=lambda: pyro.plate("schools", 8))
     for guide in (structured, plated):
         guide()
         assert supports_stl(guide, (), {})
 
     def gamma_guide():  # a site whose law stl cannot detach, beside the plate's
         pyro.sample("tau", dist.Gamma(pyro.param("rate", torch.tensor(2.0)), 1.0))
-        with pyro.plate("groups", 8):
-            pyro.sample("a", dist.Normal(torch.zeros(8), 1.0))
+        with pyro.plate("schools", 8):
+            pyro.sample("theta", dist.Normal(torch.zeros(8), 1.0))
 
     assert not supports_stl(gamma_guide, (), {})

@@ -95,15 +95,9 @@ def test_advice_suggests_more_particles_than_the_fit_drew(particles, suggested):
 
 def test_advice_for_a_structured_fit_names_the_path_derivative_and_more_particles():
     from pyro_nf.structured import AutoStructuredFlow
+    from tests.models import schools
 
-    def groups():
-        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-        tau = pyro.sample("tau", dist.HalfNormal(2.0))
-        with pyro.plate("groups", 8):
-            a = pyro.sample("a", dist.Normal(mu, tau))
-            pyro.sample("y", dist.Normal(a, 1.0), obs=torch.zeros(8))
-
-    guide = AutoStructuredFlow(groups)
+    guide = AutoStructuredFlow(schools)
     guide()
     advice = trust._advice(0.8, "not to be trusted", 4000, guide, (), {}, "elbo", 32, "")
     assert 'estimator="stl" with num_particles=128 (the fit drew 32;' in advice
