@@ -100,10 +100,10 @@ def test_advice_for_a_structured_fit_names_the_path_derivative_and_more_particle
     guide = AutoStructuredFlow(schools)
     guide()
     advice = trust._advice(0.8, "not to be trusted", 4000, guide, (), {}, "elbo", 32, "")
-    assert 'estimator="stl" with num_particles=128 (the fit drew 32;' in advice
+    assert 'estimator="stl" with num_particles=128 and lr=1e-2 (the fit drew 32;' in advice
     # A fit that already used it: more particles only.
     advice = trust._advice(0.8, "not to be trusted", 4000, guide, (), {}, "stl", 32, "")
-    assert "Try: num_particles=128 (the fit drew 32;" in advice
+    assert "Try: num_particles=128 with lr=1e-2 (the fit drew 32;" in advice
     assert 'estimator="stl"' not in advice
 
 

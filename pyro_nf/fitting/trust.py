@@ -458,9 +458,9 @@ def _what_to_try(
     # First: on garch200 and small hierarchical models the short tails came from gradient
     # noise, not from the family (docs/robust.md, "Short tails from gradient noise"). On
     # radon a structured fit at 32 particles left log sigma_b's sd 8-16% short; the
-    # path-derivative gradient at 128 particles put it within 10% at all 5 seeds (4-9%
-    # short), at 2.7-4.1 times AutoNormal's time; 256 plain particles at lr=1e-2 at 4
-    # seeds of 5 (docs/hierarchical.md, "Radon's log sigma_b").
+    # path-derivative gradient at 128 particles and lr=1e-2 put it within 10% at all 5
+    # seeds (5-7% short), in fewer steps than at the default 3e-3; 256 plain particles at
+    # lr=1e-2 at 4 seeds of 5 (docs/hierarchical.md, "Radon's log sigma_b").
     if particles < 32:
         tries = ["num_particles=32 (gradient noise cuts tails)"]
     elif structured_part(guide) is not None:
@@ -468,9 +468,9 @@ def _what_to_try(
         if not stl:
             tries = [f"num_particles={8 * particles} with lr=1e-2 {drew}"]
         elif estimator == "stl":
-            tries = [f"num_particles={4 * particles} {drew}"]
+            tries = [f"num_particles={4 * particles} with lr=1e-2 {drew}"]
         else:
-            tries = [f'estimator="stl" with num_particles={4 * particles} {drew}']
+            tries = [f'estimator="stl" with num_particles={4 * particles} and lr=1e-2 {drew}']
     else:
         tries = [
             f"num_particles={4 * particles} (the fit drew {particles}; gradient noise cuts tails)"
